@@ -1,0 +1,42 @@
+# kiln: two commands. `make demo` and `make test` install what is missing, build, and run.
+BUILD ?= build
+BUILD_TYPE ?= RelWithDebInfo
+SANITIZE ?= OFF
+JOBS ?= $(shell nproc)
+CUDA_HOME ?= /usr/local/cuda
+export CUDA_HOME
+
+.PHONY: all setup configure build test demo bench sanitize format clean
+
+all: build
+
+setup:
+	@scripts/setup.sh
+
+$(BUILD)/build.ninja: CMakeLists.txt | setup
+	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) -DKILN_SANITIZE=$(SANITIZE) \
+	  -DPython3_EXECUTABLE=$(CURDIR)/.venv/bin/python
+
+configure: setup $(BUILD)/build.ninja
+
+build: configure
+	cmake --build $(BUILD) -j $(JOBS)
+
+test: build
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+
+demo: build
+	$(BUILD)/bin/kiln demo
+
+bench: build
+	$(BUILD)/bin/kiln_bench
+
+# ASan/UBSan build of the CPU tests (CI runs it after `make test`).
+sanitize:
+	$(MAKE) test BUILD=build-asan BUILD_TYPE=Debug SANITIZE=ON
+
+format:
+	git ls-files '*.cpp' '*.h' '*.cu' '*.cuh' | xargs clang-format -i
+
+clean:
+	rm -rf $(BUILD) build-asan

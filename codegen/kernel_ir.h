@@ -1,0 +1,84 @@
+// The kernel IR: a target-neutral description of one elementwise kernel. Inputs are typed tensors
+// (their sizes and strides are run-time values, never part of the IR) and scalars; the body is a
+// DAG of scalar instructions in SSA order, evaluated once per element of the iteration space;
+// outputs name body values. The fuser lowers a TorchScript group to it; the LLVM (CPU) and CUDA
+// emitters and the reference interpreter all read it.
+//
+// Note: half and bfloat16 are storage types. A value of those types only comes from a load or a
+// cast and only feeds a cast or an output: arithmetic happens in float32, and a cast down and back
+// up reproduces eager's rounding of intermediates. The verifier enforces this.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace kiln::ir {
+
+enum class DType { kBool, kInt32, kInt64, kFloat16, kBFloat16, kFloat32, kFloat64 };
+
+const char* dtypeName(DType type);  // "bool", "i32", "i64", "f16", "bf16", "f32", "f64"
+bool parseDType(const std::string& name, DType* out);
+int64_t dtypeSize(DType type);
+bool isFloating(DType type);
+bool isInteger(DType type);  // i32, i64 (not bool)
+bool isStorageOnly(DType type);  // f16, bf16
+
+enum class Op {
+  // leaves
+  kLoad,      // tensor input `param` at the current element
+  kScalar,    // scalar input `param`
+  kConstant,  // literal (float_value for floats, int_value otherwise)
+  // conversion (C semantics with saturation for float -> int; x != 0 for -> bool)
+  kCast,
+  // unary
+  kNeg, kAbs, kReciprocal, kSqrt, kRsqrt, kExp, kExp2, kExpm1, kLog, kLog2, kLog10, kLog1p,
+  kSin, kCos, kTan, kTanh, kSigmoid, kErf, kErfc, kFloor, kCeil, kRound, kTrunc, kNot, kIsNan,
+  // binary (operands and result share `type`, except comparisons whose result is bool)
+  kAdd, kSub, kMul, kDiv, kPow, kMax, kMin, kFmod, kAnd, kOr,
+  kLt, kLe, kGt, kGe, kEq, kNe,
+  // ternary: operands[0] (bool) ? operands[1] : operands[2]
+  kSelect,
+};
+
+const char* opName(Op op);
+bool parseOp(const std::string& name, Op* out);
+int opArity(Op op);  // 0 for leaves
+bool isComparison(Op op);
+
+struct Instr {
+  Op op = Op::kConstant;
+  DType type = DType::kFloat32;   // the result's type
+  std::vector<int> operands;      // indices of earlier instructions
+  int param = -1;                 // input index for kLoad / kScalar
+  double float_value = 0;         // kConstant of floating type
+  int64_t int_value = 0;          // kConstant of integer or bool type
+};
+
+struct Kernel {
+  std::string name = "kernel";
+  std::vector<DType> tensor_inputs;  // loaded by kLoad
+  std::vector<DType> scalar_inputs;  // f64, i64 or bool, read by kScalar
+  std::vector<Instr> body;
+  std::vector<int> outputs;          // body indices; output i has type body[outputs[i]].type
+
+  DType outputType(size_t i) const { return body[outputs[i]].type; }
+
+  // Builders: each appends an instruction and returns its index.
+  int load(int input);
+  int scalar(int input);
+  int constant(DType type, double value);
+  int cast(int value, DType type);
+  int unary(Op op, int value);
+  int binary(Op op, int lhs, int rhs);
+  int select(int condition, int if_true, int if_false);
+};
+
+// Stable text form; parse(print(k)) == k.
+std::string print(const Kernel& kernel);
+// Throws std::invalid_argument with the line and what was wrong.
+Kernel parse(const std::string& text);
+// Empty if well formed, else every problem found, one per line.
+std::string verify(const Kernel& kernel);
+
+}  // namespace kiln::ir

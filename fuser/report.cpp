@@ -1,0 +1,105 @@
+// kiln::report: what the pass fused in a graph, and the memory traffic each group saves.
+#include <sstream>
+
+#include "fuser/fusion_pass.h"
+#include "fuser/group_stats.h"
+#include "kiln/kiln.h"
+
+namespace kiln {
+namespace {
+
+void collect(torch::jit::Block* block, Report& report) {
+  for (torch::jit::Node* node : block->nodes()) {
+    if (node->kind().toQualString() == std::string(kFusionGroupOp)) {
+      GroupReport group;
+      group.name = "fusion_group_" + std::to_string(report.groups.size());
+      group.kind = "elementwise";
+      std::string subgraph_text = groupSubgraphText(node);
+      group.ops = groupOps(subgraph_text);
+      group.num_outputs = static_cast<int64_t>(groupNumOutputs(subgraph_text));
+      group.num_inputs = static_cast<int64_t>(groupNumInputs(subgraph_text));
+      GroupStats stats = groupStats(subgraph_text);
+      group.bytes_fused = stats.bytes_fused;
+      group.bytes_unfused = stats.bytes_unfused;
+      group.calls = stats.calls;
+      group.fallbacks = stats.fallbacks;
+      report.nodes_fused += static_cast<int64_t>(group.ops.size());
+      report.groups.push_back(std::move(group));
+      continue;  // the fallback block under the guard holds the same ops again
+    }
+    if (node->kind() == torch::jit::prim::If && isFusionFallback(node)) {
+      // Count only the fused branch's group; skip the original ops kept for the fallback.
+      collect(node->blocks()[0], report);
+      continue;
+    }
+    if (node->kind() != torch::jit::prim::Constant && node->kind() != torch::jit::prim::ListConstruct &&
+        node->kind() != torch::jit::prim::ListUnpack) {
+      report.nodes_total++;
+    }
+    for (torch::jit::Block* inner : node->blocks()) collect(inner, report);
+  }
+}
+
+std::string jsonEscape(const std::string& text) {
+  std::string out;
+  for (char c : text) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
+}  // namespace
+
+Report report(const std::shared_ptr<torch::jit::Graph>& graph) {
+  Report result;
+  collect(graph->block(), result);
+  result.nodes_total += result.nodes_fused;
+  return result;
+}
+
+std::string Report::toJson() const {
+  std::ostringstream out;
+  out << "{\"nodes_total\": " << nodes_total << ", \"nodes_fused\": " << nodes_fused
+      << ", \"groups\": [";
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const GroupReport& group = groups[i];
+    out << (i ? ", " : "") << "{\"name\": \"" << group.name << "\", \"kind\": \"" << group.kind
+        << "\", \"ops\": [";
+    for (size_t j = 0; j < group.ops.size(); ++j) {
+      out << (j ? ", " : "") << "\"" << jsonEscape(group.ops[j]) << "\"";
+    }
+    out << "], \"inputs\": " << group.num_inputs << ", \"outputs\": " << group.num_outputs
+        << ", \"bytes_fused\": " << group.bytes_fused
+        << ", \"bytes_unfused\": " << group.bytes_unfused << ", \"calls\": " << group.calls
+        << ", \"fallbacks\": " << group.fallbacks << "}";
+  }
+  out << "]}";
+  return out.str();
+}
+
+std::string Report::toText() const {
+  std::ostringstream out;
+  out << "kiln fused " << nodes_fused << " of " << nodes_total << " nodes into " << groups.size()
+      << " group" << (groups.size() == 1 ? "" : "s") << "\n";
+  for (const GroupReport& group : groups) {
+    out << "  " << group.name << " (" << group.kind << ", " << group.num_inputs << " in, "
+        << group.num_outputs << " out): ";
+    for (size_t j = 0; j < group.ops.size(); ++j) out << (j ? " " : "") << group.ops[j];
+    out << "\n";
+    if (group.bytes_fused >= 0) {
+      out << "      bytes moved: " << group.bytes_fused << " fused vs " << group.bytes_unfused
+          << " unfused (" << (group.bytes_fused > 0 ? static_cast<double>(group.bytes_unfused) /
+                                                          static_cast<double>(group.bytes_fused)
+                                                    : 0.0)
+          << "x), " << group.calls << " calls, " << group.fallbacks << " fallbacks\n";
+    }
+  }
+  return out.str();
+}
+
+}  // namespace kiln

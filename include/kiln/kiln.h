@@ -1,0 +1,60 @@
+// kiln's public C++ API. A libtorch application calls kiln::enable() once and then runs its
+// TorchScript modules as before; or fuses ahead of time with kiln::optimize() and saves the result.
+// Loading libkiln.so registers the torch.ops.kiln.* operators and (unless KILN_DISABLE=1) the pass.
+#pragma once
+
+#include <torch/script.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kiln/options.h"
+
+namespace kiln {
+
+// Registers kiln's fusion pass with the TorchScript executor (idempotent). Graphs the executor
+// optimizes from now on are fused; graphs it already optimized are not re-optimized.
+void enable();
+// Unregisters the pass (idempotent). Already-fused graphs keep running fused.
+void disable();
+bool enabled();
+
+// Runs the fusion pass on a graph in place.
+void fuse(std::shared_ptr<torch::jit::Graph>& graph, const Options& options = Options::global());
+
+// Freezes an eval-mode copy of `module`, fuses its forward, and returns it. The result can be
+// saved with save() and loaded in any process where libkiln.so is loaded.
+torch::jit::Module optimize(const torch::jit::Module& module,
+                            const Options& options = Options::global());
+
+// One fused group: the ops it replaced and the memory traffic it saves.
+struct GroupReport {
+  std::string name;               // e.g. "fusion_group_0"
+  std::string kind;               // "elementwise"
+  std::vector<std::string> ops;   // the aten ops inside, in graph order
+  int64_t num_inputs = 0;
+  int64_t num_outputs = 0;
+  // Measured on the last run with concrete shapes; -1 when the group has not run yet.
+  int64_t bytes_fused = -1;       // read inputs once + write outputs once
+  int64_t bytes_unfused = -1;     // every op reads its operands and writes its result
+  int64_t calls = 0;              // times the fused kernel ran
+  int64_t fallbacks = 0;          // times the guard sent it to the original ops
+};
+
+struct Report {
+  std::vector<GroupReport> groups;
+  int64_t nodes_total = 0;        // nodes in the graph before fusion
+  int64_t nodes_fused = 0;        // of those, now inside a kiln group
+  std::string toJson() const;
+  std::string toText() const;
+};
+
+// What kiln fused in a graph (one already fused by kiln::fuse or by the executor).
+Report report(const std::shared_ptr<torch::jit::Graph>& graph);
+
+// kiln's version string.
+std::string version();
+
+}  // namespace kiln

@@ -1,0 +1,32 @@
+// kiln::Options: every knob kiln has, in one place, filled from the environment once.
+// codegen/ and fuser/ read these; nothing else keeps static flags. Torch-free on purpose.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace kiln {
+
+enum class LogLevel { kWarning = 0, kInfo = 1, kDebug = 2 };
+
+struct Options {
+  bool disabled = false;           // KILN_DISABLE=1: the pass leaves graphs untouched
+  std::string cache_dir;           // KILN_CACHE_DIR, default ~/.cache/kiln
+  std::string dump_dir;            // KILN_DUMP=DIR: write generated code and IR there
+  LogLevel log_level = LogLevel::kWarning;  // KILN_LOG=info|debug
+  int64_t cache_max_mb = 1024;     // KILN_CACHE_MAX_MB
+  int min_group_size = 2;          // fewest fusible ops worth a kernel
+  // CPU kernels: below this many elements a group runs on the calling thread only.
+  int64_t cpu_parallel_grain = 32768;
+  bool fast_math = false;          // KILN_FAST_MATH=1: approximate math in generated kernels
+
+  // The process-wide options, read from the environment on first use.
+  static const Options& global();
+  // Parses the environment into a fresh Options (for tests and tools).
+  static Options fromEnvironment();
+};
+
+// Logging that honours Options::log_level; writes one line to stderr.
+void log(LogLevel level, const std::string& message);
+
+}  // namespace kiln
