@@ -552,7 +552,11 @@ std::unique_ptr<CpuKernel> CpuKernel::compile(const ir::Kernel& kernel, const Cp
     auto created = llvm::orc::LLJITBuilder().setJITTargetMachineBuilder(std::move(*builder)).create();
     if (!created) throw std::runtime_error("kiln cpu: " + llvm::toString(created.takeError()));
     jit = std::move(*created);
-    static void* sleef = dlopen("libsleef.so.3", RTLD_NOW | RTLD_NOLOAD);
+    static void* sleef = [] {
+      void* handle = dlopen("libsleef.so.3", RTLD_NOW | RTLD_LOCAL);
+      return handle ? handle : dlopen(KILN_SLEEF_LIBRARY, RTLD_NOW | RTLD_LOCAL);
+    }();
+    if (!sleef) throw std::runtime_error("kiln cpu: cannot load libsleef.so.3 (apt-get install libsleef3)");
     for (llvm::Function& function : *module) {
       if (!function.isDeclaration() || function.isIntrinsic()) continue;
       std::string name = function.getName().str();

@@ -1,9 +1,205 @@
+// The elementwise fusion pass (see fusion_pass.h and group_stats.h for what it builds).
+//
+// Groups grow from each fusible node towards its producers, as in torch's TensorExpr fuser: a
+// producer joins when AliasDb proves it can move down to its consumer without crossing a write
+// (moveBeforeTopologicallyValid). Every block, including prim::If and prim::Loop bodies, is
+// fused on its own. Groups are then given a guard and their original ops as the fallback.
+#include <torch/csrc/jit/ir/alias_analysis.h>
+#include <torch/csrc/jit/ir/irparser.h>
+#include <torch/csrc/jit/passes/utils/subgraph_utils.h>
+
+#include <algorithm>
+
 #include "fuser/fusion_pass.h"
+#include "fuser/lowering.h"
 
 namespace kiln {
+namespace {
 
-int fuseElementwise(std::shared_ptr<torch::jit::Graph>& graph, const Options& options) {
-  return 0;
+using torch::jit::AliasDb;
+using torch::jit::Block;
+using torch::jit::Graph;
+using torch::jit::Node;
+using torch::jit::Value;
+namespace SubgraphUtils = torch::jit::SubgraphUtils;
+
+const c10::Symbol kBuildingGroup = c10::Symbol::fromQualString("kiln::BuildingGroup");
+
+bool isAliasingOp(const Node* node) {
+  static const std::vector<c10::Symbol> kinds = {c10::Symbol::fromQualString("aten::to"),
+                                                 c10::Symbol::fromQualString("aten::type_as"),
+                                                 c10::Symbol::fromQualString("aten::dropout")};
+  return std::find(kinds.begin(), kinds.end(), node->kind()) != kinds.end();
+}
+
+class GroupBuilder {
+ public:
+  GroupBuilder(std::shared_ptr<Graph> graph) : graph_(std::move(graph)), alias_db_(graph_) {}
+
+  std::vector<Node*> build() {
+    buildInBlock(graph_->block());
+    return groups_;
+  }
+
+ private:
+  bool canFuse(Node* node) {
+    if (node->kind() == kBuildingGroup) return true;
+    if (!isFusibleNode(node)) return false;
+    // An op whose result may alias its input (to, type_as, eval dropout) is fused only when no
+    // one writes to either: then a fresh tensor and an alias cannot be told apart.
+    if (isAliasingOp(node) && (alias_db_.hasWriters(node->input(0)) || alias_db_.hasWriters(node->output()))) {
+      return false;
+    }
+    return true;
+  }
+
+  void buildInBlock(Block* block) {
+    for (Node* node : block->nodes()) {
+      for (Block* inner : node->blocks()) buildInBlock(inner);
+    }
+    bool changed = true;
+    while (changed) {
+      changed = false;
+      for (auto it = block->nodes().rbegin(); it != block->nodes().rend();) {
+        Node* node = *it;
+        if (!canFuse(node)) {
+          ++it;
+          continue;
+        }
+        auto [next, merged] = growGroup(node);
+        it = next;
+        changed |= merged;
+      }
+    }
+    for (Node* node : block->nodes()) {
+      if (node->kind() == kBuildingGroup) groups_.push_back(node);
+    }
+  }
+
+  std::pair<torch::jit::graph_node_list_iterator, bool> growGroup(Node* node) {
+    Node* group = node;
+    if (node->kind() != kBuildingGroup) {
+      group = SubgraphUtils::createSingletonSubgraphAndUpdateAliasing(node, kBuildingGroup, alias_db_);
+    }
+    // Try producers latest first so each merge keeps the topological order valid.
+    std::vector<Value*> inputs(group->inputs().begin(), group->inputs().end());
+    std::sort(inputs.begin(), inputs.end(), [](Value* a, Value* b) {
+      return a->node()->isAfter(b->node());
+    });
+    for (Value* input : inputs) {
+      Node* producer = input->node();
+      if (producer->owningBlock() != group->owningBlock() || producer->kind() == torch::jit::prim::Param) continue;
+      if (!canFuse(producer)) continue;
+      if (!alias_db_.moveBeforeTopologicallyValid(producer, group)) continue;
+      SubgraphUtils::mergeNodeIntoSubgraphAndUpdateAliasing(producer, group, alias_db_);
+      return {group->reverseIterator(), true};
+    }
+    return {++group->reverseIterator(), false};
+  }
+
+  std::shared_ptr<Graph> graph_;
+  AliasDb alias_db_;
+  std::vector<Node*> groups_;
+};
+
+// prim::profile nodes (the profiling executor's records) between two fusible ops would split
+// a group; they are dropped there and kept everywhere else.
+void dropProfilesBetweenFusibleOps(Block* block) {
+  for (auto it = block->nodes().begin(); it != block->nodes().end();) {
+    Node* node = *it++;
+    for (Block* inner : node->blocks()) dropProfilesBetweenFusibleOps(inner);
+    if (node->kind() != torch::jit::prim::profile || node->outputs().size() != 1) continue;
+    Node* producer = node->input(0)->node();
+    if (!isFusibleNode(producer)) continue;
+    bool feeds_fusible_only = true;
+    for (const torch::jit::Use& use : node->output()->uses()) feeds_fusible_only &= isFusibleNode(use.user);
+    if (!feeds_fusible_only) continue;
+    node->output()->replaceAllUsesWith(node->input(0));
+    node->destroy();
+  }
+}
+
+int countOps(const Graph& subgraph) {
+  int count = 0;
+  for (const Node* node : subgraph.nodes()) count += node->kind() != torch::jit::prim::Constant;
+  return count;
+}
+
+// The subgraph as dtype-generic text: tensor types are erased so the text (the group's identity
+// and cache key) does not depend on what the profiler happened to see.
+std::string subgraphText(const std::shared_ptr<Graph>& subgraph) {
+  auto erase = [](Value* value) {
+    if (value->type()->kind() == c10::TypeKind::TensorType) value->setType(c10::TensorType::get());
+  };
+  for (Value* input : subgraph->inputs()) erase(input);
+  for (Node* node : subgraph->nodes()) {
+    for (Value* output : node->outputs()) erase(output);
+  }
+  return subgraph->toString(false);
+}
+
+Value* listOf(Graph& graph, const c10::TypePtr& element, const std::vector<Value*>& items) {
+  return graph.insertNode(graph.createList(element, items))->output();
+}
+
+// Replaces a built group by guard + If(fused, fallback).
+void materialize(Graph& graph, Node* group) {
+  std::shared_ptr<Graph> subgraph = group->g(torch::jit::attr::Subgraph);
+  std::string text = subgraphText(subgraph);
+  torch::jit::WithInsertPoint insert_point(group);
+  std::vector<Value*> tensors, floats, ints;
+  for (Value* input : group->inputs()) {
+    switch (input->type()->kind()) {
+      case c10::TypeKind::TensorType: tensors.push_back(input); break;
+      case c10::TypeKind::FloatType: floats.push_back(input); break;
+      case c10::TypeKind::IntType: ints.push_back(input); break;
+      case c10::TypeKind::BoolType:
+        ints.push_back(graph.insert(c10::Symbol::fromQualString("aten::Int"), {input}));
+        break;
+      default: throw std::logic_error("kiln: fusion group input of unexpected type");
+    }
+  }
+  Value* tensor_list = listOf(graph, c10::TensorType::get(), tensors);
+  Value* float_list = listOf(graph, c10::FloatType::get(), floats);
+  Value* int_list = listOf(graph, c10::IntType::get(), ints);
+  Value* code = graph.insertConstant(text);
+  Value* ok = graph.insert(c10::Symbol::fromQualString(kFusionGuardOp), {tensor_list, float_list, int_list, code});
+  Node* branch = graph.insertNode(graph.create(torch::jit::prim::If, {ok}, 0));
+  Block* fused = branch->addBlock();
+  Block* fallback = branch->addBlock();
+  {
+    torch::jit::WithInsertPoint in_fused(fused);
+    Value* results = graph.insert(c10::Symbol::fromQualString(kFusionGroupOp), {tensor_list, float_list, int_list, code});
+    Node* unpack = graph.insertNode(graph.createListUnpack(results, group->outputs().size()));
+    for (Value* output : unpack->outputs()) fused->registerOutput(output);
+  }
+  {
+    torch::jit::WithInsertPoint in_fallback(fallback);
+    std::vector<Value*> inputs(group->inputs().begin(), group->inputs().end());
+    for (Value* output : torch::jit::insertGraph(graph, *subgraph, inputs)) fallback->registerOutput(output);
+  }
+  for (size_t i = 0; i < group->outputs().size(); ++i) {
+    Value* output = branch->addOutput()->setType(group->output(i)->type());
+    group->output(i)->replaceAllUsesWith(output);
+  }
+  group->destroy();
+}
+
+}  // namespace
+
+int fuseElementwise(std::shared_ptr<Graph>& graph, const Options& options) {
+  dropProfilesBetweenFusibleOps(graph->block());
+  std::vector<Node*> groups = GroupBuilder(graph).build();
+  int created = 0;
+  for (Node* group : groups) {
+    if (countOps(*group->g(torch::jit::attr::Subgraph)) < options.min_group_size) {
+      SubgraphUtils::unmergeSubgraph(group);
+      continue;
+    }
+    materialize(*graph, group);
+    created++;
+  }
+  return created;
 }
 
 }  // namespace kiln

@@ -33,7 +33,8 @@ std::string groupSubgraphText(const torch::jit::Node* group) {
 
 std::vector<std::string> groupOps(const std::string& subgraph_text) {
   std::vector<std::string> ops;
-  for (const torch::jit::Node* node : parse(subgraph_text)->nodes()) {
+  std::shared_ptr<torch::jit::Graph> graph = parse(subgraph_text);
+  for (const torch::jit::Node* node : graph->nodes()) {
     if (node->kind() == torch::jit::prim::Constant) continue;
     ops.push_back(node->kind().toQualString());
   }

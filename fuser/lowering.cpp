@@ -1,0 +1,574 @@
+// Lowering of fusion subgraphs to the kernel IR: the table of supported ops and, for each, the
+// scalar formula eager's CPU kernel uses.
+#include "fuser/lowering.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/jit/ir/constants.h>
+
+#include <cmath>
+#include <limits>
+#include <unordered_map>
+
+namespace kiln {
+namespace {
+
+using ir::Op;
+using torch::jit::Node;
+using torch::jit::Value;
+
+struct Operand {
+  int value = -1;           // IR value, in `dtype`
+  at::ScalarType dtype = at::kFloat;
+  bool is_tensor = false;
+  c10::IValue sample;       // a one-element stand-in used to ask ATen for dtypes
+};
+
+struct Lowerer;
+using LowerFn = int (*)(Lowerer&, const Node*, const std::vector<Operand>&, at::ScalarType out,
+                        at::ScalarType compute);
+
+struct OpRule {
+  std::vector<int> operands;  // inputs that are tensors or numbers; every other input is a constant
+  LowerFn lower;
+  bool compare = false;       // compute in the operands' promoted type, result bool
+};
+
+at::ScalarType opmath(at::ScalarType type) {
+  return (type == at::kHalf || type == at::kBFloat16) ? at::kFloat : type;
+}
+
+struct Lowerer {
+  ir::Kernel& kernel;
+  const Node* node = nullptr;
+
+  int as(const Operand& operand, at::ScalarType type) {
+    return kernel.cast(operand.value, *irDType(type));
+  }
+  int constant(double value, at::ScalarType type) {
+    return kernel.constant(*irDType(type), value);
+  }
+  int unary(Op op, int x) { return kernel.unary(op, x); }
+  int binary(Op op, int a, int b) { return kernel.binary(op, a, b); }
+  int select(int c, int a, int b) { return kernel.select(c, a, b); }
+  double scalarArg(size_t index, double fallback) {
+    auto value = torch::jit::toIValue(node->input(index));
+    if (!value || value->isNone()) return fallback;
+    return value->isDouble() ? value->toDouble() : value->isInt() ? static_cast<double>(value->toInt())
+                                                                  : static_cast<double>(value->toBool());
+  }
+  std::optional<double> optionalArg(size_t index) {
+    auto value = torch::jit::toIValue(node->input(index));
+    if (!value || value->isNone()) return std::nullopt;
+    return scalarArg(index, 0);
+  }
+};
+
+// ---- op formulas: each returns the result in `compute`; the caller rounds it to `out` ----
+
+#define KILN_LOWER(name) \
+  int name(Lowerer& L, const Node* n, const std::vector<Operand>& v, at::ScalarType out, at::ScalarType ct)
+
+template <Op op>
+KILN_LOWER(unaryOp) { return L.unary(op, L.as(v[0], ct)); }
+
+template <Op op>
+KILN_LOWER(binaryOp) { return L.binary(op, L.as(v[0], ct), L.as(v[1], ct)); }
+
+template <Op op>
+KILN_LOWER(compareOp) { return L.binary(op, L.as(v[0], ct), L.as(v[1], ct)); }
+
+int addScaled(Lowerer& L, int a, int b, double alpha, at::ScalarType ct, bool subtract) {
+  if (alpha != 1) b = L.binary(Op::kMul, b, L.constant(alpha, ct));
+  return L.binary(subtract ? Op::kSub : Op::kAdd, a, b);
+}
+KILN_LOWER(lowerAdd) { return addScaled(L, L.as(v[0], ct), L.as(v[1], ct), L.scalarArg(2, 1), ct, false); }
+KILN_LOWER(lowerSub) { return addScaled(L, L.as(v[0], ct), L.as(v[1], ct), L.scalarArg(2, 1), ct, true); }
+KILN_LOWER(lowerRsub) { return addScaled(L, L.as(v[1], ct), L.as(v[0], ct), L.scalarArg(2, 1), ct, true); }
+
+KILN_LOWER(lowerDiv) {
+  int a = L.as(v[0], ct);
+  int b = L.as(v[1], ct);
+  auto mode = n->inputs().size() > 2 ? torch::jit::toIValue(n->input(2)) : std::nullopt;
+  if (!mode || mode->isNone()) return L.binary(Op::kDiv, a, b);
+  if (!at::isFloatingType(ct)) return -1;  // integer division raises on zero in eager: left to eager
+  int quotient = L.binary(Op::kDiv, a, b);
+  if (mode->toStringRef() == "trunc") return L.unary(Op::kTrunc, quotient);
+  // floor: c10::div_floor_floating.
+  int zero = L.constant(0, ct);
+  int mod = L.binary(Op::kFmod, a, b);
+  int div = L.binary(Op::kDiv, L.binary(Op::kSub, a, mod), b);
+  int adjust = L.binary(Op::kAnd, L.binary(Op::kNe, mod, zero),
+                        L.binary(Op::kNe, L.binary(Op::kLt, b, zero), L.binary(Op::kLt, mod, zero)));
+  div = L.select(adjust, L.binary(Op::kSub, div, L.constant(1, ct)), div);
+  int floored = L.unary(Op::kFloor, div);
+  floored = L.select(L.binary(Op::kGt, L.binary(Op::kSub, div, floored), L.constant(0.5, ct)),
+                     L.binary(Op::kAdd, floored, L.constant(1, ct)), floored);
+  int signed_zero = L.select(L.binary(Op::kLt, quotient, zero), L.constant(-0.0, ct), zero);
+  floored = L.select(L.binary(Op::kNe, div, zero), floored, signed_zero);
+  return L.select(L.binary(Op::kEq, b, zero), quotient, floored);
+}
+
+KILN_LOWER(lowerRemainder) {
+  if (!at::isFloatingType(ct)) return -1;
+  int a = L.as(v[0], ct);
+  int b = L.as(v[1], ct);
+  int zero = L.constant(0, ct);
+  int mod = L.binary(Op::kFmod, a, b);
+  int fix = L.binary(Op::kAnd, L.binary(Op::kNe, mod, zero),
+                     L.binary(Op::kNe, L.binary(Op::kLt, b, zero), L.binary(Op::kLt, mod, zero)));
+  return L.select(fix, L.binary(Op::kAdd, mod, b), mod);
+}
+
+KILN_LOWER(lowerFmod) {
+  if (!at::isFloatingType(ct)) return -1;
+  return L.binary(Op::kFmod, L.as(v[0], ct), L.as(v[1], ct));
+}
+
+KILN_LOWER(lowerPow) {
+  if (!at::isFloatingType(ct)) return -1;  // integer pow raises on negative exponents: eager's
+  int base = L.as(v[0], ct);
+  if (!v[1].is_tensor) {
+    if (auto exponent = torch::jit::toIValue(n->input(1))) {
+      // ATen's pow_tensor_scalar special cases.
+      double e = exponent->isDouble() ? exponent->toDouble() : static_cast<double>(exponent->toInt());
+      int one = L.constant(1, ct);
+      if (e == 2) return L.binary(Op::kMul, base, base);
+      if (e == 3) return L.binary(Op::kMul, L.binary(Op::kMul, base, base), base);
+      if (e == 0.5) return L.unary(Op::kSqrt, base);
+      if (e == -0.5) return L.unary(Op::kRsqrt, base);
+      if (e == -1) return L.binary(Op::kDiv, one, base);
+      if (e == -2) return L.binary(Op::kDiv, one, L.binary(Op::kMul, base, base));
+    }
+  }
+  return L.binary(Op::kPow, base, L.as(v[1], ct));
+}
+
+KILN_LOWER(lowerLogicalAnd) {
+  return L.binary(Op::kAnd, L.as(v[0], at::kBool), L.as(v[1], at::kBool));
+}
+KILN_LOWER(lowerLogicalOr) {
+  return L.binary(Op::kOr, L.as(v[0], at::kBool), L.as(v[1], at::kBool));
+}
+KILN_LOWER(lowerLogicalNot) { return L.unary(Op::kNot, L.as(v[0], at::kBool)); }
+
+KILN_LOWER(lowerRelu) { return L.binary(Op::kMax, L.as(v[0], ct), L.constant(0, ct)); }
+
+KILN_LOWER(lowerClamp) {
+  int x = L.as(v[0], ct);
+  if (auto lo = L.optionalArg(1)) x = L.binary(Op::kMax, x, L.constant(*lo, ct));
+  if (auto hi = L.optionalArg(2)) x = L.binary(Op::kMin, x, L.constant(*hi, ct));
+  return x;
+}
+KILN_LOWER(lowerClampMin) { return L.binary(Op::kMax, L.as(v[0], ct), L.constant(L.scalarArg(1, 0), ct)); }
+KILN_LOWER(lowerClampMax) { return L.binary(Op::kMin, L.as(v[0], ct), L.constant(L.scalarArg(1, 0), ct)); }
+KILN_LOWER(lowerHardtanh) {
+  int x = L.binary(Op::kMax, L.as(v[0], ct), L.constant(L.scalarArg(1, -1), ct));
+  return L.binary(Op::kMin, x, L.constant(L.scalarArg(2, 1), ct));
+}
+
+KILN_LOWER(lowerLeakyRelu) {
+  int x = L.as(v[0], ct);
+  int zero = L.constant(0, ct);
+  return L.select(L.binary(Op::kGt, x, zero), x, L.binary(Op::kMul, x, L.constant(L.scalarArg(1, 0.01), ct)));
+}
+
+KILN_LOWER(lowerElu) {
+  int x = L.as(v[0], ct);
+  double alpha = L.scalarArg(1, 1), scale = L.scalarArg(2, 1), input_scale = L.scalarArg(3, 1);
+  int negative = L.binary(Op::kMul, L.unary(Op::kExpm1, L.binary(Op::kMul, x, L.constant(input_scale, ct))),
+                          L.constant(alpha * scale, ct));
+  return L.select(L.binary(Op::kLe, x, L.constant(0, ct)), negative, L.binary(Op::kMul, x, L.constant(scale, ct)));
+}
+
+KILN_LOWER(lowerSilu) {
+  int x = L.as(v[0], ct);
+  int one = L.constant(1, ct);
+  return L.binary(Op::kDiv, x, L.binary(Op::kAdd, one, L.unary(Op::kExp, L.unary(Op::kNeg, x))));
+}
+
+KILN_LOWER(lowerGelu) {
+  int x = L.as(v[0], ct);
+  auto approximate = torch::jit::toIValue(n->input(1));
+  int half = L.constant(0.5, ct);
+  int one = L.constant(1, ct);
+  if (approximate && approximate->isString() && approximate->toStringRef() == "tanh") {
+    const double beta = M_SQRT2 * M_2_SQRTPI * 0.5;
+    int cube = L.binary(Op::kMul, L.binary(Op::kMul, x, x), x);
+    int inner = L.binary(Op::kMul, L.constant(beta, ct),
+                         L.binary(Op::kAdd, x, L.binary(Op::kMul, L.constant(0.044715, ct), cube)));
+    return L.binary(Op::kMul, L.binary(Op::kMul, half, x), L.binary(Op::kAdd, one, L.unary(Op::kTanh, inner)));
+  }
+  int erf = L.unary(Op::kErf, L.binary(Op::kMul, x, L.constant(M_SQRT1_2, ct)));
+  return L.binary(Op::kMul, L.binary(Op::kMul, x, half), L.binary(Op::kAdd, one, erf));
+}
+
+int hardsigmoidCore(Lowerer& L, int x, at::ScalarType ct) {
+  int shifted = L.binary(Op::kAdd, x, L.constant(3, ct));
+  return L.binary(Op::kMin, L.binary(Op::kMax, shifted, L.constant(0, ct)), L.constant(6, ct));
+}
+KILN_LOWER(lowerHardsigmoid) {
+  return L.binary(Op::kDiv, hardsigmoidCore(L, L.as(v[0], ct), ct), L.constant(6, ct));
+}
+KILN_LOWER(lowerHardswish) {
+  int x = L.as(v[0], ct);
+  return L.binary(Op::kDiv, L.binary(Op::kMul, x, hardsigmoidCore(L, x, ct)), L.constant(6, ct));
+}
+
+KILN_LOWER(lowerSoftplus) {
+  int x = L.as(v[0], ct);
+  double beta = L.scalarArg(1, 1), threshold = L.scalarArg(2, 20);
+  int scaled = L.binary(Op::kMul, x, L.constant(beta, ct));
+  int soft = L.binary(Op::kDiv, L.unary(Op::kLog1p, L.unary(Op::kExp, scaled)), L.constant(beta, ct));
+  return L.select(L.binary(Op::kGt, scaled, L.constant(threshold, ct)), x, soft);
+}
+
+KILN_LOWER(lowerFrac) {
+  int x = L.as(v[0], ct);
+  return L.binary(Op::kSub, x, L.unary(Op::kTrunc, x));
+}
+
+KILN_LOWER(lowerSign) {
+  if (ct == at::kBool) return L.as(v[0], ct);
+  int x = L.as(v[0], ct);
+  int zero = L.constant(0, ct);
+  int positive = L.kernel.cast(L.binary(Op::kLt, zero, x), *irDType(ct));
+  int negative = L.kernel.cast(L.binary(Op::kLt, x, zero), *irDType(ct));
+  return L.binary(Op::kSub, positive, negative);
+}
+
+KILN_LOWER(lowerNanToNum) {
+  if (!at::isFloatingType(out)) return L.as(v[0], ct);
+  int x = L.as(v[0], ct);
+  double max = 0, lowest = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out, "nan_to_num", [&] {
+    max = static_cast<double>(std::numeric_limits<scalar_t>::max());
+    lowest = static_cast<double>(std::numeric_limits<scalar_t>::lowest());
+  });
+  double nan = L.scalarArg(1, 0);
+  double posinf = L.optionalArg(2).value_or(max);
+  double neginf = L.optionalArg(3).value_or(lowest);
+  x = L.select(L.unary(Op::kIsNan, x), L.constant(nan, ct), x);
+  x = L.select(L.binary(Op::kEq, x, L.constant(INFINITY, ct)), L.constant(posinf, ct), x);
+  return L.select(L.binary(Op::kEq, x, L.constant(-INFINITY, ct)), L.constant(neginf, ct), x);
+}
+
+KILN_LOWER(lowerWhere) {
+  return L.select(L.as(v[0], at::kBool), L.as(v[1], ct), L.as(v[2], ct));
+}
+
+KILN_LOWER(lowerMaskedFill) {
+  return L.select(L.as(v[1], at::kBool), L.as(v[2], ct), L.as(v[0], ct));
+}
+
+KILN_LOWER(lowerLerp) {
+  int start = L.as(v[0], ct);
+  int end = L.as(v[1], ct);
+  int weight = L.as(v[2], ct);
+  int diff = L.binary(Op::kSub, end, start);
+  int small = L.binary(Op::kLt, L.unary(Op::kAbs, weight), L.constant(0.5, ct));
+  int low = L.binary(Op::kAdd, start, L.binary(Op::kMul, weight, diff));
+  int high = L.binary(Op::kSub, end, L.binary(Op::kMul, diff, L.binary(Op::kSub, L.constant(1, ct), weight)));
+  return L.select(small, low, high);
+}
+
+KILN_LOWER(lowerAddcmul) {
+  int product = L.binary(Op::kMul, L.binary(Op::kMul, L.constant(L.scalarArg(3, 1), ct), L.as(v[1], ct)), L.as(v[2], ct));
+  return L.binary(Op::kAdd, L.as(v[0], ct), product);
+}
+
+KILN_LOWER(lowerAddcdiv) {
+  if (!at::isFloatingType(ct)) return -1;
+  int quotient = L.binary(Op::kDiv, L.binary(Op::kMul, L.constant(L.scalarArg(3, 1), ct), L.as(v[1], ct)), L.as(v[2], ct));
+  return L.binary(Op::kAdd, L.as(v[0], ct), quotient);
+}
+
+// Conversions go straight from the operand's dtype to the result's, as eager's copy does.
+KILN_LOWER(lowerConvert) { return L.as(v[0], out); }
+KILN_LOWER(lowerIdentity) { return L.as(v[0], out); }
+
+template <Op op>
+KILN_LOWER(floatOnlyUnary) { return L.unary(op, L.as(v[0], ct)); }
+
+KILN_LOWER(lowerReciprocal) { return L.binary(Op::kDiv, L.constant(1, ct), L.as(v[0], ct)); }
+
+const std::unordered_map<std::string, OpRule>& rules() {
+  static const auto* table = new std::unordered_map<std::string, OpRule>{
+      {"aten::add.Tensor", {{0, 1}, lowerAdd}},
+      {"aten::add.Scalar", {{0, 1}, lowerAdd}},
+      {"aten::sub.Tensor", {{0, 1}, lowerSub}},
+      {"aten::sub.Scalar", {{0, 1}, lowerSub}},
+      {"aten::rsub.Tensor", {{0, 1}, lowerRsub}},
+      {"aten::rsub.Scalar", {{0, 1}, lowerRsub}},
+      {"aten::mul.Tensor", {{0, 1}, binaryOp<Op::kMul>}},
+      {"aten::mul.Scalar", {{0, 1}, binaryOp<Op::kMul>}},
+      {"aten::div.Tensor", {{0, 1}, lowerDiv}},
+      {"aten::div.Scalar", {{0, 1}, lowerDiv}},
+      {"aten::div.Tensor_mode", {{0, 1}, lowerDiv}},
+      {"aten::div.Scalar_mode", {{0, 1}, lowerDiv}},
+      {"aten::neg", {{0}, unaryOp<Op::kNeg>}},
+      {"aten::abs", {{0}, unaryOp<Op::kAbs>}},
+      {"aten::reciprocal", {{0}, lowerReciprocal}},
+      {"aten::pow.Tensor_Tensor", {{0, 1}, lowerPow}},
+      {"aten::pow.Tensor_Scalar", {{0, 1}, lowerPow}},
+      {"aten::pow.Scalar", {{0, 1}, lowerPow}},
+      {"aten::sqrt", {{0}, floatOnlyUnary<Op::kSqrt>}},
+      {"aten::rsqrt", {{0}, floatOnlyUnary<Op::kRsqrt>}},
+      {"aten::exp", {{0}, floatOnlyUnary<Op::kExp>}},
+      {"aten::exp2", {{0}, floatOnlyUnary<Op::kExp2>}},
+      {"aten::expm1", {{0}, floatOnlyUnary<Op::kExpm1>}},
+      {"aten::log", {{0}, floatOnlyUnary<Op::kLog>}},
+      {"aten::log2", {{0}, floatOnlyUnary<Op::kLog2>}},
+      {"aten::log10", {{0}, floatOnlyUnary<Op::kLog10>}},
+      {"aten::log1p", {{0}, floatOnlyUnary<Op::kLog1p>}},
+      {"aten::sin", {{0}, floatOnlyUnary<Op::kSin>}},
+      {"aten::cos", {{0}, floatOnlyUnary<Op::kCos>}},
+      {"aten::tan", {{0}, floatOnlyUnary<Op::kTan>}},
+      {"aten::tanh", {{0}, floatOnlyUnary<Op::kTanh>}},
+      {"aten::sigmoid", {{0}, floatOnlyUnary<Op::kSigmoid>}},
+      {"aten::erf", {{0}, floatOnlyUnary<Op::kErf>}},
+      {"aten::erfc", {{0}, floatOnlyUnary<Op::kErfc>}},
+      {"aten::floor", {{0}, unaryOp<Op::kFloor>}},
+      {"aten::ceil", {{0}, unaryOp<Op::kCeil>}},
+      {"aten::round", {{0}, unaryOp<Op::kRound>}},
+      {"aten::trunc", {{0}, unaryOp<Op::kTrunc>}},
+      {"aten::frac", {{0}, lowerFrac}},
+      {"aten::sign", {{0}, lowerSign}},
+      {"aten::relu", {{0}, lowerRelu}},
+      {"aten::leaky_relu", {{0}, lowerLeakyRelu}},
+      {"aten::elu", {{0}, lowerElu}},
+      {"aten::silu", {{0}, lowerSilu}},
+      {"aten::gelu", {{0}, lowerGelu}},
+      {"aten::hardtanh", {{0}, lowerHardtanh}},
+      {"aten::hardsigmoid", {{0}, lowerHardsigmoid}},
+      {"aten::hardswish", {{0}, lowerHardswish}},
+      {"aten::softplus", {{0}, lowerSoftplus}},
+      {"aten::clamp", {{0}, lowerClamp}},
+      {"aten::clamp_min", {{0}, lowerClampMin}},
+      {"aten::clamp_max", {{0}, lowerClampMax}},
+      {"aten::minimum", {{0, 1}, binaryOp<Op::kMin>}},
+      {"aten::maximum", {{0, 1}, binaryOp<Op::kMax>}},
+      {"aten::fmod.Tensor", {{0, 1}, lowerFmod}},
+      {"aten::fmod.Scalar", {{0, 1}, lowerFmod}},
+      {"aten::remainder.Tensor", {{0, 1}, lowerRemainder}},
+      {"aten::remainder.Scalar", {{0, 1}, lowerRemainder}},
+      {"aten::nan_to_num", {{0}, lowerNanToNum}},
+      {"aten::where.self", {{0, 1, 2}, lowerWhere}},
+      {"aten::where.ScalarSelf", {{0, 1, 2}, lowerWhere}},
+      {"aten::where.ScalarOther", {{0, 1, 2}, lowerWhere}},
+      {"aten::where.Scalar", {{0, 1, 2}, lowerWhere}},
+      {"aten::masked_fill.Scalar", {{0, 1, 2}, lowerMaskedFill}},
+      {"aten::masked_fill.Tensor", {{0, 1, 2}, lowerMaskedFill}},
+      {"aten::lerp.Scalar", {{0, 1, 2}, lowerLerp}},
+      {"aten::lerp.Tensor", {{0, 1, 2}, lowerLerp}},
+      {"aten::addcmul", {{0, 1, 2}, lowerAddcmul}},
+      {"aten::addcdiv", {{0, 1, 2}, lowerAddcdiv}},
+      {"aten::logical_and", {{0, 1}, lowerLogicalAnd}},
+      {"aten::logical_or", {{0, 1}, lowerLogicalOr}},
+      {"aten::logical_not", {{0}, lowerLogicalNot}},
+      {"aten::lt.Tensor", {{0, 1}, compareOp<Op::kLt>, true}},
+      {"aten::lt.Scalar", {{0, 1}, compareOp<Op::kLt>, true}},
+      {"aten::le.Tensor", {{0, 1}, compareOp<Op::kLe>, true}},
+      {"aten::le.Scalar", {{0, 1}, compareOp<Op::kLe>, true}},
+      {"aten::gt.Tensor", {{0, 1}, compareOp<Op::kGt>, true}},
+      {"aten::gt.Scalar", {{0, 1}, compareOp<Op::kGt>, true}},
+      {"aten::ge.Tensor", {{0, 1}, compareOp<Op::kGe>, true}},
+      {"aten::ge.Scalar", {{0, 1}, compareOp<Op::kGe>, true}},
+      {"aten::eq.Tensor", {{0, 1}, compareOp<Op::kEq>, true}},
+      {"aten::eq.Scalar", {{0, 1}, compareOp<Op::kEq>, true}},
+      {"aten::ne.Tensor", {{0, 1}, compareOp<Op::kNe>, true}},
+      {"aten::ne.Scalar", {{0, 1}, compareOp<Op::kNe>, true}},
+      {"aten::to.dtype", {{0}, lowerConvert}},
+      {"aten::type_as", {{0}, lowerConvert}},
+      {"aten::dropout", {{0}, lowerIdentity}},
+  };
+  return *table;
+}
+
+const OpRule* ruleFor(const Node* node) {
+  const c10::FunctionSchema* schema = node->maybeSchema();
+  if (!schema) return nullptr;
+  std::string key = schema->name();
+  if (!schema->overload_name().empty()) key += "." + schema->overload_name();
+  auto found = rules().find(key);
+  return found == rules().end() ? nullptr : &found->second;
+}
+
+bool isNumberType(const c10::TypePtr& type) {
+  return type->kind() == c10::TypeKind::FloatType || type->kind() == c10::TypeKind::IntType ||
+         type->kind() == c10::TypeKind::BoolType;
+}
+
+c10::IValue sampleFor(const InputSignature& input) {
+  if (input.is_tensor) {
+    return at::ones(std::vector<int64_t>(static_cast<size_t>(input.dim), 1), at::TensorOptions().dtype(input.dtype));
+  }
+  if (input.dtype == at::kDouble) return c10::IValue(1.0);
+  if (input.dtype == at::kBool) return c10::IValue(true);
+  return c10::IValue(static_cast<int64_t>(1));
+}
+
+at::ScalarType promoted(const c10::IValue& a, const c10::IValue& b) {
+  if (a.isTensor() && b.isTensor()) return at::result_type(a.toTensor(), b.toTensor());
+  if (a.isTensor()) return at::result_type(a.toTensor(), b.toScalar());
+  if (b.isTensor()) return at::result_type(a.toScalar(), b.toTensor());
+  return at::result_type(a.toScalar(), b.toScalar());
+}
+
+}  // namespace
+
+std::optional<ir::DType> irDType(at::ScalarType type) {
+  switch (type) {
+    case at::kBool: return ir::DType::kBool;
+    case at::kInt: return ir::DType::kInt32;
+    case at::kLong: return ir::DType::kInt64;
+    case at::kHalf: return ir::DType::kFloat16;
+    case at::kBFloat16: return ir::DType::kBFloat16;
+    case at::kFloat: return ir::DType::kFloat32;
+    case at::kDouble: return ir::DType::kFloat64;
+    default: return std::nullopt;
+  }
+}
+
+bool isFusibleNode(const Node* node) {
+  if (!node->kind().is_aten() || !node->blocks().empty()) return false;
+  const OpRule* rule = ruleFor(node);
+  if (!rule) return false;
+  for (const Value* output : node->outputs()) {
+    if (output->type()->kind() != c10::TypeKind::TensorType) return false;
+  }
+  for (size_t i = 0; i < node->inputs().size(); ++i) {
+    const Value* input = node->input(i);
+    bool is_operand = std::find(rule->operands.begin(), rule->operands.end(), static_cast<int>(i)) != rule->operands.end();
+    if (is_operand) {
+      if (input->type()->kind() != c10::TypeKind::TensorType && !isNumberType(input->type())) return false;
+    } else if (!torch::jit::toIValue(input)) {
+      return false;  // attributes (alpha, rounding mode, dtype, ...) must be constants
+    }
+  }
+  if (node->kind() == c10::Symbol::fromQualString("aten::dropout")) {
+    auto train = torch::jit::toIValue(node->input(2));
+    if (!train || train->toBool()) return false;
+  }
+  if (node->kind() == c10::Symbol::fromQualString("aten::to")) {
+    auto dtype = torch::jit::toIValue(node->input(1));
+    auto format = torch::jit::toIValue(node->input(4));
+    if (!dtype || dtype->isNone() || !format || !format->isNone()) return false;
+  }
+  return true;
+}
+
+std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
+                                       const std::vector<InputSignature>& signature,
+                                       std::string* why) {
+  auto fail = [&](const std::string& reason) -> std::optional<LoweredGroup> {
+    if (why) *why = reason;
+    return std::nullopt;
+  };
+  if (signature.size() != subgraph.inputs().size()) return fail("signature does not match the subgraph");
+  LoweredGroup lowered;
+  ir::Kernel& kernel = lowered.kernel;
+  kernel.name = "fused";
+  std::unordered_map<const Value*, Operand> operands;
+  // Tensor inputs that each value depends on, for output shapes.
+  std::unordered_map<const Value*, std::vector<int>> sources;
+  int tensor_index = 0;
+  int scalar_index = 0;
+  for (size_t i = 0; i < signature.size(); ++i) {
+    const InputSignature& input = signature[i];
+    auto type = irDType(input.dtype);
+    if (!type) return fail(std::string("unsupported dtype ") + c10::toString(input.dtype));
+    Operand operand;
+    operand.dtype = input.dtype;
+    operand.is_tensor = input.is_tensor;
+    operand.sample = sampleFor(input);
+    if (input.is_tensor) {
+      kernel.tensor_inputs.push_back(*type);
+      operand.value = kernel.load(tensor_index);
+      sources[subgraph.inputs()[i]] = {tensor_index};
+      tensor_index++;
+    } else {
+      kernel.scalar_inputs.push_back(*type);
+      operand.value = kernel.scalar(scalar_index++);
+    }
+    operands[subgraph.inputs()[i]] = operand;
+  }
+
+  Lowerer lowerer{kernel};
+  for (const Node* node : subgraph.nodes()) {
+    if (node->kind() == torch::jit::prim::Constant) continue;
+    const OpRule* rule = ruleFor(node);
+    if (!rule) return fail(std::string("unsupported op ") + node->kind().toQualString());
+    // Run the op once on one-element samples: its result dtype is eager's, by construction.
+    torch::jit::Stack stack;
+    std::vector<Operand> args;
+    std::vector<int> node_sources;
+    for (size_t i = 0; i < node->inputs().size(); ++i) {
+      const Value* input = node->input(i);
+      bool is_operand = std::find(rule->operands.begin(), rule->operands.end(), static_cast<int>(i)) != rule->operands.end();
+      if (auto found = operands.find(input); found != operands.end()) {
+        stack.push_back(found->second.sample);
+        if (is_operand) args.push_back(found->second);
+        auto& from = sources[input];
+        node_sources.insert(node_sources.end(), from.begin(), from.end());
+        continue;
+      }
+      auto constant = torch::jit::toIValue(input);
+      if (!constant) return fail("non-constant attribute of " + std::string(node->kind().toQualString()));
+      stack.push_back(*constant);
+      if (is_operand) {
+        if (constant->isTensor()) return fail("tensor constant operand");
+        Operand literal;
+        literal.sample = *constant;
+        literal.dtype = constant->isDouble() ? at::kDouble : constant->isBool() ? at::kBool : at::kLong;
+        double number = constant->isDouble() ? constant->toDouble()
+                        : constant->isBool() ? static_cast<double>(constant->toBool())
+                                             : static_cast<double>(constant->toInt());
+        literal.value = kernel.constant(*irDType(literal.dtype), number);
+        args.push_back(literal);
+      }
+    }
+    at::ScalarType out;
+    int64_t out_dim = 0;
+    try {
+      node->getOperation()(stack);
+      const at::Tensor& result = stack.back().toTensor();
+      out = result.scalar_type();
+      out_dim = result.dim();
+    } catch (const std::exception& error) {
+      return fail(std::string(node->kind().toQualString()) + " rejects these dtypes: " + error.what());
+    }
+    if (!irDType(out)) return fail(std::string("unsupported result dtype ") + c10::toString(out));
+    at::ScalarType compute = rule->compare ? opmath(promoted(args[0].sample, args[1].sample)) : opmath(out);
+    lowerer.node = node;
+    int result = rule->lower(lowerer, node, args, out, compute);
+    if (result < 0) {
+      return fail(std::string(node->kind().toQualString()) + " on " + c10::toString(compute) + " is left to eager");
+    }
+    Operand produced;
+    produced.dtype = out;
+    produced.is_tensor = true;
+    produced.value = kernel.cast(result, *irDType(out));
+    produced.sample = at::ones(std::vector<int64_t>(static_cast<size_t>(out_dim), 1), at::TensorOptions().dtype(out));
+    std::sort(node_sources.begin(), node_sources.end());
+    node_sources.erase(std::unique(node_sources.begin(), node_sources.end()), node_sources.end());
+    sources[node->output()] = node_sources;
+    operands[node->output()] = produced;
+    // Unfused, this op reads each tensor operand and writes its result once per element.
+    for (const Operand& arg : args) {
+      if (arg.is_tensor) lowered.unfused_bytes_per_element += c10::elementSize(arg.dtype);
+    }
+    lowered.unfused_bytes_per_element += c10::elementSize(out);
+  }
+  for (const Value* output : subgraph.outputs()) {
+    auto found = operands.find(output);
+    if (found == operands.end() || !found->second.is_tensor) return fail("group output is not a computed tensor");
+    kernel.outputs.push_back(found->second.value);
+    lowered.output_dtypes.push_back(found->second.dtype);
+    lowered.output_sources.push_back(sources[output]);
+  }
+  std::string problems = ir::verify(kernel);
+  if (!problems.empty()) return fail("lowering produced invalid IR: " + problems);
+  return lowered;
+}
+
+}  // namespace kiln

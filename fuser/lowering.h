@@ -1,0 +1,49 @@
+// Lowering a fusion group's TorchScript subgraph to the kernel IR, for one run-time signature
+// (the dtype and rank of each tensor input, the type of each scalar input).
+//
+// Note: dtypes are not guessed. The subgraph is first run once on one-element CPU tensors of the
+// signature's dtypes, so every intermediate gets exactly the dtype eager gives it (type promotion,
+// wrapped numbers, 0-dim tensors included); the IR then computes each op in its "opmath" type
+// (float32 for half/bfloat16) and rounds to that dtype, as eager does between ops.
+#pragma once
+
+#include <torch/csrc/jit/ir/ir.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "codegen/kernel_ir.h"
+
+namespace kiln {
+
+// Which ops the fuser may put in a group: the op is supported and its non-operand arguments are
+// constants. Independent of dtypes, which are checked at run time.
+bool isFusibleNode(const torch::jit::Node* node);
+
+struct InputSignature {
+  bool is_tensor = true;
+  at::ScalarType dtype = at::kFloat;  // tensors; scalars: kDouble, kLong or kBool
+  int64_t dim = 0;
+};
+
+struct LoweredGroup {
+  ir::Kernel kernel;
+  std::vector<at::ScalarType> output_dtypes;
+  // For each output, the tensor inputs whose shapes broadcast to its shape.
+  std::vector<std::vector<int>> output_sources;
+  // Bytes each element of the iteration space costs unfused: every op reads its tensor operands
+  // and writes its result (used by kiln::report).
+  int64_t unfused_bytes_per_element = 0;
+};
+
+// Lowers `subgraph` for `signature`; returns nullopt with *why set if kiln cannot compute it
+// exactly as eager would (unsupported dtype or op variant).
+std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
+                                       const std::vector<InputSignature>& signature,
+                                       std::string* why);
+
+std::optional<ir::DType> irDType(at::ScalarType type);
+
+}  // namespace kiln

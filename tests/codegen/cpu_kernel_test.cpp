@@ -1,0 +1,257 @@
+// The LLVM CPU backend against the reference interpreter, on random kernels and fresh random data
+// (outputs poisoned first), for every stride class; and a look at the code it emits.
+#include "codegen/cpu_kernel.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "codegen/float_bits.h"
+#include "codegen/ir_interpreter.h"
+
+namespace kiln {
+namespace {
+
+using ir::DType;
+using ir::Op;
+
+struct Buffer {
+  DType type;
+  std::vector<uint8_t> bytes;
+  void* data() { return bytes.data(); }
+};
+
+Buffer randomBuffer(DType type, int64_t n, std::mt19937_64& rng) {
+  Buffer b{type, std::vector<uint8_t>(static_cast<size_t>(n * ir::dtypeSize(type)))};
+  std::normal_distribution<double> normal(0.0, 2.0);
+  for (int64_t i = 0; i < n; ++i) {
+    double v = normal(rng);
+    switch (type) {
+      case DType::kBool: reinterpret_cast<bool*>(b.data())[i] = v > 0; break;
+      case DType::kInt32: reinterpret_cast<int32_t*>(b.data())[i] = static_cast<int32_t>(std::lround(v * 10)); break;
+      case DType::kInt64: reinterpret_cast<int64_t*>(b.data())[i] = std::lround(v * 10); break;
+      case DType::kFloat16: reinterpret_cast<uint16_t*>(b.data())[i] = floatToHalf(static_cast<float>(v)); break;
+      case DType::kBFloat16: reinterpret_cast<uint16_t*>(b.data())[i] = floatToBFloat16(static_cast<float>(v)); break;
+      case DType::kFloat32: reinterpret_cast<float*>(b.data())[i] = static_cast<float>(v); break;
+      case DType::kFloat64: reinterpret_cast<double*>(b.data())[i] = v; break;
+    }
+  }
+  return b;
+}
+
+double element(const Buffer& b, int64_t i) {
+  const void* p = b.bytes.data();
+  switch (b.type) {
+    case DType::kBool: return static_cast<const bool*>(p)[i];
+    case DType::kInt32: return static_cast<const int32_t*>(p)[i];
+    case DType::kInt64: return static_cast<double>(static_cast<const int64_t*>(p)[i]);
+    case DType::kFloat16: return halfToFloat(static_cast<const uint16_t*>(p)[i]);
+    case DType::kBFloat16: return bfloat16ToFloat(static_cast<const uint16_t*>(p)[i]);
+    case DType::kFloat32: return static_cast<const float*>(p)[i];
+    case DType::kFloat64: return static_cast<const double*>(p)[i];
+  }
+  return 0;
+}
+
+// Runs the compiled kernel over a [rows, cols] space; each input is contiguous, broadcast (one
+// element per row... no: one element in total along the inner dim) or strided (every 3rd).
+void runCompiled(const CpuKernel& compiled, const ir::Kernel& kernel, const CpuLayout& layout,
+                 std::vector<Buffer>& inputs, std::vector<Buffer>& outputs, int64_t rows,
+                 int64_t cols, const std::vector<double>& scalars) {
+  std::vector<char*> data;
+  std::vector<int64_t> inner, outer;
+  size_t k = 0;
+  for (auto* list : {&inputs, &outputs}) {
+    for (Buffer& b : *list) {
+      int64_t size = ir::dtypeSize(b.type);
+      data.push_back(static_cast<char*>(b.data()));
+      switch (layout.operands[k++]) {
+        case StrideClass::kContiguous: inner.push_back(size); outer.push_back(size * cols); break;
+        case StrideClass::kBroadcast: inner.push_back(0); outer.push_back(size); break;
+        case StrideClass::kStrided: inner.push_back(3 * size); outer.push_back(3 * size * cols); break;
+      }
+    }
+  }
+  std::vector<int64_t> strides = inner;
+  strides.insert(strides.end(), outer.begin(), outer.end());
+  std::vector<int64_t> int_scalars;
+  for (double s : scalars) int_scalars.push_back(static_cast<int64_t>(s));
+  compiled.function()(data.data(), strides.data(), cols, rows, scalars.data(), int_scalars.data());
+  (void)kernel;
+}
+
+// The interpreter on the same layout, one row at a time.
+void runReference(const ir::Kernel& kernel, const CpuLayout& layout, std::vector<Buffer>& inputs,
+                  std::vector<Buffer>& outputs, int64_t rows, int64_t cols, const std::vector<double>& scalars) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<ir::Operand1D> in, out;
+    size_t k = 0;
+    for (auto* list : {&inputs, &outputs}) {
+      for (Buffer& b : *list) {
+        int64_t size = ir::dtypeSize(b.type);
+        ir::Operand1D operand;
+        switch (layout.operands[k++]) {
+          case StrideClass::kContiguous: operand = {static_cast<char*>(b.data()) + r * cols * size, 1}; break;
+          case StrideClass::kBroadcast: operand = {static_cast<char*>(b.data()) + r * size, 0}; break;
+          case StrideClass::kStrided: operand = {static_cast<char*>(b.data()) + 3 * r * cols * size, 3}; break;
+        }
+        (list == &inputs ? in : out).push_back(operand);
+      }
+    }
+    ir::interpret(kernel, in, scalars, out, cols);
+  }
+}
+
+int64_t elementsFor(StrideClass c, int64_t rows, int64_t cols) {
+  return c == StrideClass::kBroadcast ? rows : c == StrideClass::kStrided ? 3 * rows * cols : rows * cols;
+}
+
+void expectMatches(const ir::Kernel& kernel, const CpuLayout& layout, uint64_t seed, int64_t rows = 5,
+                   int64_t cols = 37, std::vector<double> scalars = {}) {
+  std::mt19937_64 rng(seed);
+  std::unique_ptr<CpuKernel> compiled = CpuKernel::compile(kernel, layout);
+  std::vector<Buffer> inputs;
+  for (size_t i = 0; i < kernel.tensor_inputs.size(); ++i) {
+    inputs.push_back(randomBuffer(kernel.tensor_inputs[i], elementsFor(layout.operands[i], rows, cols), rng));
+  }
+  std::vector<Buffer> outputs, expected;
+  for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+    DType t = kernel.outputType(o);
+    int64_t n = elementsFor(layout.operands[inputs.size() + o], rows, cols);
+    Buffer poison{t, std::vector<uint8_t>(static_cast<size_t>(n * ir::dtypeSize(t)), 0xA5)};
+    outputs.push_back(poison);
+    expected.push_back(poison);
+  }
+  runCompiled(*compiled, kernel, layout, inputs, outputs, rows, cols, scalars);
+  runReference(kernel, layout, inputs, expected, rows, cols, scalars);
+  for (size_t o = 0; o < outputs.size(); ++o) {
+    DType t = kernel.outputType(o);
+    double tolerance = t == DType::kFloat16 ? 2e-3 : t == DType::kBFloat16 ? 1e-2 : t == DType::kFloat32 ? 2e-6 : 1e-13;
+    for (int64_t i = 0; i < static_cast<int64_t>(outputs[o].bytes.size()) / ir::dtypeSize(t); ++i) {
+      double got = element(outputs[o], i);
+      double want = element(expected[o], i);
+      if (std::isnan(want)) {
+        ASSERT_TRUE(std::isnan(got)) << "output " << o << " element " << i << "\n" << ir::print(kernel);
+        continue;
+      }
+      ASSERT_NEAR(got, want, tolerance * (1 + std::fabs(want)))
+          << "output " << o << " element " << i << " layout " << layout.toString() << "\n" << ir::print(kernel);
+    }
+  }
+}
+
+// A random well-typed kernel over float32 inputs using every float op.
+ir::Kernel randomFloatKernel(std::mt19937_64& rng, DType storage, int inputs, int ops) {
+  ir::Kernel k;
+  k.name = "random";
+  k.tensor_inputs.assign(static_cast<size_t>(inputs), storage);
+  std::vector<int> pool;
+  for (int i = 0; i < inputs; ++i) pool.push_back(k.cast(k.load(i), DType::kFloat32));
+  const Op unary[] = {Op::kNeg, Op::kAbs, Op::kSqrt, Op::kExp, Op::kExpm1, Op::kLog1p, Op::kSin, Op::kCos,
+                      Op::kTanh, Op::kSigmoid, Op::kErf, Op::kErfc, Op::kFloor, Op::kCeil, Op::kRound, Op::kTrunc};
+  const Op binary[] = {Op::kAdd, Op::kSub, Op::kMul, Op::kDiv, Op::kMax, Op::kMin, Op::kFmod};
+  for (int i = 0; i < ops; ++i) {
+    auto pick = [&] { return pool[rng() % pool.size()]; };
+    int v;
+    switch (rng() % 4) {
+      case 0: {
+        Op op = unary[rng() % std::size(unary)];
+        int x = pick();
+        // Keep arguments of sqrt/log1p in their domain and exp bounded.
+        if (op == Op::kSqrt || op == Op::kLog1p) x = k.unary(Op::kAbs, x);
+        if (op == Op::kExp || op == Op::kExpm1) x = k.unary(Op::kTanh, x);
+        v = k.unary(op, x);
+        break;
+      }
+      case 1: v = k.binary(binary[rng() % std::size(binary)], pick(), pick()); break;
+      case 2: v = k.select(k.binary(Op::kLt, pick(), pick()), pick(), pick()); break;
+      default: v = k.binary(Op::kMul, pick(), k.constant(DType::kFloat32, 0.75)); break;
+    }
+    pool.push_back(v);
+  }
+  k.outputs = {k.cast(pool.back(), storage), k.binary(Op::kGt, pool[pool.size() / 2], pool.back())};
+  return k;
+}
+
+TEST(CpuKernel, RandomFloatKernelsMatchInterpreterInEveryLayout) {
+  std::mt19937_64 rng(20261121);
+  const StrideClass classes[] = {StrideClass::kContiguous, StrideClass::kBroadcast, StrideClass::kStrided};
+  for (DType storage : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    for (int trial = 0; trial < 8; ++trial) {
+      ir::Kernel k = randomFloatKernel(rng, storage, 3, 12);
+      CpuLayout layout;
+      for (int i = 0; i < 3; ++i) layout.operands.push_back(classes[rng() % 3]);
+      layout.operands.push_back(StrideClass::kContiguous);
+      layout.operands.push_back(trial % 2 ? StrideClass::kStrided : StrideClass::kContiguous);
+      SCOPED_TRACE(ir::print(k));
+      expectMatches(k, layout, rng(), 1 + static_cast<int64_t>(rng() % 4), 1 + static_cast<int64_t>(rng() % 70));
+    }
+  }
+}
+
+TEST(CpuKernel, IntegerBoolAndCastsMatchInterpreter) {
+  ir::Kernel k;
+  k.name = "ints";
+  k.tensor_inputs = {DType::kInt32, DType::kInt64, DType::kBool, DType::kFloat64};
+  k.scalar_inputs = {DType::kInt64, DType::kFloat64};
+  int a = k.cast(k.load(0), DType::kInt64);
+  int b = k.load(1);
+  int c = k.load(2);
+  int d = k.load(3);
+  int sum = k.binary(Op::kAdd, k.binary(Op::kMul, a, b), k.scalar(0));
+  int m = k.binary(Op::kMax, k.unary(Op::kAbs, sum), k.unary(Op::kNeg, b));
+  int pick = k.select(k.binary(Op::kAnd, c, k.binary(Op::kGe, a, b)), m, b);
+  int f = k.binary(Op::kMul, k.cast(pick, DType::kFloat64), k.scalar(1));
+  int g = k.binary(Op::kPow, k.unary(Op::kAbs, d), k.constant(DType::kFloat64, 1.5));
+  k.outputs = {k.cast(f, DType::kInt32), k.binary(Op::kOr, k.unary(Op::kNot, c), k.unary(Op::kIsNan, g)),
+               k.binary(Op::kAdd, f, g), k.cast(d, DType::kBool)};
+  for (StrideClass c0 : {StrideClass::kContiguous, StrideClass::kStrided}) {
+    CpuLayout layout{{c0, StrideClass::kContiguous, StrideClass::kBroadcast, StrideClass::kContiguous,
+                      StrideClass::kContiguous, StrideClass::kContiguous, StrideClass::kContiguous,
+                      StrideClass::kContiguous}};
+    expectMatches(k, layout, 7, 3, 45, {5, -0.5});
+  }
+}
+
+TEST(CpuKernel, ContiguousLoopIsVectorizedWithSleef) {
+  ir::Kernel k;
+  k.name = "vectorized";
+  k.tensor_inputs = {DType::kFloat32, DType::kFloat32};
+  k.outputs = {k.unary(Op::kTanh, k.binary(Op::kAdd, k.load(0), k.load(1)))};
+  CpuLayout layout{{StrideClass::kContiguous, StrideClass::kBroadcast, StrideClass::kContiguous}};
+  auto compiled = CpuKernel::compile(k, layout, /*keep_text=*/true);
+  const int lanes = CpuTarget::host().vector_bits / 32;
+  const std::string vector_type = "<" + std::to_string(lanes) + " x float>";
+  EXPECT_NE(compiled->llvmIr().find("load " + vector_type), std::string::npos) << compiled->llvmIr();
+  EXPECT_NE(compiled->llvmIr().find("Sleef_tanhf" + std::to_string(lanes) + "_u10"), std::string::npos);
+  EXPECT_NE(compiled->assembly().find(lanes == 16 ? "zmm" : lanes == 8 ? "ymm" : "xmm"), std::string::npos);
+  EXPECT_LT(compiled->compileMilliseconds(), 5000);
+}
+
+TEST(CpuKernel, StridedOperandFallsBackToScalarLoop) {
+  ir::Kernel k;
+  k.name = "strided";
+  k.tensor_inputs = {DType::kFloat32};
+  k.outputs = {k.unary(Op::kExp, k.load(0))};
+  CpuLayout layout{{StrideClass::kStrided, StrideClass::kContiguous}};
+  auto compiled = CpuKernel::compile(k, layout, true);
+  EXPECT_NE(compiled->llvmIr().find("Sleef_expf_u10"), std::string::npos);
+  expectMatches(k, layout, 3);
+}
+
+TEST(CpuKernel, RejectsInvalidIrWithReason) {
+  ir::Kernel k;
+  k.tensor_inputs = {DType::kFloat16};
+  k.outputs = {k.unary(Op::kExp, k.load(0))};
+  try {
+    CpuKernel::compile(k, CpuLayout{{StrideClass::kContiguous, StrideClass::kContiguous}});
+    FAIL() << "expected an error";
+  } catch (const std::runtime_error& error) {
+    EXPECT_NE(std::string(error.what()).find("storage-only"), std::string::npos) << error.what();
+  }
+}
+
+}  // namespace
+}  // namespace kiln

@@ -1,0 +1,339 @@
+#include "torch_ops/fusion_runtime.h"
+
+#include <ATen/Parallel.h>
+#include <torch/csrc/jit/ir/irparser.h>
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+
+#include "codegen/cpu_kernel.h"
+#include "fuser/group_stats.h"
+#include "fuser/lowering.h"
+#include "kiln/options.h"
+
+namespace kiln {
+
+namespace {
+
+std::atomic<int64_t> compile_count{0};
+
+struct CompiledEntry {
+  std::once_flag once;
+  std::shared_ptr<CpuKernel> kernel;  // null if compilation failed
+  std::string error;
+};
+
+struct SignatureEntry {
+  std::optional<LoweredGroup> lowered;
+  std::string why;
+  std::mutex mutex;
+  std::map<std::string, std::shared_ptr<CompiledEntry>> kernels;  // by layout
+};
+
+}  // namespace
+
+struct FusionProgram {
+  std::string text;
+  std::shared_ptr<torch::jit::Graph> graph;
+  std::vector<char> input_kinds;  // 't' tensor, 'f' float, 'i' int, 'b' bool, per subgraph input
+  std::mutex mutex;
+  std::map<std::vector<int64_t>, std::shared_ptr<SignatureEntry>> signatures;
+};
+
+struct PreparedLaunch {
+  std::shared_ptr<FusionProgram> program;
+  std::shared_ptr<CpuKernel> kernel;
+  const LoweredGroup* lowered = nullptr;
+  std::vector<at::Tensor> inputs;      // loaded tensor inputs
+  std::vector<double> float_args;      // per kernel scalar input
+  std::vector<int64_t> int_args;
+  std::vector<int64_t> shape;          // iteration shape (as eager's output shape)
+  std::vector<int64_t> sizes;          // collapsed sizes, innermost last
+  std::vector<std::vector<int64_t>> input_strides;  // collapsed, bytes
+  int64_t numel = 0;
+};
+
+namespace {
+
+std::mutex programs_mutex;
+std::unordered_map<std::string, std::shared_ptr<FusionProgram>>& programs() {
+  static auto* table = new std::unordered_map<std::string, std::shared_ptr<FusionProgram>>();
+  return *table;
+}
+
+std::shared_ptr<FusionProgram> parseProgram(const std::string& text) {
+  auto program = std::make_shared<FusionProgram>();
+  program->text = text;
+  program->graph = std::make_shared<torch::jit::Graph>();
+  torch::jit::parseIR(text, program->graph.get());
+  for (const torch::jit::Value* input : program->graph->inputs()) {
+    switch (input->type()->kind()) {
+      case c10::TypeKind::TensorType: program->input_kinds.push_back('t'); break;
+      case c10::TypeKind::FloatType: program->input_kinds.push_back('f'); break;
+      case c10::TypeKind::IntType: program->input_kinds.push_back('i'); break;
+      case c10::TypeKind::BoolType: program->input_kinds.push_back('b'); break;
+      default: TORCH_CHECK(false, "kiln: fusion subgraph input of unsupported type ", input->type()->str());
+    }
+  }
+  return program;
+}
+
+// Broadcast `shape` into `out` (right-aligned), as eager does; false if incompatible.
+bool broadcastInto(std::vector<int64_t>& out, c10::IntArrayRef shape) {
+  if (shape.size() > out.size()) out.insert(out.begin(), shape.size() - out.size(), 1);
+  size_t offset = out.size() - shape.size();
+  for (size_t d = 0; d < shape.size(); ++d) {
+    int64_t& target = out[offset + d];
+    if (shape[d] == target || shape[d] == 1) continue;
+    if (target != 1) return false;
+    target = shape[d];
+  }
+  return true;
+}
+
+}  // namespace
+
+std::shared_ptr<FusionProgram> programFor(const c10::intrusive_ptr<c10::ivalue::ConstantString>& code) {
+  // The interpreter passes the same string object on every call: remember the last few by
+  // identity (holding a reference, so an address is never reused while cached).
+  thread_local std::vector<std::pair<c10::intrusive_ptr<c10::ivalue::ConstantString>, std::shared_ptr<FusionProgram>>> recent;
+  for (auto& entry : recent) {
+    if (entry.first.get() == code.get()) return entry.second;
+  }
+  std::shared_ptr<FusionProgram> program;
+  {
+    std::lock_guard<std::mutex> lock(programs_mutex);
+    auto& slot = programs()[code->string()];
+    if (!slot) slot = parseProgram(code->string());
+    program = slot;
+  }
+  if (recent.size() >= 16) recent.erase(recent.begin());
+  recent.emplace_back(code, program);
+  return program;
+}
+
+std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& program,
+                                        const std::vector<at::Tensor>& tensors,
+                                        const std::vector<double>& floats,
+                                        const std::vector<int64_t>& ints, std::string* why) {
+  auto reject = [&](const std::string& reason) -> std::shared_ptr<PreparedLaunch> {
+    if (why) *why = reason;
+    return nullptr;
+  };
+  // Signature: per input, (dtype, rank) for tensors, kind for scalars.
+  std::vector<int64_t> key;
+  std::vector<InputSignature> signature;
+  size_t t = 0, f = 0, i = 0;
+  for (char kind : program->input_kinds) {
+    InputSignature input;
+    switch (kind) {
+      case 't': {
+        if (t >= tensors.size()) return reject("too few tensors");
+        const at::Tensor& tensor = tensors[t++];
+        if (!tensor.defined()) return reject("undefined tensor");
+        if (tensor.device().type() != c10::DeviceType::CPU) return reject("device " + tensor.device().str() + " has no kiln backend yet");
+        if (tensor.layout() != c10::kStrided) return reject("non-strided tensor");
+        if (at::GradMode::is_enabled() && tensor.requires_grad()) return reject("input requires grad");
+        input.dtype = tensor.scalar_type();
+        input.dim = tensor.dim();
+        break;
+      }
+      case 'f': input = {false, at::kDouble, 0}; f++; break;
+      case 'i': input = {false, at::kLong, 0}; i++; break;
+      default: input = {false, at::kBool, 0}; i++; break;
+    }
+    key.push_back(static_cast<int64_t>(input.dtype) * 64 + input.dim + (input.is_tensor ? 0 : 32));
+    signature.push_back(input);
+  }
+  if (t != tensors.size() || f != floats.size() || i != ints.size()) return reject("argument count mismatch");
+
+  std::shared_ptr<SignatureEntry> entry;
+  {
+    std::lock_guard<std::mutex> lock(program->mutex);
+    auto& slot = program->signatures[key];
+    if (!slot) {
+      slot = std::make_shared<SignatureEntry>();
+      slot->lowered = lowerGroup(*program->graph, signature, &slot->why);
+      if (!slot->lowered) log(LogLevel::kInfo, "group left to eager for this signature: " + slot->why);
+    }
+    entry = slot;
+  }
+  if (!entry->lowered) return reject(entry->why);
+  const LoweredGroup& lowered = *entry->lowered;
+
+  auto launch = std::make_shared<PreparedLaunch>();
+  launch->program = program;
+  launch->lowered = &lowered;
+  launch->inputs = tensors;
+  {
+    size_t fi = 0, ii = 0;
+    for (char kind : program->input_kinds) {
+      if (kind == 't') continue;
+      if (kind == 'f') {
+        launch->float_args.push_back(floats[fi++]);
+        launch->int_args.push_back(0);
+      } else {
+        launch->float_args.push_back(0);
+        launch->int_args.push_back(kind == 'b' ? (ints[ii++] != 0) : ints[ii++]);
+      }
+    }
+  }
+  // Eager's output shape: the broadcast of every tensor operand of each output.
+  std::vector<int64_t>& shape = launch->shape;
+  for (const at::Tensor& tensor : tensors) {
+    if (!broadcastInto(shape, tensor.sizes())) return reject("shapes do not broadcast");
+  }
+  for (const auto& sources : lowered.output_sources) {
+    std::vector<int64_t> output_shape;
+    for (int source : sources) broadcastInto(output_shape, tensors[static_cast<size_t>(source)].sizes());
+    if (output_shape != shape) return reject("an output is smaller than the iteration space");
+  }
+  launch->numel = c10::multiply_integers(shape);
+
+  // Strides in bytes over the iteration shape (0 where broadcast), inputs then outputs.
+  const size_t rank = shape.size();
+  const size_t operands = tensors.size() + lowered.output_dtypes.size();
+  std::vector<std::vector<int64_t>> strides(operands, std::vector<int64_t>(rank, 0));
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    const at::Tensor& tensor = tensors[k];
+    size_t offset = rank - static_cast<size_t>(tensor.dim());
+    for (size_t d = 0; d < static_cast<size_t>(tensor.dim()); ++d) {
+      strides[k][offset + d] = tensor.size(static_cast<int64_t>(d)) == 1 ? 0 : tensor.stride(static_cast<int64_t>(d)) * tensor.element_size();
+    }
+  }
+  for (size_t o = 0; o < lowered.output_dtypes.size(); ++o) {
+    int64_t stride = static_cast<int64_t>(c10::elementSize(lowered.output_dtypes[o]));
+    for (size_t d = rank; d-- > 0;) {
+      strides[tensors.size() + o][d] = stride;
+      stride *= shape[d];
+    }
+  }
+  // Collapse: drop size-1 dims, merge neighbours every operand walks as one.
+  std::vector<int64_t> sizes;
+  std::vector<std::vector<int64_t>> collapsed(operands);
+  for (size_t d = 0; d < rank; ++d) {
+    if (shape[d] == 1) continue;
+    bool merge = !sizes.empty();
+    for (size_t k = 0; merge && k < operands; ++k) merge = collapsed[k].back() == strides[k][d] * shape[d];
+    if (merge) {
+      sizes.back() *= shape[d];
+      for (size_t k = 0; k < operands; ++k) collapsed[k].back() = strides[k][d];
+    } else {
+      sizes.push_back(shape[d]);
+      for (size_t k = 0; k < operands; ++k) collapsed[k].push_back(strides[k][d]);
+    }
+  }
+  if (sizes.empty()) {
+    sizes.push_back(1);
+    for (auto& c : collapsed) c.push_back(0);
+  }
+  launch->sizes = sizes;
+  launch->input_strides = collapsed;
+
+  CpuLayout layout;
+  for (size_t k = 0; k < operands; ++k) {
+    int64_t element = k < tensors.size() ? tensors[k].element_size()
+                                         : static_cast<int64_t>(c10::elementSize(lowered.output_dtypes[k - tensors.size()]));
+    int64_t inner = collapsed[k].back();
+    layout.operands.push_back(inner == element ? StrideClass::kContiguous
+                              : inner == 0     ? StrideClass::kBroadcast
+                                               : StrideClass::kStrided);
+  }
+  if (launch->numel == 0) return launch;  // empty: outputs only, no kernel
+
+  std::shared_ptr<CompiledEntry> compiled;
+  {
+    std::lock_guard<std::mutex> lock(entry->mutex);
+    auto& slot = entry->kernels[layout.toString()];
+    if (!slot) slot = std::make_shared<CompiledEntry>();
+    compiled = slot;
+  }
+  std::call_once(compiled->once, [&] {
+    try {
+      compiled->kernel = CpuKernel::compile(lowered.kernel, layout);
+      compile_count++;
+      log(LogLevel::kDebug, "compiled a kernel for layout " + layout.toString() + " in " +
+                                std::to_string(compiled->kernel->compileMilliseconds()) + " ms:\n" +
+                                ir::print(lowered.kernel));
+    } catch (const std::exception& error) {
+      compiled->error = error.what();
+      log(LogLevel::kWarning, "a fusion group failed to compile and runs unfused from now on: " + compiled->error);
+    }
+  });
+  if (!compiled->kernel) return reject("compile failed: " + compiled->error);
+  launch->kernel = compiled->kernel;
+  return launch;
+}
+
+std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
+  const LoweredGroup& lowered = *prepared.lowered;
+  std::vector<at::Tensor> outputs;
+  for (at::ScalarType dtype : lowered.output_dtypes) {
+    outputs.push_back(at::empty(prepared.shape, at::TensorOptions().dtype(dtype)));
+  }
+  int64_t bytes_fused = 0;
+  for (const at::Tensor& input : prepared.inputs) bytes_fused += input.numel() * input.element_size();
+  for (const at::Tensor& output : outputs) bytes_fused += output.numel() * output.element_size();
+  recordGroupCall(prepared.program->text, bytes_fused, lowered.unfused_bytes_per_element * prepared.numel);
+  if (prepared.numel == 0) return outputs;
+
+  const size_t operands = prepared.inputs.size() + outputs.size();
+  std::vector<char*> bases;
+  for (const at::Tensor& input : prepared.inputs) bases.push_back(static_cast<char*>(input.data_ptr()));
+  for (const at::Tensor& output : outputs) bases.push_back(static_cast<char*>(output.data_ptr()));
+  const std::vector<int64_t>& sizes = prepared.sizes;
+  const auto& strides = prepared.input_strides;
+  const size_t rank = sizes.size();
+  const int64_t inner = sizes[rank - 1];
+  CpuKernelFn kernel = prepared.kernel->function();
+  const double* float_args = prepared.float_args.data();
+  const int64_t* int_args = prepared.int_args.data();
+  const int64_t grain = Options::global().cpu_parallel_grain;
+
+  if (rank == 1) {
+    // One long row: split it into chunks.
+    at::parallel_for(0, inner, grain, [&](int64_t begin, int64_t end) {
+      std::vector<char*> data(operands);
+      std::vector<int64_t> call_strides(2 * operands, 0);
+      for (size_t k = 0; k < operands; ++k) {
+        data[k] = bases[k] + begin * strides[k][0];
+        call_strides[k] = strides[k][0];
+      }
+      kernel(data.data(), call_strides.data(), end - begin, 1, float_args, int_args);
+    });
+    return outputs;
+  }
+  // Rows of the innermost dim; consecutive rows sharing the outer indices go in one 2-D call.
+  const int64_t rows = prepared.numel / inner;
+  const int64_t row_block = sizes[rank - 2];
+  at::parallel_for(0, rows, std::max<int64_t>(1, grain / inner), [&](int64_t begin, int64_t end) {
+    std::vector<char*> data(operands);
+    std::vector<int64_t> call_strides(2 * operands);
+    for (size_t k = 0; k < operands; ++k) {
+      call_strides[k] = strides[k][rank - 1];
+      call_strides[operands + k] = strides[k][rank - 2];
+    }
+    int64_t row = begin;
+    while (row < end) {
+      int64_t within = row % row_block;
+      int64_t count = std::min(end - row, row_block - within);
+      // Offsets of the dims outside the 2-D block.
+      for (size_t k = 0; k < operands; ++k) data[k] = bases[k] + within * strides[k][rank - 2];
+      int64_t outer_index = row / row_block;
+      for (size_t d = rank - 2; d-- > 0;) {
+        int64_t index = outer_index % sizes[d];
+        outer_index /= sizes[d];
+        for (size_t k = 0; k < operands; ++k) data[k] += index * strides[k][d];
+      }
+      kernel(data.data(), call_strides.data(), inner, count, float_args, int_args);
+      row += count;
+    }
+  });
+  return outputs;
+}
+
+int64_t kernelCompileCount() { return compile_count.load(); }
+
+}  // namespace kiln
