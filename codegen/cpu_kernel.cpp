@@ -36,21 +36,23 @@ void initializeLlvm() {
   });
 }
 
-// Names of the SLEEF functions (ulp bound as ATen uses them) for each math op.
+// Names of the SLEEF functions for each math op. The 3.5-ULP variants are used where SLEEF has
+// one: several times faster than the 1-ULP ones (tanh: 0.65 vs 2.3 ns per float on AVX-512) and
+// far inside float32 comparison tolerances.
 const char* sleefBase(Op op, const char** ulp) {
   *ulp = "_u10";
   switch (op) {
     case Op::kExp: return "exp";
     case Op::kExp2: return "exp2";
     case Op::kExpm1: return "expm1";
-    case Op::kLog: return "log";
-    case Op::kLog2: return "log2";
+    case Op::kLog: *ulp = "_u35"; return "log";
+    case Op::kLog2: *ulp = "_u35"; return "log2";
     case Op::kLog10: return "log10";
     case Op::kLog1p: return "log1p";
-    case Op::kSin: return "sin";
-    case Op::kCos: return "cos";
-    case Op::kTan: return "tan";
-    case Op::kTanh: return "tanh";
+    case Op::kSin: *ulp = "_u35"; return "sin";
+    case Op::kCos: *ulp = "_u35"; return "cos";
+    case Op::kTan: *ulp = "_u35"; return "tan";
+    case Op::kTanh: *ulp = "_u35"; return "tanh";
     case Op::kErf: return "erf";
     case Op::kErfc: *ulp = "_u15"; return "erfc";
     case Op::kPow: return "pow";
@@ -208,6 +210,23 @@ struct Emitter {
     return builder.CreateSelect(builder.CreateFCmpUNO(a, a), a, result);
   }
 
+  // float32 erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the formula ATen's vectorized
+  // CPU erf uses: several times faster than SLEEF's erf and rounding like eager.
+  llvm::Value* fastErf(llvm::Value* x, int lanes) {
+    llvm::Type* t = x->getType();
+    auto c = [&](double v) { return floatConstant(t, v); };
+    llvm::Value* one = c(1.0);
+    llvm::Value* ax = builder.CreateUnaryIntrinsic(llvm::Intrinsic::fabs, x);
+    llvm::Value* k = builder.CreateFDiv(one, builder.CreateFAdd(builder.CreateFMul(c(0.3275911), ax), one));
+    llvm::Value* r = builder.CreateFAdd(builder.CreateFMul(c(1.061405429), k), c(-1.453152027));
+    r = builder.CreateFAdd(builder.CreateFMul(r, k), c(1.421413741));
+    r = builder.CreateFAdd(builder.CreateFMul(r, k), c(-0.284496736));
+    r = builder.CreateFAdd(builder.CreateFMul(r, k), c(0.254829592));
+    llvm::Value* e = callMath(Op::kExp, DType::kFloat32, lanes, {builder.CreateFNeg(builder.CreateFMul(x, x))});
+    llvm::Value* magnitude = builder.CreateFSub(one, builder.CreateFMul(builder.CreateFMul(e, k), r));
+    return builder.CreateBinaryIntrinsic(llvm::Intrinsic::copysign, magnitude, x);
+  }
+
   llvm::Value* unary(Op op, DType type, llvm::Value* x, int lanes) {
     if (op == Op::kNot) return builder.CreateNot(x);
     if (op == Op::kIsNan) {
@@ -235,6 +254,9 @@ struct Emitter {
       case Op::kCeil: return builder.CreateUnaryIntrinsic(llvm::Intrinsic::ceil, x);
       case Op::kTrunc: return builder.CreateUnaryIntrinsic(llvm::Intrinsic::trunc, x);
       case Op::kRound: return builder.CreateUnaryIntrinsic(llvm::Intrinsic::roundeven, x);
+      case Op::kErf:
+        if (type == DType::kFloat32) return fastErf(x, lanes);
+        return callMath(op, type, lanes, {x});
       case Op::kSigmoid: {
         llvm::Value* e = callMath(Op::kExp, type, lanes, {builder.CreateFNeg(x)});
         return builder.CreateFDiv(one, builder.CreateFAdd(one, e));
@@ -356,6 +378,8 @@ struct Emitter {
     if (!vectorizable) return 1;
     int widest = 4;
     for (const Instr& instr : kernel.body) {
+      // Constants and scalar arguments are splats: only per-element values set the width.
+      if (instr.op == Op::kConstant || instr.op == Op::kScalar) continue;
       if (instr.type == DType::kFloat64 || instr.type == DType::kInt64) widest = 8;
     }
     return std::max(2, vector_bits / (8 * widest));

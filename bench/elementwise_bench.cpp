@@ -1,0 +1,63 @@
+// Elementwise chains on the CPU: eager ATen ops (Baseline_Eager) and kiln's fused kernel (Kiln),
+// through the same TorchScript executor. torch's own TensorExpr fuser cannot fuse on the CPU in
+// the 2.11 wheel (built without NNC's LLVM backend: "LLVM Backend not found"), so it has no row.
+// Arg 0: elements. Counter: the bytes a fused kernel must move, per second.
+#include <benchmark/benchmark.h>
+#include <torch/csrc/jit/api/compilation_unit.h>
+#include <torch/jit.h>
+#include <torch/script.h>
+
+#include "kiln/kiln.h"
+
+namespace {
+
+constexpr const char* kChains = R"JIT(
+def arith2(x, y):
+    return x * y + y
+
+def arith4(x, y):
+    return ((x * y + y) - 0.5) * 1.5
+
+def arith8(x, y):
+    a = x * y + y
+    b = (a - 0.5) * 1.5
+    c = b / 3.0 + x
+    return c * c - y
+
+def transcendental4(x, y):
+    return torch.gelu(torch.sigmoid(torch.tanh(torch.exp(x * 0.1))))
+)JIT";
+
+enum class Mode { kEager, kKiln };
+
+void runChain(benchmark::State& state, const std::string& name, Mode mode) {
+  torch::NoGradGuard no_grad;
+  const int64_t n = state.range(0);
+  at::Tensor x = torch::randn({n});
+  at::Tensor y = torch::randn({n});
+  const bool kiln_was = kiln::enabled();
+  mode == Mode::kKiln ? kiln::enable() : kiln::disable();
+  auto unit = torch::jit::compile(kChains);
+  torch::jit::Function& function = unit->get_function(name);
+  std::vector<c10::IValue> inputs = {x, y};
+  for (int i = 0; i < 3; ++i) function(inputs);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(function(inputs));
+  }
+  kiln_was ? kiln::enable() : kiln::disable();
+  const double bytes = 3.0 * 4.0 * static_cast<double>(n);  // two inputs read, one output written
+  state.counters["fused_bytes/s"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+#define KILN_CHAIN(chain)                                                                        \
+  void Baseline_Eager_##chain(benchmark::State& s) { runChain(s, #chain, Mode::kEager); }        \
+  void Kiln_##chain(benchmark::State& s) { runChain(s, #chain, Mode::kKiln); }                   \
+  BENCHMARK(Baseline_Eager_##chain)->Arg(1 << 20)->Arg(1 << 24)->Unit(benchmark::kMicrosecond)->UseRealTime(); \
+  BENCHMARK(Kiln_##chain)->Arg(1 << 20)->Arg(1 << 24)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+KILN_CHAIN(arith2)
+KILN_CHAIN(arith4)
+KILN_CHAIN(arith8)
+KILN_CHAIN(transcendental4)
+
+}  // namespace
