@@ -9,6 +9,7 @@
 #include <torch/csrc/jit/passes/utils/subgraph_utils.h>
 
 #include <algorithm>
+#include <unordered_set>
 
 #include "fuser/fusion_pass.h"
 #include "fuser/lowering.h"
@@ -23,7 +24,9 @@ using torch::jit::Node;
 using torch::jit::Value;
 namespace SubgraphUtils = torch::jit::SubgraphUtils;
 
-const c10::Symbol kBuildingGroup = c10::Symbol::fromQualString("kiln::BuildingGroup");
+// Groups under construction use the legacy fuser's node kind, which AliasDb already knows how to
+// analyse; only nodes this pass created (building_) are treated as kiln's.
+const c10::Symbol kBuildingGroup = torch::jit::prim::FusionGroup;
 
 bool isAliasingOp(const Node* node) {
   static const std::vector<c10::Symbol> kinds = {c10::Symbol::fromQualString("aten::to"),
@@ -43,7 +46,7 @@ class GroupBuilder {
 
  private:
   bool canFuse(Node* node) {
-    if (node->kind() == kBuildingGroup) return true;
+    if (node->kind() == kBuildingGroup) return building_.count(node) > 0;
     if (!isFusibleNode(node)) return false;
     // An op whose result may alias its input (to, type_as, eval dropout) is fused only when no
     // one writes to either: then a fresh tensor and an alias cannot be told apart.
@@ -72,7 +75,7 @@ class GroupBuilder {
       }
     }
     for (Node* node : block->nodes()) {
-      if (node->kind() == kBuildingGroup) groups_.push_back(node);
+      if (node->kind() == kBuildingGroup && building_.count(node)) groups_.push_back(node);
     }
   }
 
@@ -80,6 +83,7 @@ class GroupBuilder {
     Node* group = node;
     if (node->kind() != kBuildingGroup) {
       group = SubgraphUtils::createSingletonSubgraphAndUpdateAliasing(node, kBuildingGroup, alias_db_);
+      building_.insert(group);
     }
     // Try producers latest first so each merge keeps the topological order valid.
     std::vector<Value*> inputs(group->inputs().begin(), group->inputs().end());
@@ -92,6 +96,7 @@ class GroupBuilder {
       if (!canFuse(producer)) continue;
       if (!alias_db_.moveBeforeTopologicallyValid(producer, group)) continue;
       SubgraphUtils::mergeNodeIntoSubgraphAndUpdateAliasing(producer, group, alias_db_);
+      building_.erase(producer);
       return {group->reverseIterator(), true};
     }
     return {++group->reverseIterator(), false};
@@ -100,6 +105,7 @@ class GroupBuilder {
   std::shared_ptr<Graph> graph_;
   AliasDb alias_db_;
   std::vector<Node*> groups_;
+  std::unordered_set<Node*> building_;
 };
 
 // prim::profile nodes (the profiling executor's records) between two fusible ops would split

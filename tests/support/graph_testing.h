@@ -1,0 +1,71 @@
+// Helpers for fuser tests: parse TorchScript IR, run a graph with the interpreter, and compare
+// tensors with dtype-fit tolerances.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <torch/csrc/jit/ir/irparser.h>
+#include <torch/csrc/jit/runtime/interpreter.h>
+#include <torch/script.h>
+
+#include <string>
+#include <vector>
+
+#include "kiln/kiln.h"
+
+namespace kiln::testing {
+
+inline std::shared_ptr<torch::jit::Graph> parseGraph(const std::string& text) {
+  auto graph = std::make_shared<torch::jit::Graph>();
+  torch::jit::parseIR(text, graph.get());
+  return graph;
+}
+
+inline std::vector<c10::IValue> runGraph(const std::shared_ptr<torch::jit::Graph>& graph,
+                                         std::vector<c10::IValue> inputs) {
+  torch::jit::Code code(graph, "test");
+  torch::jit::InterpreterState state(code);
+  state.run(inputs);
+  return inputs;
+}
+
+inline Options testOptions(int min_group_size = 2) {
+  Options options = Options::fromEnvironment();
+  options.disabled = false;
+  options.min_group_size = min_group_size;
+  return options;
+}
+
+inline std::pair<double, double> tolerances(at::ScalarType type) {
+  switch (type) {
+    case at::kHalf: return {2e-3, 2e-3};
+    case at::kBFloat16: return {1.6e-2, 1.6e-2};
+    case at::kFloat: return {2e-5, 2e-5};
+    case at::kDouble: return {1e-12, 1e-12};
+    default: return {0, 0};
+  }
+}
+
+// Same dtype, shape, and values within tolerance (NaN where eager has NaN).
+inline ::testing::AssertionResult sameTensor(const at::Tensor& actual, const at::Tensor& expected,
+                                             double tolerance_scale = 1.0) {
+  if (actual.scalar_type() != expected.scalar_type()) {
+    return ::testing::AssertionFailure() << "dtype " << actual.scalar_type() << " vs eager "
+                                         << expected.scalar_type();
+  }
+  if (actual.sizes() != expected.sizes()) {
+    return ::testing::AssertionFailure() << "shape " << actual.sizes() << " vs eager " << expected.sizes();
+  }
+  auto [rtol, atol] = tolerances(expected.scalar_type());
+  at::Tensor a = actual.to(at::kDouble);
+  at::Tensor e = expected.to(at::kDouble);
+  at::Tensor both_nan = a.isnan() & e.isnan();
+  at::Tensor close = ((a - e).abs() <= atol * tolerance_scale + rtol * tolerance_scale * e.abs()) | both_nan | (a == e);
+  if (close.all().item<bool>()) return ::testing::AssertionSuccess();
+  at::Tensor bad = (~close).nonzero();
+  int64_t first = bad[0][0].item<int64_t>();
+  return ::testing::AssertionFailure()
+         << bad.size(0) << " of " << close.numel() << " elements differ; first at flat index " << first
+         << ": kiln " << a.flatten()[first].item<double>() << " vs eager " << e.flatten()[first].item<double>();
+}
+
+}  // namespace kiln::testing
