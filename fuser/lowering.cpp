@@ -31,6 +31,7 @@ struct OpRule {
   std::vector<int> operands;  // inputs that are tensors or numbers; every other input is a constant
   LowerFn lower;
   bool compare = false;       // compute in the operands' promoted type, result bool
+  int dtype_only = -1;        // an input read only for its dtype (type_as): no shape, no loads
 };
 
 at::ScalarType opmath(at::ScalarType type) {
@@ -378,7 +379,7 @@ const std::unordered_map<std::string, OpRule>& rules() {
       {"aten::ne.Tensor", {{0, 1}, compareOp<Op::kNe>, true}},
       {"aten::ne.Scalar", {{0, 1}, compareOp<Op::kNe>, true}},
       {"aten::to.dtype", {{0}, lowerConvert}},
-      {"aten::type_as", {{0}, lowerConvert}},
+      {"aten::type_as", {{0}, lowerConvert, false, 1}},
       {"aten::dropout", {{0}, lowerIdentity}},
   };
   return *table;
@@ -439,7 +440,9 @@ bool isFusibleNode(const Node* node) {
   for (size_t i = 0; i < node->inputs().size(); ++i) {
     const Value* input = node->input(i);
     bool is_operand = std::find(rule->operands.begin(), rule->operands.end(), static_cast<int>(i)) != rule->operands.end();
-    if (is_operand) {
+    if (static_cast<int>(i) == rule->dtype_only) {
+      if (input->type()->kind() != c10::TypeKind::TensorType) return false;
+    } else if (is_operand) {
       if (input->type()->kind() != c10::TypeKind::TensorType && !isNumberType(input->type())) return false;
     } else if (!torch::jit::toIValue(input)) {
       return false;  // attributes (alpha, rounding mode, dtype, ...) must be constants
@@ -508,8 +511,10 @@ std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
       if (auto found = operands.find(input); found != operands.end()) {
         stack.push_back(found->second.sample);
         if (is_operand) args.push_back(found->second);
-        auto& from = sources[input];
-        node_sources.insert(node_sources.end(), from.begin(), from.end());
+        if (static_cast<int>(i) != rule->dtype_only) {
+          auto& from = sources[input];
+          node_sources.insert(node_sources.end(), from.begin(), from.end());
+        }
         continue;
       }
       auto constant = torch::jit::toIValue(input);

@@ -180,15 +180,21 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
       }
     }
   }
-  // Eager's output shape: the broadcast of every tensor operand of each output.
+  // Eager's output shape: the broadcast of the tensors each output is computed from. Every
+  // output must have the same shape (the iteration space); a tensor read only for its dtype
+  // (type_as) takes no part and is never loaded.
   std::vector<int64_t>& shape = launch->shape;
-  for (const at::Tensor& tensor : tensors) {
-    if (!broadcastInto(shape, tensor.sizes())) return reject("shapes do not broadcast");
-  }
-  for (const auto& sources : lowered.output_sources) {
+  std::vector<bool> shaped(tensors.size(), false);
+  for (size_t o = 0; o < lowered.output_sources.size(); ++o) {
     std::vector<int64_t> output_shape;
-    for (int source : sources) broadcastInto(output_shape, tensors[static_cast<size_t>(source)].sizes());
-    if (output_shape != shape) return reject("an output is smaller than the iteration space");
+    for (int source : lowered.output_sources[o]) {
+      if (!broadcastInto(output_shape, tensors[static_cast<size_t>(source)].sizes())) {
+        return reject("shapes do not broadcast");
+      }
+      shaped[static_cast<size_t>(source)] = true;
+    }
+    if (o == 0) shape = output_shape;
+    if (output_shape != shape) return reject("outputs of different shapes");
   }
   launch->numel = c10::multiply_integers(shape);
 
@@ -198,6 +204,7 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
   std::vector<std::vector<int64_t>> strides(operands, std::vector<int64_t>(rank, 0));
   for (size_t k = 0; k < tensors.size(); ++k) {
     const at::Tensor& tensor = tensors[k];
+    if (!shaped[k]) continue;  // never loaded: strides stay 0
     size_t offset = rank - static_cast<size_t>(tensor.dim());
     for (size_t d = 0; d < static_cast<size_t>(tensor.dim()); ++d) {
       strides[k][offset + d] = tensor.size(static_cast<int64_t>(d)) == 1 ? 0 : tensor.stride(static_cast<int64_t>(d)) * tensor.element_size();
