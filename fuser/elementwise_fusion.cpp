@@ -151,10 +151,22 @@ Value* listOf(Graph& graph, const c10::TypePtr& element, const std::vector<Value
 // Replaces a built group by guard + If(fused, fallback).
 void materialize(Graph& graph, Node* group) {
   std::shared_ptr<Graph> subgraph = group->g(torch::jit::attr::Subgraph);
-  std::string text = subgraphText(subgraph);
   torch::jit::WithInsertPoint insert_point(group);
+  std::vector<Value*> outer_inputs(group->inputs().begin(), group->inputs().end());
+  // Tensor constants (a frozen module's weights) cannot live in the subgraph's text: lift them
+  // out as inputs.
+  for (auto it = subgraph->nodes().begin(); it != subgraph->nodes().end();) {
+    Node* node = *it++;
+    if (node->kind() != torch::jit::prim::Constant || node->output()->type()->kind() != c10::TypeKind::TensorType) continue;
+    Value* outer = graph.insertConstant(*torch::jit::toIValue(node->output()));
+    Value* inner = subgraph->addInput()->setType(c10::TensorType::get());
+    node->output()->replaceAllUsesWith(inner);
+    node->destroy();
+    outer_inputs.push_back(outer);
+  }
+  std::string text = subgraphText(subgraph);
   std::vector<Value*> tensors, floats, ints;
-  for (Value* input : group->inputs()) {
+  for (Value* input : outer_inputs) {
     switch (input->type()->kind()) {
       case c10::TypeKind::TensorType: tensors.push_back(input); break;
       case c10::TypeKind::FloatType: floats.push_back(input); break;
@@ -181,8 +193,7 @@ void materialize(Graph& graph, Node* group) {
   }
   {
     torch::jit::WithInsertPoint in_fallback(fallback);
-    std::vector<Value*> inputs(group->inputs().begin(), group->inputs().end());
-    for (Value* output : torch::jit::insertGraph(graph, *subgraph, inputs)) fallback->registerOutput(output);
+    for (Value* output : torch::jit::insertGraph(graph, *subgraph, outer_inputs)) fallback->registerOutput(output);
   }
   for (size_t i = 0; i < group->outputs().size(); ++i) {
     Value* output = branch->addOutput()->setType(group->output(i)->type());

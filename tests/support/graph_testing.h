@@ -25,6 +25,10 @@ inline std::vector<c10::IValue> runGraph(const std::shared_ptr<torch::jit::Graph
   torch::jit::Code code(graph, "test");
   torch::jit::InterpreterState state(code);
   state.run(inputs);
+  if (inputs.size() == 1 && inputs[0].isTuple()) {
+    auto elements = inputs[0].toTupleRef().elements();
+    return std::vector<c10::IValue>(elements.begin(), elements.end());
+  }
   return inputs;
 }
 
@@ -61,7 +65,7 @@ inline ::testing::AssertionResult sameTensor(const at::Tensor& actual, const at:
   at::Tensor both_nan = a.isnan() & e.isnan();
   at::Tensor close = ((a - e).abs() <= atol * tolerance_scale + rtol * tolerance_scale * e.abs()) | both_nan | (a == e);
   if (close.all().item<bool>()) return ::testing::AssertionSuccess();
-  at::Tensor bad = (~close).nonzero();
+  at::Tensor bad = (~close).flatten().nonzero();
   int64_t first = bad[0][0].item<int64_t>();
   return ::testing::AssertionFailure()
          << bad.size(0) << " of " << close.numel() << " elements differ; first at flat index " << first
