@@ -7,6 +7,9 @@
 #include <torch/script.h>
 
 #include <chrono>
+#include <fstream>
+#include <functional>
+#include <map>
 #include <cstdio>
 #include <iostream>
 #include <sstream>
@@ -25,7 +28,9 @@ using kiln::cli::UsageError;
 constexpr const char* kUsage =
     "usage: kiln VERB [ARGS]\n"
     "  env [--json]                                  versions, GPU, cache directory\n"
-    "  demo [--device cpu|cuda] [--json] [--save FILE]  run the embedded BERT-style encoder layer\n";
+    "  demo [--device cpu|cuda] [--json] [--save FILE]  run the embedded BERT-style encoder layer\n"
+    "  report MODEL.pt [--input SHAPE:DTYPE]... [--json] [--dot FILE]  what kiln fuses, bytes saved\n"
+    "  fuse IN.pt OUT.pt                             fuse ahead of time and save (needs libkiln to load)\n";
 
 std::string jsonString(const std::string& text) {
   std::string out = "\"";
@@ -160,6 +165,121 @@ int runDemo(const Args& args) {
   return match ? 0 : 1;
 }
 
+torch::jit::Module loadModel(const std::string& path) {
+  try {
+    torch::jit::Module module = torch::jit::load(path);
+    module.eval();
+    return module;
+  } catch (const c10::Error& error) {
+    throw UsageError("cannot load TorchScript model " + path + ": " + error.what_without_backtrace());
+  }
+}
+
+// SHAPE:DTYPE, e.g. 8,128,768:float16.
+at::Tensor inputFromSpec(const std::string& spec) {
+  size_t colon = spec.find(':');
+  std::string shape_text = spec.substr(0, colon);
+  std::string dtype_name = colon == std::string::npos ? "float32" : spec.substr(colon + 1);
+  std::vector<int64_t> shape;
+  std::stringstream stream(shape_text);
+  for (std::string dim; std::getline(stream, dim, ',');) {
+    char* end = nullptr;
+    long long value = std::strtoll(dim.c_str(), &end, 10);
+    if (dim.empty() || *end != '\0' || value < 0) throw UsageError("bad shape in --input " + spec);
+    shape.push_back(value);
+  }
+  static const std::map<std::string, at::ScalarType> dtypes = {
+      {"float32", at::kFloat}, {"float", at::kFloat}, {"float64", at::kDouble}, {"float16", at::kHalf},
+      {"half", at::kHalf}, {"bfloat16", at::kBFloat16}, {"int32", at::kInt}, {"int64", at::kLong}, {"bool", at::kBool}};
+  auto found = dtypes.find(dtype_name);
+  if (found == dtypes.end()) throw UsageError("unknown dtype '" + dtype_name + "' in --input " + spec);
+  if (found->second == at::kBool) return torch::rand(shape) > 0.5;
+  if (at::isIntegralType(found->second, false)) return torch::randint(0, 8, shape, at::TensorOptions().dtype(found->second));
+  return torch::randn(shape).to(found->second);
+}
+
+std::string dotGraph(const std::shared_ptr<torch::jit::Graph>& graph, const kiln::Report& report) {
+  std::ostringstream dot;
+  dot << "digraph kiln {\n  node [shape=box, fontname=monospace];\n";
+  std::map<const torch::jit::Node*, std::string> names;
+  size_t group_index = 0;
+  int counter = 0;
+  std::function<void(torch::jit::Block*)> visit = [&](torch::jit::Block* block) {
+    for (torch::jit::Node* node : block->nodes()) {
+      std::string kind = node->kind().toQualString();
+      if (kind == "prim::Constant" || kind == "prim::ListConstruct" || kind == "prim::ListUnpack" ||
+          kind == "kiln::fusion_guard") {
+        continue;
+      }
+      if (kind == "prim::If" && !node->blocks().empty()) {
+        bool is_group = false;
+        for (torch::jit::Node* inner : node->blocks()[0]->nodes()) is_group |= inner->kind().toQualString() == std::string("kiln::fusion_group");
+        if (is_group && group_index < report.groups.size()) {
+          const kiln::GroupReport& group = report.groups[group_index];
+          std::string cluster = "g" + std::to_string(group_index++);
+          dot << "  subgraph cluster_" << cluster << " {\n    label=\"" << group.name << "\"; style=filled; color=lightblue;\n";
+          for (size_t i = 0; i < group.ops.size(); ++i) {
+            dot << "    " << cluster << "_" << i << " [label=\"" << group.ops[i] << "\"];\n";
+            if (i) dot << "    " << cluster << "_" << i - 1 << " -> " << cluster << "_" << i << " [style=dotted];\n";
+          }
+          dot << "  }\n";
+          names[node] = cluster + "_0";
+          continue;
+        }
+      }
+      std::string name = "n" + std::to_string(counter++);
+      names[node] = name;
+      dot << "  " << name << " [label=\"" << kind << "\"];\n";
+      for (torch::jit::Block* inner : node->blocks()) visit(inner);
+    }
+  };
+  visit(graph->block());
+  for (const auto& [node, name] : names) {
+    for (const torch::jit::Value* input : node->inputs()) {
+      const torch::jit::Node* producer = input->node();
+      if (producer->kind() == torch::jit::prim::ListConstruct && !producer->inputs().empty()) producer = producer->input(0)->node();
+      auto found = names.find(producer);
+      if (found != names.end()) dot << "  " << found->second << " -> " << name << ";\n";
+    }
+  }
+  dot << "}\n";
+  return dot.str();
+}
+
+int runReport(const Args& args) {
+  if (args.positional.size() != 1) throw UsageError("report takes one MODEL.pt");
+  torch::jit::Module module = loadModel(args.positional[0]);
+  torch::NoGradGuard no_grad;
+  torch::jit::Module fused = kiln::optimize(module);
+  std::shared_ptr<torch::jit::Graph> graph = fused.get_method("forward").graph();
+  std::vector<torch::jit::IValue> inputs;
+  for (const std::string& spec : args.all("--input")) inputs.emplace_back(inputFromSpec(spec));
+  if (!inputs.empty()) fused.forward(inputs);  // measures each group's bytes on these shapes
+  kiln::Report report = kiln::report(graph);
+  if (args.values.count("--dot")) {
+    std::ofstream file(args.value("--dot", ""));
+    if (!file) throw UsageError("cannot write " + args.value("--dot", ""));
+    file << dotGraph(graph, report);
+  }
+  if (args.has("--json")) {
+    std::cout << report.toJson() << "\n";
+  } else {
+    std::cout << report.toText();
+    if (inputs.empty()) std::cout << "(pass --input SHAPE:DTYPE per input to measure bytes moved)\n";
+  }
+  return 0;
+}
+
+int runFuse(const Args& args) {
+  if (args.positional.size() != 2) throw UsageError("fuse takes IN.pt OUT.pt");
+  torch::jit::Module module = loadModel(args.positional[0]);
+  torch::jit::Module fused = kiln::optimize(module);
+  fused.save(args.positional[1]);
+  kiln::Report report = kiln::report(fused.get_method("forward").graph());
+  std::cerr << "kiln fuse: " << report.groups.size() << " groups; wrote " << args.positional[1] << "\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -173,6 +293,10 @@ int main(int argc, char** argv) {
     if (verb == "demo") {
       return runDemo(kiln::cli::parse(argc, argv, 2, {"--device", "--save"}, {"--json"}));
     }
+    if (verb == "report") {
+      return runReport(kiln::cli::parse(argc, argv, 2, {"--input", "--dot"}, {"--json"}));
+    }
+    if (verb == "fuse") return runFuse(kiln::cli::parse(argc, argv, 2, {"--device"}, {}));
     if (verb == "--help" || verb == "-h" || verb == "help") {
       std::cout << kUsage;
       return 0;

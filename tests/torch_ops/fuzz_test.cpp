@@ -62,7 +62,9 @@ FuzzCase makeCase(uint64_t seed) {
     for (auto& s : shape) if (rng() % 4 == 0) s = 1;
     if (rng() % 10 == 0) shape.clear();  // a 0-dim input
     c.inputs.push_back(fuzzTensor(rng, shape, dtype));
-    if (at::isFloatingType(dtype) && c10::elementSize(dtype) < c10::elementSize(c.lowest_precision)) c.lowest_precision = dtype;
+    // Integers promote to float32 (the default dtype) in float ops: they count as float32.
+    at::ScalarType precision = at::isFloatingType(dtype) ? dtype : at::kFloat;
+    if (c10::elementSize(precision) < c10::elementSize(c.lowest_precision)) c.lowest_precision = precision;
     src << (i ? ", " : "") << "x" << i;
     pool.push_back("x" + std::to_string(i));
   }
