@@ -83,6 +83,11 @@ FuzzCase makeCase(uint64_t seed) {
     std::string expr;
     if (rng() % 2) {
       expr = unary[rng() % std::size(unary)];
+      // Step functions amplify a 1-ULP difference of an upstream transcendental (tanh(x) is 1.0
+      // in one library, 0.99999994 in another; floor then differs by 1): they take inputs only.
+      if (expr.find("floor") != std::string::npos || expr.find("sign") != std::string::npos) {
+        a = pool[rng() % static_cast<size_t>(num_inputs)];
+      }
       expr.replace(expr.find("{}"), 2, a);
     } else {
       expr = binary[rng() % std::size(binary)];
