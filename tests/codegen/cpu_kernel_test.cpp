@@ -44,7 +44,7 @@ Buffer randomBuffer(DType type, int64_t n, std::mt19937_64& rng) {
 double element(const Buffer& b, int64_t i) {
   const void* p = b.bytes.data();
   switch (b.type) {
-    case DType::kBool: return static_cast<const bool*>(p)[i];
+    case DType::kBool: return static_cast<const uint8_t*>(p)[i];  // raw byte: gaps hold poison
     case DType::kInt32: return static_cast<const int32_t*>(p)[i];
     case DType::kInt64: return static_cast<double>(static_cast<const int64_t*>(p)[i]);
     case DType::kFloat16: return halfToFloat(static_cast<const uint16_t*>(p)[i]);
