@@ -93,7 +93,11 @@ KILN_LOWER(lowerDiv) {
   if (!mode || mode->isNone()) return L.binary(Op::kDiv, a, b);
   if (!at::isFloatingType(ct)) return -1;  // integer division raises on zero in eager: left to eager
   int quotient = L.binary(Op::kDiv, a, b);
-  if (mode->toStringRef() == "trunc") return L.unary(Op::kTrunc, quotient);
+  if (mode->toStringRef() == "trunc") {
+    // Eager rounds the quotient to half/bfloat16 before truncating it.
+    if (out != ct) quotient = L.kernel.cast(L.kernel.cast(quotient, *irDType(out)), *irDType(ct));
+    return L.unary(Op::kTrunc, quotient);
+  }
   // floor: c10::div_floor_floating.
   int zero = L.constant(0, ct);
   int mod = L.binary(Op::kFmod, a, b);
