@@ -11,8 +11,8 @@ namespace kiln {
 namespace {
 
 std::mutex stats_mutex;
-std::unordered_map<std::string, GroupStats>& statsTable() {
-  static auto* table = new std::unordered_map<std::string, GroupStats>();
+std::unordered_map<std::string, GroupCounters>& countersTable() {
+  static auto* table = new std::unordered_map<std::string, GroupCounters>();
   return *table;
 }
 
@@ -31,22 +31,16 @@ std::string groupSubgraphText(const torch::jit::Node* group) {
   return value->toStringRef();
 }
 
-std::vector<std::string> groupOps(const std::string& subgraph_text) {
-  std::vector<std::string> ops;
+GroupShape groupShape(const std::string& subgraph_text) {
   std::shared_ptr<torch::jit::Graph> graph = parse(subgraph_text);
+  GroupShape shape;
   for (const torch::jit::Node* node : graph->nodes()) {
     if (node->kind() == torch::jit::prim::Constant) continue;
-    ops.push_back(node->kind().toQualString());
+    shape.ops.push_back(node->kind().toQualString());
   }
-  return ops;
-}
-
-size_t groupNumInputs(const std::string& subgraph_text) {
-  return parse(subgraph_text)->inputs().size();
-}
-
-size_t groupNumOutputs(const std::string& subgraph_text) {
-  return parse(subgraph_text)->outputs().size();
+  shape.num_inputs = graph->inputs().size();
+  shape.num_outputs = graph->outputs().size();
+  return shape;
 }
 
 bool isFusionFallback(const torch::jit::Node* if_node) {
@@ -57,23 +51,19 @@ bool isFusionFallback(const torch::jit::Node* if_node) {
   return false;
 }
 
+GroupCounters& groupCounters(const std::string& subgraph_text) {
+  std::lock_guard<std::mutex> lock(stats_mutex);
+  return countersTable()[subgraph_text];  // nodes of an unordered_map never move
+}
+
 GroupStats groupStats(const std::string& subgraph_text) {
-  std::lock_guard<std::mutex> lock(stats_mutex);
-  auto found = statsTable().find(subgraph_text);
-  return found == statsTable().end() ? GroupStats{} : found->second;
-}
-
-void recordGroupCall(const std::string& subgraph_text, int64_t bytes_fused, int64_t bytes_unfused) {
-  std::lock_guard<std::mutex> lock(stats_mutex);
-  GroupStats& stats = statsTable()[subgraph_text];
-  stats.calls++;
-  stats.bytes_fused = bytes_fused;
-  stats.bytes_unfused = bytes_unfused;
-}
-
-void recordGroupFallback(const std::string& subgraph_text) {
-  std::lock_guard<std::mutex> lock(stats_mutex);
-  statsTable()[subgraph_text].fallbacks++;
+  const GroupCounters& counters = groupCounters(subgraph_text);
+  GroupStats stats;
+  stats.calls = counters.calls.load();
+  stats.fallbacks = counters.fallbacks.load();
+  stats.bytes_fused = counters.bytes_fused.load();
+  stats.bytes_unfused = counters.bytes_unfused.load();
+  return stats;
 }
 
 }  // namespace kiln

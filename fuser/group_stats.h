@@ -11,6 +11,7 @@
 
 #include <torch/csrc/jit/ir/ir.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -24,17 +25,29 @@ struct GroupStats {
   int64_t bytes_unfused = -1;  // of the last fused call
 };
 
+// Live counters of one group, updated by the runtime without locks. One object per subgraph text
+// for the life of the process, so the runtime looks it up once per program, not once per call.
+struct GroupCounters {
+  std::atomic<int64_t> calls{0};
+  std::atomic<int64_t> fallbacks{0};
+  std::atomic<int64_t> bytes_fused{-1};
+  std::atomic<int64_t> bytes_unfused{-1};
+};
+
+// What a subgraph text holds: its ops (constants left out) and its arity.
+struct GroupShape {
+  std::vector<std::string> ops;
+  size_t num_inputs = 0;
+  size_t num_outputs = 0;
+};
+
 // The subgraph text of a kiln::fusion_group node (its last input, a string constant).
 std::string groupSubgraphText(const torch::jit::Node* group);
-// The aten ops in a subgraph text, in order (views and constants included as they appear).
-std::vector<std::string> groupOps(const std::string& subgraph_text);
-size_t groupNumInputs(const std::string& subgraph_text);
-size_t groupNumOutputs(const std::string& subgraph_text);
+GroupShape groupShape(const std::string& subgraph_text);
 // True for the prim::If the pass builds around a group.
 bool isFusionFallback(const torch::jit::Node* if_node);
 
+GroupCounters& groupCounters(const std::string& subgraph_text);
 GroupStats groupStats(const std::string& subgraph_text);
-void recordGroupCall(const std::string& subgraph_text, int64_t bytes_fused, int64_t bytes_unfused);
-void recordGroupFallback(const std::string& subgraph_text);
 
 }  // namespace kiln

@@ -15,9 +15,10 @@ void collect(torch::jit::Block* block, Report& report) {
       group.name = "fusion_group_" + std::to_string(report.groups.size());
       group.kind = "elementwise";
       std::string subgraph_text = groupSubgraphText(node);
-      group.ops = groupOps(subgraph_text);
-      group.num_outputs = static_cast<int64_t>(groupNumOutputs(subgraph_text));
-      group.num_inputs = static_cast<int64_t>(groupNumInputs(subgraph_text));
+      GroupShape shape = groupShape(subgraph_text);
+      group.ops = std::move(shape.ops);
+      group.num_outputs = static_cast<int64_t>(shape.num_outputs);
+      group.num_inputs = static_cast<int64_t>(shape.num_inputs);
       GroupStats stats = groupStats(subgraph_text);
       group.bytes_fused = stats.bytes_fused;
       group.bytes_unfused = stats.bytes_unfused;

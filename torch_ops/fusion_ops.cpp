@@ -3,7 +3,6 @@
 // backend (CatchAll): they take the fallback on devices kiln has no backend for.
 #include <torch/library.h>
 
-#include "fuser/group_stats.h"
 #include "torch_ops/fusion_runtime.h"
 
 namespace kiln {
@@ -42,7 +41,6 @@ void fusionGuard(const c10::OperatorHandle&, torch::jit::Stack* stack) {
   std::string why;
   last_prepared = prepare(program, args.tensors, args.floats, args.ints, &why);
   last_inputs = identities(args.tensors);
-  if (!last_prepared) recordGroupFallback(args.code->string());
   torch::jit::push(*stack, last_prepared != nullptr);
 }
 

@@ -36,6 +36,7 @@ struct SignatureEntry {
 
 struct FusionProgram {
   std::string text;
+  GroupCounters* counters = nullptr;  // kiln::report's statistics for this group
   std::shared_ptr<torch::jit::Graph> graph;
   std::vector<char> input_kinds;  // 't' tensor, 'f' float, 'i' int, 'b' bool, per subgraph input
   std::mutex mutex;
@@ -66,6 +67,7 @@ std::unordered_map<std::string, std::shared_ptr<FusionProgram>>& programs() {
 std::shared_ptr<FusionProgram> parseProgram(const std::string& text) {
   auto program = std::make_shared<FusionProgram>();
   program->text = text;
+  program->counters = &groupCounters(text);
   program->graph = std::make_shared<torch::jit::Graph>();
   torch::jit::parseIR(text, program->graph.get());
   for (const torch::jit::Value* input : program->graph->inputs()) {
@@ -120,6 +122,7 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
                                         const std::vector<int64_t>& ints, std::string* why) {
   auto reject = [&](const std::string& reason) -> std::shared_ptr<PreparedLaunch> {
     if (why) *why = reason;
+    program->counters->fallbacks++;
     return nullptr;
   };
   // Signature: per input, (dtype, rank) for tensors, kind for scalars.
@@ -283,7 +286,10 @@ std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
   int64_t bytes_fused = 0;
   for (const at::Tensor& input : prepared.inputs) bytes_fused += input.numel() * input.element_size();
   for (const at::Tensor& output : outputs) bytes_fused += output.numel() * output.element_size();
-  recordGroupCall(prepared.program->text, bytes_fused, lowered.unfused_bytes_per_element * prepared.numel);
+  GroupCounters& counters = *prepared.program->counters;
+  counters.calls++;
+  counters.bytes_fused = bytes_fused;
+  counters.bytes_unfused = lowered.unfused_bytes_per_element * prepared.numel;
   if (prepared.numel == 0) return outputs;
 
   const size_t operands = prepared.inputs.size() + outputs.size();

@@ -22,7 +22,8 @@ struct PreparedLaunch;
 // The program for a subgraph text (parsed once per process, shared by all threads).
 std::shared_ptr<FusionProgram> programFor(const c10::intrusive_ptr<c10::ivalue::ConstantString>& code);
 
-// Everything needed to run one call; nullopt (with *why) when the inputs must take the fallback.
+// Everything needed to run one call; nullptr (with *why) when the inputs must take the fallback,
+// which is then counted in the group's statistics.
 std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& program,
                                         const std::vector<at::Tensor>& tensors,
                                         const std::vector<double>& floats,
