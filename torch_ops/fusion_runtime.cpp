@@ -9,6 +9,7 @@
 #include <unordered_map>
 
 #include "codegen/cpu_kernel.h"
+#include "codegen/kernel_dump.h"
 #include "fuser/group_stats.h"
 #include "fuser/lowering.h"
 #include "kiln/options.h"
@@ -262,8 +263,17 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
   }
   std::call_once(compiled->once, [&] {
     try {
-      compiled->kernel = CpuKernel::compile(lowered.kernel, layout);
+      compiled->kernel = CpuKernel::compile(lowered.kernel, layout, /*keep_text=*/dumpEnabled());
       compile_count++;
+      if (dumpEnabled()) {
+        const std::string ir_text = ir::print(lowered.kernel);
+        char stem[64];
+        std::snprintf(stem, sizeof stem, "%s-%016zx", lowered.kernel.name.c_str(),
+                      std::hash<std::string>()(ir_text + layout.toString()));
+        dumpKernelFiles(stem, {{"kir", ir_text + "# layout " + layout.toString() + "\n"},
+                               {"ll", compiled->kernel->llvmIr()},
+                               {"s", compiled->kernel->assembly()}});
+      }
       log(LogLevel::kDebug, "compiled a kernel for layout " + layout.toString() + " in " +
                                 std::to_string(compiled->kernel->compileMilliseconds()) + " ms:\n" +
                                 ir::print(lowered.kernel));

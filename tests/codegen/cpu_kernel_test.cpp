@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -219,13 +221,15 @@ TEST(CpuKernel, ContiguousLoopIsVectorizedWithSleef) {
   ir::Kernel k;
   k.name = "vectorized";
   k.tensor_inputs = {DType::kFloat32, DType::kFloat32};
-  k.outputs = {k.unary(Op::kTanh, k.binary(Op::kAdd, k.load(0), k.load(1)))};
+  k.outputs = {k.unary(Op::kSin, k.unary(Op::kTanh, k.binary(Op::kAdd, k.load(0), k.load(1))))};
   CpuLayout layout{{StrideClass::kContiguous, StrideClass::kBroadcast, StrideClass::kContiguous}};
   auto compiled = CpuKernel::compile(k, layout, /*keep_text=*/true);
   const int lanes = CpuTarget::host().vector_bits / 32;
   const std::string vector_type = "<" + std::to_string(lanes) + " x float>";
   EXPECT_NE(compiled->llvmIr().find("load " + vector_type), std::string::npos) << compiled->llvmIr();
-  EXPECT_NE(compiled->llvmIr().find("Sleef_tanhf" + std::to_string(lanes) + "_u35"), std::string::npos);
+  EXPECT_NE(compiled->llvmIr().find("Sleef_sinf" + std::to_string(lanes) + "_u35"), std::string::npos);
+  // float32 tanh is kiln's own inline code, not a call.
+  EXPECT_EQ(compiled->llvmIr().find("Sleef_tanh"), std::string::npos);
   EXPECT_NE(compiled->assembly().find(lanes == 16 ? "zmm" : lanes == 8 ? "ymm" : "xmm"), std::string::npos);
   EXPECT_LT(compiled->compileMilliseconds(), 5000);
 }
@@ -234,11 +238,65 @@ TEST(CpuKernel, StridedOperandFallsBackToScalarLoop) {
   ir::Kernel k;
   k.name = "strided";
   k.tensor_inputs = {DType::kFloat32};
-  k.outputs = {k.unary(Op::kExp, k.load(0))};
+  k.outputs = {k.unary(Op::kLog, k.load(0))};
   CpuLayout layout{{StrideClass::kStrided, StrideClass::kContiguous}};
   auto compiled = CpuKernel::compile(k, layout, true);
-  EXPECT_NE(compiled->llvmIr().find("Sleef_expf_u10"), std::string::npos);
+  EXPECT_NE(compiled->llvmIr().find("Sleef_logf_u35"), std::string::npos);
   expectMatches(k, layout, 3);
+}
+
+// float32 exp/tanh/sigmoid/erf (SLEEF calls and kiln's own polynomials) against libm in double over the whole useful range,
+// the range ends, and NaN/Inf, vectorized (contiguous) and scalar (strided).
+TEST(CpuKernel, InlineFloatMathIsAccurateEverywhere) {
+  std::vector<float> xs;
+  for (float x = -100.0f; x <= 100.0f; x += 0.01337f) xs.push_back(x);
+  for (float x = -2.0f; x <= 2.0f; x += 1.7e-4f) xs.push_back(x);
+  for (float x : {0.0f, -0.0f, 1e-30f, -1e-30f, 1e-7f, 0.625f, -0.625f, 0.62499f, 88.7f, 88.72283f, 88.8f,
+                  -87.3f, -87.4f, -103.0f, -110.0f, INFINITY, -INFINITY, NAN, 3.4e38f, -3.4e38f}) {
+    xs.push_back(x);
+  }
+  const auto n = static_cast<int64_t>(xs.size());
+  struct Case {
+    Op op;
+    double (*reference)(double);
+    double ulps;  // tolerated error, in units of float32 epsilon relative to |reference|
+  };
+  const Case cases[] = {
+      {Op::kExp, [](double x) { return std::exp(x); }, 3},
+      {Op::kTanh, [](double x) { return std::tanh(x); }, 4},
+      {Op::kSigmoid, [](double x) { return 1.0 / (1.0 + std::exp(-x)); }, 4},
+      {Op::kErf, [](double x) { return std::erf(x); }, 4},
+  };
+  for (const Case& c : cases) {
+    ir::Kernel k;
+    k.name = ir::opName(c.op);
+    k.tensor_inputs = {DType::kFloat32};
+    k.outputs = {k.unary(c.op, k.load(0))};
+    for (StrideClass input_class : {StrideClass::kContiguous, StrideClass::kStrided}) {
+      CpuLayout layout{{input_class, StrideClass::kContiguous}};
+      auto compiled = CpuKernel::compile(k, layout);
+      std::vector<float> in(static_cast<size_t>(input_class == StrideClass::kStrided ? 3 * n : n), NAN);
+      for (int64_t i = 0; i < n; ++i) in[static_cast<size_t>(input_class == StrideClass::kStrided ? 3 * i : i)] = xs[static_cast<size_t>(i)];
+      std::vector<float> out(static_cast<size_t>(n), -12345.0f);
+      char* data[] = {reinterpret_cast<char*>(in.data()), reinterpret_cast<char*>(out.data())};
+      const int64_t strides[] = {input_class == StrideClass::kStrided ? 12 : 4, 4, 0, 0};
+      compiled->function()(data, strides, n, 1, nullptr, nullptr);
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = xs[static_cast<size_t>(i)];
+        const double expected = c.reference(static_cast<double>(x));
+        const float got = out[static_cast<size_t>(i)];
+        if (std::isnan(expected)) {
+          EXPECT_TRUE(std::isnan(got)) << k.name << "(" << x << ") = " << got;
+        } else if (std::fabs(expected) > static_cast<double>(FLT_MAX)) {
+          EXPECT_EQ(static_cast<double>(got), expected > 0 ? INFINITY : -INFINITY) << k.name << "(" << x << ")";
+        } else {
+          // Below float's normal range the inline exp flushes to zero (eager: a denormal).
+          const double tolerance = std::max(c.ulps * 1.1920929e-7 * std::fabs(expected), 1.2e-38);
+          EXPECT_NEAR(got, expected, tolerance) << k.name << "(" << x << ")";
+        }
+      }
+    }
+  }
 }
 
 TEST(CpuKernel, RejectsInvalidIrWithReason) {

@@ -1,0 +1,19 @@
+// KILN_DUMP=DIR: every kernel kiln generates is written there as files named after the kernel
+// and its cache key (the IR text, the generated .ll/.s or .cu/.ptx, the compile log), so a user
+// can read what ran. Failures to write are logged once and never stop a compile.
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace kiln {
+
+// Writes each (extension, contents) as DIR/STEM.EXTENSION when Options::global().dump_dir is
+// set; a no-op otherwise.
+void dumpKernelFiles(const std::string& stem, const std::vector<std::pair<std::string, std::string>>& files);
+
+// True when KILN_DUMP is set (a backend then keeps its generated text for dumpKernelFiles).
+bool dumpEnabled();
+
+}  // namespace kiln
