@@ -94,12 +94,27 @@ class GroupBuilder {
       Node* producer = input->node();
       if (producer->owningBlock() != group->owningBlock() || producer->kind() == torch::jit::prim::Param) continue;
       if (!canFuse(producer)) continue;
+      if (feedsChannelParam(group, input)) continue;
       if (!alias_db_.moveBeforeTopologicallyValid(producer, group)) continue;
       SubgraphUtils::mergeNodeIntoSubgraphAndUpdateAliasing(producer, group, alias_db_);
       building_.erase(producer);
       return {group->reverseIterator(), true};
     }
     return {++group->reverseIterator(), false};
+  }
+
+  // batch_norm's per-channel operands are read through a [C, 1, …] view that the runtime makes of
+  // a group input, so what computes them stays outside the group.
+  static bool feedsChannelParam(Node* group, Value* input) {
+    const auto& outer = group->inputs();
+    auto position = std::find(outer.begin(), outer.end(), input);
+    if (position == outer.end()) return false;
+    Value* inner = group->g(torch::jit::attr::Subgraph)->inputs()[static_cast<size_t>(position - outer.begin())];
+    static const c10::Symbol batch_norm = c10::Symbol::fromQualString("aten::batch_norm");
+    for (const torch::jit::Use& use : inner->uses()) {
+      if (use.user->kind() == batch_norm && use.offset >= 1 && use.offset <= 4) return true;
+    }
+    return false;
   }
 
   std::shared_ptr<Graph> graph_;

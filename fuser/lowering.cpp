@@ -32,6 +32,7 @@ struct OpRule {
   LowerFn lower;
   bool compare = false;       // compute in the operands' promoted type, result bool
   int dtype_only = -1;        // an input read only for its dtype (type_as): no shape, no loads
+  bool channel_params = false;  // batch_norm: operands 1-4 are optional per-channel [C] tensors
 };
 
 at::ScalarType opmath(at::ScalarType type) {
@@ -205,6 +206,19 @@ KILN_LOWER(lowerGelu) {
   }
   int erf = L.unary(Op::kErf, L.binary(Op::kMul, x, L.constant(M_SQRT1_2, ct)));
   return L.binary(Op::kMul, L.binary(Op::kMul, x, half), L.binary(Op::kAdd, one, erf));
+}
+
+// Eval-mode batch_norm as eager's CPU kernel computes it: alpha = w / sqrt(var + eps),
+// beta = b − mean·alpha, y = x·alpha + beta. The [C] parameters reach the kernel viewed as
+// [C, 1, …] (see ChannelParam), so they broadcast along dim 1 of x.
+KILN_LOWER(lowerBatchNorm) {
+  int x = L.as(v[0], ct);
+  int invstd = L.binary(Op::kDiv, L.constant(1, ct),
+                        L.unary(Op::kSqrt, L.binary(Op::kAdd, L.as(v[4], ct), L.constant(L.scalarArg(7, 1e-5), ct))));
+  int alpha = v[1].value >= 0 ? L.binary(Op::kMul, invstd, L.as(v[1], ct)) : invstd;
+  int shift = L.binary(Op::kMul, L.as(v[3], ct), alpha);
+  int beta = v[2].value >= 0 ? L.binary(Op::kSub, L.as(v[2], ct), shift) : L.unary(Op::kNeg, shift);
+  return L.binary(Op::kAdd, L.binary(Op::kMul, x, alpha), beta);
 }
 
 int hardsigmoidCore(Lowerer& L, int x, at::ScalarType ct) {
@@ -385,6 +399,7 @@ const std::unordered_map<std::string, OpRule>& rules() {
       {"aten::to.dtype", {{0}, lowerConvert}},
       {"aten::type_as", {{0}, lowerConvert, false, 1}},
       {"aten::dropout", {{0}, lowerIdentity}},
+      {"aten::batch_norm", {{0, 1, 2, 3, 4}, lowerBatchNorm, false, -1, true}},
   };
   return *table;
 }
@@ -419,6 +434,36 @@ at::ScalarType promoted(const c10::IValue& a, const c10::IValue& b) {
   return at::result_type(a.toScalar(), b.toScalar());
 }
 
+// Checks that each per-channel operand of `node` (batch_norm) is a 1-D group input used only
+// as such, and records how the runtime must view it. Returns a reason when it is not.
+std::string recordChannelParams(const torch::jit::Graph& subgraph, const Node* node,
+                                const std::unordered_map<const Value*, Operand>& operands,
+                                std::unordered_map<const Value*, std::vector<int>>& sources,
+                                std::vector<ChannelParam>& params) {
+  const int64_t x_rank = operands.at(node->input(0)).sample.toTensor().dim();
+  for (size_t i = 1; i <= 4; ++i) {
+    const Value* param = node->input(i);
+    if (param->type()->kind() == c10::TypeKind::NoneType) continue;
+    auto position = std::find(subgraph.inputs().begin(), subgraph.inputs().end(), param);
+    if (position == subgraph.inputs().end()) return "batch_norm parameter computed inside the group";
+    const Operand& operand = operands.at(param);
+    if (!operand.is_tensor || operand.sample.toTensor().dim() != 1) return "batch_norm parameter is not 1-D";
+    for (const torch::jit::Use& use : param->uses()) {
+      if (use.user->kind() != node->kind() || use.offset < 1 || use.offset > 4) {
+        return "a batch_norm parameter is also an operand of another op";
+      }
+    }
+    ChannelParam entry{sources.at(param).front(), x_rank, sources.at(node->input(0))};
+    auto same = std::find_if(params.begin(), params.end(), [&](const ChannelParam& p) { return p.input == entry.input; });
+    if (same != params.end()) {
+      if (same->x_rank != x_rank) return "a batch_norm parameter shared across ranks";
+      continue;
+    }
+    params.push_back(entry);
+  }
+  return "";
+}
+
 }  // namespace
 
 std::optional<ir::DType> irDType(at::ScalarType type) {
@@ -446,11 +491,19 @@ bool isFusibleNode(const Node* node) {
     bool is_operand = std::find(rule->operands.begin(), rule->operands.end(), static_cast<int>(i)) != rule->operands.end();
     if (static_cast<int>(i) == rule->dtype_only) {
       if (input->type()->kind() != c10::TypeKind::TensorType) return false;
+    } else if (is_operand && rule->channel_params && i > 0) {
+      // weight and bias may be None; the running statistics must be tensors.
+      const bool none = input->type()->kind() == c10::TypeKind::NoneType;
+      if (input->type()->kind() != c10::TypeKind::TensorType && !(none && i <= 2)) return false;
     } else if (is_operand) {
       if (input->type()->kind() != c10::TypeKind::TensorType && !isNumberType(input->type())) return false;
     } else if (!torch::jit::toIValue(input)) {
       return false;  // attributes (alpha, rounding mode, dtype, ...) must be constants
     }
+  }
+  if (node->kind() == c10::Symbol::fromQualString("aten::batch_norm")) {
+    auto training = torch::jit::toIValue(node->input(5));
+    if (!training || training->toBool()) return false;
   }
   if (node->kind() == c10::Symbol::fromQualString("aten::dropout")) {
     auto train = torch::jit::toIValue(node->input(2));
@@ -524,6 +577,10 @@ std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
       auto constant = torch::jit::toIValue(input);
       if (!constant) return fail("non-constant attribute of " + std::string(node->kind().toQualString()));
       stack.push_back(*constant);
+      if (is_operand && constant->isNone()) {
+        args.push_back(Operand{});  // an absent optional operand (batch_norm weight/bias): value -1
+        continue;
+      }
       if (is_operand) {
         if (constant->isTensor()) return fail("tensor constant operand");
         Operand literal;
@@ -547,6 +604,10 @@ std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
       return fail(std::string(node->kind().toQualString()) + " rejects these dtypes: " + error.what());
     }
     if (!irDType(out)) return fail(std::string("unsupported result dtype ") + c10::toString(out));
+    if (rule->channel_params) {
+      std::string problem = recordChannelParams(subgraph, node, operands, sources, lowered.channel_params);
+      if (!problem.empty()) return fail(problem);
+    }
     at::ScalarType compute = rule->compare ? opmath(promoted(args[0].sample, args[1].sample)) : opmath(out);
     lowerer.node = node;
     int result = rule->lower(lowerer, node, args, out, compute);

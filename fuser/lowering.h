@@ -28,6 +28,15 @@ struct InputSignature {
   int64_t dim = 0;
 };
 
+// A [C] tensor input read per channel (batch_norm's weight, bias, running statistics): the
+// runtime views it as [C, 1, …, 1] with x_rank − 1 dims so that it broadcasts along dim 1 of the
+// batch_norm input, after checking that this input has C channels as eager requires.
+struct ChannelParam {
+  int input = 0;                 // tensor input index
+  int64_t x_rank = 0;            // rank of the normalized input
+  std::vector<int> x_sources;    // tensor inputs whose broadcast shape is that input's shape
+};
+
 struct LoweredGroup {
   ir::Kernel kernel;
   std::vector<at::ScalarType> output_dtypes;
@@ -36,6 +45,7 @@ struct LoweredGroup {
   // Bytes each element of the iteration space costs unfused: every op reads its tensor operands
   // and writes its result (used by kiln::report).
   int64_t unfused_bytes_per_element = 0;
+  std::vector<ChannelParam> channel_params;
 };
 
 // Lowers `subgraph` for `signature`; returns nullopt with *why set if kiln cannot compute it

@@ -171,6 +171,22 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
   launch->program = program;
   launch->lowered = &lowered;
   launch->inputs = tensors;
+  // batch_norm's per-channel [C] tensors, viewed as [C, 1, …] to broadcast along dim 1 of the
+  // normalized input, which must have C channels (eager raises otherwise: so does the fallback).
+  for (const ChannelParam& param : lowered.channel_params) {
+    at::Tensor& tensor = launch->inputs[static_cast<size_t>(param.input)];
+    std::vector<int64_t> x_shape;
+    for (int source : param.x_sources) {
+      if (!broadcastInto(x_shape, tensors[static_cast<size_t>(source)].sizes())) return reject("shapes do not broadcast");
+    }
+    if (static_cast<int64_t>(x_shape.size()) != param.x_rank || x_shape[1] != tensor.size(0)) {
+      return reject("batch_norm parameter does not match the input's channels");
+    }
+    std::vector<int64_t> view(static_cast<size_t>(param.x_rank - 1), 1);
+    view[0] = tensor.size(0);
+    tensor = tensor.view(view);
+  }
+  const std::vector<at::Tensor>& inputs = launch->inputs;
   {
     size_t fi = 0, ii = 0;
     for (char kind : program->input_kinds) {
@@ -184,15 +200,15 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
       }
     }
   }
-  // Eager's output shape: the broadcast of the tensors each output is computed from. Every
+  // Eager's output shape: the broadcast of the inputs each output is computed from. Every
   // output must have the same shape (the iteration space); a tensor read only for its dtype
   // (type_as) takes no part and is never loaded.
   std::vector<int64_t>& shape = launch->shape;
-  std::vector<bool> shaped(tensors.size(), false);
+  std::vector<bool> shaped(inputs.size(), false);
   for (size_t o = 0; o < lowered.output_sources.size(); ++o) {
     std::vector<int64_t> output_shape;
     for (int source : lowered.output_sources[o]) {
-      if (!broadcastInto(output_shape, tensors[static_cast<size_t>(source)].sizes())) {
+      if (!broadcastInto(output_shape, inputs[static_cast<size_t>(source)].sizes())) {
         return reject("shapes do not broadcast");
       }
       shaped[static_cast<size_t>(source)] = true;
@@ -204,10 +220,10 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
 
   // Strides in bytes over the iteration shape (0 where broadcast), inputs then outputs.
   const size_t rank = shape.size();
-  const size_t operands = tensors.size() + lowered.output_dtypes.size();
+  const size_t operands = inputs.size() + lowered.output_dtypes.size();
   std::vector<std::vector<int64_t>> strides(operands, std::vector<int64_t>(rank, 0));
-  for (size_t k = 0; k < tensors.size(); ++k) {
-    const at::Tensor& tensor = tensors[k];
+  for (size_t k = 0; k < inputs.size(); ++k) {
+    const at::Tensor& tensor = inputs[k];
     if (!shaped[k]) continue;  // never loaded: strides stay 0
     size_t offset = rank - static_cast<size_t>(tensor.dim());
     for (size_t d = 0; d < static_cast<size_t>(tensor.dim()); ++d) {
@@ -217,7 +233,7 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
   for (size_t o = 0; o < lowered.output_dtypes.size(); ++o) {
     int64_t stride = static_cast<int64_t>(c10::elementSize(lowered.output_dtypes[o]));
     for (size_t d = rank; d-- > 0;) {
-      strides[tensors.size() + o][d] = stride;
+      strides[inputs.size() + o][d] = stride;
       stride *= shape[d];
     }
   }
@@ -245,8 +261,8 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
 
   CpuLayout layout;
   for (size_t k = 0; k < operands; ++k) {
-    int64_t element = k < tensors.size() ? tensors[k].element_size()
-                                         : static_cast<int64_t>(c10::elementSize(lowered.output_dtypes[k - tensors.size()]));
+    int64_t element = k < inputs.size() ? inputs[k].element_size()
+                                         : static_cast<int64_t>(c10::elementSize(lowered.output_dtypes[k - inputs.size()]));
     int64_t inner = collapsed[k].back();
     layout.operands.push_back(inner == element ? StrideClass::kContiguous
                               : inner == 0     ? StrideClass::kBroadcast
