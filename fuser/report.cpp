@@ -1,6 +1,7 @@
 // kiln::report: what the pass fused in a graph, and the memory traffic each group saves.
 #include <sstream>
 
+#include "codegen/json.h"
 #include "fuser/fusion_pass.h"
 #include "fuser/group_stats.h"
 #include "kiln/kiln.h"
@@ -41,19 +42,6 @@ void collect(torch::jit::Block* block, Report& report) {
   }
 }
 
-std::string jsonEscape(const std::string& text) {
-  std::string out;
-  for (char c : text) {
-    if (c == '"' || c == '\\') out += '\\';
-    if (c == '\n') {
-      out += "\\n";
-      continue;
-    }
-    out += c;
-  }
-  return out;
-}
-
 }  // namespace
 
 Report report(const std::shared_ptr<torch::jit::Graph>& graph) {
@@ -69,10 +57,10 @@ std::string Report::toJson() const {
       << ", \"groups\": [";
   for (size_t i = 0; i < groups.size(); ++i) {
     const GroupReport& group = groups[i];
-    out << (i ? ", " : "") << "{\"name\": \"" << group.name << "\", \"kind\": \"" << group.kind
-        << "\", \"ops\": [";
+    out << (i ? ", " : "") << "{\"name\": " << jsonQuote(group.name) << ", \"kind\": " << jsonQuote(group.kind)
+        << ", \"ops\": [";
     for (size_t j = 0; j < group.ops.size(); ++j) {
-      out << (j ? ", " : "") << "\"" << jsonEscape(group.ops[j]) << "\"";
+      out << (j ? ", " : "") << jsonQuote(group.ops[j]);
     }
     out << "], \"inputs\": " << group.num_inputs << ", \"outputs\": " << group.num_outputs
         << ", \"bytes_fused\": " << group.bytes_fused

@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "codegen/cuda_driver.h"
+#include "codegen/json.h"
 #include "codegen/versions.h"
 #include "kiln/kiln.h"
 #include "tools/cli_args.h"
@@ -32,19 +33,6 @@ constexpr const char* kUsage =
     "  report MODEL.pt [--input SHAPE:DTYPE]... [--json] [--dot FILE]  what kiln fuses, bytes saved\n"
     "  fuse IN.pt OUT.pt                             fuse ahead of time and save (needs libkiln to load)\n";
 
-std::string jsonString(const std::string& text) {
-  std::string out = "\"";
-  for (char c : text) {
-    if (c == '"' || c == '\\') out += '\\';
-    if (c == '\n') {
-      out += "\\n";
-      continue;
-    }
-    out += c;
-  }
-  return out + "\"";
-}
-
 bool cudaAvailable() { return torch::cuda::is_available(); }
 
 int runEnv(const Args& args) {
@@ -57,15 +45,15 @@ int runEnv(const Args& args) {
   }
   const kiln::Options& options = kiln::Options::global();
   if (args.has("--json")) {
-    std::cout << "{\"kiln\": " << jsonString(kiln::version())
-              << ", \"torch\": " << jsonString(TORCH_VERSION)
-              << ", \"cuda_driver\": " << jsonString(kiln::cuda::driverVersion())
-              << ", \"nvrtc\": " << jsonString(kiln::cuda::nvrtcVersion())
-              << ", \"llvm\": " << jsonString(kiln::llvmVersion()) << ", \"gpu\": " << jsonString(gpu)
-              << ", \"gpu_count\": " << gpus.size() << ", \"arch\": " << jsonString(arch)
+    std::cout << "{\"kiln\": " << kiln::jsonQuote(kiln::version())
+              << ", \"torch\": " << kiln::jsonQuote(TORCH_VERSION)
+              << ", \"cuda_driver\": " << kiln::jsonQuote(kiln::cuda::driverVersion())
+              << ", \"nvrtc\": " << kiln::jsonQuote(kiln::cuda::nvrtcVersion())
+              << ", \"llvm\": " << kiln::jsonQuote(kiln::llvmVersion()) << ", \"gpu\": " << kiln::jsonQuote(gpu)
+              << ", \"gpu_count\": " << gpus.size() << ", \"arch\": " << kiln::jsonQuote(arch)
               << ", \"torch_cuda\": " << (cudaAvailable() ? "true" : "false")
               << ", \"cpu_threads\": " << at::get_num_threads()
-              << ", \"cache_dir\": " << jsonString(options.cache_dir)
+              << ", \"cache_dir\": " << kiln::jsonQuote(options.cache_dir)
               << ", \"pass_enabled\": " << (kiln::enabled() ? "true" : "false") << "}\n";
     return 0;
   }
@@ -140,8 +128,8 @@ int runDemo(const Args& args) {
   double checksum = result.sum().item<double>();
 
   if (args.has("--json")) {
-    std::cout << "{\"model\": \"bert-base encoder layer\", \"device\": " << jsonString(device_name)
-              << ", \"dtype\": " << jsonString(c10::toString(dtype)) << ", \"batch\": " << config.batch
+    std::cout << "{\"model\": \"bert-base encoder layer\", \"device\": " << kiln::jsonQuote(device_name)
+              << ", \"dtype\": " << kiln::jsonQuote(c10::toString(dtype)) << ", \"batch\": " << config.batch
               << ", \"sequence\": " << config.sequence << ", \"checksum\": " << checksum
               << ", \"unfused_ms\": " << unfused.ms_per_forward
               << ", \"fused_ms\": " << fused.ms_per_forward << ", \"max_abs_error\": " << max_error
