@@ -86,6 +86,8 @@ struct LoadedNvrtc {
     bind(library, "nvrtcGetPTXSize", api.nvrtcGetPTXSize, missing);
     bind(library, "nvrtcGetPTX", api.nvrtcGetPTX, missing);
     bind(library, "nvrtcGetErrorString", api.nvrtcGetErrorString, missing);
+    bind(library, "nvrtcGetNumSupportedArchs", api.nvrtcGetNumSupportedArchs, missing);
+    bind(library, "nvrtcGetSupportedArchs", api.nvrtcGetSupportedArchs, missing);
     if (!missing.empty()) {
       error = library.path() + " lacks " + missing;
       return;

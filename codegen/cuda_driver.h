@@ -68,6 +68,8 @@ struct NvrtcApi {
   int (*nvrtcGetPTXSize)(void*, size_t*);
   int (*nvrtcGetPTX)(void*, char*);
   const char* (*nvrtcGetErrorString)(int);
+  int (*nvrtcGetNumSupportedArchs)(int*);
+  int (*nvrtcGetSupportedArchs)(int*);
 };
 
 // NVRTC from the CUDA toolkit (CUDA_HOME, default /usr/local/cuda) or the system's loader path.

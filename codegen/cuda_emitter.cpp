@@ -1,0 +1,392 @@
+#include "codegen/cuda_emitter.h"
+
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <sstream>
+#include <stdexcept>
+
+#include "codegen/kiln_device_cuh.h"  // generated: kKilnDeviceCuh, the text of cuda/kiln_device.cuh
+
+namespace kiln {
+namespace {
+
+using ir::DType;
+using ir::Instr;
+using ir::Op;
+
+// Register type of a value of `type` (half and bfloat16 stay 16-bit patterns).
+const char* cudaType(DType type) {
+  switch (type) {
+    case DType::kBool: return "bool";
+    case DType::kInt32: return "int";
+    case DType::kInt64: return "long long";
+    case DType::kFloat16: return "kiln_f16";
+    case DType::kBFloat16: return "kiln_bf16";
+    case DType::kFloat32: return "float";
+    case DType::kFloat64: return "double";
+  }
+  return "?";
+}
+
+// Memory type (bool is one byte, as in ATen).
+const char* memoryType(DType type) { return type == DType::kBool ? "unsigned char" : cudaType(type); }
+
+std::string floatLiteral(double value, DType type) {
+  if (std::isnan(value)) return type == DType::kFloat64 ? "__longlong_as_double(0x7ff8000000000000LL)" : "__int_as_float(0x7fc00000)";
+  if (std::isinf(value)) {
+    const char* sign = value < 0 ? "-" : "";
+    return std::string(sign) + (type == DType::kFloat64 ? "__longlong_as_double(0x7ff0000000000000LL)" : "__int_as_float(0x7f800000)");
+  }
+  char text[64];
+  if (type == DType::kFloat64) {
+    std::snprintf(text, sizeof text, "%.17g", value);
+  } else {
+    std::snprintf(text, sizeof text, "%.9gf", static_cast<double>(static_cast<float>(value)));
+  }
+  std::string literal = text;
+  // "1f" is not a literal: give integral values a decimal point.
+  if (literal.find_first_of(".eEn") == std::string::npos) {
+    literal.insert(type == DType::kFloat64 ? literal.size() : literal.size() - 1, ".0");
+  }
+  return literal;
+}
+
+// C++ expression converting `x` of type `from` to `to`, with the IR's cast semantics.
+std::string castExpression(const std::string& x, DType from, DType to) {
+  if (from == to) return x;
+  if (to == DType::kBool) {
+    if (from == DType::kFloat16 || from == DType::kBFloat16) return "(" + castExpression(x, from, DType::kFloat32) + " != 0.0f)";
+    return "(" + x + " != 0)";
+  }
+  if (from == DType::kFloat16) {
+    if (to == DType::kFloat64) return "kiln_f16_to_f64(" + x + ")";
+    return castExpression("kiln_f16_to_f32(" + x + ")", DType::kFloat32, to);
+  }
+  if (from == DType::kBFloat16) return castExpression("kiln_bf16_to_f32(" + x + ")", DType::kFloat32, to);
+  if (to == DType::kFloat16) {
+    if (from == DType::kFloat64) return "kiln_f64_to_f16(" + x + ")";
+    return "kiln_f32_to_f16(" + castExpression(x, from, DType::kFloat32) + ")";
+  }
+  if (to == DType::kBFloat16) return "kiln_f32_to_bf16(" + castExpression(x, from, DType::kFloat32) + ")";
+  // Plain C conversions: float → int is cvt.rzi (saturating, NaN → 0), the CPU backend's
+  // fptosi.sat; bool → number is 0/1.
+  return std::string("((") + cudaType(to) + ")" + x + ")";
+}
+
+std::string unaryExpression(Op op, DType type, const std::string& x) {
+  const bool single = type == DType::kFloat32;
+  const bool floating = ir::isFloating(type);
+  auto fn = [&](const char* name) { return std::string(name) + (single ? "f(" : "(") + x + ")"; };
+  switch (op) {
+    case Op::kNot: return "(!" + x + ")";
+    case Op::kIsNan: return floating ? "(" + x + " != " + x + ")" : "((void)" + x + ", false)";
+    case Op::kNeg: return floating ? "(-" + x + ")" : "kiln_wrap_sub((" + std::string(cudaType(type)) + ")0, " + x + ")";
+    case Op::kAbs:
+      if (floating) return fn("fabs");
+      return "(" + x + " < 0 ? kiln_wrap_sub((" + std::string(cudaType(type)) + ")0, " + x + ") : " + x + ")";
+    case Op::kFloor: case Op::kCeil: case Op::kRound: case Op::kTrunc:
+      if (!floating) return x;
+      return fn(op == Op::kFloor ? "floor" : op == Op::kCeil ? "ceil" : op == Op::kRound ? "rint" : "trunc");
+    default: break;
+  }
+  if (!floating) throw std::runtime_error(std::string("kiln cuda: ") + ir::opName(op) + " on integers");
+  switch (op) {
+    case Op::kReciprocal: return single ? "(1.0f / " + x + ")" : "(1.0 / " + x + ")";
+    case Op::kSqrt: return fn("sqrt");
+    case Op::kRsqrt: return "kiln_rsqrt(" + x + ")";
+    case Op::kExp: return fn("exp");
+    case Op::kExp2: return fn("exp2");
+    case Op::kExpm1: return fn("expm1");
+    case Op::kLog: return fn("log");
+    case Op::kLog2: return fn("log2");
+    case Op::kLog10: return fn("log10");
+    case Op::kLog1p: return fn("log1p");
+    case Op::kSin: return fn("sin");
+    case Op::kCos: return fn("cos");
+    case Op::kTan: return fn("tan");
+    case Op::kTanh: return fn("tanh");
+    case Op::kSigmoid: return "kiln_sigmoid(" + x + ")";
+    case Op::kErf: return fn("erf");
+    case Op::kErfc: return fn("erfc");
+    default: throw std::runtime_error(std::string("kiln cuda: unknown unary op ") + ir::opName(op));
+  }
+}
+
+std::string binaryExpression(Op op, DType operand_type, const std::string& a, const std::string& b) {
+  const bool floating = ir::isFloating(operand_type);
+  const bool boolean = operand_type == DType::kBool;
+  auto infix = [&](const char* symbol) { return "(" + a + " " + symbol + " " + b + ")"; };
+  switch (op) {
+    case Op::kAnd: return infix("&&");
+    case Op::kOr: return infix("||");
+    case Op::kLt: return infix("<");
+    case Op::kLe: return infix("<=");
+    case Op::kGt: return infix(">");
+    case Op::kGe: return infix(">=");
+    case Op::kEq: return infix("==");
+    case Op::kNe: return infix("!=");
+    default: break;
+  }
+  if (boolean) {
+    switch (op) {
+      case Op::kAdd: case Op::kMax: return infix("||");
+      case Op::kMul: case Op::kMin: return infix("&&");
+      default: throw std::runtime_error(std::string("kiln cuda: ") + ir::opName(op) + " on bool");
+    }
+  }
+  if (floating) {
+    const bool single = operand_type == DType::kFloat32;
+    switch (op) {
+      case Op::kAdd: return infix("+");
+      case Op::kSub: return infix("-");
+      case Op::kMul: return infix("*");
+      case Op::kDiv: return infix("/");
+      case Op::kMax: return "kiln_max(" + a + ", " + b + ")";
+      case Op::kMin: return "kiln_min(" + a + ", " + b + ")";
+      case Op::kPow: return std::string(single ? "powf(" : "pow(") + a + ", " + b + ")";
+      case Op::kFmod: return std::string(single ? "fmodf(" : "fmod(") + a + ", " + b + ")";
+      default: break;
+    }
+  } else {
+    switch (op) {
+      case Op::kAdd: return "kiln_wrap_add(" + a + ", " + b + ")";
+      case Op::kSub: return "kiln_wrap_sub(" + a + ", " + b + ")";
+      case Op::kMul: return "kiln_wrap_mul(" + a + ", " + b + ")";
+      case Op::kMax: return "kiln_max(" + a + ", " + b + ")";
+      case Op::kMin: return "kiln_min(" + a + ", " + b + ")";
+      default: break;
+    }
+  }
+  throw std::runtime_error(std::string("kiln cuda: ") + ir::opName(op) + " on " + ir::dtypeName(operand_type));
+}
+
+// Which body values an output depends on: only those are emitted (NVRTC warns about unused
+// variables, and CI wants its compiles warning-free).
+std::vector<bool> liveValues(const ir::Kernel& kernel) {
+  std::vector<bool> live(kernel.body.size(), false);
+  for (int output : kernel.outputs) live[static_cast<size_t>(output)] = true;
+  for (size_t k = kernel.body.size(); k-- > 0;) {
+    if (!live[k]) continue;
+    for (int operand : kernel.body[k].operands) live[static_cast<size_t>(operand)] = true;
+  }
+  return live;
+}
+
+// Statements computing the kernel body for one element. `load(k)` is the expression reading
+// tensor input k; the outputs' values are returned in `outputs`.
+std::string bodyStatements(const ir::Kernel& kernel, const std::function<std::string(int)>& load,
+                           const std::string& indent, std::vector<std::string>* outputs) {
+  std::ostringstream out;
+  auto name = [](size_t k) { return "v" + std::to_string(k); };
+  const std::vector<bool> live = liveValues(kernel);
+  for (size_t k = 0; k < kernel.body.size(); ++k) {
+    if (!live[k]) continue;
+    const Instr& instr = kernel.body[k];
+    auto operand = [&](size_t j) { return name(static_cast<size_t>(instr.operands[j])); };
+    auto operandType = [&](size_t j) { return kernel.body[static_cast<size_t>(instr.operands[j])].type; };
+    std::string expression;
+    switch (instr.op) {
+      case Op::kLoad: {
+        std::string raw = load(instr.param);
+        expression = instr.type == DType::kBool ? "(" + raw + " != 0)" : raw;
+        break;
+      }
+      case Op::kScalar:
+        expression = ir::isFloating(instr.type)
+                         ? castExpression("p.float_args[" + std::to_string(instr.param) + "]", DType::kFloat64, instr.type)
+                         : castExpression("p.int_args[" + std::to_string(instr.param) + "]", DType::kInt64, instr.type);
+        break;
+      case Op::kConstant:
+        if (ir::isFloating(instr.type)) {
+          expression = floatLiteral(instr.float_value, instr.type == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32);
+          if (ir::isStorageOnly(instr.type)) expression = castExpression(expression, DType::kFloat32, instr.type);
+        } else if (instr.type == DType::kBool) {
+          expression = instr.int_value ? "true" : "false";
+        } else {
+          expression = "(" + std::string(cudaType(instr.type)) + ")" + std::to_string(instr.int_value) + "LL";
+        }
+        break;
+      case Op::kCast: expression = castExpression(operand(0), operandType(0), instr.type); break;
+      case Op::kSelect: expression = "(" + operand(0) + " ? " + operand(1) + " : " + operand(2) + ")"; break;
+      default:
+        expression = ir::opArity(instr.op) == 1 ? unaryExpression(instr.op, operandType(0), operand(0))
+                                                : binaryExpression(instr.op, operandType(0), operand(0), operand(1));
+    }
+    out << indent << "const " << cudaType(instr.type) << " " << name(k) << " = " << expression << ";\n";
+  }
+  for (int output : kernel.outputs) outputs->push_back(name(static_cast<size_t>(output)));
+  return out.str();
+}
+
+std::string storeValue(DType type, const std::string& value) {
+  return type == DType::kBool ? "(unsigned char)" + value : value;
+}
+
+}  // namespace
+
+std::string CudaSpecialization::toString() const {
+  std::string text;
+  switch (schedule) {
+    case CudaSchedule::kLinear: text = "linear"; break;
+    case CudaSchedule::kLinearVectorized: text = "linear_vec"; break;
+    case CudaSchedule::kStrided: text = "strided" + std::to_string(rank); break;
+  }
+  if (schedule != CudaSchedule::kStrided) {
+    text += ":";
+    for (bool b : broadcast) text += b ? 'b' : 'c';
+  }
+  return text + (index64 ? ":i64" : ":i32");
+}
+
+int cudaVectorWidth(const ir::Kernel& kernel) {
+  int64_t widest = 1;
+  for (DType type : kernel.tensor_inputs) widest = std::max(widest, ir::dtypeSize(type));
+  for (size_t o = 0; o < kernel.outputs.size(); ++o) widest = std::max(widest, ir::dtypeSize(kernel.outputType(o)));
+  return static_cast<int>(16 / widest);
+}
+
+size_t CudaArgumentLayout::words() const {
+  return static_cast<size_t>(operands + rank + operands * rank + 1 + std::max(1, float_scalars) + std::max(1, int_scalars));
+}
+
+CudaArgumentLayout cudaArgumentLayout(const ir::Kernel& kernel, const CudaSpecialization& specialization) {
+  CudaArgumentLayout layout;
+  layout.operands = static_cast<int>(kernel.tensor_inputs.size() + kernel.outputs.size());
+  layout.rank = specialization.schedule == CudaSchedule::kStrided ? specialization.rank : 0;
+  layout.float_scalars = static_cast<int>(kernel.scalar_inputs.size());
+  layout.int_scalars = static_cast<int>(kernel.scalar_inputs.size());
+  return layout;
+}
+
+CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& specialization) {
+  std::string problems = ir::verify(kernel);
+  if (!problems.empty()) throw std::runtime_error("kiln cuda: invalid kernel IR: " + problems);
+  const size_t inputs = kernel.tensor_inputs.size();
+  const size_t operands = inputs + kernel.outputs.size();
+  const bool linear = specialization.schedule != CudaSchedule::kStrided;
+  if (linear && specialization.broadcast.size() != operands) {
+    throw std::runtime_error("kiln cuda: the specialization names " + std::to_string(specialization.broadcast.size()) +
+                             " operands, the kernel has " + std::to_string(operands));
+  }
+  if (!linear && (specialization.rank < 1 || specialization.rank > kMaxCudaRank)) {
+    throw std::runtime_error("kiln cuda: strided rank " + std::to_string(specialization.rank) + " outside 1.." +
+                             std::to_string(kMaxCudaRank));
+  }
+  for (size_t o = 0; linear && o < kernel.outputs.size(); ++o) {
+    if (specialization.broadcast[inputs + o]) throw std::runtime_error("kiln cuda: a broadcast output");
+  }
+  auto typeOf = [&](size_t k) { return k < inputs ? kernel.tensor_inputs[k] : kernel.outputType(k - inputs); };
+  const CudaArgumentLayout args = cudaArgumentLayout(kernel, specialization);
+
+  CudaSource result;
+  result.name = "kiln_" + kernel.name;
+  std::ostringstream out;
+  out << "// kernel " << kernel.name << ", schedule " << specialization.toString() << "\n";
+  const std::string index_type = specialization.index64 ? "long long" : "int";
+  const std::string params = result.name + "_params";
+  out << "struct " << params << " {\n  void* data[" << operands << "];\n";
+  if (args.rank > 0) {
+    out << "  long long sizes[" << args.rank << "];\n  long long strides[" << operands << "][" << args.rank << "];\n";
+  }
+  out << "  long long numel;\n  double float_args[" << std::max(1, args.float_scalars) << "];\n  long long int_args["
+      << std::max(1, args.int_scalars) << "];\n};\n\n";
+  out << "extern \"C\" __global__ void __launch_bounds__(" << kCudaBlockSize << ") " << result.name
+      << "(const " << params << " p) {\n"
+      << "  typedef " << index_type << " index_t;\n";
+  // Inputs no output depends on are never read (a tensor passed only for its dtype).
+  std::vector<bool> used(operands, true);
+  {
+    const std::vector<bool> live = liveValues(kernel);
+    for (size_t k = 0; k < inputs; ++k) used[k] = false;
+    for (size_t k = 0; k < kernel.body.size(); ++k) {
+      if (live[k] && kernel.body[k].op == Op::kLoad) used[static_cast<size_t>(kernel.body[k].param)] = true;
+    }
+  }
+  for (size_t k = 0; k < operands; ++k) {
+    if (!used[k]) continue;
+    out << "  " << (k < inputs ? "const " : "") << memoryType(typeOf(k)) << "* __restrict__ d" << k << " = ("
+        << (k < inputs ? "const " : "") << memoryType(typeOf(k)) << "*)p.data[" << k << "];\n";
+  }
+  out << "  const index_t n = (index_t)p.numel;\n"
+      << "  const index_t step = (index_t)gridDim.x * blockDim.x;\n"
+      << "  const index_t first = (index_t)blockIdx.x * blockDim.x + threadIdx.x;\n";
+
+  std::vector<std::string> values;
+  if (specialization.schedule == CudaSchedule::kLinearVectorized) {
+    const int width = cudaVectorWidth(kernel);
+    out << "  const index_t vectors = n / " << width << ";\n";
+    out << "  for (index_t v = first; v < vectors; v += step) {\n";
+    for (size_t k = 0; k < inputs; ++k) {
+      if (specialization.broadcast[k] || !used[k]) continue;
+      out << "    const kiln_vec<" << memoryType(typeOf(k)) << ", " << width << "> x" << k << " = *(const kiln_vec<"
+          << memoryType(typeOf(k)) << ", " << width << ">*)(d" << k << " + v * " << width << ");\n";
+    }
+    // Results go to scalars first and into the vector only for the store: a vector written
+    // piecewise around a math slow path stays in local memory.
+    for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+      out << "    " << memoryType(kernel.outputType(o)) << " y" << o << "[" << width << "];\n";
+    }
+    // Unrolled here rather than by #pragma unroll: a body with a branch (a math slow path) may
+    // stay a loop, and a vector indexed by a loop variable then lives in local memory.
+    for (int j = 0; j < width; ++j) {
+      const std::string lane = std::to_string(j);
+      values.clear();
+      out << "    {\n";
+      out << bodyStatements(kernel, [&](int k) {
+        return specialization.broadcast[static_cast<size_t>(k)] ? "d" + std::to_string(k) + "[0]" : "x" + std::to_string(k) + ".v[" + lane + "]";
+      }, "      ", &values);
+      for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+        out << "      y" << o << "[" << lane << "] = " << storeValue(kernel.outputType(o), values[o]) << ";\n";
+      }
+      out << "    }\n";
+    }
+    for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+      const size_t k = inputs + o;
+      const std::string vector = "kiln_vec<" + std::string(memoryType(typeOf(k))) + ", " + std::to_string(width) + ">";
+      out << "    {\n      " << vector << " x" << k << ";\n";
+      for (int j = 0; j < width; ++j) out << "      x" << k << ".v[" << j << "] = y" << o << "[" << j << "];\n";
+      out << "      *(" << vector << "*)(d" << k << " + v * " << width << ") = x" << k << ";\n    }\n";
+    }
+    out << "  }\n";
+    // The tail: the last n % width elements, one per thread.
+    out << "  for (index_t e = vectors * " << width << " + first; e < n; e += step) {\n";
+  } else {
+    out << "  for (index_t e = first; e < n; e += step) {\n";
+  }
+  values.clear();
+  if (specialization.schedule == CudaSchedule::kStrided) {
+    // Linear index → per-operand element offsets, innermost dimension last.
+    out << "    index_t rest = e;\n";
+    for (size_t k = 0; k < operands; ++k) out << "    index_t o" << k << " = 0;\n";
+    for (int d = specialization.rank - 1; d >= 0; --d) {
+      if (d > 0) {
+        out << "    {\n      const index_t size = (index_t)p.sizes[" << d << "];\n"
+            << "      const index_t i = rest % size;\n      rest /= size;\n";
+      } else {
+        out << "    {\n      const index_t i = rest;\n";
+      }
+      for (size_t k = 0; k < operands; ++k) out << "      o" << k << " += i * (index_t)p.strides[" << k << "][" << d << "];\n";
+      out << "    }\n";
+    }
+    out << bodyStatements(kernel, [&](int k) { return "d" + std::to_string(k) + "[o" + std::to_string(k) + "]"; }, "    ", &values);
+    for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+      out << "    d" << inputs + o << "[o" << inputs + o << "] = " << storeValue(kernel.outputType(o), values[o]) << ";\n";
+    }
+  } else {
+    out << bodyStatements(kernel, [&](int k) {
+      return "d" + std::to_string(k) + (specialization.broadcast[static_cast<size_t>(k)] ? "[0]" : "[e]");
+    }, "    ", &values);
+    for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+      out << "    d" << inputs + o << "[e] = " << storeValue(kernel.outputType(o), values[o]) << ";\n";
+    }
+  }
+  out << "  }\n}\n";
+  result.kernel = out.str();
+  result.source = std::string(kKilnDeviceCuh) + "\n" + result.kernel;
+  return result;
+}
+
+const char* cudaDeviceHelpers() { return kKilnDeviceCuh; }
+
+}  // namespace kiln

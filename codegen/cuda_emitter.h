@@ -1,0 +1,67 @@
+// The CUDA C++ emitter: kernel IR → CUDA source for NVRTC, one kernel per (IR, CudaSpecialization).
+// The same IR the LLVM CPU backend compiles; each op means exactly what it means there and in the
+// reference interpreter (NaN-propagating max/min, saturating float → int casts, half/bfloat16
+// computed in float and rounded on every cast).
+//
+// Note: a kernel is specialized on its schedule, never on sizes. Linear: after the runtime has
+// collapsed dimensions, every operand is contiguous or broadcast (stride 0) along one dimension;
+// linear-vectorized adds that every contiguous operand is aligned for an access of kVectorBytes
+// (the widest operand moves 16 bytes per access, like Triton's divisibility-16 specialization),
+// with a scalar tail for the last numel % vector elements. Strided: any rank up to
+// kMaxCudaRank, sizes and element strides as arguments. Index arithmetic is 32-bit when every
+// offset fits (numel and each operand's largest element offset below 2^31), else 64-bit.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "codegen/kernel_ir.h"
+
+namespace kiln {
+
+constexpr int kMaxCudaRank = 8;
+constexpr int kCudaBlockSize = 256;
+
+enum class CudaSchedule { kLinear, kLinearVectorized, kStrided };
+
+struct CudaSpecialization {
+  CudaSchedule schedule = CudaSchedule::kLinear;
+  int rank = 1;                      // collapsed rank (kStrided); 1 for the linear schedules
+  std::vector<bool> broadcast;       // per operand (inputs, then outputs): stride 0 (linear schedules)
+  bool index64 = false;
+
+  // A stable text naming the specialization (part of the kernel's cache key and file names).
+  std::string toString() const;
+};
+
+// Elements per thread and access in the vectorized schedule: 16 bytes of the widest operand.
+int cudaVectorWidth(const ir::Kernel& kernel);
+
+struct CudaSource {
+  std::string name;    // the __global__ function's name
+  std::string kernel;  // its parameter struct and the kernel itself
+  std::string source;  // the whole translation unit: device helpers, then `kernel`
+};
+
+// Throws std::runtime_error if the IR is invalid or the specialization does not fit it. The
+// function is named kiln_<kernel.name>.
+CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& specialization);
+
+// The device helpers every generated translation unit starts with (codegen/cuda/kiln_device.cuh).
+const char* cudaDeviceHelpers();
+
+// The kernel's argument block, built by the host in this order, every field 8 bytes:
+//   data pointers [operands], sizes [rank], element strides [operands][rank], numel,
+//   float scalars [max(1, n)], integer scalars [max(1, n)].
+// (Linear schedules: rank 0 — no sizes, no strides.)
+struct CudaArgumentLayout {
+  int operands = 0;
+  int rank = 0;
+  int float_scalars = 0;
+  int int_scalars = 0;
+  size_t words() const;
+};
+CudaArgumentLayout cudaArgumentLayout(const ir::Kernel& kernel, const CudaSpecialization& specialization);
+
+}  // namespace kiln
