@@ -6,6 +6,7 @@
 #include <torch/version.h>
 #include <torch/script.h>
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <functional>
@@ -16,6 +17,11 @@
 
 #include "codegen/cuda_driver.h"
 #include "codegen/json.h"
+#include "codegen/cuda_kernel_builder.h"
+#include "codegen/kernel_cache.h"
+#include "codegen/nvrtc_compiler.h"
+#include "kiln/options.h"
+#include "torch_ops/fusion_runtime.h"
 #include "codegen/versions.h"
 #include "kiln/kiln.h"
 #include "tools/cli_args.h"
@@ -31,7 +37,11 @@ constexpr const char* kUsage =
     "  env [--json]                                  versions, GPU, cache directory\n"
     "  demo [--device cpu|cuda] [--json] [--save FILE]  run the embedded BERT-style encoder layer\n"
     "  report MODEL.pt [--input SHAPE:DTYPE]... [--json] [--dot FILE]  what kiln fuses, bytes saved\n"
-    "  fuse IN.pt OUT.pt                             fuse ahead of time and save (needs libkiln to load)\n";
+    "  fuse IN.pt OUT.pt                             fuse ahead of time and save (needs libkiln to load)\n"
+    "  compile MODEL.pt --input SHAPE:DTYPE... --arch sm_90 [--json]\n"
+    "                                                compile every CUDA kernel the model needs into the\n"
+    "                                                disk cache (no GPU needed)\n"
+    "  cache info|clear [--json]                     the disk cache: where, how full; empty it\n";
 
 bool cudaAvailable() { return torch::cuda::is_available(); }
 
@@ -268,6 +278,94 @@ int runFuse(const Args& args) {
   return 0;
 }
 
+// Runs the fused model on the CPU with the example inputs, recording the CUDA kernel each fusion
+// group would need on a GPU with the same shapes, then compiles each for --arch into the cache.
+int runCompile(const Args& args) {
+  if (args.positional.size() != 1) throw UsageError("compile takes one MODEL.pt");
+  const std::string arch = args.value("--arch", "");
+  if (arch.empty()) throw UsageError("compile needs --arch, e.g. --arch sm_90");
+  std::vector<int> known = kiln::nvrtcSupportedArchs();
+  int number = 0;
+  if (std::sscanf(arch.c_str(), "sm_%d", &number) != 1 || arch != "sm_" + std::to_string(number) ||
+      std::find(known.begin(), known.end(), number) == known.end()) {
+    std::string list;
+    for (int a : known) list += (list.empty() ? "sm_" : ", sm_") + std::to_string(a);
+    throw UsageError("unknown --arch '" + arch + "' (this NVRTC knows " + list + ")");
+  }
+  std::vector<torch::jit::IValue> inputs;
+  for (const std::string& spec : args.all("--input")) inputs.emplace_back(inputFromSpec(spec));
+  if (inputs.empty()) throw UsageError("compile needs one --input SHAPE:DTYPE per model input");
+  torch::jit::Module module = loadModel(args.positional[0]);
+  torch::NoGradGuard no_grad;
+  torch::jit::Module fused = kiln::optimize(module);
+  kiln::CudaTargetRecorder recorder;
+  try {
+    fused.forward(inputs);
+  } catch (const c10::Error& error) {
+    throw UsageError(std::string("the model rejects these --input shapes: ") + error.what_without_backtrace());
+  }
+  const bool fast_math = kiln::Options::global().fast_math;
+  std::ostringstream kernels;
+  int compiled = 0, cached = 0;
+  for (size_t i = 0; i < recorder.targets().size(); ++i) {
+    const kiln::CudaTarget& target = recorder.targets()[i];
+    kiln::CudaKernelBinary binary = kiln::obtainCudaKernel(target.kernel, target.specialization, arch, fast_math);
+    (binary.from_cache ? cached : compiled)++;
+    const std::string name = binary.name + "_" + binary.cache_key.substr(0, 8);
+    if (args.has("--json")) {
+      kernels << (i ? ", " : "") << "{\"name\": " << kiln::jsonQuote(name)
+              << ", \"specialization\": " << kiln::jsonQuote(target.specialization.toString())
+              << ", \"status\": " << (binary.from_cache ? "\"cached\"" : "\"compiled\"")
+              << ", \"compile_ms\": " << binary.compile_ms << ", \"fetch_ms\": " << binary.fetch_ms
+              << ", \"registers\": " << binary.registers << ", \"spill_bytes\": " << binary.spill_bytes
+              << ", \"binary_bytes\": " << binary.binary.size() << ", \"cache_key\": " << kiln::jsonQuote(binary.cache_key)
+              << "}";
+    } else {
+      std::printf("%-24s %-22s %-9s %8.1f ms  %3d registers  %d spill bytes\n", name.c_str(),
+                  target.specialization.toString().c_str(), binary.from_cache ? "cached" : "compiled",
+                  binary.from_cache ? binary.fetch_ms : binary.compile_ms, binary.registers, binary.spill_bytes);
+    }
+  }
+  const kiln::KernelCache::Info info = kiln::KernelCache::global().info();
+  if (args.has("--json")) {
+    std::cout << "{\"arch\": " << kiln::jsonQuote(arch) << ", \"nvrtc\": " << kiln::jsonQuote(kiln::cuda::nvrtcVersion())
+              << ", \"cache_dir\": " << kiln::jsonQuote(info.dir) << ", \"compiled\": " << compiled
+              << ", \"cached\": " << cached << ", \"kernels\": [" << kernels.str() << "], \"skipped\": [";
+    for (size_t i = 0; i < recorder.skipped.size(); ++i) std::cout << (i ? ", " : "") << kiln::jsonQuote(recorder.skipped[i]);
+    std::cout << "]}\n";
+  } else {
+    std::printf("%zu kernels for %s: %d compiled, %d from the cache (%s)\n", recorder.targets().size(), arch.c_str(),
+                compiled, cached, info.dir.c_str());
+    for (const std::string& why : recorder.skipped) std::printf("skipped a group: %s\n", why.c_str());
+  }
+  return 0;
+}
+
+int runCache(const Args& args) {
+  if (args.positional.size() != 1 || (args.positional[0] != "info" && args.positional[0] != "clear")) {
+    throw UsageError("cache takes info or clear");
+  }
+  kiln::KernelCache& cache = kiln::KernelCache::global();
+  if (args.positional[0] == "clear") {
+    const int64_t removed = cache.clear();
+    if (args.has("--json")) {
+      std::cout << "{\"dir\": " << kiln::jsonQuote(cache.dir()) << ", \"removed\": " << removed << "}\n";
+    } else {
+      std::printf("removed %lld cached kernels from %s\n", static_cast<long long>(removed), cache.dir().c_str());
+    }
+    return 0;
+  }
+  const kiln::KernelCache::Info info = cache.info();
+  if (args.has("--json")) {
+    std::cout << "{\"dir\": " << kiln::jsonQuote(info.dir) << ", \"files\": " << info.files
+              << ", \"bytes\": " << info.bytes << ", \"max_bytes\": " << info.max_bytes << "}\n";
+  } else {
+    std::printf("%s: %lld kernels, %.1f MB of %.0f MB\n", info.dir.c_str(), static_cast<long long>(info.files),
+                static_cast<double>(info.bytes) / 1e6, static_cast<double>(info.max_bytes) / 1e6);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -285,6 +383,8 @@ int main(int argc, char** argv) {
       return runReport(kiln::cli::parse(argc, argv, 2, {"--input", "--dot"}, {"--json"}));
     }
     if (verb == "fuse") return runFuse(kiln::cli::parse(argc, argv, 2, {"--device"}, {}));
+    if (verb == "compile") return runCompile(kiln::cli::parse(argc, argv, 2, {"--input", "--arch"}, {"--json"}));
+    if (verb == "cache") return runCache(kiln::cli::parse(argc, argv, 2, {}, {"--json"}));
     if (verb == "--help" || verb == "-h" || verb == "help") {
       std::cout << kUsage;
       return 0;

@@ -300,6 +300,7 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
   });
   if (!compiled->kernel) return reject("compile failed: " + compiled->error);
   launch->kernel = compiled->kernel;
+  recordCudaTarget(*launch);
   return launch;
 }
 
@@ -374,5 +375,84 @@ std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
 }
 
 int64_t kernelCompileCount() { return compile_count.load(); }
+
+std::optional<CudaSpecialization> cudaSpecializationFor(const PreparedLaunch& prepared, std::string* why) {
+  const LoweredGroup& lowered = *prepared.lowered;
+  const size_t inputs = prepared.inputs.size();
+  const size_t operands = inputs + lowered.output_dtypes.size();
+  auto elementSize = [&](size_t k) {
+    return k < inputs ? prepared.inputs[k].element_size()
+                      : static_cast<int64_t>(c10::elementSize(lowered.output_dtypes[k - inputs]));
+  };
+  const size_t rank = prepared.sizes.size();
+  CudaSpecialization specialization;
+  // 32-bit indices while every element offset (and the grid-stride loop's step past the end)
+  // stays below 2^31.
+  const int64_t limit = (int64_t{1} << 31) - (int64_t{1} << 24);
+  bool index64 = prepared.numel >= limit;
+  for (size_t k = 0; k < operands; ++k) {
+    int64_t largest = 0;
+    for (size_t d = 0; d < rank; ++d) largest += (prepared.sizes[d] - 1) * std::abs(prepared.input_strides[k][d]) / elementSize(k);
+    index64 |= largest >= limit;
+  }
+  specialization.index64 = index64;
+  bool linear = rank == 1;
+  for (size_t k = 0; linear && k < operands; ++k) {
+    const int64_t stride = prepared.input_strides[k][0];
+    linear = stride == 0 || stride == elementSize(k);
+  }
+  if (linear) {
+    specialization.schedule = CudaSchedule::kLinear;
+    bool aligned = true;
+    const int width = cudaVectorWidth(lowered.kernel);
+    for (size_t k = 0; k < operands; ++k) {
+      const bool broadcast = prepared.input_strides[k][0] == 0;
+      specialization.broadcast.push_back(broadcast);
+      // Outputs come from torch's caching allocator (512-byte aligned); inputs are checked.
+      if (!broadcast && k < inputs) {
+        aligned &= reinterpret_cast<uintptr_t>(prepared.inputs[k].data_ptr()) % static_cast<uintptr_t>(width * elementSize(k)) == 0;
+      }
+    }
+    if (aligned && prepared.numel >= width) specialization.schedule = CudaSchedule::kLinearVectorized;
+    return specialization;
+  }
+  if (rank > static_cast<size_t>(kMaxCudaRank)) {
+    if (why) *why = "rank " + std::to_string(rank) + " after collapsing exceeds " + std::to_string(kMaxCudaRank);
+    return std::nullopt;
+  }
+  for (size_t k = 0; k < operands; ++k) {
+    for (size_t d = 0; d < rank; ++d) {
+      if (prepared.input_strides[k][d] % elementSize(k) != 0) {
+        if (why) *why = "a stride that is not a whole number of elements";
+        return std::nullopt;
+      }
+    }
+  }
+  specialization.schedule = CudaSchedule::kStrided;
+  specialization.rank = static_cast<int>(rank);
+  return specialization;
+}
+
+namespace {
+thread_local CudaTargetRecorder* active_recorder = nullptr;
+}  // namespace
+
+CudaTargetRecorder::CudaTargetRecorder() { active_recorder = this; }
+CudaTargetRecorder::~CudaTargetRecorder() { active_recorder = nullptr; }
+
+void recordCudaTarget(const PreparedLaunch& prepared) {
+  CudaTargetRecorder* recorder = active_recorder;
+  if (!recorder || prepared.numel == 0) return;
+  std::string why;
+  std::optional<CudaSpecialization> specialization = cudaSpecializationFor(prepared, &why);
+  if (!specialization) {
+    recorder->skipped.push_back(why);
+    return;
+  }
+  std::string key = ir::print(prepared.lowered->kernel) + "|" + specialization->toString();
+  if (std::find(recorder->keys_.begin(), recorder->keys_.end(), key) != recorder->keys_.end()) return;
+  recorder->keys_.push_back(key);
+  recorder->targets_.push_back({prepared.lowered->kernel, *specialization});
+}
 
 }  // namespace kiln

@@ -9,6 +9,8 @@
 
 #include <ATen/ATen.h>
 
+#include "codegen/cuda_emitter.h"
+
 #include <memory>
 #include <optional>
 #include <string>
@@ -33,5 +35,36 @@ std::vector<at::Tensor> launch(const PreparedLaunch& prepared);
 
 // Compiles done so far by this process (for tests: a new size must not add one).
 int64_t kernelCompileCount();
+
+// A kernel a CUDA launch of a prepared group would need: its IR and CUDA specialization.
+struct CudaTarget {
+  ir::Kernel kernel;
+  CudaSpecialization specialization;
+};
+
+// The CUDA specialization for the tensors of `prepared` (the same shapes and strides on a GPU):
+// linear-vectorized, linear or strided, 32- or 64-bit indexing. nullopt with *why if none fits.
+std::optional<CudaSpecialization> cudaSpecializationFor(const PreparedLaunch& prepared, std::string* why);
+
+// While one is alive on a thread, every group prepared on that thread also records the CUDA
+// kernel it would need (`kiln compile` runs a model on the CPU with example inputs this way and
+// compiles what it recorded for a GPU architecture). Duplicates are recorded once.
+class CudaTargetRecorder;
+void recordCudaTarget(const PreparedLaunch& prepared);
+
+class CudaTargetRecorder {
+ public:
+  CudaTargetRecorder();
+  ~CudaTargetRecorder();
+  CudaTargetRecorder(const CudaTargetRecorder&) = delete;
+  CudaTargetRecorder& operator=(const CudaTargetRecorder&) = delete;
+  const std::vector<CudaTarget>& targets() const { return targets_; }
+  std::vector<std::string> skipped;  // groups with no CUDA specialization, and why
+
+ private:
+  friend void recordCudaTarget(const PreparedLaunch& prepared);
+  std::vector<CudaTarget> targets_;
+  std::vector<std::string> keys_;
+};
 
 }  // namespace kiln
