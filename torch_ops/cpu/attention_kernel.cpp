@@ -330,9 +330,19 @@ void attendQueryBlock(const AttentionProblem& problem, int64_t batch_index, int6
     // Online softmax, one vector of queries at a time.
     for (int v = 0; v < kVectors; ++v) {
       const Vec old_max = Vec::loadu(running_max + v * kWidth);
-      Vec new_max = old_max;
-      for (int64_t j = 0; j < key_count; ++j)
-        new_max = at::vec::maximum(new_max, Vec::loadu(scores_t + j * kBlock + v * kWidth));
+      // Four independent chains: one chain of dependent max instructions was 15% of the time.
+      Vec chain_max[4] = {old_max, old_max, old_max, old_max};
+      int64_t j = 0;
+      for (; j + 4 <= key_count; j += 4) {
+        for (int chain = 0; chain < 4; ++chain)
+          chain_max[chain] = at::vec::maximum(
+              chain_max[chain], Vec::loadu(scores_t + (j + chain) * kBlock + v * kWidth));
+      }
+      for (; j < key_count; ++j)
+        chain_max[0] =
+            at::vec::maximum(chain_max[0], Vec::loadu(scores_t + j * kBlock + v * kWidth));
+      const Vec new_max = at::vec::maximum(at::vec::maximum(chain_max[0], chain_max[1]),
+                                           at::vec::maximum(chain_max[2], chain_max[3]));
       // A query whose every score so far is -inf subtracts 0 instead, so exp gives 0, not NaN.
       const Vec safe_max = Vec::blendv(new_max, Vec(acc_t(0)), new_max == Vec(kMinusInfinity));
       const Vec correction = exponential(old_max - safe_max);
