@@ -57,10 +57,12 @@ Vectorized<acc_t> exponential(Vectorized<acc_t> x) {
 }
 
 // scores[r][:] = sum over d of keys[r][d] * query_t[d][:], for kRows keys and kVectors vectors
-// of queries. keys rows are key_stride apart with unit column stride.
+// of queries. keys rows are key_stride apart with unit column stride. Also folds the tile's
+// per-query max into block_max while the scores are still in registers.
 template <typename acc_t, int kRows, int kVectors>
 void scoreTile(const acc_t* keys, int64_t key_stride, const acc_t* query_t, int64_t query_stride,
-               int64_t head_dim, acc_t* scores, int64_t score_stride) {
+               int64_t head_dim, acc_t* scores, int64_t score_stride,
+               Vectorized<acc_t>* block_max) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t kWidth = Vec::size();
   Vec sum[kRows][kVectors];
@@ -85,6 +87,13 @@ void scoreTile(const acc_t* keys, int64_t key_stride, const acc_t* query_t, int6
   for (int r = 0; r < kRows; ++r) {
     KILN_UNROLL
     for (int v = 0; v < kVectors; ++v) sum[r][v].store(scores + r * score_stride + v * kWidth);
+  }
+  KILN_UNROLL
+  for (int v = 0; v < kVectors; ++v) {
+    Vec tile_max = sum[0][v];
+    KILN_UNROLL
+    for (int r = 1; r < kRows; ++r) tile_max = at::vec::maximum(tile_max, sum[r][v]);
+    block_max[v] = at::vec::maximum(block_max[v], tile_max);
   }
 }
 
@@ -338,13 +347,18 @@ void attendQueryBlock(const AttentionProblem& problem, int64_t batch_index, int6
       packRows(value_base + key0 * value.row_stride, value.row_stride, value.col_stride, key_count,
                value_dim, scratch.values.data(), value_dim);
 
+    Vec block_max[kVectors];
+    for (int v = 0; v < kVectors; ++v) block_max[v] = Vec(kMinusInfinity);
     forRowTiles(key_count, [&](auto rows, int64_t row) {
       scoreTile<acc_t, decltype(rows)::value, kVectors>(keys + row * key_stride, key_stride,
                                                         query_t, kBlock, head_dim,
-                                                        scores_t + row * kBlock, kBlock);
+                                                        scores_t + row * kBlock, kBlock, block_max);
     });
+    // Masks change scores after the tiles took their max; the max is then taken again.
+    const bool causal_diagonal = problem.causal && key0 + key_count - 1 > query0;
+    const bool rescan_max = problem.mask_kind != MaskKind::kNone || causal_diagonal;
     applyMask(problem, batch_index, query0, query_count, key0, key_count, scores_t, kBlock);
-    if (problem.causal && key0 + key_count - 1 > query0) {
+    if (causal_diagonal) {
       for (int64_t j = 0; j < key_count; ++j) {
         const int64_t first_seen_by = std::min(key0 + j - query0, query_count);
         for (int64_t i = 0; i < first_seen_by; ++i) scores_t[j * kBlock + i] = kMinusInfinity;
@@ -354,19 +368,22 @@ void attendQueryBlock(const AttentionProblem& problem, int64_t batch_index, int6
     // Online softmax, one vector of queries at a time.
     for (int v = 0; v < kVectors; ++v) {
       const Vec old_max = Vec::loadu(running_max + v * kWidth);
-      // Four independent chains: one chain of dependent max instructions was 15% of the time.
-      Vec chain_max[4] = {old_max, old_max, old_max, old_max};
-      int64_t j = 0;
-      for (; j + 4 <= key_count; j += 4) {
-        for (int chain = 0; chain < 4; ++chain)
-          chain_max[chain] = at::vec::maximum(
-              chain_max[chain], Vec::loadu(scores_t + (j + chain) * kBlock + v * kWidth));
+      Vec new_max = at::vec::maximum(old_max, block_max[v]);
+      if (rescan_max) {
+        // Four independent chains: one chain of dependent max instructions was 15% of the time.
+        Vec chain_max[4] = {old_max, old_max, old_max, old_max};
+        int64_t j = 0;
+        for (; j + 4 <= key_count; j += 4) {
+          for (int chain = 0; chain < 4; ++chain)
+            chain_max[chain] = at::vec::maximum(
+                chain_max[chain], Vec::loadu(scores_t + (j + chain) * kBlock + v * kWidth));
+        }
+        for (; j < key_count; ++j)
+          chain_max[0] =
+              at::vec::maximum(chain_max[0], Vec::loadu(scores_t + j * kBlock + v * kWidth));
+        new_max = at::vec::maximum(at::vec::maximum(chain_max[0], chain_max[1]),
+                                   at::vec::maximum(chain_max[2], chain_max[3]));
       }
-      for (; j < key_count; ++j)
-        chain_max[0] =
-            at::vec::maximum(chain_max[0], Vec::loadu(scores_t + j * kBlock + v * kWidth));
-      const Vec new_max = at::vec::maximum(at::vec::maximum(chain_max[0], chain_max[1]),
-                                           at::vec::maximum(chain_max[2], chain_max[3]));
       // A query whose every score so far is -inf subtracts 0 instead, so exp gives 0, not NaN.
       const Vec safe_max = Vec::blendv(new_max, Vec(acc_t(0)), new_max == Vec(kMinusInfinity));
       const Vec correction = exponential(old_max - safe_max);
@@ -380,9 +397,12 @@ void attendQueryBlock(const AttentionProblem& problem, int64_t batch_index, int6
       at::vec::fmadd(Vec::loadu(running_sum + v * kWidth), correction, block_sum)
           .store(running_sum + v * kWidth);
       new_max.store(running_max + v * kWidth);
-      for (int64_t c = 0; c < value_dim; ++c) {
-        acc_t* out = out_t + c * kBlock + v * kWidth;
-        (Vec::loadu(out) * correction).store(out);
+      // Before the first block the accumulator is zero: nothing to rescale.
+      if (key0 > 0) {
+        for (int64_t c = 0; c < value_dim; ++c) {
+          acc_t* out = out_t + c * kBlock + v * kWidth;
+          (Vec::loadu(out) * correction).store(out);
+        }
       }
     }
 
