@@ -1,0 +1,64 @@
+// The CPU kernel behind kiln::attention: a blocked online-softmax (FlashAttention-style) loop that
+// never materializes the query x key score matrix. torch_ops/attention_op.cpp validates inputs,
+// broadcasts them and fills AttentionProblem; the kernel reads every operand through its strides.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace kiln::cpu {
+
+// One [rows, cols] matrix per flattened batch index (all leading dims, heads included), read
+// through arbitrary strides: a [B, S, H, D] tensor viewed as [B, H, S, D] is never copied.
+struct StridedMatrices {
+  const void* data = nullptr;
+  std::vector<int64_t> batch_offsets;  // elements, one per flattened batch index
+  int64_t row_stride = 0;
+  int64_t col_stride = 0;
+};
+
+enum class MaskKind {
+  kNone,
+  kKeep,      // bool: true keeps the score, false drops it (as scaled_dot_product_attention)
+  kAdditive,  // floating point, added to the scaled scores
+};
+
+struct AttentionProblem {
+  c10::ScalarType dtype = c10::ScalarType::Float;  // of query, key, value and the output
+  int64_t batch = 0;                               // product of all leading dims
+  int64_t query_len = 0;
+  int64_t key_len = 0;
+  int64_t head_dim = 0;   // of query and key
+  int64_t value_dim = 0;  // of value and the output
+  StridedMatrices query;  // [query_len, head_dim]
+  StridedMatrices key;    // [key_len, head_dim]
+  StridedMatrices value;  // [key_len, value_dim]
+  MaskKind mask_kind = MaskKind::kNone;
+  c10::ScalarType mask_dtype = c10::ScalarType::Bool;
+  StridedMatrices mask;  // [query_len, key_len], usually with zero (broadcast) strides
+  bool causal = false;   // keep key j for query i only when j <= i (top-left aligned)
+  double scale = 1.0;
+  void* output = nullptr;  // contiguous [batch, query_len, value_dim]
+};
+
+// The instruction sets the kernel is compiled for (torch_ops/cpu/attention_kernel.cpp is built
+// once per set, as ATen builds its CPU kernels).
+enum class CpuIsa { kDefault, kAvx2, kAvx512 };
+
+// The best set this CPU runs, capped by ATEN_CPU_CAPABILITY (default|avx2|avx512) like ATen.
+CpuIsa bestCpuIsa();
+bool cpuIsaSupported(CpuIsa isa);
+const char* cpuIsaName(CpuIsa isa);
+
+// Pins one build for every later call (tests and benchmarks compare them); std::nullopt goes
+// back to bestCpuIsa().
+void overrideCpuIsa(std::optional<CpuIsa> isa);
+
+// Writes problem.output. Runs in parallel over batch x query blocks on ATen's thread pool.
+void attentionForward(const AttentionProblem& problem);
+void attentionForward(const AttentionProblem& problem, CpuIsa isa);
+
+}  // namespace kiln::cpu
