@@ -56,6 +56,39 @@ Vectorized<acc_t> exponential(Vectorized<acc_t> x) {
   }
 }
 
+// sum[r][:] += sum over k of a[r * a_row_stride + k * a_step] * b[k * b_stride][:], the rank-1
+// update loop both tiles run: kRows broadcast scalars times kVectors loaded vectors per step.
+// Forced inline: `sum` must stay in registers (called out of line it lives in memory, 2x slower).
+template <typename acc_t, int kRows, int kVectors>
+C10_ALWAYS_INLINE void accumulateTile(const acc_t* a, int64_t a_row_stride, int64_t a_step,
+                                      const acc_t* b, int64_t b_stride, int64_t steps,
+                                      Vectorized<acc_t> (&sum)[kRows][kVectors]) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t kWidth = Vec::size();
+  for (int64_t k = 0; k < steps; ++k) {
+    Vec row[kVectors];
+    KILN_UNROLL
+    for (int v = 0; v < kVectors; ++v) row[v] = Vec::loadu(b + k * b_stride + v * kWidth);
+    KILN_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const Vec scalar(a[r * a_row_stride + k * a_step]);
+      KILN_UNROLL
+      for (int v = 0; v < kVectors; ++v) sum[r][v] = at::vec::fmadd(scalar, row[v], sum[r][v]);
+    }
+  }
+}
+
+template <typename acc_t, int kRows, int kVectors>
+C10_ALWAYS_INLINE void storeTile(const Vectorized<acc_t> (&sum)[kRows][kVectors], acc_t* out,
+                                 int64_t out_stride) {
+  constexpr int64_t kWidth = Vectorized<acc_t>::size();
+  KILN_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    KILN_UNROLL
+    for (int v = 0; v < kVectors; ++v) sum[r][v].store(out + r * out_stride + v * kWidth);
+  }
+}
+
 // scores[r][:] = sum over d of keys[r][d] * query_t[d][:], for kRows keys and kVectors vectors
 // of queries. keys rows are key_stride apart with unit column stride. Also folds the tile's
 // per-query max into block_max while the scores are still in registers.
@@ -64,30 +97,14 @@ void scoreTile(const acc_t* keys, int64_t key_stride, const acc_t* query_t, int6
                int64_t head_dim, acc_t* scores, int64_t score_stride,
                Vectorized<acc_t>* block_max) {
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t kWidth = Vec::size();
   Vec sum[kRows][kVectors];
   KILN_UNROLL
   for (int r = 0; r < kRows; ++r) {
     KILN_UNROLL
     for (int v = 0; v < kVectors; ++v) sum[r][v] = Vec(acc_t(0));
   }
-  for (int64_t d = 0; d < head_dim; ++d) {
-    Vec query[kVectors];
-    KILN_UNROLL
-    for (int v = 0; v < kVectors; ++v)
-      query[v] = Vec::loadu(query_t + d * query_stride + v * kWidth);
-    KILN_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      const Vec key(keys[r * key_stride + d]);
-      KILN_UNROLL
-      for (int v = 0; v < kVectors; ++v) sum[r][v] = at::vec::fmadd(key, query[v], sum[r][v]);
-    }
-  }
-  KILN_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    KILN_UNROLL
-    for (int v = 0; v < kVectors; ++v) sum[r][v].store(scores + r * score_stride + v * kWidth);
-  }
+  accumulateTile<acc_t, kRows, kVectors>(keys, key_stride, 1, query_t, query_stride, head_dim, sum);
+  storeTile<acc_t, kRows, kVectors>(sum, scores, score_stride);
   KILN_UNROLL
   for (int v = 0; v < kVectors; ++v) {
     Vec tile_max = sum[0][v];
@@ -109,22 +126,9 @@ void valueTile(const acc_t* values, int64_t value_stride, const acc_t* probs, in
     KILN_UNROLL
     for (int v = 0; v < kVectors; ++v) sum[r][v] = Vec::loadu(out_t + r * out_stride + v * kWidth);
   }
-  for (int64_t j = 0; j < key_count; ++j) {
-    Vec prob[kVectors];
-    KILN_UNROLL
-    for (int v = 0; v < kVectors; ++v) prob[v] = Vec::loadu(probs + j * prob_stride + v * kWidth);
-    KILN_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      const Vec value(values[j * value_stride + r]);
-      KILN_UNROLL
-      for (int v = 0; v < kVectors; ++v) sum[r][v] = at::vec::fmadd(value, prob[v], sum[r][v]);
-    }
-  }
-  KILN_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    KILN_UNROLL
-    for (int v = 0; v < kVectors; ++v) sum[r][v].store(out_t + r * out_stride + v * kWidth);
-  }
+  accumulateTile<acc_t, kRows, kVectors>(values, 1, value_stride, probs, prob_stride, key_count,
+                                         sum);
+  storeTile<acc_t, kRows, kVectors>(sum, out_t, out_stride);
 }
 
 // Runs `tile<kRows>(first_row)` over `rows` rows: full tiles, then one narrower tile.
