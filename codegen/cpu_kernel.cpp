@@ -266,7 +266,7 @@ struct Emitter {
 
   // float32 erf: for |x| ≥ 1 Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the formula ATen's
   // vectorized CPU erf uses, several times faster than SLEEF's erf; below 1 a polynomial.
-  llvm::Value* fastErf(llvm::Value* x, int lanes) {
+  llvm::Value* fastErf(llvm::Value* x) {
     llvm::Type* t = x->getType();
     auto c = [&](double v) { return floatConstant(t, v); };
     llvm::Value* one = c(1.0);
@@ -319,7 +319,7 @@ struct Emitter {
       case Op::kTrunc: return builder.CreateUnaryIntrinsic(llvm::Intrinsic::trunc, x);
       case Op::kRound: return builder.CreateUnaryIntrinsic(llvm::Intrinsic::roundeven, x);
       case Op::kErf:
-        if (type == DType::kFloat32) return fastErf(x, lanes);
+        if (type == DType::kFloat32) return fastErf(x);
         return callMath(op, type, lanes, {x});
       case Op::kExp:
         if (type == DType::kFloat32) return fastExp(x);

@@ -175,11 +175,11 @@ std::vector<bool> liveValues(const ir::Kernel& kernel) {
 
 // Statements computing the kernel body for one element. `load(k)` is the expression reading
 // tensor input k; the outputs' values are returned in `outputs`.
-std::string bodyStatements(const ir::Kernel& kernel, const std::function<std::string(int)>& load,
-                           const std::string& indent, std::vector<std::string>* outputs) {
+std::string bodyStatements(const ir::Kernel& kernel, const std::vector<bool>& live,
+                           const std::function<std::string(int)>& load, const std::string& indent,
+                           std::vector<std::string>* outputs) {
   std::ostringstream out;
   auto name = [](size_t k) { return "v" + std::to_string(k); };
-  const std::vector<bool> live = liveValues(kernel);
   for (size_t k = 0; k < kernel.body.size(); ++k) {
     if (!live[k]) continue;
     const Instr& instr = kernel.body[k];
@@ -246,10 +246,6 @@ int cudaVectorWidth(const ir::Kernel& kernel) {
   return static_cast<int>(16 / widest);
 }
 
-size_t CudaArgumentLayout::words() const {
-  return static_cast<size_t>(operands + rank + operands * rank + 1 + std::max(1, float_scalars) + std::max(1, int_scalars));
-}
-
 CudaArgumentLayout cudaArgumentLayout(const ir::Kernel& kernel, const CudaSpecialization& specialization) {
   CudaArgumentLayout layout;
   layout.operands = static_cast<int>(kernel.tensor_inputs.size() + kernel.outputs.size());
@@ -295,13 +291,11 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
       << "(const " << params << " p) {\n"
       << "  typedef " << index_type << " index_t;\n";
   // Inputs no output depends on are never read (a tensor passed only for its dtype).
+  const std::vector<bool> live = liveValues(kernel);
   std::vector<bool> used(operands, true);
-  {
-    const std::vector<bool> live = liveValues(kernel);
-    for (size_t k = 0; k < inputs; ++k) used[k] = false;
-    for (size_t k = 0; k < kernel.body.size(); ++k) {
-      if (live[k] && kernel.body[k].op == Op::kLoad) used[static_cast<size_t>(kernel.body[k].param)] = true;
-    }
+  for (size_t k = 0; k < inputs; ++k) used[k] = false;
+  for (size_t k = 0; k < kernel.body.size(); ++k) {
+    if (live[k] && kernel.body[k].op == Op::kLoad) used[static_cast<size_t>(kernel.body[k].param)] = true;
   }
   for (size_t k = 0; k < operands; ++k) {
     if (!used[k]) continue;
@@ -333,7 +327,7 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
       const std::string lane = std::to_string(j);
       values.clear();
       out << "    {\n";
-      out << bodyStatements(kernel, [&](int k) {
+      out << bodyStatements(kernel, live, [&](int k) {
         return specialization.broadcast[static_cast<size_t>(k)] ? "d" + std::to_string(k) + "[0]" : "x" + std::to_string(k) + ".v[" + lane + "]";
       }, "      ", &values);
       for (size_t o = 0; o < kernel.outputs.size(); ++o) {
@@ -369,12 +363,12 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
       for (size_t k = 0; k < operands; ++k) out << "      o" << k << " += i * (index_t)p.strides[" << k << "][" << d << "];\n";
       out << "    }\n";
     }
-    out << bodyStatements(kernel, [&](int k) { return "d" + std::to_string(k) + "[o" + std::to_string(k) + "]"; }, "    ", &values);
+    out << bodyStatements(kernel, live, [&](int k) { return "d" + std::to_string(k) + "[o" + std::to_string(k) + "]"; }, "    ", &values);
     for (size_t o = 0; o < kernel.outputs.size(); ++o) {
       out << "    d" << inputs + o << "[o" << inputs + o << "] = " << storeValue(kernel.outputType(o), values[o]) << ";\n";
     }
   } else {
-    out << bodyStatements(kernel, [&](int k) {
+    out << bodyStatements(kernel, live, [&](int k) {
       return "d" + std::to_string(k) + (specialization.broadcast[static_cast<size_t>(k)] ? "[0]" : "[e]");
     }, "    ", &values);
     for (size_t o = 0; o < kernel.outputs.size(); ++o) {

@@ -60,7 +60,6 @@ struct CudaArgumentLayout {
   int rank = 0;
   int float_scalars = 0;
   int int_scalars = 0;
-  size_t words() const;
 };
 CudaArgumentLayout cudaArgumentLayout(const ir::Kernel& kernel, const CudaSpecialization& specialization);
 

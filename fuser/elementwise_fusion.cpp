@@ -110,11 +110,8 @@ class GroupBuilder {
     auto position = std::find(outer.begin(), outer.end(), input);
     if (position == outer.end()) return false;
     Value* inner = group->g(torch::jit::attr::Subgraph)->inputs()[static_cast<size_t>(position - outer.begin())];
-    static const c10::Symbol batch_norm = c10::Symbol::fromQualString("aten::batch_norm");
-    for (const torch::jit::Use& use : inner->uses()) {
-      if (use.user->kind() == batch_norm && use.offset >= 1 && use.offset <= 4) return true;
-    }
-    return false;
+    const auto& uses = inner->uses();
+    return std::any_of(uses.begin(), uses.end(), isChannelOperandUse);
   }
 
   std::shared_ptr<Graph> graph_;

@@ -449,9 +449,7 @@ std::string recordChannelParams(const torch::jit::Graph& subgraph, const Node* n
     const Operand& operand = operands.at(param);
     if (!operand.is_tensor || operand.sample.toTensor().dim() != 1) return "batch_norm parameter is not 1-D";
     for (const torch::jit::Use& use : param->uses()) {
-      if (use.user->kind() != node->kind() || use.offset < 1 || use.offset > 4) {
-        return "a batch_norm parameter is also an operand of another op";
-      }
+      if (!isChannelOperandUse(use)) return "a batch_norm parameter is also an operand of another op";
     }
     ChannelParam entry{sources.at(param).front(), x_rank, sources.at(node->input(0))};
     auto same = std::find_if(params.begin(), params.end(), [&](const ChannelParam& p) { return p.input == entry.input; });
@@ -477,6 +475,11 @@ std::optional<ir::DType> irDType(at::ScalarType type) {
     case at::kDouble: return ir::DType::kFloat64;
     default: return std::nullopt;
   }
+}
+
+bool isChannelOperandUse(const torch::jit::Use& use) {
+  static const c10::Symbol batch_norm = c10::Symbol::fromQualString("aten::batch_norm");
+  return use.user->kind() == batch_norm && use.offset >= 1 && use.offset <= 4;
 }
 
 bool isFusibleNode(const Node* node) {

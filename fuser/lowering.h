@@ -37,6 +37,10 @@ struct ChannelParam {
   std::vector<int> x_sources;    // tensor inputs whose broadcast shape is that input's shape
 };
 
+// Whether `use` is one of batch_norm's per-channel operands (weight, bias, running statistics),
+// which reach a kernel only as group inputs viewed per channel.
+bool isChannelOperandUse(const torch::jit::Use& use);
+
 struct LoweredGroup {
   ir::Kernel kernel;
   std::vector<at::ScalarType> output_dtypes;
