@@ -58,6 +58,8 @@ class GroupBuilder {
 
   void buildInBlock(Block* block) {
     for (Node* node : block->nodes()) {
+      // A kiln fallback keeps the original ops on purpose; only the kiln branch is looked at.
+      if (isKilnFallback(node)) continue;
       for (Block* inner : node->blocks()) buildInBlock(inner);
     }
     bool changed = true;

@@ -1,5 +1,6 @@
-// The elementwise fusion pass: finds maximal groups of fusible ops in a TorchScript graph and
-// replaces each with a guarded kiln::fusion_group node that keeps the original ops as fallback.
+// kiln's passes over a TorchScript graph. The elementwise pass finds maximal groups of fusible ops
+// and replaces each with a guarded kiln::fusion_group node that keeps the original ops as fallback;
+// the attention pass does the same for attention subgraphs.
 #pragma once
 
 #include <torch/csrc/jit/ir/ir.h>
@@ -13,8 +14,19 @@ namespace kiln {
 // Node kinds the pass inserts; fuser/ and torch_ops/ agree on these names.
 constexpr const char* kFusionGroupOp = "kiln::fusion_group";
 constexpr const char* kFusionGuardOp = "kiln::fusion_guard";
+constexpr const char* kAttentionOp = "kiln::attention";
+constexpr const char* kAttentionExplicitOp = "kiln::attention_explicit";
+constexpr const char* kAttentionGuardOp = "kiln::attention_guard";
 
 // Returns the number of groups created.
 int fuseElementwise(std::shared_ptr<torch::jit::Graph>& graph, const Options& options);
+
+// The attention pattern (attention_fusion.cpp): replaces each scaled_dot_product_attention and
+// each explicit matmul/softmax attention with a guarded kiln attention op. Runs before
+// fuseElementwise, which would otherwise take the scaling and masking ops. Returns the count.
+int fuseAttention(std::shared_ptr<torch::jit::Graph>& graph, const Options& options);
+
+// True for the prim::If either pass builds: block0 runs kiln, block1 keeps the original ops.
+bool isKilnFallback(const torch::jit::Node* node);
 
 }  // namespace kiln

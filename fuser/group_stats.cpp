@@ -5,7 +5,6 @@
 #include <mutex>
 #include <unordered_map>
 
-#include "fuser/fusion_pass.h"
 
 namespace kiln {
 namespace {
@@ -41,14 +40,6 @@ GroupShape groupShape(const std::string& subgraph_text) {
   shape.num_inputs = graph->inputs().size();
   shape.num_outputs = graph->outputs().size();
   return shape;
-}
-
-bool isFusionFallback(const torch::jit::Node* if_node) {
-  if (if_node->kind() != torch::jit::prim::If || if_node->blocks().size() != 2) return false;
-  for (const torch::jit::Node* node : if_node->blocks()[0]->nodes()) {
-    if (node->kind().toQualString() == std::string(kFusionGroupOp)) return true;
-  }
-  return false;
 }
 
 GroupCounters& groupCounters(const std::string& subgraph_text) {

@@ -44,8 +44,6 @@ struct GroupShape {
 // The subgraph text of a kiln::fusion_group node (its last input, a string constant).
 std::string groupSubgraphText(const torch::jit::Node* group);
 GroupShape groupShape(const std::string& subgraph_text);
-// True for the prim::If the pass builds around a group.
-bool isFusionFallback(const torch::jit::Node* if_node);
 
 GroupCounters& groupCounters(const std::string& subgraph_text);
 GroupStats groupStats(const std::string& subgraph_text);

@@ -55,7 +55,9 @@ bool enabled() {
 
 void fuse(std::shared_ptr<torch::jit::Graph>& graph, const Options& options) {
   if (options.disabled) return;
-  int groups = fuseElementwise(graph, options);
+  log(LogLevel::kDebug, "before fusion:\n" + graph->toString());
+  int groups = fuseAttention(graph, options);
+  groups += fuseElementwise(graph, options);
   if (groups > 0) torch::jit::EliminateDeadCode(graph);
   log(LogLevel::kDebug, "after fusion:\n" + graph->toString());
 }

@@ -1,4 +1,5 @@
 // kiln::report: what the pass fused in a graph, and the memory traffic each group saves.
+#include <algorithm>
 #include <sstream>
 
 #include "codegen/json.h"
@@ -8,6 +9,30 @@
 
 namespace kiln {
 namespace {
+
+bool isAttentionOp(const torch::jit::Node* node) {
+  const std::string kind = node->kind().toQualString();
+  return kind == kAttentionOp || kind == kAttentionExplicitOp;
+}
+
+// An attention group: the ops it replaced are those of the fallback block.
+GroupReport attentionGroup(const torch::jit::Node* if_node, size_t index) {
+  GroupReport group;
+  group.name = "attention_" + std::to_string(index);
+  group.kind = "attention";
+  for (const torch::jit::Node* node : if_node->blocks()[1]->nodes()) {
+    if (node->kind() == torch::jit::prim::Constant || node->kind() == torch::jit::prim::profile) continue;
+    group.ops.push_back(node->kind().toQualString());
+  }
+  for (const torch::jit::Node* node : if_node->blocks()[0]->nodes()) {
+    if (!isAttentionOp(node)) continue;
+    // q, k, v and whichever masks are present.
+    for (size_t i = 0; i < std::min<size_t>(node->inputs().size(), 5); ++i)
+      group.num_inputs += node->input(i)->type()->kind() == c10::TypeKind::TensorType;
+  }
+  group.num_outputs = 1;
+  return group;
+}
 
 void collect(torch::jit::Block* block, Report& report) {
   for (torch::jit::Node* node : block->nodes()) {
@@ -29,7 +54,14 @@ void collect(torch::jit::Block* block, Report& report) {
       report.groups.push_back(std::move(group));
       continue;  // the fallback block under the guard holds the same ops again
     }
-    if (node->kind() == torch::jit::prim::If && isFusionFallback(node)) {
+    if (isKilnFallback(node)) {
+      const auto& fused = node->blocks()[0]->nodes();
+      if (std::any_of(fused.begin(), fused.end(), isAttentionOp)) {
+        GroupReport group = attentionGroup(node, report.groups.size());
+        report.nodes_fused += static_cast<int64_t>(group.ops.size());
+        report.groups.push_back(std::move(group));
+        continue;
+      }
       // Count only the fused branch's group; skip the original ops kept for the fallback.
       collect(node->blocks()[0], report);
       continue;

@@ -23,6 +23,7 @@
 #include "kiln/options.h"
 #include "torch_ops/fusion_runtime.h"
 #include "codegen/versions.h"
+#include "fuser/fusion_pass.h"
 #include "kiln/kiln.h"
 #include "tools/cli_args.h"
 #include "tools/demo_model.h"
@@ -206,16 +207,15 @@ std::string dotGraph(const std::shared_ptr<torch::jit::Graph>& graph, const kiln
     for (torch::jit::Node* node : block->nodes()) {
       std::string kind = node->kind().toQualString();
       if (kind == "prim::Constant" || kind == "prim::ListConstruct" || kind == "prim::ListUnpack" ||
-          kind == "kiln::fusion_guard") {
+          kind == "kiln::fusion_guard" || kind == "kiln::attention_guard") {
         continue;
       }
       if (kind == "prim::If" && !node->blocks().empty()) {
-        bool is_group = false;
-        for (torch::jit::Node* inner : node->blocks()[0]->nodes()) is_group |= inner->kind().toQualString() == std::string("kiln::fusion_group");
-        if (is_group && group_index < report.groups.size()) {
+        if (kiln::isKilnFallback(node) && group_index < report.groups.size()) {
           const kiln::GroupReport& group = report.groups[group_index];
           std::string cluster = "g" + std::to_string(group_index++);
-          dot << "  subgraph cluster_" << cluster << " {\n    label=\"" << group.name << "\"; style=filled; color=lightblue;\n";
+          const char* color = group.kind == "attention" ? "lightsalmon" : "lightblue";
+          dot << "  subgraph cluster_" << cluster << " {\n    label=\"" << group.name << "\"; style=filled; color=" << color << ";\n";
           for (size_t i = 0; i < group.ops.size(); ++i) {
             dot << "    " << cluster << "_" << i << " [label=\"" << group.ops[i] << "\"];\n";
             if (i) dot << "    " << cluster << "_" << i - 1 << " -> " << cluster << "_" << i << " [style=dotted];\n";

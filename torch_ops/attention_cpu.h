@@ -41,6 +41,16 @@ struct AttentionProblem {
   StridedMatrices mask;  // [query_len, key_len], usually with zero (broadcast) strides
   bool causal = false;   // keep key j for query i only when j <= i (top-left aligned)
   double scale = 1.0;
+  // The explicit matmul/softmax form (kiln::attention_explicit): where `fill_keep` is false the
+  // score becomes `fill` (plus the additive mask when fill_adds_mask), as masked_fill or where
+  // left it in the original graph. A finite fill still takes part in the softmax.
+  bool has_fill_keep = false;
+  StridedMatrices fill_keep;  // bool [query_len, key_len]
+  double fill = 0.0;          // already rounded to dtype, as eager rounds it into the scores
+  bool fill_adds_mask = false;
+  // A query whose every score is -inf: 0 as scaled_dot_product_attention gives (false), or NaN as
+  // softmax gives in the explicit form (true).
+  bool empty_rows_nan = false;
   void* output = nullptr;  // contiguous [batch, query_len, value_dim]
 };
 

@@ -5,10 +5,14 @@
 // work; the dispatcher reports a missing backend for CUDA tensors until it lands.
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
+#include <vector>
 
 #include "torch_ops/attention_cpu.h"
 
@@ -62,9 +66,24 @@ cpu::StridedMatrices stridedMatrices(const at::Tensor& expanded, int64_t batch_r
   return matrices;
 }
 
-at::Tensor attentionCpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                        const std::optional<at::Tensor>& mask, std::optional<double> scale,
-                        bool causal) {
+// The checked problem and the views it points into (they must outlive the kernel call).
+struct Prepared {
+  cpu::AttentionProblem problem;
+  std::vector<int64_t> batch_shape;
+  std::vector<at::Tensor> views;
+  at::Tensor output;
+};
+
+std::vector<int64_t> scoresShape(const std::vector<int64_t>& batch_shape, int64_t query_len,
+                                 int64_t key_len) {
+  std::vector<int64_t> shape = batch_shape;
+  shape.push_back(query_len);
+  shape.push_back(key_len);
+  return shape;
+}
+
+Prepared prepare(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                 const std::optional<at::Tensor>& mask, std::optional<double> scale, bool causal) {
   checkOperand(query, "query");
   checkOperand(key, "key");
   checkOperand(value, "value");
@@ -86,38 +105,33 @@ at::Tensor attentionCpu(const at::Tensor& query, const at::Tensor& key, const at
 
   // Leading dims broadcast as in a batched matmul.
   const auto batchDims = [](const at::Tensor& t) { return t.sizes().slice(0, t.dim() - 2); };
-  std::vector<int64_t> batch_shape;
+  Prepared prepared;
   try {
-    batch_shape =
+    prepared.batch_shape =
         at::infer_size(at::infer_size(batchDims(query), batchDims(key)), batchDims(value));
   } catch (const c10::Error&) {
     TORCH_CHECK(false, "kiln::attention: the batch dims (all but the last two) of query, key ",
                 "and value must broadcast, got query ", query.sizes(), ", key ", key.sizes(),
                 ", value ", value.sizes());
   }
+  const std::vector<int64_t>& batch_shape = prepared.batch_shape;
   const int64_t batch_rank = static_cast<int64_t>(batch_shape.size());
   const auto expandedTo = [&](const at::Tensor& t, int64_t rows, int64_t cols) {
-    std::vector<int64_t> shape = batch_shape;
-    shape.push_back(rows);
-    shape.push_back(cols);
-    return t.expand(shape);
+    prepared.views.push_back(t.expand(scoresShape(batch_shape, rows, cols)));
+    return stridedMatrices(prepared.views.back(), batch_rank);
   };
 
-  cpu::AttentionProblem problem;
+  cpu::AttentionProblem& problem = prepared.problem;
   problem.dtype = query.scalar_type();
   problem.batch = c10::multiply_integers(batch_shape);
   problem.query_len = query_len;
   problem.key_len = key_len;
   problem.head_dim = head_dim;
   problem.value_dim = value_dim;
-  const at::Tensor query_view = expandedTo(query, query_len, head_dim);
-  const at::Tensor key_view = expandedTo(key, key_len, head_dim);
-  const at::Tensor value_view = expandedTo(value, key_len, value_dim);
-  problem.query = stridedMatrices(query_view, batch_rank);
-  problem.key = stridedMatrices(key_view, batch_rank);
-  problem.value = stridedMatrices(value_view, batch_rank);
+  problem.query = expandedTo(query, query_len, head_dim);
+  problem.key = expandedTo(key, key_len, head_dim);
+  problem.value = expandedTo(value, key_len, value_dim);
 
-  at::Tensor mask_view;
   if (mask.has_value() && mask->defined()) {
     checkOperand(*mask, "mask");
     const at::ScalarType mask_dtype = mask->scalar_type();
@@ -126,27 +140,154 @@ at::Tensor attentionCpu(const at::Tensor& query, const at::Tensor& key, const at
         "kiln::attention: mask must be bool (true keeps a score), float32 or the query's "
         "dtype (",
         query.scalar_type(), "; added to the scores), got ", mask_dtype);
-    std::vector<int64_t> scores_shape = batch_shape;
-    scores_shape.push_back(query_len);
-    scores_shape.push_back(key_len);
+    const std::vector<int64_t> scores_shape = scoresShape(batch_shape, query_len, key_len);
     TORCH_CHECK(at::is_expandable_to(mask->sizes(), scores_shape), "kiln::attention: mask of ",
                 "shape ", mask->sizes(), " does not broadcast to the scores' shape ",
                 c10::IntArrayRef(scores_shape), " ([..., query_len, key_len])");
-    mask_view = mask->expand(scores_shape);
     problem.mask_kind = mask_dtype == at::kBool ? cpu::MaskKind::kKeep : cpu::MaskKind::kAdditive;
     problem.mask_dtype = mask_dtype;
-    problem.mask = stridedMatrices(mask_view, batch_rank);
+    problem.mask = expandedTo(*mask, query_len, key_len);
   }
   problem.causal = causal;
   problem.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
 
-  std::vector<int64_t> output_shape = batch_shape;
-  output_shape.push_back(query_len);
-  output_shape.push_back(value_dim);
-  at::Tensor output = at::empty(output_shape, query.options());
-  problem.output = output.data_ptr();
+  prepared.output =
+      at::empty(scoresShape(batch_shape, query_len, value_dim), query.options());
+  problem.output = prepared.output.data_ptr();
+  return prepared;
+}
+
+at::Tensor attentionCpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                        const std::optional<at::Tensor>& mask, std::optional<double> scale,
+                        bool causal) {
+  Prepared prepared = prepare(query, key, value, mask, scale, causal);
+  cpu::attentionForward(prepared.problem);
+  return prepared.output;
+}
+
+// The value `fill` takes once stored in a tensor of `dtype`, as masked_fill and where store it.
+double roundedTo(double fill, at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf:
+      return static_cast<float>(static_cast<c10::Half>(static_cast<float>(fill)));
+    case at::kBFloat16:
+      return static_cast<float>(static_cast<c10::BFloat16>(static_cast<float>(fill)));
+    case at::kFloat:
+      return static_cast<float>(fill);
+    default:
+      return fill;
+  }
+}
+
+// softmax(q @ k^T * scale + mask, with `keep` false replaced by fill) @ v: what the fuser puts in
+// place of an explicit matmul/softmax attention graph. Unlike scaled_dot_product_attention, a row
+// whose every score is -inf gives NaN, as the original graph's softmax does.
+at::Tensor attentionExplicitCpu(const at::Tensor& query, const at::Tensor& key,
+                                const at::Tensor& value, const std::optional<at::Tensor>& mask,
+                                const std::optional<at::Tensor>& keep, double scale, double fill,
+                                bool fill_adds_mask) {
+  const bool has_mask = mask.has_value() && mask->defined();
+  TORCH_CHECK(!has_mask || at::isFloatingType(mask->scalar_type()),
+              "kiln::attention_explicit: mask is added to the scores and must be floating point, "
+              "got ",
+              mask->scalar_type());
+  TORCH_CHECK(!fill_adds_mask || has_mask,
+              "kiln::attention_explicit: fill_adds_mask needs a mask");
+  Prepared prepared = prepare(query, key, value, mask, scale, /*causal=*/false);
+  cpu::AttentionProblem& problem = prepared.problem;
+  problem.empty_rows_nan = true;
+  if (keep.has_value() && keep->defined()) {
+    checkOperand(*keep, "keep");
+    TORCH_CHECK(keep->scalar_type() == at::kBool,
+                "kiln::attention_explicit: keep must be bool, got ", keep->scalar_type());
+    const std::vector<int64_t> scores_shape =
+        scoresShape(prepared.batch_shape, problem.query_len, problem.key_len);
+    TORCH_CHECK(at::is_expandable_to(keep->sizes(), scores_shape),
+                "kiln::attention_explicit: keep of shape ", keep->sizes(),
+                " does not broadcast to the scores' shape ", c10::IntArrayRef(scores_shape));
+    prepared.views.push_back(keep->expand(scores_shape));
+    problem.has_fill_keep = true;
+    problem.fill_keep =
+        stridedMatrices(prepared.views.back(), static_cast<int64_t>(prepared.batch_shape.size()));
+    problem.fill = roundedTo(fill, query.scalar_type());
+    problem.fill_adds_mask = fill_adds_mask;
+  }
   cpu::attentionForward(problem);
-  return output;
+  return prepared.output;
+}
+
+// Whether a kiln attention kernel exists for this tensor's device.
+bool kernelFor(const at::Tensor& tensor) {
+  if (tensor.device().is_cpu()) return true;
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("kiln::attention_explicit", "");
+  const c10::DispatchKey key = c10::computeDispatchKey(std::nullopt, tensor.layout(),
+                                                       tensor.device());
+  return op.hasKernelForDispatchKey(key);
+}
+
+bool fitsDtype(double value, at::ScalarType dtype) {
+  if (!std::isfinite(value)) return true;
+  switch (dtype) {
+    case at::kHalf:
+      return std::abs(value) <= 65504.0;
+    case at::kBFloat16:
+    case at::kFloat:
+      return std::abs(value) <= std::numeric_limits<float>::max();
+    default:
+      return true;
+  }
+}
+
+// kiln::attention_guard: true when the fused attention computes what the original ops would, on
+// these very inputs. Every check is on metadata; nothing is read from device memory.
+//   sdpa: the original is aten::scaled_dot_product_attention (its mask is bool or additive);
+//         otherwise the explicit form, whose `mask` is added and whose `keep` feeds the fill.
+bool attentionGuard(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& keep,
+                    double fill, int64_t softmax_dim, std::optional<int64_t> probs_dtype,
+                    c10::ArrayRef<double> dropout_p, const c10::List<bool>& dropout_train,
+                    bool sdpa) {
+  const auto dense = [](const at::Tensor& t) { return t.defined() && t.layout() == at::kStrided; };
+  if (!dense(query) || !dense(key) || !dense(value)) return false;
+  const at::ScalarType dtype = query.scalar_type();
+  if (!isAttentionDtype(dtype) || key.scalar_type() != dtype || value.scalar_type() != dtype)
+    return false;
+  if (key.device() != query.device() || value.device() != query.device() || !kernelFor(query))
+    return false;
+  // Same rank, same batch dims: no broadcasting between q, k and v to reason about.
+  const int64_t rank = query.dim();
+  if (rank < 2 || key.dim() != rank || value.dim() != rank) return false;
+  for (int64_t d = 0; d < rank - 2; ++d)
+    if (key.size(d) != query.size(d) || value.size(d) != query.size(d)) return false;
+  if (key.size(-1) != query.size(-1) || value.size(-2) != key.size(-2)) return false;
+  std::vector<int64_t> scores_shape(query.sizes().begin(), query.sizes().end());
+  scores_shape.back() = key.size(-2);
+  const auto fits = [&](const at::Tensor& t) {
+    return dense(t) && t.device() == query.device() &&
+           at::is_expandable_to(t.sizes(), scores_shape);
+  };
+  const bool has_mask = mask.has_value() && mask->defined();
+  if (has_mask) {
+    if (!fits(*mask)) return false;
+    const at::ScalarType mask_dtype = mask->scalar_type();
+    if (mask_dtype != dtype && !(sdpa && mask_dtype == at::kBool)) return false;
+  }
+  const bool has_keep = keep.has_value() && keep->defined();
+  if (has_keep && (sdpa || !fits(*keep) || keep->scalar_type() != at::kBool)) return false;
+  if (has_keep && !fitsDtype(fill, dtype)) return false;  // eager raises or overflows; let it
+  if (softmax_dim != -1 && softmax_dim != rank - 1) return false;
+  if (probs_dtype.has_value() && *probs_dtype != static_cast<int64_t>(dtype)) return false;
+  if (dropout_p.size() != dropout_train.size()) return false;
+  for (size_t i = 0; i < dropout_p.size(); ++i)
+    if (dropout_train[i] && dropout_p[i] != 0.0) return false;
+  // kiln's kernels have no backward: anything autograd would track stays unfused.
+  if (at::GradMode::is_enabled()) {
+    for (const at::Tensor* t : {&query, &key, &value})
+      if (t->requires_grad()) return false;
+    if (has_mask && mask->requires_grad()) return false;
+  }
+  return true;
 }
 
 }  // namespace
@@ -155,8 +296,21 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? mask=None, float? scale=None, "
       "bool causal=False) -> Tensor");
+  // What the fuser puts in place of the explicit matmul/softmax form (see attentionExplicitCpu).
+  m.def(
+      "attention_explicit(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? keep, float scale, "
+      "float fill, bool fill_adds_mask) -> Tensor");
+  // Reads metadata only, so one kernel serves every device.
+  m.def(
+      "attention_guard(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? keep, float fill, "
+      "int softmax_dim, int? probs_dtype, float[] dropout_p, bool[] dropout_train, bool sdpa) "
+      "-> bool",
+      &attentionGuard);
 }
 
-TORCH_LIBRARY_IMPL(kiln, CPU, m) { m.impl("attention", &attentionCpu); }
+TORCH_LIBRARY_IMPL(kiln, CPU, m) {
+  m.impl("attention", &attentionCpu);
+  m.impl("attention_explicit", &attentionExplicitCpu);
+}
 
 }  // namespace kiln

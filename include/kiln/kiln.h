@@ -32,8 +32,9 @@ torch::jit::Module optimize(const torch::jit::Module& module,
 // One fused group: the ops it replaced and the memory traffic it saves.
 struct GroupReport {
   std::string name;               // e.g. "fusion_group_0"
-  std::string kind;               // "elementwise"
+  std::string kind;               // "elementwise" or "attention"
   std::vector<std::string> ops;   // the aten ops inside, in graph order
+  // Attention groups run hand-written kernels: their byte counts and call counts stay -1 and 0.
   int64_t num_inputs = 0;
   int64_t num_outputs = 0;
   // Measured on the last run with concrete shapes; -1 when the group has not run yet.

@@ -16,7 +16,7 @@ namespace kiln::testing {
 
 inline std::shared_ptr<torch::jit::Graph> parseGraph(const std::string& text) {
   auto graph = std::make_shared<torch::jit::Graph>();
-  torch::jit::parseIR(text, graph.get());
+  torch::jit::parseIR(text, graph.get(), /*parse_tensor_constants=*/true);
   return graph;
 }
 

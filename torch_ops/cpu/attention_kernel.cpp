@@ -237,6 +237,64 @@ void applyMask(const AttentionProblem& problem, int64_t batch_index, int64_t que
   }
 }
 
+// Where fill_keep is false the score becomes the fill, plus the additive mask when the original
+// graph added the mask after masked_fill/where.
+template <typename mask_t, typename acc_t>
+void applyFill(const AttentionProblem& problem, int64_t batch_index, int64_t query0,
+               int64_t query_count, int64_t key0, int64_t key_count, acc_t* scores_t,
+               int64_t score_stride) {
+  const StridedMatrices& keep = problem.fill_keep;
+  const bool* keep_base = static_cast<const bool*>(keep.data) + keep.batch_offsets[batch_index] +
+                          query0 * keep.row_stride + key0 * keep.col_stride;
+  const StridedMatrices& mask = problem.mask;
+  const mask_t* mask_base = nullptr;
+  if (problem.fill_adds_mask)
+    mask_base = static_cast<const mask_t*>(mask.data) + mask.batch_offsets[batch_index] +
+                query0 * mask.row_stride + key0 * mask.col_stride;
+  const acc_t fill = static_cast<acc_t>(problem.fill);
+  for (int64_t i = 0; i < query_count; ++i) {
+    const bool* keep_row = keep_base + i * keep.row_stride;
+    acc_t* column = scores_t + i;
+    for (int64_t j = 0; j < key_count; ++j) {
+      if (keep_row[j * keep.col_stride]) continue;
+      acc_t value = fill;
+      if (mask_base != nullptr)
+        value += static_cast<acc_t>(mask_base[i * mask.row_stride + j * mask.col_stride]);
+      column[j * score_stride] = value;
+    }
+  }
+}
+
+template <typename acc_t>
+void applyMasks(const AttentionProblem& problem, int64_t batch_index, int64_t query0,
+                int64_t query_count, int64_t key0, int64_t key_count, acc_t* scores_t,
+                int64_t score_stride) {
+  applyMask(problem, batch_index, query0, query_count, key0, key_count, scores_t, score_stride);
+  if (!problem.has_fill_keep) return;
+  const auto apply = [&](auto typed_null) {
+    using mask_t = std::remove_const_t<std::remove_pointer_t<decltype(typed_null)>>;
+    applyFill<mask_t, acc_t>(problem, batch_index, query0, query_count, key0, key_count, scores_t,
+                             score_stride);
+  };
+  // The additive mask's dtype matters only when the fill adds it.
+  switch (problem.fill_adds_mask ? problem.mask_dtype : c10::ScalarType::Float) {
+    case c10::ScalarType::Float:
+      apply(static_cast<const float*>(nullptr));
+      break;
+    case c10::ScalarType::Double:
+      apply(static_cast<const double*>(nullptr));
+      break;
+    case c10::ScalarType::BFloat16:
+      apply(static_cast<const c10::BFloat16*>(nullptr));
+      break;
+    case c10::ScalarType::Half:
+      apply(static_cast<const c10::Half*>(nullptr));
+      break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "kiln::attention: unexpected additive mask dtype");
+  }
+}
+
 template <typename acc_t>
 struct Scratch {
   Scratch(const AttentionProblem& problem, int64_t query_block)
@@ -360,8 +418,9 @@ void attendQueryBlock(const AttentionProblem& problem, int64_t batch_index, int6
     });
     // Masks change scores after the tiles took their max; the max is then taken again.
     const bool causal_diagonal = problem.causal && key0 + key_count - 1 > query0;
-    const bool rescan_max = problem.mask_kind != MaskKind::kNone || causal_diagonal;
-    applyMask(problem, batch_index, query0, query_count, key0, key_count, scores_t, kBlock);
+    const bool rescan_max =
+        problem.mask_kind != MaskKind::kNone || problem.has_fill_keep || causal_diagonal;
+    applyMasks(problem, batch_index, query0, query_count, key0, key_count, scores_t, kBlock);
     if (causal_diagonal) {
       for (int64_t j = 0; j < key_count; ++j) {
         const int64_t first_seen_by = std::min(key0 + j - query0, query_count);
@@ -418,10 +477,12 @@ void attendQueryBlock(const AttentionProblem& problem, int64_t batch_index, int6
   }
 
   // Normalize and write [query_count, value_dim]. A query that kept no key has a zero sum; its
-  // output is 0, as scaled_dot_product_attention gives in torch 2.11.
+  // output is 0, as scaled_dot_product_attention gives in torch 2.11, or NaN, as softmax gives.
   acc_t* inverse_sum = running_max;  // the running max is no longer needed
+  const acc_t empty_row =
+      problem.empty_rows_nan ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
   for (int64_t i = 0; i < kBlock; ++i)
-    inverse_sum[i] = running_sum[i] > acc_t(0) ? acc_t(1) / running_sum[i] : acc_t(0);
+    inverse_sum[i] = running_sum[i] > acc_t(0) ? acc_t(1) / running_sum[i] : empty_row;
   for (int64_t c = 0; c < value_dim; ++c)
     for (int v = 0; v < kVectors; ++v) {
       acc_t* lanes = out_t + c * kBlock + v * kWidth;
