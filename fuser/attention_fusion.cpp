@@ -158,6 +158,7 @@ struct Match {
   Value* probs_dtype_like = nullptr;  // or a tensor whose dtype they took (type_as)
   std::vector<std::pair<Value*, Value*>> dropouts;  // (p, train)
   std::vector<Use> metadata_uses;  // prim::dtype / prim::device of the scores: read from Q
+  std::vector<Node*> metadata_profiles;  // profile nodes that fed only those; dropped
   // sdpa form
   Node* sdpa = nullptr;
 };
@@ -209,16 +210,30 @@ class AttentionMatcher {
   }
 
   // The one node that consumes `value`, looking through prim::profile nodes (which join the
-  // match; `value` becomes the last profile's output, the one the consumer reads). prim::dtype and prim::device reads are allowed: they are answered from Q, whose dtype
-  // and device the scores share whenever matmul succeeds. After an add (a mask may promote) or a
-  // cast, the dtype is no longer Q's; every other step keeps floating-point scores' dtype.
+  // match; `value` becomes the last profile's output, the one the consumer reads). prim::dtype and
+  // prim::device reads, directly or through their own profile node, are allowed: they are
+  // answered from Q, whose dtype and device the scores share whenever matmul succeeds. After an
+  // add (a mask may promote) or a cast, the dtype is no longer Q's; every other step keeps
+  // floating-point scores' dtype.
   static Node* soleConsumer(Value*& value, Match& match, bool dtype_changed) {
+    const auto isMetadata = [&](const Node* user) {
+      return user->kind() == prim::device || (user->kind() == prim::dtype && !dtype_changed);
+    };
     while (true) {
       Node* consumer = nullptr;
       for (const Use& use : value->uses()) {
-        if (use.user->kind() == prim::device || (use.user->kind() == prim::dtype && !dtype_changed)) {
+        if (isMetadata(use.user)) {
           match.metadata_uses.push_back(use);
           continue;
+        }
+        if (use.user->kind() == prim::profile) {
+          const auto& reads = use.user->output()->uses();
+          if (!reads.empty() && std::all_of(reads.begin(), reads.end(),
+                                            [&](const Use& read) { return isMetadata(read.user); })) {
+            match.metadata_uses.insert(match.metadata_uses.end(), reads.begin(), reads.end());
+            match.metadata_profiles.push_back(use.user);
+            continue;
+          }
         }
         if (consumer != nullptr) return nullptr;
         consumer = use.user;
@@ -466,6 +481,7 @@ int fuseAttention(std::shared_ptr<Graph>& graph, const Options& /*options*/) {
   std::vector<Match> matches = AttentionMatcher(graph).find();
   for (const Match& match : matches) {
     for (const Use& use : match.metadata_uses) use.user->replaceInput(use.offset, match.query);
+    for (Node* profile : match.metadata_profiles) profile->destroy();
     replace(*graph, match);
   }
   return static_cast<int>(matches.size());
