@@ -1,11 +1,10 @@
 // kiln::attention(q, k, v, mask, scale, causal): scaled dot-product attention with the inference
 // semantics of torch.nn.functional.scaled_dot_product_attention (no dropout). This file checks the
 // inputs, broadcasts the batch dims and the mask as views (zero strides, nothing copied) and hands
-// the strided operands to the CPU kernel (torch_ops/attention_cpu.h). The CUDA kernel is separate
-// work; the dispatcher reports a missing backend for CUDA tensors until it lands.
+// the strided operands to the CPU kernel (torch_ops/attention_cpu.h); torch_ops/attention_cuda.cpp
+// registers the CUDA kernel over the same checked operands.
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
 
@@ -15,6 +14,7 @@
 #include <vector>
 
 #include "torch_ops/attention_cpu.h"
+#include "torch_ops/attention_operands.h"
 
 namespace kiln {
 namespace {
@@ -24,12 +24,12 @@ bool isAttentionDtype(at::ScalarType dtype) {
          dtype == at::kDouble;
 }
 
-void checkOperand(const at::Tensor& tensor, const char* name) {
+void checkOperand(const at::Tensor& tensor, const char* name, const at::Tensor& query) {
   TORCH_CHECK(tensor.defined(), "kiln::attention: ", name, " is undefined");
   TORCH_CHECK(tensor.layout() == at::kStrided, "kiln::attention: ", name,
               " must be a strided (dense) tensor, got layout ", tensor.layout());
-  TORCH_CHECK(tensor.device().is_cpu(), "kiln::attention: ", name,
-              " must be on the CPU for the CPU kernel, got device ", tensor.device());
+  TORCH_CHECK(tensor.device() == query.device(), "kiln::attention: ", name,
+              " must be on the query's device (", query.device(), "), got ", tensor.device());
   TORCH_CHECK(tensor.dim() >= 2, "kiln::attention: ", name,
               " must have at least 2 dims ([..., seq, head_dim], usually [B, H, S, D]), got ",
               tensor.dim(), " dims with shape ", tensor.sizes());
@@ -66,103 +66,12 @@ cpu::StridedMatrices stridedMatrices(const at::Tensor& expanded, int64_t batch_r
   return matrices;
 }
 
-// The checked problem and the views it points into (they must outlive the kernel call).
-struct Prepared {
-  cpu::AttentionProblem problem;
-  std::vector<int64_t> batch_shape;
-  std::vector<at::Tensor> views;
-  at::Tensor output;
-};
-
 std::vector<int64_t> scoresShape(const std::vector<int64_t>& batch_shape, int64_t query_len,
                                  int64_t key_len) {
   std::vector<int64_t> shape = batch_shape;
   shape.push_back(query_len);
   shape.push_back(key_len);
   return shape;
-}
-
-Prepared prepare(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                 const std::optional<at::Tensor>& mask, std::optional<double> scale, bool causal) {
-  checkOperand(query, "query");
-  checkOperand(key, "key");
-  checkOperand(value, "value");
-  TORCH_CHECK(isAttentionDtype(query.scalar_type()),
-              "kiln::attention: query must be float32, float64, float16 or bfloat16, got ",
-              query.scalar_type());
-  TORCH_CHECK(
-      key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(),
-      "kiln::attention: query, key and value must have the same dtype, got query ",
-      query.scalar_type(), ", key ", key.scalar_type(), ", value ", value.scalar_type());
-  const int64_t query_len = query.size(-2);
-  const int64_t key_len = key.size(-2);
-  const int64_t head_dim = query.size(-1);
-  const int64_t value_dim = value.size(-1);
-  TORCH_CHECK(key.size(-1) == head_dim, "kiln::attention: key's last dim (head_dim) must equal ",
-              "query's, got query ", query.sizes(), " and key ", key.sizes());
-  TORCH_CHECK(value.size(-2) == key_len, "kiln::attention: value's sequence dim (-2) must equal ",
-              "key's, got key ", key.sizes(), " and value ", value.sizes());
-
-  // Leading dims broadcast as in a batched matmul.
-  const auto batchDims = [](const at::Tensor& t) { return t.sizes().slice(0, t.dim() - 2); };
-  Prepared prepared;
-  try {
-    prepared.batch_shape =
-        at::infer_size(at::infer_size(batchDims(query), batchDims(key)), batchDims(value));
-  } catch (const c10::Error&) {
-    TORCH_CHECK(false, "kiln::attention: the batch dims (all but the last two) of query, key ",
-                "and value must broadcast, got query ", query.sizes(), ", key ", key.sizes(),
-                ", value ", value.sizes());
-  }
-  const std::vector<int64_t>& batch_shape = prepared.batch_shape;
-  const int64_t batch_rank = static_cast<int64_t>(batch_shape.size());
-  const auto expandedTo = [&](const at::Tensor& t, int64_t rows, int64_t cols) {
-    prepared.views.push_back(t.expand(scoresShape(batch_shape, rows, cols)));
-    return stridedMatrices(prepared.views.back(), batch_rank);
-  };
-
-  cpu::AttentionProblem& problem = prepared.problem;
-  problem.dtype = query.scalar_type();
-  problem.batch = c10::multiply_integers(batch_shape);
-  problem.query_len = query_len;
-  problem.key_len = key_len;
-  problem.head_dim = head_dim;
-  problem.value_dim = value_dim;
-  problem.query = expandedTo(query, query_len, head_dim);
-  problem.key = expandedTo(key, key_len, head_dim);
-  problem.value = expandedTo(value, key_len, value_dim);
-
-  if (mask.has_value() && mask->defined()) {
-    checkOperand(*mask, "mask");
-    const at::ScalarType mask_dtype = mask->scalar_type();
-    TORCH_CHECK(
-        mask_dtype == at::kBool || mask_dtype == at::kFloat || mask_dtype == query.scalar_type(),
-        "kiln::attention: mask must be bool (true keeps a score), float32 or the query's "
-        "dtype (",
-        query.scalar_type(), "; added to the scores), got ", mask_dtype);
-    const std::vector<int64_t> scores_shape = scoresShape(batch_shape, query_len, key_len);
-    TORCH_CHECK(at::is_expandable_to(mask->sizes(), scores_shape), "kiln::attention: mask of ",
-                "shape ", mask->sizes(), " does not broadcast to the scores' shape ",
-                c10::IntArrayRef(scores_shape), " ([..., query_len, key_len])");
-    problem.mask_kind = mask_dtype == at::kBool ? cpu::MaskKind::kKeep : cpu::MaskKind::kAdditive;
-    problem.mask_dtype = mask_dtype;
-    problem.mask = expandedTo(*mask, query_len, key_len);
-  }
-  problem.causal = causal;
-  problem.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
-
-  prepared.output =
-      at::empty(scoresShape(batch_shape, query_len, value_dim), query.options());
-  problem.output = prepared.output.data_ptr();
-  return prepared;
-}
-
-at::Tensor attentionCpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                        const std::optional<at::Tensor>& mask, std::optional<double> scale,
-                        bool causal) {
-  Prepared prepared = prepare(query, key, value, mask, scale, causal);
-  cpu::attentionForward(prepared.problem);
-  return prepared.output;
 }
 
 // The value `fill` takes once stored in a tensor of `dtype`, as masked_fill and where store it.
@@ -179,51 +88,59 @@ double roundedTo(double fill, at::ScalarType dtype) {
   }
 }
 
-// softmax(q @ k^T * scale + mask, with `keep` false replaced by fill) @ v: what the fuser puts in
-// place of an explicit matmul/softmax attention graph. Unlike scaled_dot_product_attention, a row
-// whose every score is -inf gives NaN, as the original graph's softmax does.
+cpu::AttentionProblem cpuProblem(const AttentionOperands& operands) {
+  const int64_t batch_rank = static_cast<int64_t>(operands.batch_shape.size());
+  cpu::AttentionProblem problem;
+  problem.dtype = operands.query.scalar_type();
+  problem.batch = c10::multiply_integers(operands.batch_shape);
+  problem.query_len = operands.query_len;
+  problem.key_len = operands.key_len;
+  problem.head_dim = operands.head_dim;
+  problem.value_dim = operands.value_dim;
+  problem.query = stridedMatrices(operands.query, batch_rank);
+  problem.key = stridedMatrices(operands.key, batch_rank);
+  problem.value = stridedMatrices(operands.value, batch_rank);
+  if (operands.mask.defined()) {
+    problem.mask_dtype = operands.mask.scalar_type();
+    problem.mask_kind =
+        problem.mask_dtype == at::kBool ? cpu::MaskKind::kKeep : cpu::MaskKind::kAdditive;
+    problem.mask = stridedMatrices(operands.mask, batch_rank);
+  }
+  if (operands.fill_keep.defined()) {
+    problem.has_fill_keep = true;
+    problem.fill_keep = stridedMatrices(operands.fill_keep, batch_rank);
+    problem.fill = operands.fill;
+    problem.fill_adds_mask = operands.fill_adds_mask;
+  }
+  problem.causal = operands.causal;
+  problem.scale = operands.scale;
+  problem.empty_rows_nan = operands.empty_rows_nan;
+  problem.output = operands.output.data_ptr();
+  return problem;
+}
+
+at::Tensor attentionCpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                        const std::optional<at::Tensor>& mask, std::optional<double> scale,
+                        bool causal) {
+  AttentionOperands operands = checkAttention(query, key, value, mask, scale, causal);
+  cpu::attentionForward(cpuProblem(operands));
+  return operands.output;
+}
+
 at::Tensor attentionExplicitCpu(const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const std::optional<at::Tensor>& mask,
                                 const std::optional<at::Tensor>& keep, double scale, double fill,
                                 bool fill_adds_mask) {
-  const bool has_mask = mask.has_value() && mask->defined();
-  TORCH_CHECK(!has_mask || at::isFloatingType(mask->scalar_type()),
-              "kiln::attention_explicit: mask is added to the scores and must be floating point, "
-              "got ",
-              mask->scalar_type());
-  TORCH_CHECK(!fill_adds_mask || has_mask,
-              "kiln::attention_explicit: fill_adds_mask needs a mask");
-  Prepared prepared = prepare(query, key, value, mask, scale, /*causal=*/false);
-  cpu::AttentionProblem& problem = prepared.problem;
-  problem.empty_rows_nan = true;
-  if (keep.has_value() && keep->defined()) {
-    checkOperand(*keep, "keep");
-    TORCH_CHECK(keep->scalar_type() == at::kBool,
-                "kiln::attention_explicit: keep must be bool, got ", keep->scalar_type());
-    const std::vector<int64_t> scores_shape =
-        scoresShape(prepared.batch_shape, problem.query_len, problem.key_len);
-    TORCH_CHECK(at::is_expandable_to(keep->sizes(), scores_shape),
-                "kiln::attention_explicit: keep of shape ", keep->sizes(),
-                " does not broadcast to the scores' shape ", c10::IntArrayRef(scores_shape));
-    prepared.views.push_back(keep->expand(scores_shape));
-    problem.has_fill_keep = true;
-    problem.fill_keep =
-        stridedMatrices(prepared.views.back(), static_cast<int64_t>(prepared.batch_shape.size()));
-    problem.fill = roundedTo(fill, query.scalar_type());
-    problem.fill_adds_mask = fill_adds_mask;
-  }
-  cpu::attentionForward(problem);
-  return prepared.output;
+  AttentionOperands operands =
+      checkAttentionExplicit(query, key, value, mask, keep, scale, fill, fill_adds_mask);
+  cpu::attentionForward(cpuProblem(operands));
+  return operands.output;
 }
 
-// Whether a kiln attention kernel exists for this tensor's device.
-bool kernelFor(const at::Tensor& tensor) {
-  if (tensor.device().is_cpu()) return true;
-  static const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("kiln::attention_explicit", "");
-  const c10::DispatchKey key = c10::computeDispatchKey(std::nullopt, tensor.layout(),
-                                                       tensor.device());
-  return op.hasKernelForDispatchKey(key);
+// Whether a kiln attention kernel runs these inputs on their device.
+bool kernelFor(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) {
+  if (query.device().is_cpu()) return true;
+  return query.is_cuda() && cudaAttentionSupports(query, key, value);
 }
 
 bool fitsDtype(double value, at::ScalarType dtype) {
@@ -253,7 +170,8 @@ bool attentionGuard(const at::Tensor& query, const at::Tensor& key, const at::Te
   const at::ScalarType dtype = query.scalar_type();
   if (!isAttentionDtype(dtype) || key.scalar_type() != dtype || value.scalar_type() != dtype)
     return false;
-  if (key.device() != query.device() || value.device() != query.device() || !kernelFor(query))
+  if (key.device() != query.device() || value.device() != query.device() ||
+      !kernelFor(query, key, value))
     return false;
   // Same rank, same batch dims: no broadcasting between q, k and v to reason about.
   const int64_t rank = query.dim();
@@ -291,6 +209,98 @@ bool attentionGuard(const at::Tensor& query, const at::Tensor& key, const at::Te
 }
 
 }  // namespace
+
+AttentionOperands checkAttention(const at::Tensor& query, const at::Tensor& key,
+                                 const at::Tensor& value, const std::optional<at::Tensor>& mask,
+                                 std::optional<double> scale, bool causal) {
+  TORCH_CHECK(query.defined(), "kiln::attention: query is undefined");
+  checkOperand(query, "query", query);
+  checkOperand(key, "key", query);
+  checkOperand(value, "value", query);
+  TORCH_CHECK(isAttentionDtype(query.scalar_type()),
+              "kiln::attention: query must be float32, float64, float16 or bfloat16, got ",
+              query.scalar_type());
+  TORCH_CHECK(
+      key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(),
+      "kiln::attention: query, key and value must have the same dtype, got query ",
+      query.scalar_type(), ", key ", key.scalar_type(), ", value ", value.scalar_type());
+  AttentionOperands operands;
+  operands.query_len = query.size(-2);
+  operands.key_len = key.size(-2);
+  operands.head_dim = query.size(-1);
+  operands.value_dim = value.size(-1);
+  TORCH_CHECK(key.size(-1) == operands.head_dim, "kiln::attention: key's last dim (head_dim) ",
+              "must equal query's, got query ", query.sizes(), " and key ", key.sizes());
+  TORCH_CHECK(value.size(-2) == operands.key_len, "kiln::attention: value's sequence dim (-2) ",
+              "must equal key's, got key ", key.sizes(), " and value ", value.sizes());
+
+  // Leading dims broadcast as in a batched matmul.
+  const auto batchDims = [](const at::Tensor& t) { return t.sizes().slice(0, t.dim() - 2); };
+  try {
+    operands.batch_shape =
+        at::infer_size(at::infer_size(batchDims(query), batchDims(key)), batchDims(value));
+  } catch (const c10::Error&) {
+    TORCH_CHECK(false, "kiln::attention: the batch dims (all but the last two) of query, key ",
+                "and value must broadcast, got query ", query.sizes(), ", key ", key.sizes(),
+                ", value ", value.sizes());
+  }
+  const auto& batch_shape = operands.batch_shape;
+  operands.query = query.expand(scoresShape(batch_shape, operands.query_len, operands.head_dim));
+  operands.key = key.expand(scoresShape(batch_shape, operands.key_len, operands.head_dim));
+  operands.value = value.expand(scoresShape(batch_shape, operands.key_len, operands.value_dim));
+
+  if (mask.has_value() && mask->defined()) {
+    checkOperand(*mask, "mask", query);
+    const at::ScalarType mask_dtype = mask->scalar_type();
+    TORCH_CHECK(
+        mask_dtype == at::kBool || mask_dtype == at::kFloat || mask_dtype == query.scalar_type(),
+        "kiln::attention: mask must be bool (true keeps a score), float32 or the query's "
+        "dtype (",
+        query.scalar_type(), "; added to the scores), got ", mask_dtype);
+    const std::vector<int64_t> scores_shape =
+        scoresShape(batch_shape, operands.query_len, operands.key_len);
+    TORCH_CHECK(at::is_expandable_to(mask->sizes(), scores_shape), "kiln::attention: mask of ",
+                "shape ", mask->sizes(), " does not broadcast to the scores' shape ",
+                c10::IntArrayRef(scores_shape), " ([..., query_len, key_len])");
+    operands.mask = mask->expand(scores_shape);
+  }
+  operands.causal = causal;
+  operands.scale =
+      scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(operands.head_dim));
+  operands.output = at::empty(scoresShape(batch_shape, operands.query_len, operands.value_dim),
+                              query.options());
+  return operands;
+}
+
+AttentionOperands checkAttentionExplicit(const at::Tensor& query, const at::Tensor& key,
+                                         const at::Tensor& value,
+                                         const std::optional<at::Tensor>& mask,
+                                         const std::optional<at::Tensor>& keep, double scale,
+                                         double fill, bool fill_adds_mask) {
+  const bool has_mask = mask.has_value() && mask->defined();
+  TORCH_CHECK(!has_mask || at::isFloatingType(mask->scalar_type()),
+              "kiln::attention_explicit: mask is added to the scores and must be floating point, "
+              "got ",
+              mask->scalar_type());
+  TORCH_CHECK(!fill_adds_mask || has_mask,
+              "kiln::attention_explicit: fill_adds_mask needs a mask");
+  AttentionOperands operands = checkAttention(query, key, value, mask, scale, /*causal=*/false);
+  operands.empty_rows_nan = true;
+  if (keep.has_value() && keep->defined()) {
+    checkOperand(*keep, "keep", query);
+    TORCH_CHECK(keep->scalar_type() == at::kBool,
+                "kiln::attention_explicit: keep must be bool, got ", keep->scalar_type());
+    const std::vector<int64_t> scores_shape =
+        scoresShape(operands.batch_shape, operands.query_len, operands.key_len);
+    TORCH_CHECK(at::is_expandable_to(keep->sizes(), scores_shape),
+                "kiln::attention_explicit: keep of shape ", keep->sizes(),
+                " does not broadcast to the scores' shape ", c10::IntArrayRef(scores_shape));
+    operands.fill_keep = keep->expand(scores_shape);
+    operands.fill = roundedTo(fill, query.scalar_type());
+    operands.fill_adds_mask = fill_adds_mask;
+  }
+  return operands;
+}
 
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
   m.def(
