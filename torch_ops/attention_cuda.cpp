@@ -77,9 +77,9 @@ at::Tensor runCuda(AttentionOperands operands) {
               "kiln::attention: the CUDA kernel takes at most ", kk::kMaxBatchDims,
               " batch dims beyond leading ones of size 1, got shape ",
               c10::IntArrayRef(operands.batch_shape));
-  TORCH_CHECK(operands.query_len <= std::numeric_limits<int>::max() &&
-                  operands.key_len <= std::numeric_limits<int>::max(),
-              "kiln::attention: sequence lengths must fit in 32 bits");
+  TORCH_CHECK(operands.query_len <= kk::kMaxQueryLen && operands.key_len <= kk::kMaxKeyLen,
+              "kiln::attention: the CUDA kernel takes up to ", kk::kMaxQueryLen, " queries and ",
+              kk::kMaxKeyLen, " keys, got ", operands.query_len, " and ", operands.key_len);
   // Operands the kernel cannot read in 16-byte chunks are copied once (rare: views of [B, S, H, D]
   // projections qualify).
   for (at::Tensor* t : {&operands.query, &operands.key, &operands.value})
@@ -150,8 +150,8 @@ bool cudaAttentionSupports(const at::Tensor& query, const at::Tensor& key,
     return false;
   int64_t batch_dims = 0;
   for (int64_t d = 0; d + 2 < query.dim(); ++d) batch_dims += batch_dims > 0 || query.size(d) != 1;
-  return batch_dims <= kk::kMaxBatchDims && query.size(-2) <= std::numeric_limits<int>::max() &&
-         key.size(-2) <= std::numeric_limits<int>::max();
+  return batch_dims <= kk::kMaxBatchDims && query.size(-2) <= kk::kMaxQueryLen &&
+         key.size(-2) <= kk::kMaxKeyLen;
 }
 
 TORCH_LIBRARY_IMPL(kiln, CUDA, m) {

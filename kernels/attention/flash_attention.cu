@@ -245,9 +245,10 @@ __global__ void __launch_bounds__(kThreads)
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
       const float new_max = fmaxf(running_max[r], tile_max[r]);
-      // A row that has seen only -inf subtracts 0, so exp gives 0 rather than NaN.
-      base[r] = new_max == -INFINITY ? 0.0f : new_max * kLog2e;
-      correction[r] = exp2f(running_max[r] * kLog2e - base[r]);
+      // A row that has seen only -inf subtracts 0, so exp gives 0 rather than NaN. Subtract
+      // before scaling by log2(e): a max near -FLT_MAX (finfo.min masks) would overflow.
+      base[r] = new_max == -INFINITY ? 0.0f : new_max;
+      correction[r] = exp2f((running_max[r] - base[r]) * kLog2e);
       running_max[r] = new_max;
       partial_sum[r] *= correction[r];
     }
@@ -255,7 +256,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int t = 0; t < kKeyTiles; ++t) {
       #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const float probability = exp2f(scores[t][i] * kLog2e - base[i / 2]);
+        const float probability = exp2f((scores[t][i] - base[i / 2]) * kLog2e);
         scores[t][i] = probability;
         partial_sum[i / 2] += probability;
       }
@@ -304,7 +305,9 @@ __global__ void __launch_bounds__(kThreads)
     float sum = partial_sum[r];
     sum += __shfl_xor_sync(0xffffffff, sum, 1);
     sum += __shfl_xor_sync(0xffffffff, sum, 2);
-    const float inverse = sum > 0.0f ? 1.0f / sum : (p.empty_rows_nan ? NAN : 0.0f);
+    // No key at all (key_len == 0) gives 0 in both forms, as eager's empty matmul does.
+    const float inverse =
+        sum > 0.0f ? 1.0f / sum : (p.empty_rows_nan && p.key_len > 0 ? NAN : 0.0f);
     if (rows[r] >= p.query_len) continue;
     uint16_t* row_out = out + out_base + rows[r] * p.output_row_stride;
     #pragma unroll

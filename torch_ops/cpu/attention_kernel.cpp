@@ -480,7 +480,8 @@ void attendQueryBlock(const AttentionProblem& problem, int64_t batch_index, int6
   // output is 0, as scaled_dot_product_attention gives in torch 2.11, or NaN, as softmax gives.
   acc_t* inverse_sum = running_max;  // the running max is no longer needed
   const acc_t empty_row =
-      problem.empty_rows_nan ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
+      problem.empty_rows_nan && problem.key_len > 0 ? std::numeric_limits<acc_t>::quiet_NaN()
+                                                    : acc_t(0);
   for (int64_t i = 0; i < kBlock; ++i)
     inverse_sum[i] = running_sum[i] > acc_t(0) ? acc_t(1) / running_sum[i] : empty_row;
   for (int64_t c = 0; c < value_dim; ++c)

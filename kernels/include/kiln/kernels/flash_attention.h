@@ -1,7 +1,8 @@
 // The CUDA fused attention kernel (FlashAttention-2 forward): torch-free parameters and launcher.
 // torch_ops/attention_cuda.cpp fills AttentionParams from tensors and launches on torch's current
 // stream. Any strides, except that the last (head) dim of q, k, v and the output is contiguous and
-// every other stride and base pointer is 16-byte aligned (AttentionParams::aligned checks).
+// every other stride and base pointer is 16-byte aligned (torch_ops/attention_cuda.cpp copies
+// operands that are not).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -14,6 +15,9 @@ enum class AttentionDtype { kHalf, kBFloat16 };
 enum class MaskDtype { kNone, kBool, kFloat, kHalf, kBFloat16 };
 
 constexpr int kMaxBatchDims = 4;
+// Query blocks of 64 go in grid.y (at most 65535); key indices stay clear of int overflow.
+constexpr int64_t kMaxQueryLen = 65535LL * 64;
+constexpr int64_t kMaxKeyLen = 0x7fffffffLL - 128;
 
 // A [batch..., rows, cols] operand: up to kMaxBatchDims batch strides (elements; zero where it is
 // broadcast), then the row stride; the column stride is 1 for q, k, v and the output.
