@@ -450,6 +450,18 @@ TEST(AttentionPattern, GuardMissRunsTheOriginalOps) {
   EXPECT_TRUE(actual.equal(expected));
 }
 
+// No key at all: eager's empty softmax and matmul give zeros, in both forms.
+TEST(AttentionPattern, NoKeysGivesZeros) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("kiln::attention_explicit", "");
+  at::Tensor q = heads(1, 2, 5, 16), k = heads(1, 2, 0, 16), v = heads(1, 2, 0, 16);
+  const c10::IValue none;
+  torch::jit::Stack stack = {q, k, v, none, none, 0.25, 0.0, false};
+  op.callBoxed(&stack);
+  at::Tensor expected = at::matmul(at::softmax(at::matmul(q, k.transpose(-1, -2)) * 0.25, -1), v);
+  EXPECT_TRUE(stack.back().toTensor().equal(expected));
+  EXPECT_TRUE(expected.eq(0).all().item<bool>());
+}
+
 TEST(AttentionPattern, FusingTwiceChangesNothing) {
   auto graph = fused(kBertStyle);
   const std::string once = graph->toString();

@@ -145,6 +145,23 @@ TEST(GpuAttention, ExplicitFormFillAndNanRows) {
   EXPECT_TRUE(close(rest, at::cat({expected.narrow(2, 0, 5), expected.narrow(2, 6, s - 6)}, 2), at::kHalf));
 }
 
+// Hugging Face's additive masks are finfo.min: a fully padded row must average V (as eager's
+// softmax of equal scores does), not overflow into NaN.
+TEST(GpuAttention, FinfoMinMasksOnFullyPaddedRows) {
+  KILN_REQUIRE_CUDA();
+  for (at::ScalarType dtype : {at::kHalf, at::kBFloat16}) {
+    const int64_t s = 80, d = 64;
+    at::Tensor q = randn({2, 2, s, d}, dtype), k = randn({2, 2, s, d}, dtype), v = randn({2, 2, s, d}, dtype);
+    const double lowest = dtype == at::kHalf ? -65504.0 : -3.3895313892515355e38;
+    at::Tensor mask = torch::zeros({2, 1, s, s}, torch::device(at::kCUDA).dtype(dtype));
+    mask.index_put_({1, 0, at::indexing::Slice(0, 10)}, lowest);  // batch 1: rows 0-9 see no key
+    at::Tensor eager = at::matmul(at::softmax(at::matmul(q, k.transpose(-1, -2)) * 0.125 + mask, -1), v);
+    at::Tensor out = attentionExplicit(q, k, v, mask, std::nullopt, 0.125, 0.0, false);
+    EXPECT_FALSE(out.isnan().any().item<bool>());
+    EXPECT_TRUE(close(out, eager.to(at::kDouble), dtype));
+  }
+}
+
 TEST(GpuAttention, EightThreadsOnTheirOwnStreams) {
   KILN_REQUIRE_CUDA();
   at::Tensor q = randn({4, 8, 256, 64}, at::kBFloat16), k = randn({4, 8, 256, 64}, at::kBFloat16),
