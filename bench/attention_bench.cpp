@@ -4,26 +4,19 @@
 // Args: S (query and key length), bf16 (0: float32, 1: bfloat16), causal.
 // Counter: FLOP/s of the full product, 4*B*H*S*S*D, causal or not, so causal rows show the
 // time saved as a higher rate.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
 #include <cmath>
 #include <limits>
 
+#include "bench/kiln_attention.h"
+
 namespace {
 
 enum class Implementation { kAtenSdpa, kUnfused, kKiln };
 
-at::Tensor kilnAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         bool causal) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("kiln::attention", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, std::optional<double>, bool)>();
-  return op.call(q, k, v, std::nullopt, std::nullopt, causal);
-}
+using kiln::bench::kilnAttention;
 
 at::Tensor unfusedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             bool causal) {

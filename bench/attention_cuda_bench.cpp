@@ -5,7 +5,6 @@
 // Args: S, D, dtype (0: float16, 1: bfloat16), causal.
 // Counters: TFLOP/s = 4*B*H*S*S*D (halved when causal) / time; peak_MiB = peak device memory one
 // call allocated beyond its inputs. Only registered when a CUDA device is present.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <benchmark/benchmark.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,18 +15,13 @@
 #include <cmath>
 #include <limits>
 
+#include "bench/kiln_attention.h"
+
 namespace {
 
 enum class Implementation { kKiln, kFlash, kCudnn, kEfficient, kMath, kUnfused };
 
-at::Tensor kilnAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("kiln::attention", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, std::optional<double>, bool)>();
-  return op.call(q, k, v, std::nullopt, std::nullopt, causal);
-}
+using kiln::bench::kilnAttention;
 
 at::Tensor run(Implementation implementation, const at::Tensor& q, const at::Tensor& k,
                const at::Tensor& v, bool causal) {

@@ -402,10 +402,6 @@ Value* product(Graph& graph, Scalar start, const std::vector<Factor>& factors) {
   return runtime;
 }
 
-Value* listOf(Graph& graph, const c10::TypePtr& element, const std::vector<Value*>& items) {
-  return graph.insertNode(graph.createList(element, items))->output();
-}
-
 Value* optional(Graph& graph, Value* value) {
   return value != nullptr ? value : graph.insertNode(graph.createNone())->output();
 }
@@ -437,7 +433,7 @@ void replace(Graph& graph, const Match& match) {
   Value* ok = graph.insert(
       op(kAttentionGuardOp),
       {match.query, key, match.value, mask, keep_given, fill, softmax_dim, optional(graph, probs_dtype),
-       listOf(graph, c10::FloatType::get(), dropout_p), listOf(graph, c10::BoolType::get(), dropout_train),
+       insertList(graph, c10::FloatType::get(), dropout_p), insertList(graph, c10::BoolType::get(), dropout_train),
        constant(graph, sdpa)});
 
   Node* branch = graph.insertNode(graph.create(prim::If, {ok}, 0));

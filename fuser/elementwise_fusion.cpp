@@ -158,10 +158,6 @@ std::string subgraphText(const std::shared_ptr<Graph>& subgraph) {
   return subgraph->toString(false);
 }
 
-Value* listOf(Graph& graph, const c10::TypePtr& element, const std::vector<Value*>& items) {
-  return graph.insertNode(graph.createList(element, items))->output();
-}
-
 // Replaces a built group by guard + If(fused, fallback).
 void materialize(Graph& graph, Node* group) {
   std::shared_ptr<Graph> subgraph = group->g(torch::jit::attr::Subgraph);
@@ -191,9 +187,9 @@ void materialize(Graph& graph, Node* group) {
       default: throw std::logic_error("kiln: fusion group input of unexpected type");
     }
   }
-  Value* tensor_list = listOf(graph, c10::TensorType::get(), tensors);
-  Value* float_list = listOf(graph, c10::FloatType::get(), floats);
-  Value* int_list = listOf(graph, c10::IntType::get(), ints);
+  Value* tensor_list = insertList(graph, c10::TensorType::get(), tensors);
+  Value* float_list = insertList(graph, c10::FloatType::get(), floats);
+  Value* int_list = insertList(graph, c10::IntType::get(), ints);
   Value* code = graph.insertConstant(text);
   Value* ok = graph.insert(c10::Symbol::fromQualString(kFusionGuardOp), {tensor_list, float_list, int_list, code});
   Node* branch = graph.insertNode(graph.create(torch::jit::prim::If, {ok}, 0));
@@ -217,6 +213,10 @@ void materialize(Graph& graph, Node* group) {
 }
 
 }  // namespace
+
+Value* insertList(Graph& graph, const c10::TypePtr& element, const std::vector<Value*>& items) {
+  return graph.insertNode(graph.createList(element, items))->output();
+}
 
 int fuseElementwise(std::shared_ptr<Graph>& graph, const Options& options) {
   dropProfilesBetweenFusibleOps(graph->block());

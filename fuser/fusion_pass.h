@@ -6,6 +6,7 @@
 #include <torch/csrc/jit/ir/ir.h>
 
 #include <memory>
+#include <vector>
 
 #include "kiln/options.h"
 
@@ -28,5 +29,10 @@ int fuseAttention(std::shared_ptr<torch::jit::Graph>& graph, const Options& opti
 
 // True for the prim::If either pass builds: block0 runs kiln, block1 keeps the original ops.
 bool isKilnFallback(const torch::jit::Node* node);
+
+// Inserts prim::ListConstruct of `items` at the graph's insertion point; both passes build their
+// guards' list arguments with it.
+torch::jit::Value* insertList(torch::jit::Graph& graph, const c10::TypePtr& element,
+                              const std::vector<torch::jit::Value*>& items);
 
 }  // namespace kiln

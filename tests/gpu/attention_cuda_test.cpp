@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "kiln/kiln.h"
+#include "support/attention_ops.h"
 
 namespace kiln {
 namespace {
@@ -19,49 +20,9 @@ namespace {
 #define KILN_REQUIRE_CUDA() \
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device"
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& mask = std::nullopt,
-                     std::optional<double> scale = std::nullopt, bool causal = false) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("kiln::attention", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, std::optional<double>, bool)>();
-  return op.call(q, k, v, mask, scale, causal);
-}
-
-at::Tensor attentionExplicit(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const std::optional<at::Tensor>& mask,
-                             const std::optional<at::Tensor>& keep, double scale, double fill,
-                             bool fill_adds_mask) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("kiln::attention_explicit", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                            double, double, bool)>();
-  return op.call(q, k, v, mask, keep, scale, fill, fill_adds_mask);
-}
-
-// softmax(q k^T * scale + mask) v in float64; a query that keeps no key gets 0 (SDPA).
-at::Tensor reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& mask = std::nullopt,
-                     std::optional<double> scale = std::nullopt, bool causal = false) {
-  const double factor = scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(-1))));
-  at::Tensor scores = at::matmul(q.to(at::kDouble), k.to(at::kDouble).transpose(-2, -1)) * factor;
-  const double minus_infinity = -std::numeric_limits<double>::infinity();
-  if (mask.has_value()) {
-    scores = mask->scalar_type() == at::kBool ? scores.masked_fill(mask->logical_not(), minus_infinity)
-                                              : scores + mask->to(at::kDouble);
-  }
-  if (causal) {
-    at::Tensor keep = at::ones({q.size(-2), k.size(-2)}, q.options().dtype(at::kBool)).tril();
-    scores = scores.masked_fill(keep.logical_not(), minus_infinity);
-  }
-  at::Tensor kept_any = (scores != minus_infinity).any(-1, /*keepdim=*/true);
-  at::Tensor probs = at::where(kept_any, at::softmax(scores, -1), at::zeros({}, scores.options()));
-  return at::matmul(probs, v.to(at::kDouble));
-}
+using kiln::testing::attention;
+using kiln::testing::attentionExplicit;
+using kiln::testing::attentionReference;
 
 ::testing::AssertionResult close(const at::Tensor& actual, const at::Tensor& expected, at::ScalarType dtype) {
   if (actual.scalar_type() != dtype) return ::testing::AssertionFailure() << "dtype " << actual.scalar_type();
@@ -88,9 +49,9 @@ TEST(GpuAttention, HeadDimsSequenceLengthsAndDtypes) {
         SCOPED_TRACE(std::string(c10::toString(dtype)) + " D=" + std::to_string(dim) + " Sq=" +
                      std::to_string(sq) + " Skv=" + std::to_string(skv));
         at::Tensor q = randn({2, 3, sq, dim}, dtype), k = randn({2, 3, skv, dim}, dtype), v = randn({2, 3, skv, dim}, dtype);
-        EXPECT_TRUE(close(attention(q, k, v), reference(q, k, v), dtype));
+        EXPECT_TRUE(close(attention(q, k, v), attentionReference(q, k, v), dtype));
         EXPECT_TRUE(close(attention(q, k, v, std::nullopt, std::nullopt, true),
-                          reference(q, k, v, std::nullopt, std::nullopt, true), dtype));
+                          attentionReference(q, k, v, std::nullopt, std::nullopt, true), dtype));
       }
 }
 
@@ -105,16 +66,16 @@ TEST(GpuAttention, MasksBroadcastAndStrides) {
     at::Tensor padding = torch::zeros({2, 1, 1, s}, torch::device(at::kCUDA));
     padding.index_put_({1, 0, 0, at::indexing::Slice(100, at::indexing::None)}, -1e4);
     for (bool causal : {false, true}) {
-      EXPECT_TRUE(close(attention(q, k, v, keep, std::nullopt, causal), reference(q, k, v, keep, std::nullopt, causal), dtype));
-      EXPECT_TRUE(close(attention(q, k, v, padding, 0.2, causal), reference(q, k, v, padding, 0.2, causal), dtype));
+      EXPECT_TRUE(close(attention(q, k, v, keep, std::nullopt, causal), attentionReference(q, k, v, keep, std::nullopt, causal), dtype));
+      EXPECT_TRUE(close(attention(q, k, v, padding, 0.2, causal), attentionReference(q, k, v, padding, 0.2, causal), dtype));
       EXPECT_TRUE(close(attention(q, k, v, padding.to(dtype), std::nullopt, causal),
-                        reference(q, k, v, padding.to(dtype), std::nullopt, causal), dtype));
+                        attentionReference(q, k, v, padding.to(dtype), std::nullopt, causal), dtype));
     }
     // Keys and values shared by every head (stride 0), and large logits.
     at::Tensor k1 = randn({2, 1, s, d}, dtype).expand({2, 4, s, d}), v1 = randn({2, 1, s, d}, dtype).expand({2, 4, s, d});
-    EXPECT_TRUE(close(attention(q, k1, v1), reference(q, k1, v1), dtype));
+    EXPECT_TRUE(close(attention(q, k1, v1), attentionReference(q, k1, v1), dtype));
     at::Tensor big = (randn({2, 4, s, d}, at::kFloat) * 30).to(dtype);
-    EXPECT_TRUE(close(attention(big, k, v), reference(big, k, v), dtype));
+    EXPECT_TRUE(close(attention(big, k, v), attentionReference(big, k, v), dtype));
     // A fully masked query gives 0, as scaled_dot_product_attention does.
     at::Tensor none_kept = keep.clone();
     none_kept.index_put_({at::indexing::Slice(), at::indexing::Slice(), 3}, false);
@@ -141,7 +102,7 @@ TEST(GpuAttention, ExplicitFormFillAndNanRows) {
   at::Tensor out = attentionExplicit(q, k, v, std::nullopt, keep, scale, -std::numeric_limits<double>::infinity(), false);
   EXPECT_TRUE(out.select(2, 5).isnan().all().item<bool>());
   at::Tensor rest = at::cat({out.narrow(2, 0, 5), out.narrow(2, 6, s - 6)}, 2);
-  at::Tensor expected = reference(q, k, v, keep, scale);
+  at::Tensor expected = attentionReference(q, k, v, keep, scale);
   EXPECT_TRUE(close(rest, at::cat({expected.narrow(2, 0, 5), expected.narrow(2, 6, s - 6)}, 2), at::kHalf));
 }
 
@@ -166,7 +127,7 @@ TEST(GpuAttention, EightThreadsOnTheirOwnStreams) {
   KILN_REQUIRE_CUDA();
   at::Tensor q = randn({4, 8, 256, 64}, at::kBFloat16), k = randn({4, 8, 256, 64}, at::kBFloat16),
              v = randn({4, 8, 256, 64}, at::kBFloat16);
-  at::Tensor expected = reference(q, k, v, std::nullopt, std::nullopt, true);
+  at::Tensor expected = attentionReference(q, k, v, std::nullopt, std::nullopt, true);
   std::vector<at::Tensor> results(8);
   std::vector<std::thread> threads;
   for (int t = 0; t < 8; ++t) {

@@ -12,45 +12,14 @@
 #include <string>
 #include <vector>
 
+#include "support/attention_ops.h"
 #include "support/graph_testing.h"
 #include "torch_ops/attention_cpu.h"
 
 namespace {
 
-at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                     const std::optional<at::Tensor>& mask = std::nullopt,
-                     std::optional<double> scale = std::nullopt, bool causal = false) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("kiln::attention", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, std::optional<double>, bool)>();
-  return op.call(query, key, value, mask, scale, causal);
-}
-
-// softmax(q k^T * scale + mask) v in float64, with scaled_dot_product_attention's conventions:
-// bool masks keep where true, causal keeps key j <= query i (top-left), a query that keeps no
-// key gets 0.
-at::Tensor reference(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                     const std::optional<at::Tensor>& mask = std::nullopt,
-                     std::optional<double> scale = std::nullopt, bool causal = false) {
-  const double factor = scale.value_or(1.0 / std::sqrt(static_cast<double>(query.size(-1))));
-  at::Tensor scores =
-      at::matmul(query.to(at::kDouble), key.to(at::kDouble).transpose(-2, -1)) * factor;
-  const double minus_infinity = -std::numeric_limits<double>::infinity();
-  if (mask.has_value()) {
-    scores = mask->scalar_type() == at::kBool
-                 ? scores.masked_fill(mask->logical_not(), minus_infinity)
-                 : scores + mask->to(at::kDouble);
-  }
-  if (causal) {
-    at::Tensor keep = at::ones({query.size(-2), key.size(-2)}, at::kBool).tril();
-    scores = scores.masked_fill(keep.logical_not(), minus_infinity);
-  }
-  at::Tensor kept_any = (scores != minus_infinity).any(-1, /*keepdim=*/true);
-  at::Tensor probs = at::where(kept_any, at::softmax(scores, -1), at::zeros({}, at::kDouble));
-  return at::matmul(probs, value.to(at::kDouble));
-}
+using kiln::testing::attention;
+using kiln::testing::attentionReference;  // SDPA's conventions, in float64
 
 double tolerance(at::ScalarType dtype) {
   switch (dtype) {
@@ -122,7 +91,7 @@ TEST_P(AttentionKernel, HeadDimsAndSequenceLengths) {
         at::Tensor q = randn({batch, heads, seq, head_dim}, dtype);
         at::Tensor k = randn({batch, heads, seq, head_dim}, dtype);
         at::Tensor v = randn({batch, heads, seq, head_dim}, dtype);
-        EXPECT_TRUE(close(attention(q, k, v), reference(q, k, v), dtype));
+        EXPECT_TRUE(close(attention(q, k, v), attentionReference(q, k, v), dtype));
       }
     }
   }
@@ -140,9 +109,9 @@ TEST_P(AttentionKernel, CrossAttentionLengthsAndValueDim) {
       at::Tensor q = randn({2, 2, c.query_len, c.head_dim}, dtype);
       at::Tensor k = randn({2, 2, c.key_len, c.head_dim}, dtype);
       at::Tensor v = randn({2, 2, c.key_len, c.value_dim}, dtype);
-      EXPECT_TRUE(close(attention(q, k, v), reference(q, k, v), dtype));
+      EXPECT_TRUE(close(attention(q, k, v), attentionReference(q, k, v), dtype));
       EXPECT_TRUE(close(attention(q, k, v, std::nullopt, 0.3),
-                        reference(q, k, v, std::nullopt, 0.3), dtype));
+                        attentionReference(q, k, v, std::nullopt, 0.3), dtype));
     }
   }
 }
@@ -166,11 +135,11 @@ TEST_P(AttentionKernel, EveryMaskForm) {
         at::Tensor additive_same = additive.to(dtype);
         at::Tensor keep = torch::rand(shape) < 0.7;
         EXPECT_TRUE(close(attention(q, k, v, additive, std::nullopt, causal),
-                          reference(q, k, v, additive, std::nullopt, causal), dtype));
+                          attentionReference(q, k, v, additive, std::nullopt, causal), dtype));
         EXPECT_TRUE(close(attention(q, k, v, additive_same, std::nullopt, causal),
-                          reference(q, k, v, additive_same, std::nullopt, causal), dtype));
+                          attentionReference(q, k, v, additive_same, std::nullopt, causal), dtype));
         EXPECT_TRUE(close(attention(q, k, v, keep, std::nullopt, causal),
-                          reference(q, k, v, keep, std::nullopt, causal), dtype));
+                          attentionReference(q, k, v, keep, std::nullopt, causal), dtype));
       }
     }
   }
@@ -184,7 +153,7 @@ TEST_P(AttentionKernel, CausalIsTopLeftAlignedLikeEager) {
     at::Tensor k = randn({2, 2, key_len, 64}, at::kFloat);
     at::Tensor v = randn({2, 2, key_len, 64}, at::kFloat);
     at::Tensor actual = attention(q, k, v, std::nullopt, std::nullopt, true);
-    EXPECT_TRUE(close(actual, reference(q, k, v, std::nullopt, std::nullopt, true), at::kFloat));
+    EXPECT_TRUE(close(actual, attentionReference(q, k, v, std::nullopt, std::nullopt, true), at::kFloat));
     // Eager's own choice for Sq != Skv (top-left in 2.11), not only the reference's reading of it.
     at::Tensor eager = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
     EXPECT_TRUE(close(actual, eager, at::kFloat));
@@ -215,7 +184,7 @@ TEST_P(AttentionKernel, LargeLogitsStayFinite) {
     at::Tensor actual = attention(q, k, v);
     EXPECT_TRUE(actual.isfinite().all().item<bool>());
     // A score's rounding error grows with its magnitude: the tolerance scales with the logits.
-    EXPECT_TRUE(close(actual, reference(q, k, v), dtype, dtype == at::kFloat ? 1000.0 : 1.0));
+    EXPECT_TRUE(close(actual, attentionReference(q, k, v), dtype, dtype == at::kFloat ? 1000.0 : 1.0));
   }
 }
 
@@ -235,7 +204,7 @@ TEST_P(AttentionKernel, FullyMaskedRowsAreZeroLikeEager) {
     at::Tensor actual = attention(q, k, v, mask);
     at::Tensor eager = at::scaled_dot_product_attention(q, k, v, mask);
     EXPECT_TRUE(close(actual, eager, at::kFloat));
-    EXPECT_TRUE(close(actual, reference(q, k, v, mask), at::kFloat));
+    EXPECT_TRUE(close(actual, attentionReference(q, k, v, mask), at::kFloat));
   }
   at::Tensor fully_masked = attention(q, k, v, keep).select(2, 3);
   EXPECT_TRUE(fully_masked.eq(0).all().item<bool>());
@@ -262,9 +231,9 @@ TEST_P(AttentionKernel, StridedInputsAreReadInPlace) {
     at::Tensor v = randn({batch, heads, 48, key_len}, dtype).transpose(2, 3);
     ASSERT_FALSE(q.is_contiguous() || k.is_contiguous() || v.is_contiguous());
     at::Tensor mask = torch::randn({batch, heads, key_len, query_len}).transpose(2, 3);
-    EXPECT_TRUE(close(attention(q, k, v), reference(q, k, v), dtype));
+    EXPECT_TRUE(close(attention(q, k, v), attentionReference(q, k, v), dtype));
     EXPECT_TRUE(close(attention(q, k, v, mask, std::nullopt, true),
-                      reference(q, k, v, mask, std::nullopt, true), dtype));
+                      attentionReference(q, k, v, mask, std::nullopt, true), dtype));
   }
 }
 
@@ -273,14 +242,14 @@ TEST_P(AttentionKernel, LeadingDimsBroadcast) {
   at::Tensor q2 = randn({33, 40}, at::kFloat);
   at::Tensor k2 = randn({65, 40}, at::kFloat);
   at::Tensor v2 = randn({65, 24}, at::kFloat);
-  EXPECT_TRUE(close(attention(q2, k2, v2), reference(q2, k2, v2), at::kFloat));
+  EXPECT_TRUE(close(attention(q2, k2, v2), attentionReference(q2, k2, v2), at::kFloat));
   at::Tensor q3 = randn({3, 33, 40}, at::kFloat);
-  EXPECT_TRUE(close(attention(q3, k2, v2), reference(q3, k2, v2), at::kFloat));
+  EXPECT_TRUE(close(attention(q3, k2, v2), attentionReference(q3, k2, v2), at::kFloat));
   at::Tensor q5 = randn({2, 2, 4, 17, 32}, at::kFloat);
   at::Tensor k5 = randn({2, 1, 1, 50, 32}, at::kFloat);
   at::Tensor v5 = randn({1, 2, 1, 50, 32}, at::kFloat);
   at::Tensor mask = torch::randn({2, 1, 4, 1, 50});
-  EXPECT_TRUE(close(attention(q5, k5, v5, mask), reference(q5, k5, v5, mask), at::kFloat));
+  EXPECT_TRUE(close(attention(q5, k5, v5, mask), attentionReference(q5, k5, v5, mask), at::kFloat));
 }
 
 TEST_P(AttentionKernel, HalfAndDouble) {
@@ -290,9 +259,9 @@ TEST_P(AttentionKernel, HalfAndDouble) {
     at::Tensor k = randn({2, 3, 170, 64}, dtype);
     at::Tensor v = randn({2, 3, 170, 48}, dtype);
     at::Tensor mask = torch::rand({100, 170}) < 0.8;
-    EXPECT_TRUE(close(attention(q, k, v), reference(q, k, v), dtype));
+    EXPECT_TRUE(close(attention(q, k, v), attentionReference(q, k, v), dtype));
     EXPECT_TRUE(
-        close(attention(q, k, v, mask, 0.2, true), reference(q, k, v, mask, 0.2, true), dtype));
+        close(attention(q, k, v, mask, 0.2, true), attentionReference(q, k, v, mask, 0.2, true), dtype));
   }
 }
 
@@ -323,7 +292,7 @@ TEST(AttentionOp, RunsInAScriptedGraph) {
   at::Tensor mask = torch::rand({2, 1, 1, 80}) < 0.9;
   auto outputs = kiln::testing::runGraph(graph, {q, k, v, mask});
   ASSERT_EQ(outputs.size(), 1u);
-  EXPECT_TRUE(close(outputs[0].toTensor(), reference(q, k, v, mask, 0.125, true), at::kFloat));
+  EXPECT_TRUE(close(outputs[0].toTensor(), attentionReference(q, k, v, mask, 0.125, true), at::kFloat));
 }
 
 TEST(AttentionOp, SchemaDefaults) {

@@ -184,6 +184,25 @@ void packRows(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64
   }
 }
 
+// Calls f with a null pointer of the C++ type of a mask dtype (bool or a floating type).
+template <typename F>
+void withMaskType(c10::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case c10::ScalarType::Bool:
+      return f(static_cast<const bool*>(nullptr));
+    case c10::ScalarType::Float:
+      return f(static_cast<const float*>(nullptr));
+    case c10::ScalarType::Double:
+      return f(static_cast<const double*>(nullptr));
+    case c10::ScalarType::BFloat16:
+      return f(static_cast<const c10::BFloat16*>(nullptr));
+    case c10::ScalarType::Half:
+      return f(static_cast<const c10::Half*>(nullptr));
+    default:
+      TORCH_INTERNAL_ASSERT(false, "kiln::attention: unexpected mask dtype ", dtype);
+  }
+}
+
 // scores_t[j][i] (+)= mask[query0 + i][key0 + j] for the block's valid queries and keys.
 template <typename mask_t, typename acc_t>
 void applyMask(const AttentionProblem& problem, int64_t batch_index, int64_t query0,
@@ -216,25 +235,7 @@ void applyMask(const AttentionProblem& problem, int64_t batch_index, int64_t que
     applyMask<mask_t, acc_t>(problem, batch_index, query0, query_count, key0, key_count, scores_t,
                              score_stride);
   };
-  switch (problem.mask_dtype) {
-    case c10::ScalarType::Bool:
-      apply(static_cast<const bool*>(nullptr));
-      break;
-    case c10::ScalarType::Float:
-      apply(static_cast<const float*>(nullptr));
-      break;
-    case c10::ScalarType::Double:
-      apply(static_cast<const double*>(nullptr));
-      break;
-    case c10::ScalarType::BFloat16:
-      apply(static_cast<const c10::BFloat16*>(nullptr));
-      break;
-    case c10::ScalarType::Half:
-      apply(static_cast<const c10::Half*>(nullptr));
-      break;
-    default:
-      TORCH_INTERNAL_ASSERT(false, "kiln::attention: unexpected mask dtype");
-  }
+  withMaskType(problem.mask_dtype, apply);
 }
 
 // Where fill_keep is false the score becomes the fill, plus the additive mask when the original
@@ -276,23 +277,8 @@ void applyMasks(const AttentionProblem& problem, int64_t batch_index, int64_t qu
     applyFill<mask_t, acc_t>(problem, batch_index, query0, query_count, key0, key_count, scores_t,
                              score_stride);
   };
-  // The additive mask's dtype matters only when the fill adds it.
-  switch (problem.fill_adds_mask ? problem.mask_dtype : c10::ScalarType::Float) {
-    case c10::ScalarType::Float:
-      apply(static_cast<const float*>(nullptr));
-      break;
-    case c10::ScalarType::Double:
-      apply(static_cast<const double*>(nullptr));
-      break;
-    case c10::ScalarType::BFloat16:
-      apply(static_cast<const c10::BFloat16*>(nullptr));
-      break;
-    case c10::ScalarType::Half:
-      apply(static_cast<const c10::Half*>(nullptr));
-      break;
-    default:
-      TORCH_INTERNAL_ASSERT(false, "kiln::attention: unexpected additive mask dtype");
-  }
+  // The additive mask's dtype matters only when the fill adds it (an additive mask is never bool).
+  withMaskType(problem.fill_adds_mask ? problem.mask_dtype : c10::ScalarType::Float, apply);
 }
 
 template <typename acc_t>
