@@ -55,11 +55,13 @@ bool enabled() {
 
 void fuse(std::shared_ptr<torch::jit::Graph>& graph, const Options& options) {
   if (options.disabled) return;
-  log(LogLevel::kDebug, "before fusion:\n" + graph->toString());
+  // The graph is printed only when it will be logged: toString walks the whole graph.
+  const bool debug = Options::global().log_level >= LogLevel::kDebug;
+  if (debug) log(LogLevel::kDebug, "before fusion:\n" + graph->toString());
   int groups = fuseAttention(graph, options);
   groups += fuseElementwise(graph, options);
   if (groups > 0) torch::jit::EliminateDeadCode(graph);
-  log(LogLevel::kDebug, "after fusion:\n" + graph->toString());
+  if (debug) log(LogLevel::kDebug, "after fusion:\n" + graph->toString());
 }
 
 torch::jit::Module optimize(const torch::jit::Module& module, const Options& options) {
