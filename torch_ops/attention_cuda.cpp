@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "kiln/kernels/flash_attention.h"
 #endif
 
@@ -62,24 +64,34 @@ kk::MaskDtype maskDtype(at::ScalarType dtype) {
   }
 }
 
+// Why the CUDA kernel cannot run a problem of this shape and dtype; empty when it can. The op
+// raises it, and the fuser's guard (cudaAttentionSupports) asks the same question.
+std::string unsupportedReason(at::ScalarType dtype, int64_t head_dim, int64_t value_dim,
+                              c10::IntArrayRef batch_shape, int64_t query_len, int64_t key_len) {
+  if (!kernelDtype(dtype))
+    return c10::str("kiln::attention: the CUDA kernel takes float16 or bfloat16, got ", dtype,
+                    " (call it on CPU tensors, or use scaled_dot_product_attention, for other "
+                    "dtypes)");
+  if (value_dim != head_dim || !kk::flashAttentionSupportsHeadDim(static_cast<int>(head_dim)))
+    return c10::str("kiln::attention: the CUDA kernel takes head dims 32, 64, 96 or 128 with the "
+                    "value dim equal, got head dim ",
+                    head_dim, " and value dim ", value_dim);
+  if (static_cast<int>(foldedBatch(batch_shape.vec()).size()) > kk::kMaxBatchDims)
+    return c10::str("kiln::attention: the CUDA kernel takes at most ", kk::kMaxBatchDims,
+                    " batch dims beyond leading ones of size 1, got shape ", batch_shape);
+  if (query_len > kk::kMaxQueryLen || key_len > kk::kMaxKeyLen)
+    return c10::str("kiln::attention: the CUDA kernel takes up to ", kk::kMaxQueryLen,
+                    " queries and ", kk::kMaxKeyLen, " keys, got ", query_len, " and ", key_len);
+  return "";
+}
+
 at::Tensor runCuda(AttentionOperands operands) {
   const at::Tensor& query = operands.query;
-  TORCH_CHECK(kernelDtype(query.scalar_type()),
-              "kiln::attention: the CUDA kernel takes float16 or bfloat16, got ", query.scalar_type(),
-              " (call it on CPU tensors, or use scaled_dot_product_attention, for other dtypes)");
-  TORCH_CHECK(operands.value_dim == operands.head_dim &&
-                  kk::flashAttentionSupportsHeadDim(static_cast<int>(operands.head_dim)),
-              "kiln::attention: the CUDA kernel takes head dims 32, 64, 96 or 128 with the value dim "
-              "equal, got head dim ",
-              operands.head_dim, " and value dim ", operands.value_dim);
+  const std::string reason =
+      unsupportedReason(query.scalar_type(), operands.head_dim, operands.value_dim,
+                        operands.batch_shape, operands.query_len, operands.key_len);
+  TORCH_CHECK(reason.empty(), reason);
   const std::vector<int64_t> batch = foldedBatch(operands.batch_shape);
-  TORCH_CHECK(static_cast<int>(batch.size()) <= kk::kMaxBatchDims,
-              "kiln::attention: the CUDA kernel takes at most ", kk::kMaxBatchDims,
-              " batch dims beyond leading ones of size 1, got shape ",
-              c10::IntArrayRef(operands.batch_shape));
-  TORCH_CHECK(operands.query_len <= kk::kMaxQueryLen && operands.key_len <= kk::kMaxKeyLen,
-              "kiln::attention: the CUDA kernel takes up to ", kk::kMaxQueryLen, " queries and ",
-              kk::kMaxKeyLen, " keys, got ", operands.query_len, " and ", operands.key_len);
   // Operands the kernel cannot read in 16-byte chunks are copied once (rare: views of [B, S, H, D]
   // projections qualify).
   for (at::Tensor* t : {&operands.query, &operands.key, &operands.value})
@@ -144,14 +156,10 @@ at::Tensor attentionExplicitCuda(const at::Tensor& query, const at::Tensor& key,
 
 bool cudaAttentionSupports(const at::Tensor& query, const at::Tensor& key,
                            const at::Tensor& value) {
-  if (!kernelDtype(query.scalar_type())) return false;
-  const int64_t head_dim = query.size(-1);
-  if (value.size(-1) != head_dim || !kk::flashAttentionSupportsHeadDim(static_cast<int>(head_dim)))
-    return false;
-  int64_t batch_dims = 0;
-  for (int64_t d = 0; d + 2 < query.dim(); ++d) batch_dims += batch_dims > 0 || query.size(d) != 1;
-  return batch_dims <= kk::kMaxBatchDims && query.size(-2) <= kk::kMaxQueryLen &&
-         key.size(-2) <= kk::kMaxKeyLen;
+  return unsupportedReason(query.scalar_type(), query.size(-1), value.size(-1),
+                           query.sizes().slice(0, query.dim() - 2), query.size(-2),
+                           key.size(-2))
+      .empty();
 }
 
 TORCH_LIBRARY_IMPL(kiln, CUDA, m) {

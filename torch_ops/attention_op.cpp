@@ -170,12 +170,12 @@ bool attentionGuard(const at::Tensor& query, const at::Tensor& key, const at::Te
   const at::ScalarType dtype = query.scalar_type();
   if (!isAttentionDtype(dtype) || key.scalar_type() != dtype || value.scalar_type() != dtype)
     return false;
-  if (key.device() != query.device() || value.device() != query.device() ||
-      !kernelFor(query, key, value))
-    return false;
   // Same rank, same batch dims: no broadcasting between q, k and v to reason about.
   const int64_t rank = query.dim();
   if (rank < 2 || key.dim() != rank || value.dim() != rank) return false;
+  if (key.device() != query.device() || value.device() != query.device() ||
+      !kernelFor(query, key, value))
+    return false;
   for (int64_t d = 0; d < rank - 2; ++d)
     if (key.size(d) != query.size(d) || value.size(d) != query.size(d)) return false;
   if (key.size(-1) != query.size(-1) || value.size(-2) != key.size(-2)) return false;
