@@ -46,6 +46,7 @@ struct LoadedDriver {
     bind(library, "cuModuleUnload", api.cuModuleUnload, missing);
     bind(library, "cuModuleGetFunction", api.cuModuleGetFunction, missing);
     bind(library, "cuLaunchKernel", api.cuLaunchKernel, missing);
+    bind(library, "cuOccupancyMaxActiveBlocksPerMultiprocessor", api.cuOccupancyMaxActiveBlocksPerMultiprocessor, missing);
     if (!missing.empty()) {
       error = "libcuda lacks " + missing;
       return;

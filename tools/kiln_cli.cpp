@@ -137,6 +137,8 @@ int runDemo(const Args& args) {
   double tolerance = cuda ? 2e-2 : 1e-4;
   bool match = max_error <= tolerance && !std::isnan(max_error);
   double checksum = result.sum().item<double>();
+  // The disk cache serves CUDA kernels: a second run with the same cache compiles nothing.
+  const kiln::KernelCache::Stats cache = kiln::KernelCache::global().stats();
 
   if (args.has("--json")) {
     std::cout << "{\"model\": \"bert-base encoder layer\", \"device\": " << kiln::jsonQuote(device_name)
@@ -144,8 +146,9 @@ int runDemo(const Args& args) {
               << ", \"sequence\": " << config.sequence << ", \"checksum\": " << checksum
               << ", \"unfused_ms\": " << unfused.ms_per_forward
               << ", \"fused_ms\": " << fused.ms_per_forward << ", \"max_abs_error\": " << max_error
-              << ", \"match\": " << (match ? "true" : "false") << ", \"report\": " << report.toJson()
-              << "}\n";
+              << ", \"match\": " << (match ? "true" : "false") << ", \"kernel_cache\": {\"hits\": " << cache.hits
+              << ", \"misses\": " << cache.misses << ", \"stores\": " << cache.stores << "}"
+              << ", \"report\": " << report.toJson() << "}\n";
   } else {
     std::printf("kiln demo: BERT-base encoder layer (hidden %lld, %lld heads, FFN %lld), batch %lld, "
                 "sequence %lld, %s %s, %d CPU threads\n",
@@ -159,6 +162,10 @@ int runDemo(const Args& args) {
                 unfused.ms_per_forward / fused.ms_per_forward);
     std::printf("fused vs unfused  max |diff| %.3g (%s, tolerance %.0e)\n", max_error,
                 match ? "match" : "MISMATCH", tolerance);
+    if (cuda) {
+      std::printf("CUDA kernels      %lld from the disk cache, %lld compiled (%s)\n", static_cast<long long>(cache.hits),
+                  static_cast<long long>(cache.misses), kiln::KernelCache::global().dir().c_str());
+    }
     std::printf("%s", report.toText().c_str());
   }
   return match ? 0 : 1;

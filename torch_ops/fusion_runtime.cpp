@@ -4,15 +4,18 @@
 #include <torch/csrc/jit/ir/irparser.h>
 
 #include <atomic>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <unordered_map>
 
 #include "codegen/cpu_kernel.h"
+#include "codegen/cuda_driver.h"
 #include "codegen/kernel_dump.h"
 #include "fuser/group_stats.h"
 #include "fuser/lowering.h"
 #include "kiln/options.h"
+#include "torch_ops/fusion_cuda.h"
 
 namespace kiln {
 
@@ -22,7 +25,8 @@ std::atomic<int64_t> compile_count{0};
 
 struct CompiledEntry {
   std::once_flag once;
-  std::shared_ptr<CpuKernel> kernel;  // null if compilation failed
+  std::shared_ptr<CpuKernel> kernel;  // CPU: null if compilation failed
+  std::shared_ptr<const CudaFunction> cuda_function;  // CUDA: null if compiling or loading failed
   std::string error;
 };
 
@@ -30,7 +34,7 @@ struct SignatureEntry {
   std::optional<LoweredGroup> lowered;
   std::string why;
   std::mutex mutex;
-  std::map<std::string, std::shared_ptr<CompiledEntry>> kernels;  // by layout
+  std::map<std::string, std::shared_ptr<CompiledEntry>> kernels;  // by layout, or CUDA device and specialization
 };
 
 }  // namespace
@@ -46,7 +50,10 @@ struct FusionProgram {
 
 struct PreparedLaunch {
   std::shared_ptr<FusionProgram> program;
-  std::shared_ptr<CpuKernel> kernel;
+  c10::Device device = c10::kCPU;
+  std::shared_ptr<CpuKernel> kernel;                  // on the CPU
+  std::shared_ptr<const CudaFunction> cuda_function;  // on a CUDA device
+  CudaSpecialization cuda_specialization;
   const LoweredGroup* lowered = nullptr;
   std::vector<at::Tensor> inputs;      // loaded tensor inputs
   std::vector<double> float_args;      // per kernel scalar input
@@ -126,7 +133,10 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
     program->counters->fallbacks++;
     return nullptr;
   };
-  // Signature: per input, (dtype, rank) for tensors, kind for scalars.
+  // Signature: per input, (dtype, rank) for tensors, kind for scalars. Every tensor must be on
+  // one device, the CPU or a CUDA device (eager would move a CPU 0-dim tensor to the GPU: the
+  // fallback does).
+  c10::Device device = c10::kCPU;
   std::vector<int64_t> key;
   std::vector<InputSignature> signature;
   size_t t = 0, f = 0, i = 0;
@@ -137,7 +147,8 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
         if (t >= tensors.size()) return reject("too few tensors");
         const at::Tensor& tensor = tensors[t++];
         if (!tensor.defined()) return reject("undefined tensor");
-        if (tensor.device().type() != c10::DeviceType::CPU) return reject("device " + tensor.device().str() + " has no kiln backend yet");
+        if (t == 1) device = tensor.device();
+        if (tensor.device() != device) return reject("inputs on " + device.str() + " and " + tensor.device().str());
         if (tensor.layout() != c10::kStrided) return reject("non-strided tensor");
         if (at::GradMode::is_enabled() && tensor.requires_grad()) return reject("input requires grad");
         input.dtype = tensor.scalar_type();
@@ -152,6 +163,12 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
     signature.push_back(input);
   }
   if (t != tensors.size() || f != floats.size() || i != ints.size()) return reject("argument count mismatch");
+  if (device.is_cuda()) {
+    std::string unavailable;
+    if (!cudaFusionAvailable(device.index(), &unavailable)) return reject(unavailable);
+  } else if (!device.is_cpu()) {
+    return reject("device " + device.str() + " has no kiln backend");
+  }
 
   std::shared_ptr<SignatureEntry> entry;
   {
@@ -169,6 +186,7 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
 
   auto launch = std::make_shared<PreparedLaunch>();
   launch->program = program;
+  launch->device = device;
   launch->lowered = &lowered;
   launch->inputs = tensors;
   // batch_norm's per-channel [C] tensors, viewed as [C, 1, …] to broadcast along dim 1 of the
@@ -259,6 +277,38 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
   launch->sizes = sizes;
   launch->input_strides = collapsed;
 
+  if (device.is_cuda()) {
+    if (launch->numel == 0) return launch;  // empty: outputs only, no kernel
+    std::string why_not;
+    std::optional<CudaSpecialization> specialization = cudaSpecializationFor(*launch, &why_not);
+    if (!specialization) return reject(why_not);
+    const CudaArgumentLayout arguments = cudaArgumentLayout(lowered.kernel, *specialization);
+    const size_t argument_bytes = 8 * static_cast<size_t>(arguments.operands * (1 + arguments.rank) + arguments.rank + 1 +
+                                                          std::max(1, arguments.float_scalars) + std::max(1, arguments.int_scalars));
+    if (argument_bytes > kMaxCudaArgumentBytes) return reject("too many operands for one CUDA kernel's arguments");
+    std::shared_ptr<CompiledEntry> compiled;
+    {
+      std::lock_guard<std::mutex> lock(entry->mutex);
+      auto& slot = entry->kernels["cuda:" + std::to_string(device.index()) + " " + specialization->toString()];
+      if (!slot) slot = std::make_shared<CompiledEntry>();
+      compiled = slot;
+    }
+    std::call_once(compiled->once, [&] {
+      try {
+        compiled->cuda_function = loadCudaFunction(lowered.kernel, *specialization, device.index());
+        compile_count++;
+      } catch (const std::exception& error) {
+        compiled->error = error.what();
+        log(LogLevel::kWarning, "a fusion group failed to compile or load on " + device.str() +
+                                    " and runs unfused from now on: " + compiled->error);
+      }
+    });
+    if (!compiled->cuda_function) return reject("compile failed: " + compiled->error);
+    launch->cuda_function = compiled->cuda_function;
+    launch->cuda_specialization = *specialization;
+    return launch;
+  }
+
   CpuLayout layout;
   for (size_t k = 0; k < operands; ++k) {
     int64_t element = k < inputs.size() ? inputs[k].element_size()
@@ -304,11 +354,52 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
   return launch;
 }
 
+namespace {
+
+// The argument block of cudaArgumentLayout: data pointers, then (strided schedule) sizes and
+// element strides, numel, the scalars as float64 and as int64.
+void launchCuda(const PreparedLaunch& prepared, const std::vector<at::Tensor>& outputs) {
+  const LoweredGroup& lowered = *prepared.lowered;
+  const CudaSpecialization& specialization = prepared.cuda_specialization;
+  const CudaArgumentLayout layout = cudaArgumentLayout(lowered.kernel, specialization);
+  std::vector<int64_t> arguments;
+  std::vector<int64_t> element_sizes;
+  for (const at::Tensor& input : prepared.inputs) {
+    arguments.push_back(reinterpret_cast<int64_t>(input.const_data_ptr()));
+    element_sizes.push_back(input.element_size());
+  }
+  for (const at::Tensor& output : outputs) {
+    arguments.push_back(reinterpret_cast<int64_t>(output.data_ptr()));
+    element_sizes.push_back(output.element_size());
+  }
+  if (layout.rank > 0) {
+    for (int64_t size : prepared.sizes) arguments.push_back(size);
+    for (size_t k = 0; k < element_sizes.size(); ++k) {
+      for (int64_t stride : prepared.input_strides[k]) arguments.push_back(stride / element_sizes[k]);
+    }
+  }
+  arguments.push_back(prepared.numel);
+  for (double value : prepared.float_args) {
+    int64_t bits = 0;
+    std::memcpy(&bits, &value, sizeof bits);
+    arguments.push_back(bits);
+  }
+  if (prepared.float_args.empty()) arguments.push_back(0);
+  for (int64_t value : prepared.int_args) arguments.push_back(value);
+  if (prepared.int_args.empty()) arguments.push_back(0);
+  const int64_t work = specialization.schedule == CudaSchedule::kLinearVectorized
+                           ? std::max<int64_t>(1, prepared.numel / cudaVectorWidth(lowered.kernel))
+                           : prepared.numel;
+  launchCudaFunction(*prepared.cuda_function, prepared.device.index(), arguments, work);
+}
+
+}  // namespace
+
 std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
   const LoweredGroup& lowered = *prepared.lowered;
   std::vector<at::Tensor> outputs;
   for (at::ScalarType dtype : lowered.output_dtypes) {
-    outputs.push_back(at::empty(prepared.shape, at::TensorOptions().dtype(dtype)));
+    outputs.push_back(at::empty(prepared.shape, at::TensorOptions().dtype(dtype).device(prepared.device)));
   }
   int64_t bytes_fused = 0;
   for (const at::Tensor& input : prepared.inputs) bytes_fused += input.numel() * input.element_size();
@@ -318,6 +409,10 @@ std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
   counters.bytes_fused = bytes_fused;
   counters.bytes_unfused = lowered.unfused_bytes_per_element * prepared.numel;
   if (prepared.numel == 0) return outputs;
+  if (prepared.device.is_cuda()) {
+    launchCuda(prepared, outputs);
+    return outputs;
+  }
 
   const size_t operands = prepared.inputs.size() + outputs.size();
   std::vector<char*> bases;

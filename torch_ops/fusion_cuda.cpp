@@ -1,0 +1,155 @@
+#include "torch_ops/fusion_cuda.h"
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+
+#include "codegen/cuda_driver.h"
+
+#if defined(KILN_HAVE_CUDA_KERNELS)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "codegen/cuda_kernel_builder.h"
+#include "codegen/nvrtc_compiler.h"
+#include "kiln/options.h"
+#endif
+
+namespace kiln {
+
+struct CudaFunction {
+  cuda::CUfunction function = nullptr;
+  int64_t resident_blocks = 1;  // blocks the whole device holds at once (SMs × blocks per SM)
+};
+
+#if defined(KILN_HAVE_CUDA_KERNELS)
+namespace {
+
+// What kiln needs to know about one device, worked out on first use.
+struct DeviceState {
+  std::string error;  // empty when usable
+  cuda::CUcontext context = nullptr;  // the primary context, retained for the process
+  int multiprocessors = 0;
+  std::string arch;  // "sm_90", or "compute_XY" when this NVRTC only knows older GPUs
+};
+
+constexpr int kAttributeMultiprocessorCount = 16;
+constexpr int kAttributeComputeCapabilityMajor = 75;
+constexpr int kAttributeComputeCapabilityMinor = 76;
+
+DeviceState probe(int index) {
+  DeviceState state;
+  std::string why;
+  const cuda::DriverApi* api = cuda::driver(&why);
+  if (!api) {
+    state.error = why;
+    return state;
+  }
+  if (!cuda::nvrtc(&why)) {
+    state.error = why;
+    return state;
+  }
+  try {
+    cuda::CUdevice device = 0;
+    cuda::checkDriver(api->cuDeviceGet(&device, index), "cuDeviceGet");
+    int major = 0, minor = 0;
+    cuda::checkDriver(api->cuDeviceGetAttribute(&major, kAttributeComputeCapabilityMajor, device), "cuDeviceGetAttribute");
+    cuda::checkDriver(api->cuDeviceGetAttribute(&minor, kAttributeComputeCapabilityMinor, device), "cuDeviceGetAttribute");
+    cuda::checkDriver(api->cuDeviceGetAttribute(&state.multiprocessors, kAttributeMultiprocessorCount, device),
+                      "cuDeviceGetAttribute");
+    bool as_ptx = false;
+    state.arch = archForDevice(major, minor, &as_ptx);
+    if (as_ptx) state.arch = "compute_" + state.arch.substr(3);
+    cuda::checkDriver(api->cuDevicePrimaryCtxRetain(&state.context, device), "cuDevicePrimaryCtxRetain");
+  } catch (const std::exception& error) {
+    state.error = error.what();
+  }
+  return state;
+}
+
+const DeviceState& deviceState(int index) {
+  static std::mutex mutex;
+  static auto* states = new std::map<int, DeviceState>();
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = states->find(index);
+  if (found == states->end()) found = states->emplace(index, probe(index)).first;
+  return found->second;
+}
+
+// Makes the device's primary context current on this thread (the caller holds a device guard
+// for it, so the runtime and the driver agree on the device).
+const cuda::DriverApi& enterDevice(int index) {
+  const DeviceState& state = deviceState(index);
+  if (!state.error.empty()) throw std::runtime_error("kiln: CUDA device " + std::to_string(index) + ": " + state.error);
+  const cuda::DriverApi& api = *cuda::driver();
+  cuda::CUcontext current = nullptr;
+  cuda::checkDriver(api.cuCtxGetCurrent(&current), "cuCtxGetCurrent");
+  if (current != state.context) cuda::checkDriver(api.cuCtxSetCurrent(state.context), "cuCtxSetCurrent");
+  return api;
+}
+
+}  // namespace
+
+bool cudaFusionAvailable(int device, std::string* why) {
+  const DeviceState& state = deviceState(device);
+  if (state.error.empty()) return true;
+  if (why) *why = "CUDA device " + std::to_string(device) + ": " + state.error;
+  return false;
+}
+
+std::shared_ptr<const CudaFunction> loadCudaFunction(const ir::Kernel& kernel,
+                                                     const CudaSpecialization& specialization, int device) {
+  const DeviceState& state = deviceState(device);
+  if (!state.error.empty()) throw std::runtime_error("kiln: CUDA device " + std::to_string(device) + ": " + state.error);
+  CudaKernelBinary binary = obtainCudaKernel(kernel, specialization, state.arch, Options::global().fast_math);
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cuda::DriverApi& api = enterDevice(device);
+  // Modules stay loaded for the life of the process: one per kernel and device, and unloading
+  // during static destruction would race the driver's own teardown.
+  cuda::CUmodule module = nullptr;
+  cuda::checkDriver(api.cuModuleLoadData(&module, binary.binary.data()), "cuModuleLoadData");
+  auto function = std::make_shared<CudaFunction>();
+  cuda::checkDriver(api.cuModuleGetFunction(&function->function, module, binary.name.c_str()), "cuModuleGetFunction");
+  int per_multiprocessor = 0;
+  cuda::checkDriver(api.cuOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, function->function,
+                                                                     kCudaBlockSize, 0),
+                    "cuOccupancyMaxActiveBlocksPerMultiprocessor");
+  function->resident_blocks = std::max<int64_t>(1, int64_t{per_multiprocessor} * state.multiprocessors);
+  log(LogLevel::kDebug, std::string("loaded ") + binary.name + " on cuda:" + std::to_string(device) + " (" + state.arch +
+                            (binary.from_cache ? ", from the disk cache" : ", compiled") + ", " +
+                            std::to_string(binary.registers) + " registers, " +
+                            std::to_string(per_multiprocessor) + " blocks per SM)");
+  return function;
+}
+
+void launchCudaFunction(const CudaFunction& function, int device, std::vector<int64_t>& arguments, int64_t work) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cuda::DriverApi& api = enterDevice(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+  // A grid-stride loop: one thread per iteration up to what the device holds at once.
+  const int64_t blocks = std::clamp<int64_t>((work + kCudaBlockSize - 1) / kCudaBlockSize, 1, function.resident_blocks);
+  void* parameters[] = {arguments.data()};
+  cuda::checkDriver(api.cuLaunchKernel(function.function, static_cast<unsigned>(blocks), 1, 1, kCudaBlockSize, 1, 1, 0,
+                                       reinterpret_cast<cuda::CUstream>(stream), parameters, nullptr),
+                    "cuLaunchKernel");
+}
+
+#else  // kiln built without the CUDA toolkit
+
+bool cudaFusionAvailable(int, std::string* why) {
+  if (why) *why = "kiln was built without CUDA support (no CUDA toolkit at configure time)";
+  return false;
+}
+
+std::shared_ptr<const CudaFunction> loadCudaFunction(const ir::Kernel&, const CudaSpecialization&, int) {
+  throw std::runtime_error("kiln was built without CUDA support");
+}
+
+void launchCudaFunction(const CudaFunction&, int, std::vector<int64_t>&, int64_t) {
+  throw std::runtime_error("kiln was built without CUDA support");
+}
+
+#endif
+
+}  // namespace kiln

@@ -1,0 +1,39 @@
+// The CUDA half of the fusion runtime: a generated kernel compiled for one device's exact
+// architecture (or fetched from the disk cache), loaded once per device per process into the
+// device's primary context (the one torch uses), and launched on torch's current stream for that
+// device under a device guard. The driver is reached through the lazily opened libcuda
+// (codegen/cuda_driver.h); torch's libc10_cuda gives the current stream and the guard.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "codegen/cuda_emitter.h"
+
+namespace kiln {
+
+// One generated kernel, loaded on one device.
+struct CudaFunction;
+
+// Whether generated kernels can run on CUDA device `device`: kiln built with CUDA support, a
+// driver, NVRTC and an architecture it can target. The answer is worked out once per device.
+bool cudaFusionAvailable(int device, std::string* why);
+
+// Compiles `kernel` for the device's architecture through the disk cache and loads it. Throws
+// std::runtime_error with NVRTC's log or the driver's error.
+std::shared_ptr<const CudaFunction> loadCudaFunction(const ir::Kernel& kernel,
+                                                     const CudaSpecialization& specialization, int device);
+
+// Launches on the current stream of `device`. `arguments` is the kernel's argument block
+// (cudaArgumentLayout, 8 bytes per field); `work` is the number of grid-stride iterations the
+// kernel has in all (vectors for the vectorized schedule, elements otherwise).
+void launchCudaFunction(const CudaFunction& function, int device, std::vector<int64_t>& arguments,
+                        int64_t work);
+
+// The most bytes an argument block may have (the launch parameter limit every architecture
+// accepts).
+constexpr size_t kMaxCudaArgumentBytes = 4096;
+
+}  // namespace kiln
