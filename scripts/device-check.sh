@@ -27,7 +27,8 @@ export LD_LIBRARY_PATH="$deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
 tests_rc=0
 if [[ $stage == all || $stage == test ]]; then
   # GPU tests first (their log is the one that matters here), then everything else.
-  (cd build-device && ctest -L gpu --output-on-failure > "../$out/ctest-gpu.log" 2>&1) || tests_rc=1
+  # -j: the fuzz shards and op tests spread NVRTC's compiles over the cores; one GPU holds them all.
+  (cd build-device && ctest -L gpu --output-on-failure -j 8 > "../$out/ctest-gpu.log" 2>&1) || tests_rc=1
   (cd build-device && ctest -LE gpu --output-on-failure -j 8 > "../$out/ctest.log" 2>&1) || tests_rc=1
   build-device/bin/kiln env | tee "$out/env.txt"
   build-device/bin/kiln demo --device cuda --json > "$out/demo.json" 2> "$out/demo.err"
@@ -35,6 +36,8 @@ fi
 if [[ $stage == all || $stage == bench ]]; then
   build-device/bin/kiln_bench --benchmark_filter='_Cuda' --benchmark_format=console \
     --benchmark_out="$out/bench.json" --benchmark_out_format=json > "$out/bench.txt" 2>&1
+  # torch.compile on the same elementwise chains (Python only), eager and copy beside it.
+  $py scripts/elementwise_torch_compile.py --json "$out/torch_compile.json" > "$out/torch_compile.txt" 2>&1
 fi
 echo "== summary ($(date -u +%F), $(head -2 "$out/gpu.txt" | tail -1)) =="
 for log in "$out/ctest-gpu.log" "$out/ctest.log"; do
@@ -42,7 +45,8 @@ for log in "$out/ctest-gpu.log" "$out/ctest.log"; do
 done
 [[ -f $out/ptxas.txt ]] && cat "$out/ptxas.txt"
 [[ -f $out/bench.txt ]] && grep -E "^(Baseline|Kiln)_" "$out/bench.txt" |
-  awk '{rate=""; for (i = 1; i <= NF; i++) if ($i ~ /TFLOP\/s=|bytes_per_second=|peak_MiB=/) rate = rate " " $i;
+  awk '{rate=""; for (i = 1; i <= NF; i++) if ($i ~ /TFLOP\/s=|bytes_per_second=|peak_MiB=|GB\/s=|pct_copy=/) rate = rate " " $i;
         printf "%-64s %10s %s%s\n", $1, $2, $3, rate}'
+[[ -f $out/torch_compile.txt ]] && tail -15 "$out/torch_compile.txt"
 [[ -f $out/demo.json ]] && cat "$out/demo.json"
 exit $tests_rc
