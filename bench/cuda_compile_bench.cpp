@@ -30,7 +30,7 @@ kiln::ir::Kernel sixOpGroup(double salt) {
   return k;
 }
 
-const kiln::CudaSpecialization kVectorized{kiln::CudaSchedule::kLinearVectorized, 1, {false, false, false, false}, false};
+const kiln::CudaSpecialization kVectorized{kiln::CudaSchedule::kLinearVectorized, 1, {kiln::CudaAccess::kFull, kiln::CudaAccess::kFull, kiln::CudaAccess::kFull, kiln::CudaAccess::kFull}, false};
 
 bool haveNvrtc(benchmark::State& state) {
   std::string why;

@@ -11,26 +11,11 @@
 #include <c10/core/Allocator.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
 
+#include "elementwise_chains.h"
 #include "kiln/kiln.h"
 
 namespace {
 
-constexpr const char* kChains = R"JIT(
-def arith2(x, y):
-    return x * y + y
-
-def arith4(x, y):
-    return ((x * y + y) - 0.5) * 1.5
-
-def arith8(x, y):
-    a = x * y + y
-    b = (a - 0.5) * 1.5
-    c = b / 3.0 + x
-    return c * c - y
-
-def transcendental4(x, y):
-    return torch.gelu(torch.sigmoid(torch.tanh(torch.exp(x * 0.1))))
-)JIT";
 
 enum class Mode { kEager, kKiln };
 
@@ -67,7 +52,7 @@ void runChain(benchmark::State& state, const std::string& name, Mode mode) {
   at::Tensor y = torch::randn({n});
   const bool kiln_was = kiln::enabled();
   mode == Mode::kKiln ? kiln::enable() : kiln::disable();
-  auto unit = torch::jit::compile(kChains);
+  auto unit = torch::jit::compile(kiln::bench::elementwiseChains());
   torch::jit::Function& function = unit->get_function(name);
   std::vector<c10::IValue> inputs = {x, y};
   for (int i = 0; i < 3; ++i) function(inputs);

@@ -1,8 +1,10 @@
-// Elementwise chains on the GPU, through the same TorchScript executor: eager ATen kernels
+// Elementwise chains on the GPU (bench/elementwise_chains.py: arith2, arith4, arith8), through
+// the same TorchScript executor: eager ATen kernels
 // (Baseline_Eager_Cuda, torch's TensorExpr fuser off), torch's own CUDA fuser
 // (Baseline_TorchFuser_Cuda, TensorExpr/NNC on) and kiln's generated kernel (Kiln_Cuda, kiln on,
 // TensorExpr off), beside a device-to-device copy of the same tensor (Baseline_Copy_Cuda), the
-// bandwidth ceiling an elementwise kernel can reach. Timed with CUDA events on the current stream.
+// bandwidth ceiling an elementwise kernel can reach. Timed with CUDA events on the current stream,
+// 10 calls per timed window.
 // torch.compile runs the same chains in scripts/elementwise_torch_compile.py (Python only).
 //
 // Args: chain (2, 4 or 8 ops), dtype (0: float32, 1: bfloat16), broadcast (0: y is x's shape;
@@ -21,56 +23,48 @@
 #include <torch/jit.h>
 #include <torch/torch.h>
 
+#include "elementwise_chains.h"
 #include "kiln/kiln.h"
 
 namespace {
 
-constexpr const char* kChains = R"JIT(
-def chain2(x, y):
-    return x * y + y
-
-def chain4(x, y):
-    return ((x * y + y) - 0.5) * 1.5
-
-def chain8(x, y):
-    a = x * y + y
-    b = (a - 0.5) * 1.5
-    c = b / 3.0 + x
-    return c * c - y
-)JIT";
 
 enum class Mode { kEager, kTorchFuser, kKiln };
 
 constexpr int64_t kColumns = 4096;
 constexpr int64_t kTensorBytes = int64_t{256} << 20;
 
-// Seconds one call of `body` takes on the current stream (CUDA events around it).
+// Calls per timed window: the host enqueues the next call while the GPU runs the previous
+// one, so the window measures the GPU, not the first call's host latency.
+constexpr int kCallsPerWindow = 10;
+
+// Seconds one call of `body` takes on the current stream: CUDA events around `calls` calls.
 template <typename Body>
-double timeOnStream(Body&& body) {
+double timeOnStream(Body&& body, int calls = kCallsPerWindow) {
   cudaEvent_t start, stop;
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaEventRecord(start, stream);
-  body();
+  for (int i = 0; i < calls; ++i) body();
   cudaEventRecord(stop, stream);
   cudaEventSynchronize(stop);
   float milliseconds = 0.0f;
   cudaEventElapsedTime(&milliseconds, start, stop);
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
-  return milliseconds / 1e3;
+  return milliseconds / 1e3 / calls;
 }
 
 // The device-to-device copy rate (bytes read + written per second) of a 256 MiB tensor, the
-// best of 20 copies; measured once per process.
+// best of 5 windows timed as the benchmarks are; measured once per process.
 double copyBytesPerSecond() {
   static const double rate = [] {
     at::Tensor source = torch::empty({kTensorBytes / 4}, torch::dtype(at::kFloat).device(at::kCUDA)).uniform_();
     at::Tensor target = torch::empty_like(source);
     for (int i = 0; i < 3; ++i) target.copy_(source);
     double best = 1e9;
-    for (int i = 0; i < 20; ++i) best = std::min(best, timeOnStream([&] { target.copy_(source); }));
+    for (int i = 0; i < 5; ++i) best = std::min(best, timeOnStream([&] { target.copy_(source); }));
     return 2.0 * static_cast<double>(kTensorBytes) / best;
   }();
   return rate;
@@ -100,8 +94,8 @@ void runChain(benchmark::State& state, Mode mode) {
   at::Tensor x = torch::randn({rows, kColumns}, options);
   at::Tensor y = broadcast ? torch::randn({kColumns}, options) : torch::randn({rows, kColumns}, options);
   ModeScope scope(mode);
-  auto unit = torch::jit::compile(kChains);
-  torch::jit::Function& function = unit->get_function("chain" + std::to_string(ops));
+  auto unit = torch::jit::compile(kiln::bench::elementwiseChains());
+  torch::jit::Function& function = unit->get_function("arith" + std::to_string(ops));
   std::vector<c10::IValue> inputs = {x, y};
   // The profiling executor specializes after its profiling runs; kiln compiles on first use.
   for (int i = 0; i < 5; ++i) function(inputs);
@@ -133,8 +127,8 @@ void runLaunchOverhead(benchmark::State& state, Mode mode) {
   at::Tensor x = torch::randn({1024}, torch::device(at::kCUDA));
   at::Tensor y = torch::randn({1024}, torch::device(at::kCUDA));
   ModeScope scope(mode);
-  auto unit = torch::jit::compile(kChains);
-  torch::jit::Function& function = unit->get_function("chain4");
+  auto unit = torch::jit::compile(kiln::bench::elementwiseChains());
+  torch::jit::Function& function = unit->get_function("arith4");
   std::vector<c10::IValue> inputs = {x, y};
   for (int i = 0; i < 5; ++i) function(inputs);
   torch::cuda::synchronize();

@@ -47,6 +47,7 @@ struct LoadedDriver {
     bind(library, "cuModuleGetFunction", api.cuModuleGetFunction, missing);
     bind(library, "cuLaunchKernel", api.cuLaunchKernel, missing);
     bind(library, "cuOccupancyMaxActiveBlocksPerMultiprocessor", api.cuOccupancyMaxActiveBlocksPerMultiprocessor, missing);
+    bind(library, "cuStreamIsCapturing", api.cuStreamIsCapturing, missing);
     if (!missing.empty()) {
       error = "libcuda lacks " + missing;
       return;

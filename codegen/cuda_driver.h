@@ -34,6 +34,7 @@ struct DriverApi {
   CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
                              unsigned, unsigned, CUstream, void**, void**);
   CUresult (*cuOccupancyMaxActiveBlocksPerMultiprocessor)(int*, CUfunction, int, size_t);
+  CUresult (*cuStreamIsCapturing)(CUstream, int*);  // status 0: not capturing
 };
 
 // The driver, loaded and initialised on first call; nullptr (with *why set) if unavailable.

@@ -234,9 +234,21 @@ std::string CudaSpecialization::toString() const {
   }
   if (schedule != CudaSchedule::kStrided) {
     text += ":";
-    for (bool b : broadcast) text += b ? 'b' : 'c';
+    for (CudaAccess a : access) text += static_cast<char>(a);
   }
   return text + (index64 ? ":i64" : ":i32");
+}
+
+bool CudaSpecialization::usesInner() const {
+  for (CudaAccess a : access) {
+    if (a == CudaAccess::kRow || a == CudaAccess::kColumn) return true;
+  }
+  return false;
+}
+
+size_t CudaArgumentLayout::bytes() const {
+  return 8 * static_cast<size_t>(operands * (1 + rank) + rank + (inner ? 1 : 0) + 1 + std::max(1, float_scalars) +
+                                 std::max(1, int_scalars));
 }
 
 int cudaVectorWidth(const ir::Kernel& kernel) {
@@ -250,6 +262,7 @@ CudaArgumentLayout cudaArgumentLayout(const ir::Kernel& kernel, const CudaSpecia
   CudaArgumentLayout layout;
   layout.operands = static_cast<int>(kernel.tensor_inputs.size() + kernel.outputs.size());
   layout.rank = specialization.schedule == CudaSchedule::kStrided ? specialization.rank : 0;
+  layout.inner = specialization.schedule != CudaSchedule::kStrided && specialization.usesInner();
   layout.float_scalars = static_cast<int>(kernel.scalar_inputs.size());
   layout.int_scalars = static_cast<int>(kernel.scalar_inputs.size());
   return layout;
@@ -261,8 +274,8 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
   const size_t inputs = kernel.tensor_inputs.size();
   const size_t operands = inputs + kernel.outputs.size();
   const bool linear = specialization.schedule != CudaSchedule::kStrided;
-  if (linear && specialization.broadcast.size() != operands) {
-    throw std::runtime_error("kiln cuda: the specialization names " + std::to_string(specialization.broadcast.size()) +
+  if (linear && specialization.access.size() != operands) {
+    throw std::runtime_error("kiln cuda: the specialization names " + std::to_string(specialization.access.size()) +
                              " operands, the kernel has " + std::to_string(operands));
   }
   if (!linear && (specialization.rank < 1 || specialization.rank > kMaxCudaRank)) {
@@ -270,7 +283,7 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
                              std::to_string(kMaxCudaRank));
   }
   for (size_t o = 0; linear && o < kernel.outputs.size(); ++o) {
-    if (specialization.broadcast[inputs + o]) throw std::runtime_error("kiln cuda: a broadcast output");
+    if (specialization.access[inputs + o] != CudaAccess::kFull) throw std::runtime_error("kiln cuda: a broadcast output");
   }
   auto typeOf = [&](size_t k) { return k < inputs ? kernel.tensor_inputs[k] : kernel.outputType(k - inputs); };
   const CudaArgumentLayout args = cudaArgumentLayout(kernel, specialization);
@@ -280,11 +293,13 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
   std::ostringstream out;
   out << "// kernel " << kernel.name << ", schedule " << specialization.toString() << "\n";
   const std::string index_type = specialization.index64 ? "long long" : "int";
+  const std::string unsigned_index = specialization.index64 ? "unsigned long long" : "unsigned int";
   const std::string params = result.name + "_params";
   out << "struct " << params << " {\n  void* data[" << operands << "];\n";
   if (args.rank > 0) {
     out << "  long long sizes[" << args.rank << "];\n  long long strides[" << operands << "][" << args.rank << "];\n";
   }
+  if (args.inner) out << "  long long inner;\n";
   out << "  long long numel;\n  double float_args[" << std::max(1, args.float_scalars) << "];\n  long long int_args["
       << std::max(1, args.int_scalars) << "];\n};\n\n";
   out << "extern \"C\" __global__ void __launch_bounds__(" << kCudaBlockSize << ") " << result.name
@@ -305,16 +320,33 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
   out << "  const index_t n = (index_t)p.numel;\n"
       << "  const index_t step = (index_t)gridDim.x * blockDim.x;\n"
       << "  const index_t first = (index_t)blockIdx.x * blockDim.x + threadIdx.x;\n";
+  auto accessOf = [&](size_t k) { return linear ? specialization.access[k] : CudaAccess::kFull; };
+  // The row and column of e are computed only where an operand reads them.
+  bool reads_row = false, reads_column = false;
+  for (size_t k = 0; k < inputs; ++k) {
+    reads_row |= used[k] && (accessOf(k) == CudaAccess::kRow || accessOf(k) == CudaAccess::kColumn);
+    reads_column |= used[k] && accessOf(k) == CudaAccess::kRow;
+  }
+  // Unsigned division (indices are never negative): cheaper, and ptxas spills around the signed
+  // 32-bit division's slow path on sm_90.
+  if (reads_row) out << "  const " << unsigned_index << " inner = (" << unsigned_index << ")p.inner;\n";
 
   std::vector<std::string> values;
   if (specialization.schedule == CudaSchedule::kLinearVectorized) {
     const int width = cudaVectorWidth(kernel);
     out << "  const index_t vectors = n / " << width << ";\n";
     out << "  for (index_t v = first; v < vectors; v += step) {\n";
+    if (reads_row) {
+      // inner is a multiple of the vector: the whole vector lies in one row.
+      out << "    const index_t row = (index_t)((" << unsigned_index << ")(v * " << width << ") / inner);\n";
+      if (reads_column) out << "    const index_t column = v * " << width << " - row * (index_t)inner;\n";
+    }
     for (size_t k = 0; k < inputs; ++k) {
-      if (specialization.broadcast[k] || !used[k]) continue;
+      const CudaAccess access = accessOf(k);
+      if (access == CudaAccess::kScalar || access == CudaAccess::kColumn || !used[k]) continue;
       out << "    const kiln_vec<" << memoryType(typeOf(k)) << ", " << width << "> x" << k << " = *(const kiln_vec<"
-          << memoryType(typeOf(k)) << ", " << width << ">*)(d" << k << " + v * " << width << ");\n";
+          << memoryType(typeOf(k)) << ", " << width << ">*)(d" << k
+          << (access == CudaAccess::kRow ? " + column" : " + v * " + std::to_string(width)) << ");\n";
     }
     // Results go to scalars first and into the vector only for the store: a vector written
     // piecewise around a math slow path stays in local memory.
@@ -328,7 +360,11 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
       values.clear();
       out << "    {\n";
       out << bodyStatements(kernel, live, [&](int k) {
-        return specialization.broadcast[static_cast<size_t>(k)] ? "d" + std::to_string(k) + "[0]" : "x" + std::to_string(k) + ".v[" + lane + "]";
+        switch (accessOf(static_cast<size_t>(k))) {
+          case CudaAccess::kScalar: return "d" + std::to_string(k) + "[0]";
+          case CudaAccess::kColumn: return "d" + std::to_string(k) + "[row]";
+          default: return "x" + std::to_string(k) + ".v[" + lane + "]";
+        }
       }, "      ", &values);
       for (size_t o = 0; o < kernel.outputs.size(); ++o) {
         out << "      y" << o << "[" << lane << "] = " << storeValue(kernel.outputType(o), values[o]) << ";\n";
@@ -368,8 +404,17 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
       out << "    d" << inputs + o << "[o" << inputs + o << "] = " << storeValue(kernel.outputType(o), values[o]) << ";\n";
     }
   } else {
+    if (reads_row) {
+      out << "    const index_t row = (index_t)((" << unsigned_index << ")e / inner);\n";
+      if (reads_column) out << "    const index_t column = e - row * (index_t)inner;\n";
+    }
     out << bodyStatements(kernel, live, [&](int k) {
-      return "d" + std::to_string(k) + (specialization.broadcast[static_cast<size_t>(k)] ? "[0]" : "[e]");
+      switch (accessOf(static_cast<size_t>(k))) {
+        case CudaAccess::kScalar: return "d" + std::to_string(k) + "[0]";
+        case CudaAccess::kRow: return "d" + std::to_string(k) + "[column]";
+        case CudaAccess::kColumn: return "d" + std::to_string(k) + "[row]";
+        default: return "d" + std::to_string(k) + "[e]";
+      }
     }, "    ", &values);
     for (size_t o = 0; o < kernel.outputs.size(); ++o) {
       out << "    d" << inputs + o << "[e] = " << storeValue(kernel.outputType(o), values[o]) << ";\n";

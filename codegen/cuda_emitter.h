@@ -7,7 +7,9 @@
 // collapsed dimensions, every operand is contiguous or broadcast (stride 0) along one dimension;
 // linear-vectorized adds that every contiguous operand is aligned for an access of kVectorBytes
 // (the widest operand moves 16 bytes per access, like Triton's divisibility-16 specialization),
-// with a scalar tail for the last numel % vector elements. Strided: any rank up to
+// with a scalar tail for the last numel % vector elements. Linear schedules also read a row
+// broadcast over rows (a bias) or one value per row (CudaAccess); vectorized, the row length is
+// then a multiple of the vector, so a vector never straddles two rows. Strided: any rank up to
 // kMaxCudaRank, sizes and element strides as arguments. Index arithmetic is 32-bit when every
 // offset fits (numel and each operand's largest element offset below 2^31), else 64-bit.
 #pragma once
@@ -25,11 +27,23 @@ constexpr int kCudaBlockSize = 256;
 
 enum class CudaSchedule { kLinear, kLinearVectorized, kStrided };
 
+// How a linear schedule reads one operand at linear index e of an iteration space seen as
+// [rows, inner] (inner: the size of the innermost collapsed dimension, a kernel argument):
+enum class CudaAccess : char {
+  kFull = 'c',    // contiguous over the whole space: element e
+  kScalar = 'b',  // broadcast everywhere (stride 0): element 0
+  kRow = 'r',     // one row broadcast over the rows (a bias): element e % inner
+  kColumn = 'o',  // one value per row (a per-row scale, [N, 1]): element e / inner
+};
+
 struct CudaSpecialization {
   CudaSchedule schedule = CudaSchedule::kLinear;
   int rank = 1;                      // collapsed rank (kStrided); 1 for the linear schedules
-  std::vector<bool> broadcast;       // per operand (inputs, then outputs): stride 0 (linear schedules)
+  std::vector<CudaAccess> access;    // per operand (inputs, then outputs; linear schedules)
   bool index64 = false;
+
+  // Whether some operand is read by row or by column (the kernel then takes `inner`).
+  bool usesInner() const;
 
   // A stable text naming the specialization (part of the kernel's cache key and file names).
   std::string toString() const;
@@ -52,14 +66,17 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
 const char* cudaDeviceHelpers();
 
 // The kernel's argument block, built by the host in this order, every field 8 bytes:
-//   data pointers [operands], sizes [rank], element strides [operands][rank], numel,
-//   float scalars [max(1, n)], integer scalars [max(1, n)].
-// (Linear schedules: rank 0 — no sizes, no strides.)
+//   data pointers [operands], sizes [rank], element strides [operands][rank], inner [0 or 1],
+//   numel, float scalars [max(1, n)], integer scalars [max(1, n)].
+// (Linear schedules: rank 0, no sizes and no strides; `inner` only when usesInner().)
 struct CudaArgumentLayout {
   int operands = 0;
   int rank = 0;
+  bool inner = false;
   int float_scalars = 0;
   int int_scalars = 0;
+  // The block's size in bytes.
+  size_t bytes() const;
 };
 CudaArgumentLayout cudaArgumentLayout(const ir::Kernel& kernel, const CudaSpecialization& specialization);
 

@@ -52,7 +52,7 @@ CudaKernelBinary obtainCudaKernel(const ir::Kernel& kernel, const CudaSpecializa
   key.specialization = specialization.toString();
   key.arch = arch;
   key.compiler = "nvrtc " + cuda::nvrtcVersion();
-  key.options = fast_math ? "--use_fast_math" : "";
+  key.options = fast_math ? "--use_fast_math" : "--fmad=false";
   CudaKernelBinary binary;
   binary.name = source.name;
   binary.arch = arch;

@@ -52,7 +52,9 @@ NvrtcResult compileCuda(const std::string& source, const std::string& program_na
   }
   std::vector<std::string> options = {"--gpu-architecture=" + arch, "--std=c++17", "--device-as-default-execution-space"};
   if (!as_ptx) options.push_back("--ptxas-options=-v");
-  if (fast_math) options.push_back("--use_fast_math");
+  // Without fast math, no contraction of a * b + c into one FMA either: eager rounds the
+  // product in its own kernel, and a memory-bound kernel loses nothing by doing the same.
+  options.push_back(fast_math ? "--use_fast_math" : "--fmad=false");
   std::vector<const char*> option_pointers;
   for (const std::string& option : options) option_pointers.push_back(option.c_str());
   status = api->nvrtcCompileProgram(program, static_cast<int>(option_pointers.size()), option_pointers.data());

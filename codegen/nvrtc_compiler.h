@@ -19,7 +19,8 @@ struct NvrtcResult {
   int spill_bytes = 0;       // spill stores + loads, from ptxas
 };
 
-// Compiles `source` for `arch` ("sm_80", "sm_90", ...). fast_math adds --use_fast_math.
+// Compiles `source` for `arch` ("sm_80", "sm_90", ...). fast_math adds --use_fast_math; without it
+// --fmad=false keeps every product rounded as eager rounds it.
 // Never throws for a compile error: ok is false and log says why. Throws std::runtime_error if
 // NVRTC itself cannot be loaded.
 NvrtcResult compileCuda(const std::string& source, const std::string& program_name, const std::string& arch,

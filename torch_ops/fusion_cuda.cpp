@@ -1,7 +1,6 @@
 #include "torch_ops/fusion_cuda.h"
 
 #include <algorithm>
-#include <map>
 #include <mutex>
 #include <stdexcept>
 
@@ -68,13 +67,24 @@ DeviceState probe(int index) {
   return state;
 }
 
+// One slot per device index, probed once; no lock after that (every launch asks).
+constexpr int kMaxDevices = 64;
+
 const DeviceState& deviceState(int index) {
-  static std::mutex mutex;
-  static auto* states = new std::map<int, DeviceState>();
-  std::lock_guard<std::mutex> lock(mutex);
-  auto found = states->find(index);
-  if (found == states->end()) found = states->emplace(index, probe(index)).first;
-  return found->second;
+  struct Slot {
+    std::once_flag once;
+    DeviceState state;
+  };
+  static Slot* slots = new Slot[kMaxDevices];
+  static const DeviceState out_of_range = [] {
+    DeviceState state;
+    state.error = "device index outside 0.." + std::to_string(kMaxDevices - 1);
+    return state;
+  }();
+  if (index < 0 || index >= kMaxDevices) return out_of_range;
+  Slot& slot = slots[index];
+  std::call_once(slot.once, [&] { slot.state = probe(index); });
+  return slot.state;
 }
 
 // Makes the device's primary context current on this thread (the caller holds a device guard
@@ -123,6 +133,15 @@ std::shared_ptr<const CudaFunction> loadCudaFunction(const ir::Kernel& kernel,
   return function;
 }
 
+bool cudaCaptureUnderway(int device) {
+  const cuda::DriverApi* api = cuda::driver();
+  if (!api) return false;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+  int status = 0;
+  cuda::checkDriver(api->cuStreamIsCapturing(reinterpret_cast<cuda::CUstream>(stream), &status), "cuStreamIsCapturing");
+  return status != 0;
+}
+
 void launchCudaFunction(const CudaFunction& function, int device, std::vector<int64_t>& arguments, int64_t work) {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const cuda::DriverApi& api = enterDevice(device);
@@ -145,6 +164,8 @@ bool cudaFusionAvailable(int, std::string* why) {
 std::shared_ptr<const CudaFunction> loadCudaFunction(const ir::Kernel&, const CudaSpecialization&, int) {
   throw std::runtime_error("kiln was built without CUDA support");
 }
+
+bool cudaCaptureUnderway(int) { return false; }
 
 void launchCudaFunction(const CudaFunction&, int, std::vector<int64_t>&, int64_t) {
   throw std::runtime_error("kiln was built without CUDA support");

@@ -32,6 +32,10 @@ std::shared_ptr<const CudaFunction> loadCudaFunction(const ir::Kernel& kernel,
 void launchCudaFunction(const CudaFunction& function, int device, std::vector<int64_t>& arguments,
                         int64_t work);
 
+// Whether the current stream of `device` is capturing a CUDA graph (a kernel's first compile and
+// module load must not happen inside a capture).
+bool cudaCaptureUnderway(int device);
+
 // The most bytes an argument block may have (the launch parameter limit every architecture
 // accepts).
 constexpr size_t kMaxCudaArgumentBytes = 4096;

@@ -25,6 +25,7 @@ std::atomic<int64_t> compile_count{0};
 
 struct CompiledEntry {
   std::once_flag once;
+  std::atomic<bool> done{false};  // `once` has run
   std::shared_ptr<CpuKernel> kernel;  // CPU: null if compilation failed
   std::shared_ptr<const CudaFunction> cuda_function;  // CUDA: null if compiling or loading failed
   std::string error;
@@ -282,16 +283,18 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
     std::string why_not;
     std::optional<CudaSpecialization> specialization = cudaSpecializationFor(*launch, &why_not);
     if (!specialization) return reject(why_not);
-    const CudaArgumentLayout arguments = cudaArgumentLayout(lowered.kernel, *specialization);
-    const size_t argument_bytes = 8 * static_cast<size_t>(arguments.operands * (1 + arguments.rank) + arguments.rank + 1 +
-                                                          std::max(1, arguments.float_scalars) + std::max(1, arguments.int_scalars));
-    if (argument_bytes > kMaxCudaArgumentBytes) return reject("too many operands for one CUDA kernel's arguments");
+    if (cudaArgumentLayout(lowered.kernel, *specialization).bytes() > kMaxCudaArgumentBytes) return reject("too many operands for one CUDA kernel's arguments");
     std::shared_ptr<CompiledEntry> compiled;
     {
       std::lock_guard<std::mutex> lock(entry->mutex);
       auto& slot = entry->kernels["cuda:" + std::to_string(device.index()) + " " + specialization->toString()];
       if (!slot) slot = std::make_shared<CompiledEntry>();
       compiled = slot;
+    }
+    // A module load inside a CUDA graph capture would break the capture: the first use of a
+    // kernel while one is underway runs the original ops (captured as usual) instead.
+    if (!compiled->done.load() && cudaCaptureUnderway(device.index())) {
+      return reject("first use of this kernel during CUDA graph capture");
     }
     std::call_once(compiled->once, [&] {
       try {
@@ -302,6 +305,7 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
         log(LogLevel::kWarning, "a fusion group failed to compile or load on " + device.str() +
                                     " and runs unfused from now on: " + compiled->error);
       }
+      compiled->done.store(true);
     });
     if (!compiled->cuda_function) return reject("compile failed: " + compiled->error);
     launch->cuda_function = compiled->cuda_function;
@@ -378,6 +382,7 @@ void launchCuda(const PreparedLaunch& prepared, const std::vector<at::Tensor>& o
       for (int64_t stride : prepared.input_strides[k]) arguments.push_back(stride / element_sizes[k]);
     }
   }
+  if (layout.inner) arguments.push_back(prepared.sizes.back());
   arguments.push_back(prepared.numel);
   for (double value : prepared.float_args) {
     int64_t bits = 0;
@@ -491,25 +496,37 @@ std::optional<CudaSpecialization> cudaSpecializationFor(const PreparedLaunch& pr
     index64 |= largest >= limit;
   }
   specialization.index64 = index64;
-  bool linear = rank == 1;
-  for (size_t k = 0; linear && k < operands; ++k) {
-    const int64_t stride = prepared.input_strides[k][0];
-    linear = stride == 0 || stride == elementSize(k);
-  }
-  if (linear) {
-    specialization.schedule = CudaSchedule::kLinear;
-    bool aligned = true;
-    const int width = cudaVectorWidth(lowered.kernel);
+  // Linear schedules: one dimension where each operand is contiguous or broadcast, or two
+  // dimensions [rows, inner] where each operand is contiguous over both, broadcast, one row
+  // broadcast over the rows, or one value per row.
+  if (rank <= 2) {
+    const int64_t inner = prepared.sizes[rank - 1];
+    std::vector<CudaAccess> access;
     for (size_t k = 0; k < operands; ++k) {
-      const bool broadcast = prepared.input_strides[k][0] == 0;
-      specialization.broadcast.push_back(broadcast);
-      // Outputs come from torch's caching allocator (512-byte aligned); inputs are checked.
-      if (!broadcast && k < inputs) {
-        aligned &= reinterpret_cast<uintptr_t>(prepared.inputs[k].data_ptr()) % static_cast<uintptr_t>(width * elementSize(k)) == 0;
-      }
+      const int64_t element = elementSize(k);
+      const int64_t inner_stride = prepared.input_strides[k][rank - 1];
+      const int64_t outer_stride = rank == 2 ? prepared.input_strides[k][0] : 0;
+      if (inner_stride == element && (rank == 1 || outer_stride == inner * element)) access.push_back(CudaAccess::kFull);
+      else if (inner_stride == 0 && outer_stride == 0) access.push_back(CudaAccess::kScalar);
+      else if (rank == 2 && inner_stride == element && outer_stride == 0) access.push_back(CudaAccess::kRow);
+      else if (rank == 2 && inner_stride == 0 && outer_stride == element) access.push_back(CudaAccess::kColumn);
+      else break;
     }
-    if (aligned && prepared.numel >= width) specialization.schedule = CudaSchedule::kLinearVectorized;
-    return specialization;
+    if (access.size() == operands) {
+      specialization.schedule = CudaSchedule::kLinear;
+      specialization.access = access;
+      // Vectorized: every operand read by vectors starts aligned to one, and a vector never
+      // straddles two rows. Outputs come from torch's caching allocator (512-byte aligned).
+      const int width = cudaVectorWidth(lowered.kernel);
+      bool vectorize = prepared.numel >= width && (!specialization.usesInner() || inner % width == 0);
+      for (size_t k = 0; vectorize && k < inputs; ++k) {
+        if (access[k] != CudaAccess::kFull && access[k] != CudaAccess::kRow) continue;
+        vectorize = reinterpret_cast<uintptr_t>(prepared.inputs[k].const_data_ptr()) %
+                        static_cast<uintptr_t>(width * elementSize(k)) == 0;
+      }
+      if (vectorize) specialization.schedule = CudaSchedule::kLinearVectorized;
+      return specialization;
+    }
   }
   if (rank > static_cast<size_t>(kMaxCudaRank)) {
     if (why) *why = "rank " + std::to_string(rank) + " after collapsing exceeds " + std::to_string(kMaxCudaRank);

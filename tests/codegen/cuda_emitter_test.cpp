@@ -42,7 +42,7 @@ bool accepts(Op op, DType compute) {
 }
 
 // One kernel per (op, dtype): load, cast to the compute type, the op, cast back, store; with a
-// scalar argument and a broadcast second input so every operand kind appears.
+// scalar argument and a second input read each way a schedule can read it.
 std::vector<ir::Kernel> everyOpKernel() {
   std::vector<ir::Kernel> kernels;
   for (int o = static_cast<int>(Op::kCast) + 1; o <= static_cast<int>(Op::kSelect); ++o) {
@@ -75,11 +75,16 @@ std::vector<ir::Kernel> everyOpKernel() {
 
 std::vector<CudaSpecialization> everySchedule(const ir::Kernel& kernel) {
   const size_t operands = kernel.tensor_inputs.size() + kernel.outputs.size();
-  std::vector<bool> second_broadcast(operands, false);
-  second_broadcast[1] = true;
+  // The second operand (an input in every kernel here) read each way a linear schedule can.
+  auto secondReadAs = [&](CudaAccess access) {
+    std::vector<CudaAccess> accesses(operands, CudaAccess::kFull);
+    accesses[1] = access;
+    return accesses;
+  };
   std::vector<CudaSpecialization> schedules;
-  schedules.push_back({CudaSchedule::kLinear, 1, second_broadcast, false});
-  schedules.push_back({CudaSchedule::kLinearVectorized, 1, second_broadcast, false});
+  schedules.push_back({CudaSchedule::kLinear, 1, secondReadAs(CudaAccess::kColumn), false});
+  schedules.push_back({CudaSchedule::kLinearVectorized, 1, secondReadAs(CudaAccess::kScalar), false});
+  schedules.push_back({CudaSchedule::kLinearVectorized, 1, secondReadAs(CudaAccess::kRow), false});
   schedules.push_back({CudaSchedule::kStrided, 3, {}, true});
   return schedules;
 }
@@ -143,7 +148,7 @@ TEST(CudaEmitter, VectorizedScheduleMovesSixteenBytesPerAccess) {
   for (auto [type, width] : {std::pair{DType::kFloat32, 4}, std::pair{DType::kBFloat16, 8}, std::pair{DType::kFloat64, 2}}) {
     ir::Kernel k = addKernel(type);
     EXPECT_EQ(cudaVectorWidth(k), width);
-    CudaSource source = emitCuda(k, {CudaSchedule::kLinearVectorized, 1, {false, false, false}, false});
+    CudaSource source = emitCuda(k, {CudaSchedule::kLinearVectorized, 1, {CudaAccess::kFull, CudaAccess::kFull, CudaAccess::kFull}, false});
     EXPECT_NE(source.kernel.find("kiln_vec<" + std::string(type == DType::kBFloat16 ? "kiln_bf16" : type == DType::kFloat32 ? "float" : "double") +
                                  ", " + std::to_string(width) + ">"),
               std::string::npos)
@@ -156,8 +161,42 @@ TEST(CudaEmitter, VectorizedScheduleMovesSixteenBytesPerAccess) {
     EXPECT_TRUE(std::regex_search(ptx.binary, std::regex("st\\.global\\.v(4\\.[bfu]32|2\\.[bfu]64)"))) << ptx.binary;
   }
   // The plain linear schedule has no vector access.
-  CudaSource linear = emitCuda(addKernel(DType::kFloat32), {CudaSchedule::kLinear, 1, {false, false, false}, false});
+  CudaSource linear = emitCuda(addKernel(DType::kFloat32), {CudaSchedule::kLinear, 1, {CudaAccess::kFull, CudaAccess::kFull, CudaAccess::kFull}, false});
   EXPECT_EQ(linear.kernel.find("kiln_vec"), std::string::npos);
+}
+
+// A bias along the rows and a per-row scale: the vectorized schedule loads the bias row by
+// vectors at the column within the row and the scale once per vector, with no per-element
+// division; the argument block gains `inner`.
+TEST(CudaEmitter, RowAndColumnBroadcastsReadByRowAndColumn) {
+  ir::Kernel k;
+  k.name = "bias_scale";
+  k.tensor_inputs = {DType::kFloat32, DType::kFloat32, DType::kFloat32};
+  k.outputs = {k.binary(Op::kMul, k.binary(Op::kAdd, k.load(0), k.load(1)), k.load(2))};
+  const CudaSpecialization vectorized{CudaSchedule::kLinearVectorized, 1,
+                                      {CudaAccess::kFull, CudaAccess::kRow, CudaAccess::kColumn, CudaAccess::kFull}, false};
+  CudaSource source = emitCuda(k, vectorized);
+  EXPECT_NE(source.kernel.find("long long inner;"), std::string::npos) << source.kernel;
+  EXPECT_NE(source.kernel.find("const index_t row = (index_t)((unsigned int)(v * 4) / inner);"), std::string::npos)
+      << source.kernel;
+  EXPECT_NE(source.kernel.find("*)(d1 + column)"), std::string::npos) << source.kernel;
+  EXPECT_NE(source.kernel.find("d2[row]"), std::string::npos) << source.kernel;
+  EXPECT_NE(source.kernel.find("*)(d0 + v * 4)"), std::string::npos) << source.kernel;
+  // The tail and the scalar schedule: row and column of each element.
+  EXPECT_NE(source.kernel.find("const index_t row = (index_t)((unsigned int)e / inner);"), std::string::npos)
+      << source.kernel;
+  EXPECT_NE(source.kernel.find("d1[column]"), std::string::npos) << source.kernel;
+  const CudaArgumentLayout layout = cudaArgumentLayout(k, vectorized);
+  EXPECT_TRUE(layout.inner);
+  EXPECT_EQ(layout.bytes(), 8u * (4 + 1 + 1 + 1 + 1));
+  // A kernel with no row or column operand has no `inner`.
+  EXPECT_EQ(emitCuda(addKernel(DType::kFloat32), {CudaSchedule::kLinear, 1, {CudaAccess::kFull, CudaAccess::kScalar, CudaAccess::kFull}, false})
+                .kernel.find("inner"),
+            std::string::npos);
+  if (!haveNvrtc()) GTEST_SKIP() << "NVRTC is not installed";
+  NvrtcResult result = compileCuda(source.source, "bias_scale", "sm_90", false);
+  ASSERT_TRUE(result.ok) << result.log;
+  EXPECT_EQ(result.log.find("warning"), std::string::npos) << result.log;
 }
 
 TEST(CudaEmitter, IndexWidthFollowsTheSpecialization) {
@@ -168,14 +207,19 @@ TEST(CudaEmitter, IndexWidthFollowsTheSpecialization) {
   EXPECT_NE(wide.kernel.find("typedef long long index_t;"), std::string::npos);
   EXPECT_NE(wide.kernel.find("p.strides[2][3]"), std::string::npos) << wide.kernel;
   EXPECT_EQ(CudaSpecialization({CudaSchedule::kStrided, 4, {}, true}).toString(), "strided4:i64");
-  EXPECT_EQ(CudaSpecialization({CudaSchedule::kLinearVectorized, 1, {false, true, false}, false}).toString(),
+  EXPECT_EQ(CudaSpecialization({CudaSchedule::kLinearVectorized, 1, {CudaAccess::kFull, CudaAccess::kScalar, CudaAccess::kFull}, false}).toString(),
             "linear_vec:cbc:i32");
+  EXPECT_EQ(CudaSpecialization({CudaSchedule::kLinear, 1, {CudaAccess::kRow, CudaAccess::kColumn, CudaAccess::kFull}, true}).toString(),
+            "linear:roc:i64");
 }
 
 TEST(CudaEmitter, RejectsSpecializationsThatDoNotFit) {
   ir::Kernel k = addKernel(DType::kFloat32);
-  EXPECT_THROW(emitCuda(k, {CudaSchedule::kLinear, 1, {false, false}, false}), std::runtime_error);
-  EXPECT_THROW(emitCuda(k, {CudaSchedule::kLinear, 1, {false, false, true}, false}), std::runtime_error);
+  EXPECT_THROW(emitCuda(k, {CudaSchedule::kLinear, 1, {CudaAccess::kFull, CudaAccess::kFull}, false}), std::runtime_error);
+  EXPECT_THROW(emitCuda(k, {CudaSchedule::kLinear, 1, {CudaAccess::kFull, CudaAccess::kFull, CudaAccess::kScalar}, false}),
+               std::runtime_error);
+  EXPECT_THROW(emitCuda(k, {CudaSchedule::kLinear, 1, {CudaAccess::kFull, CudaAccess::kFull, CudaAccess::kRow}, false}),
+               std::runtime_error);
   EXPECT_THROW(emitCuda(k, {CudaSchedule::kStrided, kMaxCudaRank + 1, {}, false}), std::runtime_error);
 }
 

@@ -1,7 +1,8 @@
 // Generated elementwise kernels on CUDA tensors, against eager CUDA (label gpu; skipped without a
 // device): every op × dtype × layout, 2,000 random graphs in 8 shards, the schedules (vectorized,
 // unaligned, broadcast, strided, 64-bit indexing), guards that send inputs to the fallback, the
-// current stream (CUDA graph capture fails on any other), and 8 threads on their own streams.
+// current stream (CUDA graph capture fails on any other), a kernel's first use inside a capture,
+// and 8 threads on their own streams.
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -10,7 +11,9 @@
 #include <torch/jit.h>
 #include <torch/torch.h>
 
+#include <memory>
 #include <thread>
+#include <utility>
 
 #include "kiln/kiln.h"
 #include "support/fuzz_graphs.h"
@@ -98,7 +101,8 @@ TEST(GpuFusion, EverySchedule) {
     expectChainRanKiln(torch::randn({1000003}, options), torch::randn({1}, options));
     // Unaligned: a view starting one element in (the scalar schedule).
     expectChainRanKiln(torch::randn({1000004}, options).slice(0, 1), torch::randn({1000003}, options));
-    // A bias along the last dim, a per-row scale, a transposed and a sliced input (strided).
+    // A bias along the last dim and a per-row scale (linear, read by row and by column), a
+    // transposed and a sliced input (strided).
     expectChainRanKiln(x, torch::randn({768}, options));
     expectChainRanKiln(x, torch::randn({8, 128, 1}, options));
     expectChainRanKiln(x.transpose(1, 2), torch::randn({768, 1}, options));
@@ -147,6 +151,22 @@ TEST(GpuFusion, GuardsSendWhatKilnCannotRunToTheFallback) {
   EXPECT_ANY_THROW(runGraph(graph, {torch::randn({3, 4}, options), torch::randn({5}, options)}));
 }
 
+// Runs `graph` once inside a CUDA graph capture on a side stream; returns the graph to replay
+// and the output its replays write.
+std::pair<std::unique_ptr<at::cuda::CUDAGraph>, at::Tensor> captureOnSideStream(
+    const std::shared_ptr<torch::jit::Graph>& graph, const std::vector<c10::IValue>& inputs) {
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, 0);
+  auto cuda_graph = std::make_unique<at::cuda::CUDAGraph>();
+  at::Tensor out;
+  {
+    c10::cuda::CUDAStreamGuard guard(side);
+    cuda_graph->capture_begin();
+    out = runGraph(graph, inputs)[0].toTensor();
+    cuda_graph->capture_end();
+  }
+  return {std::move(cuda_graph), out};
+}
+
 // Captured into a CUDA graph on a side stream: a launch on any stream but the current one breaks
 // the capture. Replaying it computes the new contents of the input.
 TEST(GpuFusion, LaunchesOnTheCurrentStreamAndCapturesIntoACudaGraph) {
@@ -158,20 +178,31 @@ TEST(GpuFusion, LaunchesOnTheCurrentStreamAndCapturesIntoACudaGraph) {
   at::Tensor b = torch::randn({1024}, options);
   runGraph(graph, {x, b});  // compile and load outside the capture
   const Counts before = counts(graph);
-  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, 0);
-  at::cuda::CUDAGraph cuda_graph;
-  at::Tensor captured_out;
-  {
-    c10::cuda::CUDAStreamGuard guard(side);
-    cuda_graph.capture_begin();
-    captured_out = runGraph(graph, {x, b})[0].toTensor();
-    cuda_graph.capture_end();
-  }
+  auto [cuda_graph, captured_out] = captureOnSideStream(graph, {x, b});
   x.copy_(torch::randn({4096, 1024}, options));
-  cuda_graph.replay();
+  cuda_graph->replay();
   torch::cuda::synchronize();
   EXPECT_TRUE(sameTensor(captured_out, runGraph(plain, {x, b})[0].toTensor()));
   EXPECT_EQ(counts(graph).fallbacks, before.fallbacks);
+}
+
+// A kernel whose first use falls inside a capture is not compiled or loaded there: that call
+// takes the original ops (captured as usual), and the next call outside compiles it.
+TEST(GpuFusion, FirstUseInsideACaptureTakesTheFallback) {
+  KILN_REQUIRE_CUDA();
+  const char* source = "def f(x):\n    return torch.sigmoid(x * 3.0 - 1.0) * x\n";
+  auto graph = fusedFunction(source);
+  auto plain = plainFunction(source);
+  auto options = at::TensorOptions().device(kCuda);
+  at::Tensor x = torch::randn({1000, 1000}, options);
+  const Counts before = counts(graph);
+  auto [cuda_graph, captured_out] = captureOnSideStream(graph, {x});
+  EXPECT_EQ(counts(graph).fallbacks, before.fallbacks + 1);
+  cuda_graph->replay();
+  torch::cuda::synchronize();
+  EXPECT_TRUE(sameTensor(captured_out, runGraph(plain, {x})[0].toTensor()));
+  runGraph(graph, {x});
+  EXPECT_EQ(counts(graph).calls, before.calls + 1);
 }
 
 TEST(GpuFusion, EightThreadsOnTheirOwnStreamsShareOneCompile) {
