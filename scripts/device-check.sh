@@ -4,13 +4,15 @@
 # Usage there: scripts/device-check.sh [all|build|test|bench]   (default all; results under $OUT
 # when set, else build-device/). Each stage fits one 10-minute call; build-device/ is kept between
 # calls when carried or left in place.
-# That machine has no GoogleTest / Google Benchmark / LLVM dev files: carry them as a prefix in
-# .deps/ (scripts/pack-device-deps.sh makes it here) and name .deps in the device call's carry.
+# That machine has no GoogleTest / Google Benchmark / LLVM dev files: scripts/pack-device-deps.sh
+# downloads their Debian packages here into .deps/debs; name `.deps/debs` in the device call's
+# carry, and this script unpacks them there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-build-device}
 mkdir -p "$out"
 deps=$PWD/.deps
+if [[ ! -d $deps/usr ]]; then scripts/unpack-device-deps.sh > "$out/deps.log" 2>&1 || { cat "$out/deps.log"; exit 1; }; fi
 py=$(command -v python3)
 prefix="$deps/usr;$deps/usr/lib/x86_64-linux-gnu/cmake;$($py -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
