@@ -114,6 +114,26 @@ void checkDriver(CUresult result, const char* what) {
                            (message ? message : std::to_string(result)));
 }
 
+bool deviceInfo(int index, DeviceInfo* info, std::string* why) {
+  const DriverApi* api = driver(why);
+  if (!api) return false;
+  CUdevice device = 0;
+  CUresult status = api->cuDeviceGet(&device, index);
+  if (status != 0) {
+    if (why) *why = "no CUDA device " + std::to_string(index) + " (cuDeviceGet error " + std::to_string(status) + ")";
+    return false;
+  }
+  info->index = index;
+  char name[256] = {};
+  api->cuDeviceGetName(name, sizeof(name) - 1, device);
+  info->name = name;
+  api->cuDeviceGetAttribute(&info->major, kAttributeComputeCapabilityMajor, device);
+  api->cuDeviceGetAttribute(&info->minor, kAttributeComputeCapabilityMinor, device);
+  api->cuDeviceGetAttribute(&info->multiprocessors, kAttributeMultiprocessorCount, device);
+  api->cuDeviceTotalMem(&info->total_memory, device);
+  return true;
+}
+
 std::vector<DeviceInfo> devices() {
   std::vector<DeviceInfo> result;
   const DriverApi* api = driver();
@@ -121,18 +141,8 @@ std::vector<DeviceInfo> devices() {
   int count = 0;
   if (api->cuDeviceGetCount(&count) != 0) return result;
   for (int i = 0; i < count; ++i) {
-    CUdevice device = 0;
-    if (api->cuDeviceGet(&device, i) != 0) continue;
     DeviceInfo info;
-    info.index = i;
-    char name[256] = {};
-    api->cuDeviceGetName(name, sizeof(name) - 1, device);
-    info.name = name;
-    api->cuDeviceGetAttribute(&info.major, kAttributeComputeCapabilityMajor, device);
-    api->cuDeviceGetAttribute(&info.minor, kAttributeComputeCapabilityMinor, device);
-    api->cuDeviceGetAttribute(&info.multiprocessors, kAttributeMultiprocessorCount, device);
-    api->cuDeviceTotalMem(&info.total_memory, device);
-    result.push_back(info);
+    if (deviceInfo(i, &info)) result.push_back(info);
   }
   return result;
 }

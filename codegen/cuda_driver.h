@@ -54,6 +54,8 @@ struct DeviceInfo {
 
 // Every visible GPU; empty when there is no driver or no device.
 std::vector<DeviceInfo> devices();
+// One GPU by driver ordinal; false (with *why set) when there is no driver or no such device.
+bool deviceInfo(int index, DeviceInfo* info, std::string* why = nullptr);
 // The driver's CUDA version as "13.0", or "none (reason)".
 std::string driverVersion();
 

@@ -33,34 +33,19 @@ struct DeviceState {
   std::string arch;  // "sm_90", or "compute_XY" when this NVRTC only knows older GPUs
 };
 
-constexpr int kAttributeMultiprocessorCount = 16;
-constexpr int kAttributeComputeCapabilityMajor = 75;
-constexpr int kAttributeComputeCapabilityMinor = 76;
-
 DeviceState probe(int index) {
   DeviceState state;
-  std::string why;
-  const cuda::DriverApi* api = cuda::driver(&why);
-  if (!api) {
-    state.error = why;
-    return state;
-  }
-  if (!cuda::nvrtc(&why)) {
-    state.error = why;
-    return state;
-  }
+  cuda::DeviceInfo info;
+  if (!cuda::deviceInfo(index, &info, &state.error) || !cuda::nvrtc(&state.error)) return state;
   try {
-    cuda::CUdevice device = 0;
-    cuda::checkDriver(api->cuDeviceGet(&device, index), "cuDeviceGet");
-    int major = 0, minor = 0;
-    cuda::checkDriver(api->cuDeviceGetAttribute(&major, kAttributeComputeCapabilityMajor, device), "cuDeviceGetAttribute");
-    cuda::checkDriver(api->cuDeviceGetAttribute(&minor, kAttributeComputeCapabilityMinor, device), "cuDeviceGetAttribute");
-    cuda::checkDriver(api->cuDeviceGetAttribute(&state.multiprocessors, kAttributeMultiprocessorCount, device),
-                      "cuDeviceGetAttribute");
+    state.multiprocessors = info.multiprocessors;
     bool as_ptx = false;
-    state.arch = archForDevice(major, minor, &as_ptx);
+    state.arch = archForDevice(info.major, info.minor, &as_ptx);
     if (as_ptx) state.arch = "compute_" + state.arch.substr(3);
-    cuda::checkDriver(api->cuDevicePrimaryCtxRetain(&state.context, device), "cuDevicePrimaryCtxRetain");
+    const cuda::DriverApi& api = *cuda::driver();
+    cuda::CUdevice device = 0;
+    cuda::checkDriver(api.cuDeviceGet(&device, index), "cuDeviceGet");
+    cuda::checkDriver(api.cuDevicePrimaryCtxRetain(&state.context, device), "cuDevicePrimaryCtxRetain");
   } catch (const std::exception& error) {
     state.error = error.what();
   }

@@ -36,6 +36,14 @@ struct SignatureEntry {
   std::string why;
   std::mutex mutex;
   std::map<std::string, std::shared_ptr<CompiledEntry>> kernels;  // by layout, or CUDA device and specialization
+
+  // The entry for `key`, made empty on first request (compiled by whoever runs its `once`).
+  std::shared_ptr<CompiledEntry> compiledEntry(const std::string& key) {
+    std::lock_guard<std::mutex> lock(mutex);
+    std::shared_ptr<CompiledEntry>& slot = kernels[key];
+    if (!slot) slot = std::make_shared<CompiledEntry>();
+    return slot;
+  }
 };
 
 }  // namespace
@@ -284,13 +292,8 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
     std::optional<CudaSpecialization> specialization = cudaSpecializationFor(*launch, &why_not);
     if (!specialization) return reject(why_not);
     if (cudaArgumentLayout(lowered.kernel, *specialization).bytes() > kMaxCudaArgumentBytes) return reject("too many operands for one CUDA kernel's arguments");
-    std::shared_ptr<CompiledEntry> compiled;
-    {
-      std::lock_guard<std::mutex> lock(entry->mutex);
-      auto& slot = entry->kernels["cuda:" + std::to_string(device.index()) + " " + specialization->toString()];
-      if (!slot) slot = std::make_shared<CompiledEntry>();
-      compiled = slot;
-    }
+    std::shared_ptr<CompiledEntry> compiled =
+        entry->compiledEntry("cuda:" + std::to_string(device.index()) + " " + specialization->toString());
     // A module load inside a CUDA graph capture would break the capture: the first use of a
     // kernel while one is underway runs the original ops (captured as usual) instead.
     if (!compiled->done.load() && cudaCaptureUnderway(device.index())) {
@@ -324,13 +327,7 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
   }
   if (launch->numel == 0) return launch;  // empty: outputs only, no kernel
 
-  std::shared_ptr<CompiledEntry> compiled;
-  {
-    std::lock_guard<std::mutex> lock(entry->mutex);
-    auto& slot = entry->kernels[layout.toString()];
-    if (!slot) slot = std::make_shared<CompiledEntry>();
-    compiled = slot;
-  }
+  std::shared_ptr<CompiledEntry> compiled = entry->compiledEntry(layout.toString());
   std::call_once(compiled->once, [&] {
     try {
       compiled->kernel = CpuKernel::compile(lowered.kernel, layout, /*keep_text=*/dumpEnabled());

@@ -371,29 +371,23 @@ void attendQueryBlock(const AttentionProblem& problem, int64_t batch_index, int6
   for (int64_t key0 = 0; key0 < key_end; key0 += kKeyBlock) {
     const int64_t key_count = std::min(kKeyBlock, key_end - key0);
 
-    // Keys and values of the accumulation type with unit column stride are read in place.
-    const acc_t* keys = scratch.keys.data();
-    int64_t key_stride = head_dim;
-    if constexpr (kSameType) {
-      if (key.col_stride == 1) {
-        keys = key_base + key0 * key.row_stride;
-        key_stride = key.row_stride;
+    // This block's rows of keys or values: read in place when they are of the accumulation
+    // type with unit column stride, else packed into `packed`. Returns the rows and their stride.
+    auto blockRows = [&](const scalar_t* base, const StridedMatrices& matrix, int64_t cols,
+                         std::vector<acc_t>& packed) -> std::pair<const acc_t*, int64_t> {
+      const scalar_t* rows = base + key0 * matrix.row_stride;
+      if constexpr (kSameType) {
+        if (matrix.col_stride == 1) return {rows, matrix.row_stride};
       }
-    }
-    if (keys == scratch.keys.data())
-      packRows(key_base + key0 * key.row_stride, key.row_stride, key.col_stride, key_count,
-               head_dim, scratch.keys.data(), head_dim);
-    const acc_t* values = scratch.values.data();
-    int64_t value_stride = value_dim;
-    if constexpr (kSameType) {
-      if (value.col_stride == 1) {
-        values = value_base + key0 * value.row_stride;
-        value_stride = value.row_stride;
-      }
-    }
-    if (values == scratch.values.data())
-      packRows(value_base + key0 * value.row_stride, value.row_stride, value.col_stride, key_count,
-               value_dim, scratch.values.data(), value_dim);
+      packRows(rows, matrix.row_stride, matrix.col_stride, key_count, cols, packed.data(), cols);
+      return {packed.data(), cols};
+    };
+    const std::pair<const acc_t*, int64_t> key_rows = blockRows(key_base, key, head_dim, scratch.keys);
+    const std::pair<const acc_t*, int64_t> value_rows = blockRows(value_base, value, value_dim, scratch.values);
+    const acc_t* keys = key_rows.first;
+    const int64_t key_stride = key_rows.second;
+    const acc_t* values = value_rows.first;
+    const int64_t value_stride = value_rows.second;
 
     Vec block_max[kVectors];
     for (int v = 0; v < kVectors; ++v) block_max[v] = Vec(kMinusInfinity);
