@@ -20,6 +20,8 @@
 #include <mutex>
 #include <stdexcept>
 
+#include "codegen/fault_injection.h"
+
 namespace kiln {
 namespace {
 
@@ -590,6 +592,7 @@ CpuKernel::~CpuKernel() = default;
 std::unique_ptr<CpuKernel> CpuKernel::compile(const ir::Kernel& kernel, const CpuLayout& layout,
                                               bool keep_text) {
   auto start = std::chrono::steady_clock::now();
+  failIfInjected(FaultStage::kCompile);
   std::string problems = ir::verify(kernel);
   if (!problems.empty()) throw std::runtime_error("kiln cpu: invalid kernel IR: " + problems);
   if (layout.operands.size() != kernel.tensor_inputs.size() + kernel.outputs.size()) {
@@ -693,6 +696,7 @@ std::unique_ptr<CpuKernel> CpuKernel::compile(const ir::Kernel& kernel, const Cp
   }
   auto address = jit->lookup(symbol);
   if (!address) throw std::runtime_error("kiln cpu: " + llvm::toString(address.takeError()));
+  failIfInjected(FaultStage::kLoad);
   result->function_ = address->toPtr<CpuKernelFn>();
   result->jit_ = std::make_unique<Jit>();
   result->jit_->jit = std::move(jit);

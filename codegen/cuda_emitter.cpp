@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 
@@ -204,7 +205,11 @@ std::string bodyStatements(const ir::Kernel& kernel, const std::vector<bool>& li
         } else if (instr.type == DType::kBool) {
           expression = instr.int_value ? "true" : "false";
         } else {
-          expression = "(" + std::string(cudaType(instr.type)) + ")" + std::to_string(instr.int_value) + "LL";
+          // INT64_MIN has no literal: its magnitude does not fit a long long.
+          const std::string literal = instr.int_value == std::numeric_limits<int64_t>::min()
+                                          ? "(-9223372036854775807LL - 1)"
+                                          : std::to_string(instr.int_value) + "LL";
+          expression = "(" + std::string(cudaType(instr.type)) + ")" + literal;
         }
         break;
       case Op::kCast: expression = castExpression(operand(0), operandType(0), instr.type); break;

@@ -133,6 +133,19 @@ int Kernel::constant(DType type, double value) {
   return static_cast<int>(body.size()) - 1;
 }
 
+int Kernel::integerConstant(DType type, int64_t value) {
+  Instr instr;
+  instr.op = Op::kConstant;
+  instr.type = type;
+  if (isFloating(type)) {
+    instr.float_value = static_cast<double>(value);
+  } else {
+    instr.int_value = type == DType::kBool ? (value != 0) : value;
+  }
+  body.push_back(instr);
+  return static_cast<int>(body.size()) - 1;
+}
+
 int Kernel::cast(int value, DType type) {
   if (body.at(static_cast<size_t>(value)).type == type) return value;
   Instr instr;

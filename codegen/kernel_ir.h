@@ -68,6 +68,7 @@ struct Kernel {
   int load(int input);
   int scalar(int input);
   int constant(DType type, double value);
+  int integerConstant(DType type, int64_t value);  // exact for every int64 (past 2^53 too)
   int cast(int value, DType type);
   int unary(Op op, int value);
   int binary(Op op, int lhs, int rhs);

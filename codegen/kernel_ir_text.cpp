@@ -8,6 +8,7 @@
 //     %2 = mul %0, %1 : f32
 //     out0 = %2
 //   }
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <sstream>
@@ -30,9 +31,13 @@ double parseFloat(const std::string& token) {
   if (token == "nan") return std::nan("");
   if (token == "inf") return INFINITY;
   if (token == "-inf") return -INFINITY;
-  size_t used = 0;
-  double value = std::stod(token, &used);
-  if (used != token.size()) throw std::invalid_argument("bad number '" + token + "'");
+  // strtod, not stod: stod rejects subnormals (strtod reports ERANGE for them) and 1e-310 is a
+  // constant like any other.
+  errno = 0;
+  char* end = nullptr;
+  double value = std::strtod(token.c_str(), &end);
+  if (token.empty() || *end != '\0') throw std::invalid_argument("bad number '" + token + "'");
+  if (errno == ERANGE && std::isinf(value)) throw std::invalid_argument("number out of range '" + token + "'");
   return value;
 }
 

@@ -5,13 +5,13 @@
 // (moveBeforeTopologicallyValid). Every block, including prim::If and prim::Loop bodies, is
 // fused on its own. Groups are then given a guard and their original ops as the fallback.
 #include <torch/csrc/jit/ir/alias_analysis.h>
-#include <torch/csrc/jit/ir/irparser.h>
 #include <torch/csrc/jit/passes/utils/subgraph_utils.h>
 
 #include <algorithm>
 #include <unordered_set>
 
 #include "fuser/fusion_pass.h"
+#include "fuser/group_code.h"
 #include "fuser/lowering.h"
 
 namespace kiln {
@@ -145,36 +145,28 @@ int countOps(const Graph& subgraph) {
   return count;
 }
 
-// The subgraph as dtype-generic text: tensor types are erased so the text (the group's identity
-// and cache key) does not depend on what the profiler happened to see.
-std::string subgraphText(const std::shared_ptr<Graph>& subgraph) {
-  auto erase = [](Value* value) {
-    if (value->type()->kind() == c10::TypeKind::TensorType) value->setType(c10::TensorType::get());
-  };
-  for (Value* input : subgraph->inputs()) erase(input);
-  for (Node* node : subgraph->nodes()) {
-    for (Value* output : node->outputs()) erase(output);
-  }
-  return subgraph->toString(false);
-}
-
-// Replaces a built group by guard + If(fused, fallback).
-void materialize(Graph& graph, Node* group) {
+// Replaces a built group by guard + If(fused, fallback); false (the group left as it is) when
+// its subgraph has no group code.
+bool materialize(Graph& graph, Node* group) {
   std::shared_ptr<Graph> subgraph = group->g(torch::jit::attr::Subgraph);
   torch::jit::WithInsertPoint insert_point(group);
-  std::vector<Value*> outer_inputs(group->inputs().begin(), group->inputs().end());
-  // Tensor constants (a frozen module's weights) cannot live in the subgraph's text: lift them
-  // out as inputs.
+  // Tensor constants (a frozen module's weights) are not part of the group's code: lift them out
+  // as inputs.
   for (auto it = subgraph->nodes().begin(); it != subgraph->nodes().end();) {
     Node* node = *it++;
     if (node->kind() != torch::jit::prim::Constant || node->output()->type()->kind() != c10::TypeKind::TensorType) continue;
-    Value* outer = graph.insertConstant(*torch::jit::toIValue(node->output()));
+    group->addInput(graph.insertConstant(*torch::jit::toIValue(node->output())));
     Value* inner = subgraph->addInput()->setType(c10::TensorType::get());
     node->output()->replaceAllUsesWith(inner);
     node->destroy();
-    outer_inputs.push_back(outer);
   }
-  std::string text = subgraphText(subgraph);
+  std::string why;
+  std::optional<std::string> text = encodeGroupCode(*subgraph, &why);
+  if (!text) {
+    log(LogLevel::kInfo, "a fusible group is left unfused: " + why);
+    return false;
+  }
+  std::vector<Value*> outer_inputs(group->inputs().begin(), group->inputs().end());
   std::vector<Value*> tensors, floats, ints;
   for (Value* input : outer_inputs) {
     switch (input->type()->kind()) {
@@ -190,7 +182,7 @@ void materialize(Graph& graph, Node* group) {
   Value* tensor_list = insertList(graph, c10::TensorType::get(), tensors);
   Value* float_list = insertList(graph, c10::FloatType::get(), floats);
   Value* int_list = insertList(graph, c10::IntType::get(), ints);
-  Value* code = graph.insertConstant(text);
+  Value* code = graph.insertConstant(*text);
   Value* ok = graph.insert(c10::Symbol::fromQualString(kFusionGuardOp), {tensor_list, float_list, int_list, code});
   Node* branch = graph.insertNode(graph.create(torch::jit::prim::If, {ok}, 0));
   Block* fused = branch->addBlock();
@@ -210,6 +202,7 @@ void materialize(Graph& graph, Node* group) {
     group->output(i)->replaceAllUsesWith(output);
   }
   group->destroy();
+  return true;
 }
 
 }  // namespace
@@ -227,7 +220,10 @@ int fuseElementwise(std::shared_ptr<Graph>& graph, const Options& options) {
       SubgraphUtils::unmergeSubgraph(group);
       continue;
     }
-    materialize(*graph, group);
+    if (!materialize(*graph, group)) {
+      SubgraphUtils::unmergeSubgraph(group);
+      continue;
+    }
     created++;
   }
   return created;

@@ -1,6 +1,6 @@
 #include "fuser/group_stats.h"
 
-#include <torch/csrc/jit/ir/irparser.h>
+#include "fuser/group_code.h"
 
 #include <mutex>
 #include <unordered_map>
@@ -15,23 +15,17 @@ std::unordered_map<std::string, GroupCounters>& countersTable() {
   return *table;
 }
 
-std::shared_ptr<torch::jit::Graph> parse(const std::string& text) {
-  auto graph = std::make_shared<torch::jit::Graph>();
-  torch::jit::parseIR(text, graph.get());
-  return graph;
-}
-
 }  // namespace
 
-std::string groupSubgraphText(const torch::jit::Node* group) {
+std::string groupCode(const torch::jit::Node* group) {
   const torch::jit::Value* code = group->inputs().back();
   auto value = torch::jit::toIValue(code);
   TORCH_CHECK(value && value->isString(), "kiln: fusion group without a constant subgraph string");
   return value->toStringRef();
 }
 
-GroupShape groupShape(const std::string& subgraph_text) {
-  std::shared_ptr<torch::jit::Graph> graph = parse(subgraph_text);
+GroupShape groupShape(const std::string& code) {
+  std::shared_ptr<torch::jit::Graph> graph = decodeGroupCode(code);
   GroupShape shape;
   for (const torch::jit::Node* node : graph->nodes()) {
     if (node->kind() == torch::jit::prim::Constant) continue;
@@ -42,13 +36,13 @@ GroupShape groupShape(const std::string& subgraph_text) {
   return shape;
 }
 
-GroupCounters& groupCounters(const std::string& subgraph_text) {
+GroupCounters& groupCounters(const std::string& code) {
   std::lock_guard<std::mutex> lock(stats_mutex);
-  return countersTable()[subgraph_text];  // nodes of an unordered_map never move
+  return countersTable()[code];  // nodes of an unordered_map never move
 }
 
-GroupStats groupStats(const std::string& subgraph_text) {
-  const GroupCounters& counters = groupCounters(subgraph_text);
+GroupStats groupStats(const std::string& code) {
+  const GroupCounters& counters = groupCounters(code);
   GroupStats stats;
   stats.calls = counters.calls.load();
   stats.fallbacks = counters.fallbacks.load();

@@ -5,8 +5,8 @@
 //   %outs = prim::If(%ok)
 //     block0: kiln::fusion_group(%tensors, %floats, %ints, %code) + prim::ListUnpack
 //     block1: the original ops (the fallback)
-// where %code is a string constant holding the group's subgraph as TorchScript IR text. The
-// subgraph text is the group's identity: statistics and compiled kernels are keyed by it.
+// where %code is a string constant holding the group's subgraph as group code (group_code.h).
+// The code is the group's identity: statistics and compiled kernels are keyed by it.
 #pragma once
 
 #include <torch/csrc/jit/ir/ir.h>
@@ -25,7 +25,7 @@ struct GroupStats {
   int64_t bytes_unfused = -1;  // of the last fused call
 };
 
-// Live counters of one group, updated by the runtime without locks. One object per subgraph text
+// Live counters of one group, updated by the runtime without locks. One object per group code
 // for the life of the process, so the runtime looks it up once per program, not once per call.
 struct GroupCounters {
   std::atomic<int64_t> calls{0};
@@ -34,18 +34,18 @@ struct GroupCounters {
   std::atomic<int64_t> bytes_unfused{-1};
 };
 
-// What a subgraph text holds: its ops (constants left out) and its arity.
+// What a group code holds: its ops (constants left out) and its arity.
 struct GroupShape {
   std::vector<std::string> ops;
   size_t num_inputs = 0;
   size_t num_outputs = 0;
 };
 
-// The subgraph text of a kiln::fusion_group node (its last input, a string constant).
-std::string groupSubgraphText(const torch::jit::Node* group);
-GroupShape groupShape(const std::string& subgraph_text);
+// The group code of a kiln::fusion_group node (its last input, a string constant).
+std::string groupCode(const torch::jit::Node* group);
+GroupShape groupShape(const std::string& code);
 
-GroupCounters& groupCounters(const std::string& subgraph_text);
-GroupStats groupStats(const std::string& subgraph_text);
+GroupCounters& groupCounters(const std::string& code);
+GroupStats groupStats(const std::string& code);
 
 }  // namespace kiln

@@ -63,6 +63,20 @@ struct Lowerer {
     if (!value || value->isNone()) return std::nullopt;
     return scalarArg(index, 0);
   }
+  // The constant argument `index` as an IR value of type `type`: an int stays exact (past 2^53)
+  // when computing in an integer type, as eager's Scalar does; `fallback` when absent.
+  int argConstant(size_t index, double fallback, at::ScalarType type) {
+    auto value = torch::jit::toIValue(node->input(index));
+    if (value && value->isInt() && at::isIntegralType(type, /*includeBool=*/false)) {
+      return kernel.cast(kernel.integerConstant(ir::DType::kInt64, value->toInt()), *irDType(type));
+    }
+    return constant(scalarArg(index, fallback), type);
+  }
+  bool argIsOne(size_t index) {
+    auto value = torch::jit::toIValue(node->input(index));
+    if (!value || value->isNone()) return true;
+    return value->isInt() ? value->toInt() == 1 : scalarArg(index, 1) == 1;
+  }
 };
 
 // ---- op formulas: each returns the result in `compute`; the caller rounds it to `out` ----
@@ -79,13 +93,14 @@ KILN_LOWER(binaryOp) { return L.binary(op, L.as(v[0], ct), L.as(v[1], ct)); }
 template <Op op>
 KILN_LOWER(compareOp) { return L.binary(op, L.as(v[0], ct), L.as(v[1], ct)); }
 
-int addScaled(Lowerer& L, int a, int b, double alpha, at::ScalarType ct, bool subtract) {
-  if (alpha != 1) b = L.binary(Op::kMul, b, L.constant(alpha, ct));
+// a ± alpha·b, alpha being input 2.
+int addScaled(Lowerer& L, int a, int b, at::ScalarType ct, bool subtract) {
+  if (!L.argIsOne(2)) b = L.binary(Op::kMul, b, L.argConstant(2, 1, ct));
   return L.binary(subtract ? Op::kSub : Op::kAdd, a, b);
 }
-KILN_LOWER(lowerAdd) { return addScaled(L, L.as(v[0], ct), L.as(v[1], ct), L.scalarArg(2, 1), ct, false); }
-KILN_LOWER(lowerSub) { return addScaled(L, L.as(v[0], ct), L.as(v[1], ct), L.scalarArg(2, 1), ct, true); }
-KILN_LOWER(lowerRsub) { return addScaled(L, L.as(v[1], ct), L.as(v[0], ct), L.scalarArg(2, 1), ct, true); }
+KILN_LOWER(lowerAdd) { return addScaled(L, L.as(v[0], ct), L.as(v[1], ct), ct, false); }
+KILN_LOWER(lowerSub) { return addScaled(L, L.as(v[0], ct), L.as(v[1], ct), ct, true); }
+KILN_LOWER(lowerRsub) { return addScaled(L, L.as(v[1], ct), L.as(v[0], ct), ct, true); }
 
 KILN_LOWER(lowerDiv) {
   int a = L.as(v[0], ct);
@@ -94,11 +109,11 @@ KILN_LOWER(lowerDiv) {
   if (!mode || mode->isNone()) return L.binary(Op::kDiv, a, b);
   if (!at::isFloatingType(ct)) return -1;  // integer division raises on zero in eager: left to eager
   int quotient = L.binary(Op::kDiv, a, b);
-  if (mode->toStringRef() == "trunc") {
-    // Eager rounds the quotient to half/bfloat16 before truncating it.
-    if (out != ct) quotient = L.kernel.cast(L.kernel.cast(quotient, *irDType(out)), *irDType(ct));
-    return L.unary(Op::kTrunc, quotient);
-  }
+  // Note: for half/bfloat16, eager's vectorized CPU loop rounds the quotient to the storage type
+  // before truncating or flooring it, while its scalar loop (0-dim operands, loop tails) does not,
+  // so one tensor's elements can come from either. kiln computes as the scalar loop does: the
+  // exact quotient in float32, rounded once, the same for every layout.
+  if (mode->toStringRef() == "trunc") return L.unary(Op::kTrunc, quotient);
   // floor: c10::div_floor_floating.
   int zero = L.constant(0, ct);
   int mod = L.binary(Op::kFmod, a, b);
@@ -157,19 +172,38 @@ KILN_LOWER(lowerLogicalOr) {
 }
 KILN_LOWER(lowerLogicalNot) { return L.unary(Op::kNot, L.as(v[0], at::kBool)); }
 
-KILN_LOWER(lowerRelu) { return L.binary(Op::kMax, L.as(v[0], ct), L.constant(0, ct)); }
+// The clamp family as eager's CPU kernels compute it: a bound replaces x only where x is strictly
+// beyond it (std::max(x, lo) / std::min(x, hi)), so a NaN x stays NaN, relu(-0.0) is -0.0 and a
+// NaN bound given alone to clamp leaves x as it is. The ops that check their bounds first
+// (clamp with both bounds, clamp_min, clamp_max, hardtanh) give NaN everywhere for a NaN bound.
+int clampBelow(Lowerer& L, int x, int lo) { return L.select(L.binary(Op::kLt, x, lo), lo, x); }
+int clampAbove(Lowerer& L, int x, int hi) { return L.select(L.binary(Op::kGt, x, hi), hi, x); }
+bool isNanArg(Lowerer& L, size_t index) {
+  auto value = L.optionalArg(index);
+  return value && std::isnan(*value);
+}
+
+KILN_LOWER(lowerRelu) { return clampBelow(L, L.as(v[0], ct), L.constant(0, ct)); }
 
 KILN_LOWER(lowerClamp) {
   int x = L.as(v[0], ct);
-  if (auto lo = L.optionalArg(1)) x = L.binary(Op::kMax, x, L.constant(*lo, ct));
-  if (auto hi = L.optionalArg(2)) x = L.binary(Op::kMin, x, L.constant(*hi, ct));
+  const bool has_lo = L.optionalArg(1).has_value(), has_hi = L.optionalArg(2).has_value();
+  if (has_lo && has_hi && (isNanArg(L, 1) || isNanArg(L, 2))) return L.constant(NAN, ct);
+  if (has_lo) x = clampBelow(L, x, L.argConstant(1, 0, ct));
+  if (has_hi) x = clampAbove(L, x, L.argConstant(2, 0, ct));
   return x;
 }
-KILN_LOWER(lowerClampMin) { return L.binary(Op::kMax, L.as(v[0], ct), L.constant(L.scalarArg(1, 0), ct)); }
-KILN_LOWER(lowerClampMax) { return L.binary(Op::kMin, L.as(v[0], ct), L.constant(L.scalarArg(1, 0), ct)); }
+KILN_LOWER(lowerClampMin) {
+  if (isNanArg(L, 1)) return L.constant(NAN, ct);
+  return clampBelow(L, L.as(v[0], ct), L.argConstant(1, 0, ct));
+}
+KILN_LOWER(lowerClampMax) {
+  if (isNanArg(L, 1)) return L.constant(NAN, ct);
+  return clampAbove(L, L.as(v[0], ct), L.argConstant(1, 0, ct));
+}
 KILN_LOWER(lowerHardtanh) {
-  int x = L.binary(Op::kMax, L.as(v[0], ct), L.constant(L.scalarArg(1, -1), ct));
-  return L.binary(Op::kMin, x, L.constant(L.scalarArg(2, 1), ct));
+  if (isNanArg(L, 1) || isNanArg(L, 2)) return L.constant(NAN, ct);
+  return clampAbove(L, clampBelow(L, L.as(v[0], ct), L.argConstant(1, -1, ct)), L.argConstant(2, 1, ct));
 }
 
 KILN_LOWER(lowerLeakyRelu) {
@@ -291,7 +325,7 @@ KILN_LOWER(lowerLerp) {
 }
 
 KILN_LOWER(lowerAddcmul) {
-  int product = L.binary(Op::kMul, L.binary(Op::kMul, L.constant(L.scalarArg(3, 1), ct), L.as(v[1], ct)), L.as(v[2], ct));
+  int product = L.binary(Op::kMul, L.binary(Op::kMul, L.argConstant(3, 1, ct), L.as(v[1], ct)), L.as(v[2], ct));
   return L.binary(Op::kAdd, L.as(v[0], ct), product);
 }
 
@@ -589,10 +623,9 @@ std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
         Operand literal;
         literal.sample = *constant;
         literal.dtype = constant->isDouble() ? at::kDouble : constant->isBool() ? at::kBool : at::kLong;
-        double number = constant->isDouble() ? constant->toDouble()
-                        : constant->isBool() ? static_cast<double>(constant->toBool())
-                                             : static_cast<double>(constant->toInt());
-        literal.value = kernel.constant(*irDType(literal.dtype), number);
+        literal.value = constant->isDouble() ? kernel.constant(ir::DType::kFloat64, constant->toDouble())
+                        : constant->isBool() ? kernel.integerConstant(ir::DType::kBool, constant->toBool())
+                                             : kernel.integerConstant(ir::DType::kInt64, constant->toInt());
         args.push_back(literal);
       }
     }

@@ -8,11 +8,13 @@
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <optional>
 #include <vector>
 
+#include "kiln/options.h"
 #include "torch_ops/attention_cpu.h"
 #include "torch_ops/attention_operands.h"
 
@@ -160,11 +162,11 @@ bool fitsDtype(double value, at::ScalarType dtype) {
 // these very inputs. Every check is on metadata; nothing is read from device memory.
 //   sdpa: the original is aten::scaled_dot_product_attention (its mask is bool or additive);
 //         otherwise the explicit form, whose `mask` is added and whose `keep` feeds the fill.
-bool attentionGuard(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& keep,
-                    double fill, int64_t softmax_dim, std::optional<int64_t> probs_dtype,
-                    c10::ArrayRef<double> dropout_p, const c10::List<bool>& dropout_train,
-                    bool sdpa) {
+bool attentionGuardChecks(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                          const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& keep,
+                          double fill, int64_t softmax_dim, std::optional<int64_t> probs_dtype,
+                          c10::ArrayRef<double> dropout_p, const c10::List<bool>& dropout_train,
+                          bool sdpa) {
   const auto dense = [](const at::Tensor& t) { return t.defined() && t.layout() == at::kStrided; };
   if (!dense(query) || !dense(key) || !dense(value)) return false;
   const at::ScalarType dtype = query.scalar_type();
@@ -206,6 +208,25 @@ bool attentionGuard(const at::Tensor& query, const at::Tensor& key, const at::Te
     if (has_mask && mask->requires_grad()) return false;
   }
   return true;
+}
+
+// The guard itself: KILN_DISABLE=1 and any failure of a check send the call to the original ops.
+bool attentionGuard(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& keep,
+                    double fill, int64_t softmax_dim, std::optional<int64_t> probs_dtype,
+                    c10::ArrayRef<double> dropout_p, const c10::List<bool>& dropout_train,
+                    bool sdpa) {
+  if (Options::global().disabled) return false;
+  try {
+    return attentionGuardChecks(query, key, value, mask, keep, fill, softmax_dim, probs_dtype, dropout_p,
+                                dropout_train, sdpa);
+  } catch (const std::exception& error) {
+    static std::atomic<bool> warned{false};
+    if (!warned.exchange(true)) {
+      log(LogLevel::kWarning, std::string("an attention guard failed; that call runs unfused: ") + error.what());
+    }
+    return false;
+  }
 }
 
 }  // namespace

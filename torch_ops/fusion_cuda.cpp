@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "codegen/cuda_driver.h"
+#include "codegen/fault_injection.h"
 
 #if defined(KILN_HAVE_CUDA_KERNELS)
 #include <c10/cuda/CUDAGuard.h>
@@ -97,12 +98,14 @@ std::shared_ptr<const CudaFunction> loadCudaFunction(const ir::Kernel& kernel,
                                                      const CudaSpecialization& specialization, int device) {
   const DeviceState& state = deviceState(device);
   if (!state.error.empty()) throw std::runtime_error("kiln: CUDA device " + std::to_string(device) + ": " + state.error);
+  failIfInjected(FaultStage::kCompile);
   CudaKernelBinary binary = obtainCudaKernel(kernel, specialization, state.arch, Options::global().fast_math);
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const cuda::DriverApi& api = enterDevice(device);
   // Modules stay loaded for the life of the process: one per kernel and device, and unloading
   // during static destruction would race the driver's own teardown.
   cuda::CUmodule module = nullptr;
+  failIfInjected(FaultStage::kLoad);
   cuda::checkDriver(api.cuModuleLoadData(&module, binary.binary.data()), "cuModuleLoadData");
   auto function = std::make_shared<CudaFunction>();
   cuda::checkDriver(api.cuModuleGetFunction(&function->function, module, binary.name.c_str()), "cuModuleGetFunction");

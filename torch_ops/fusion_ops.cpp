@@ -3,6 +3,7 @@
 // backend (CatchAll): they take the fallback on devices kiln has no backend for.
 #include <torch/library.h>
 
+#include "codegen/fault_injection.h"
 #include "torch_ops/fusion_runtime.h"
 
 namespace kiln {
@@ -37,23 +38,35 @@ std::vector<const c10::TensorImpl*> identities(const std::vector<at::Tensor>& te
 
 void fusionGuard(const c10::OperatorHandle&, torch::jit::Stack* stack) {
   Arguments args = popArguments(stack);
-  auto program = programFor(args.code);
   std::string why;
-  last_prepared = prepare(program, args.tensors, args.floats, args.ints, &why);
+  // prepare() contains every failure inside kiln; programFor() only allocates.
+  last_prepared = prepare(programFor(args.code), args.tensors, args.floats, args.ints, &why);
   last_inputs = identities(args.tensors);
   torch::jit::push(*stack, last_prepared != nullptr);
 }
 
+// Runs the kernel the guard prepared; when called without one (or its launch fails), the group's
+// original ops instead, so the caller never sees a failure of kiln's.
 void fusionGroup(const c10::OperatorHandle&, torch::jit::Stack* stack) {
   Arguments args = popArguments(stack);
+  std::shared_ptr<FusionProgram> program = programFor(args.code);
   std::shared_ptr<PreparedLaunch> prepared = std::move(last_prepared);
-  if (!prepared || last_inputs != identities(args.tensors)) {
+  if (prepared && last_inputs != identities(args.tensors)) prepared = nullptr;
+  if (!prepared) {
     std::string why;
-    prepared = prepare(programFor(args.code), args.tensors, args.floats, args.ints, &why);
-    TORCH_CHECK(prepared, "kiln::fusion_group called on inputs its guard rejects: ", why);
+    prepared = prepare(program, args.tensors, args.floats, args.ints, &why);
   }
   last_inputs.clear();
-  torch::jit::push(*stack, c10::List<at::Tensor>(launch(*prepared)));
+  torch::jit::push(*stack, c10::List<at::Tensor>(launchOrFallback(prepared, program, args.tensors, args.floats, args.ints)));
+}
+
+// The fault-injection test switch (codegen/fault_injection.h) of this library's own copy of
+// codegen: tests and the tools set it through the dispatcher.
+void injectFaultOp(const std::string& stage) {
+  std::optional<FaultStage> parsed = parseFaultStage(stage);
+  TORCH_CHECK(parsed, "kiln::_inject_fault: unknown stage '", stage,
+              "' (none, decode, lower, guard, compile, load or launch)");
+  injectFault(*parsed);
 }
 
 }  // namespace
@@ -63,6 +76,8 @@ TORCH_LIBRARY(kiln, m) {
         torch::CppFunction::makeFromBoxedFunction<&fusionGuard>());
   m.def("fusion_group(Tensor[] tensors, float[] floats, int[] ints, str code) -> Tensor[]",
         torch::CppFunction::makeFromBoxedFunction<&fusionGroup>());
+  // Tests only: makes one stage of every group's work fail from now on ("none" to stop).
+  m.def("_inject_fault(str stage) -> ()", &injectFaultOp);
 }
 
 }  // namespace kiln

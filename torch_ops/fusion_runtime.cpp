@@ -1,7 +1,7 @@
 #include "torch_ops/fusion_runtime.h"
 
 #include <ATen/Parallel.h>
-#include <torch/csrc/jit/ir/irparser.h>
+#include <torch/csrc/jit/runtime/interpreter.h>
 
 #include <atomic>
 #include <cstring>
@@ -11,7 +11,9 @@
 
 #include "codegen/cpu_kernel.h"
 #include "codegen/cuda_driver.h"
+#include "codegen/fault_injection.h"
 #include "codegen/kernel_dump.h"
+#include "fuser/group_code.h"
 #include "fuser/group_stats.h"
 #include "fuser/lowering.h"
 #include "kiln/options.h"
@@ -20,15 +22,17 @@
 namespace kiln {
 
 namespace {
-
 std::atomic<int64_t> compile_count{0};
+}  // namespace
 
+// One compiled kernel of a group (per layout, or per CUDA device and specialization).
 struct CompiledEntry {
   std::once_flag once;
   std::atomic<bool> done{false};  // `once` has run
   std::shared_ptr<CpuKernel> kernel;  // CPU: null if compilation failed
   std::shared_ptr<const CudaFunction> cuda_function;  // CUDA: null if compiling or loading failed
   std::string error;
+  std::atomic<bool> launch_failed{false};  // a launch threw: this kernel is not used again
 };
 
 struct SignatureEntry {
@@ -46,15 +50,20 @@ struct SignatureEntry {
   }
 };
 
-}  // namespace
-
 struct FusionProgram {
   std::string text;
   GroupCounters* counters = nullptr;  // kiln::report's statistics for this group
-  std::shared_ptr<torch::jit::Graph> graph;
+  std::shared_ptr<torch::jit::Graph> graph;  // null when the code could not be decoded
   std::vector<char> input_kinds;  // 't' tensor, 'f' float, 'i' int, 'b' bool, per subgraph input
   std::mutex mutex;
   std::map<std::vector<int64_t>, std::shared_ptr<SignatureEntry>> signatures;
+  // Set once, when something inside kiln failed for this group: it runs unfused from then on.
+  std::once_flag fail_once;
+  std::atomic<bool> failed{false};
+  std::string failure;
+  // The original ops, interpreted, for a fusion_group that cannot run its kernel after all.
+  std::once_flag fallback_once;
+  std::unique_ptr<torch::jit::Code> fallback;
 };
 
 struct PreparedLaunch {
@@ -62,6 +71,7 @@ struct PreparedLaunch {
   c10::Device device = c10::kCPU;
   std::shared_ptr<CpuKernel> kernel;                  // on the CPU
   std::shared_ptr<const CudaFunction> cuda_function;  // on a CUDA device
+  std::shared_ptr<CompiledEntry> compiled;            // whose kernel this call runs
   CudaSpecialization cuda_specialization;
   const LoweredGroup* lowered = nullptr;
   std::vector<at::Tensor> inputs;      // loaded tensor inputs
@@ -76,25 +86,39 @@ struct PreparedLaunch {
 namespace {
 
 std::mutex programs_mutex;
+
+// Sends `program` to its fallback for good, saying why once.
+void giveUp(FusionProgram& program, const std::string& reason) {
+  std::call_once(program.fail_once, [&] {
+    program.failure = reason;
+    program.failed.store(true);
+    log(LogLevel::kWarning, "a fusion group runs unfused from now on: " + reason);
+  });
+}
+
 std::unordered_map<std::string, std::shared_ptr<FusionProgram>>& programs() {
   static auto* table = new std::unordered_map<std::string, std::shared_ptr<FusionProgram>>();
   return *table;
 }
 
-std::shared_ptr<FusionProgram> parseProgram(const std::string& text) {
+std::shared_ptr<FusionProgram> decodeProgram(const std::string& text) {
   auto program = std::make_shared<FusionProgram>();
   program->text = text;
   program->counters = &groupCounters(text);
-  program->graph = std::make_shared<torch::jit::Graph>();
-  torch::jit::parseIR(text, program->graph.get());
-  for (const torch::jit::Value* input : program->graph->inputs()) {
-    switch (input->type()->kind()) {
-      case c10::TypeKind::TensorType: program->input_kinds.push_back('t'); break;
-      case c10::TypeKind::FloatType: program->input_kinds.push_back('f'); break;
-      case c10::TypeKind::IntType: program->input_kinds.push_back('i'); break;
-      case c10::TypeKind::BoolType: program->input_kinds.push_back('b'); break;
-      default: TORCH_CHECK(false, "kiln: fusion subgraph input of unsupported type ", input->type()->str());
+  try {
+    failIfInjected(FaultStage::kDecode);
+    std::shared_ptr<torch::jit::Graph> graph = decodeGroupCode(text);
+    for (const torch::jit::Value* input : graph->inputs()) {
+      switch (input->type()->kind()) {
+        case c10::TypeKind::TensorType: program->input_kinds.push_back('t'); break;
+        case c10::TypeKind::FloatType: program->input_kinds.push_back('f'); break;
+        case c10::TypeKind::IntType: program->input_kinds.push_back('i'); break;
+        default: program->input_kinds.push_back('b'); break;  // decodeGroupCode allows no other
+      }
     }
+    program->graph = std::move(graph);
+  } catch (const std::exception& error) {
+    giveUp(*program, std::string("its code cannot be read: ") + error.what());
   }
   return program;
 }
@@ -125,7 +149,7 @@ std::shared_ptr<FusionProgram> programFor(const c10::intrusive_ptr<c10::ivalue::
   {
     std::lock_guard<std::mutex> lock(programs_mutex);
     auto& slot = programs()[code->string()];
-    if (!slot) slot = parseProgram(code->string());
+    if (!slot) slot = decodeProgram(code->string());
     program = slot;
   }
   if (recent.size() >= 16) recent.erase(recent.begin());
@@ -133,10 +157,12 @@ std::shared_ptr<FusionProgram> programFor(const c10::intrusive_ptr<c10::ivalue::
   return program;
 }
 
-std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& program,
-                                        const std::vector<at::Tensor>& tensors,
-                                        const std::vector<double>& floats,
-                                        const std::vector<int64_t>& ints, std::string* why) {
+namespace {
+
+std::shared_ptr<PreparedLaunch> prepareLaunch(const std::shared_ptr<FusionProgram>& program,
+                                              const std::vector<at::Tensor>& tensors,
+                                              const std::vector<double>& floats,
+                                              const std::vector<int64_t>& ints, std::string* why) {
   auto reject = [&](const std::string& reason) -> std::shared_ptr<PreparedLaunch> {
     if (why) *why = reason;
     program->counters->fallbacks++;
@@ -185,13 +211,20 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
     auto& slot = program->signatures[key];
     if (!slot) {
       slot = std::make_shared<SignatureEntry>();
-      slot->lowered = lowerGroup(*program->graph, signature, &slot->why);
-      if (!slot->lowered) log(LogLevel::kInfo, "group left to eager for this signature: " + slot->why);
+      try {
+        failIfInjected(FaultStage::kLower);
+        slot->lowered = lowerGroup(*program->graph, signature, &slot->why);
+        if (!slot->lowered) log(LogLevel::kInfo, "group left to eager for this signature: " + slot->why);
+      } catch (const std::exception& error) {
+        slot->why = std::string("lowering failed: ") + error.what();
+        log(LogLevel::kWarning, "a fusion group runs unfused for this signature from now on: " + slot->why);
+      }
     }
     entry = slot;
   }
   if (!entry->lowered) return reject(entry->why);
   const LoweredGroup& lowered = *entry->lowered;
+  failIfInjected(FaultStage::kGuard);
 
   auto launch = std::make_shared<PreparedLaunch>();
   launch->program = program;
@@ -311,7 +344,9 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
       compiled->done.store(true);
     });
     if (!compiled->cuda_function) return reject("compile failed: " + compiled->error);
+    if (compiled->launch_failed.load()) return reject("its kernel failed to launch");
     launch->cuda_function = compiled->cuda_function;
+    launch->compiled = compiled;
     launch->cuda_specialization = *specialization;
     return launch;
   }
@@ -350,9 +385,76 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
     }
   });
   if (!compiled->kernel) return reject("compile failed: " + compiled->error);
+  if (compiled->launch_failed.load()) return reject("its kernel failed to launch");
   launch->kernel = compiled->kernel;
+  launch->compiled = compiled;
   recordCudaTarget(*launch);
   return launch;
+}
+
+}  // namespace
+
+std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& program,
+                                        const std::vector<at::Tensor>& tensors,
+                                        const std::vector<double>& floats,
+                                        const std::vector<int64_t>& ints, std::string* why) {
+  auto reject = [&](const std::string& reason) -> std::shared_ptr<PreparedLaunch> {
+    if (why) *why = reason;
+    program->counters->fallbacks++;
+    return nullptr;
+  };
+  if (Options::global().disabled) return reject("KILN_DISABLE is set");
+  if (program->failed.load()) return reject(program->failure);
+  try {
+    return prepareLaunch(program, tensors, floats, ints, why);
+  } catch (const std::exception& error) {
+    giveUp(*program, std::string("an internal check failed: ") + error.what());
+    return reject(program->failure);
+  }
+}
+
+std::vector<at::Tensor> launchOrFallback(const std::shared_ptr<PreparedLaunch>& prepared,
+                                         const std::shared_ptr<FusionProgram>& program,
+                                         const std::vector<at::Tensor>& tensors,
+                                         const std::vector<double>& floats,
+                                         const std::vector<int64_t>& ints) {
+  if (prepared) {
+    try {
+      return launch(*prepared);
+    } catch (const std::exception& error) {
+      if (prepared->compiled && !prepared->compiled->launch_failed.exchange(true)) {
+        log(LogLevel::kWarning, std::string("a fusion group's kernel failed to launch; the group runs unfused for "
+                                            "these inputs from now on: ") + error.what());
+      } else if (!prepared->compiled) {
+        giveUp(*program, std::string("a launch failed: ") + error.what());
+      }
+    }
+  }
+  return runFallback(*program, tensors, floats, ints);
+}
+
+std::vector<at::Tensor> runFallback(FusionProgram& program, const std::vector<at::Tensor>& tensors,
+                                    const std::vector<double>& floats, const std::vector<int64_t>& ints) {
+  TORCH_CHECK(program.graph, "kiln::fusion_group: ", program.failure);
+  std::call_once(program.fallback_once, [&] {
+    program.fallback = std::make_unique<torch::jit::Code>(program.graph->copy(), "kiln_fallback");
+  });
+  torch::jit::Stack stack;
+  size_t t = 0, f = 0, i = 0;
+  for (char kind : program.input_kinds) {
+    TORCH_CHECK(t <= tensors.size() && f <= floats.size() && i <= ints.size(),
+                "kiln::fusion_group: arguments do not match its code");
+    switch (kind) {
+      case 't': TORCH_CHECK(t < tensors.size(), "kiln::fusion_group: too few tensors"); stack.emplace_back(tensors[t++]); break;
+      case 'f': TORCH_CHECK(f < floats.size(), "kiln::fusion_group: too few floats"); stack.emplace_back(floats[f++]); break;
+      case 'i': TORCH_CHECK(i < ints.size(), "kiln::fusion_group: too few ints"); stack.emplace_back(ints[i++]); break;
+      default: TORCH_CHECK(i < ints.size(), "kiln::fusion_group: too few ints"); stack.emplace_back(ints[i++] != 0); break;
+    }
+  }
+  torch::jit::InterpreterState(*program.fallback).run(stack);
+  std::vector<at::Tensor> outputs;
+  for (const c10::IValue& value : stack) outputs.push_back(value.toTensor());
+  return outputs;
 }
 
 namespace {
@@ -398,6 +500,7 @@ void launchCuda(const PreparedLaunch& prepared, const std::vector<at::Tensor>& o
 }  // namespace
 
 std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
+  failIfInjected(FaultStage::kLaunch);
   const LoweredGroup& lowered = *prepared.lowered;
   std::vector<at::Tensor> outputs;
   for (at::ScalarType dtype : lowered.output_dtypes) {

@@ -1,6 +1,10 @@
-// The run-time half of a fusion group: from the subgraph text and the actual inputs to a launched
+// The run-time half of a fusion group: from the group code and the actual inputs to a launched
 // kernel. kiln::fusion_guard asks prepare() whether kiln can run these inputs exactly as eager
 // would; kiln::fusion_group runs what prepare() set up.
+//
+// Note: a failure inside kiln (the code cannot be decoded, lowering, an internal check, compile,
+// load, launch) never reaches the caller: prepare() then answers "fallback" for good and logs
+// once, and a fusion_group whose launch fails runs the group's original ops itself.
 //
 // Note: kernels are specialized on the signature (dtype and rank of each input) and on the layout
 // (each operand's inner stride class after broadcasting and dimension collapsing), never on sizes:
@@ -21,7 +25,7 @@ namespace kiln {
 struct FusionProgram;
 struct PreparedLaunch;
 
-// The program for a subgraph text (parsed once per process, shared by all threads).
+// The program for a group code (decoded once per process, shared by all threads).
 std::shared_ptr<FusionProgram> programFor(const c10::intrusive_ptr<c10::ivalue::ConstantString>& code);
 
 // Everything needed to run one call; nullptr (with *why) when the inputs must take the fallback,
@@ -32,6 +36,16 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
                                         const std::vector<int64_t>& ints, std::string* why);
 
 std::vector<at::Tensor> launch(const PreparedLaunch& prepared);
+
+// Runs `prepared` (may be null); if there is none or its launch fails, the group's original ops
+// on the same arguments, so the caller sees exactly what eager gives (its errors included).
+std::vector<at::Tensor> launchOrFallback(const std::shared_ptr<PreparedLaunch>& prepared,
+                                         const std::shared_ptr<FusionProgram>& program,
+                                         const std::vector<at::Tensor>& tensors,
+                                         const std::vector<double>& floats,
+                                         const std::vector<int64_t>& ints);
+std::vector<at::Tensor> runFallback(FusionProgram& program, const std::vector<at::Tensor>& tensors,
+                                    const std::vector<double>& floats, const std::vector<int64_t>& ints);
 
 // Compiles done so far by this process (for tests: a new size must not add one).
 int64_t kernelCompileCount();

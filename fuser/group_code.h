@@ -1,0 +1,29 @@
+// A fusion group's stored form ("group code"): the subgraph a kiln::fusion_group node computes,
+// kept in the graph as a string constant so a fused module saves and reloads like any other.
+//
+// Note: the code is written and read by kiln alone, never by torch's IR printer and parser, so
+// it round-trips every graph torch makes: scope and source-range notes are not part of it, and
+// every constant is stored exactly (doubles as their bit pattern: nan, ±inf, -0.0, subnormals;
+// int64 in full; strings as hex bytes). The code is the group's identity: statistics and
+// compiled kernels are keyed by it.
+#pragma once
+
+#include <torch/csrc/jit/ir/ir.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+
+namespace kiln {
+
+// The first line of every group code; a code without it (an older kiln's) is not decoded.
+constexpr const char* kGroupCodeHeader = "kiln.group 1";
+
+// Encodes `subgraph` (inputs of Tensor, float, int or bool type; single-output nodes without
+// blocks; constants of the kinds above). nullopt with *why when something has no encoding.
+std::optional<std::string> encodeGroupCode(const torch::jit::Graph& subgraph, std::string* why);
+
+// Builds the subgraph back. Throws c10::Error naming the line on malformed code.
+std::shared_ptr<torch::jit::Graph> decodeGroupCode(const std::string& code);
+
+}  // namespace kiln
