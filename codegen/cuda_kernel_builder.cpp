@@ -49,6 +49,7 @@ CudaKernelBinary obtainCudaKernel(const ir::Kernel& kernel, const CudaSpecializa
   CudaSource source = emitCuda(kernel, specialization);
   KernelCacheKey key;
   key.ir = ir::print(kernel);
+  key.source = source.source;  // the emitter and device helpers that made it are part of the key
   key.specialization = specialization.toString();
   key.arch = arch;
   key.compiler = "nvrtc " + cuda::nvrtcVersion();

@@ -1,7 +1,8 @@
 // The on-disk kernel cache: one file per key, written to a temp file and renamed into place so
 // readers in any process see a whole file or none; read without locks and verified (magic,
 // version, stored key, sizes, CRC32 of the payload); kept under a byte cap by evicting the least
-// recently used files, recency being the file's mtime, which every hit refreshes.
+// recently used files, recency being the file's mtime, which every hit refreshes. Only a directory
+// no one else can write is used, and only regular files in it are read (no symlinks, no FIFOs).
 #include "codegen/kernel_cache.h"
 
 #include <dirent.h>
@@ -12,6 +13,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <ctime>
 #include <mutex>
@@ -124,10 +126,13 @@ struct DirectoryEntry {
 
 // The cache's own files in `dir`, with sizes and mtimes. Removes temp files older than
 // kStaleTempSeconds on the way when `remove_stale_temps`; files that vanish meanwhile (another
-// process evicted them) are skipped.
-std::vector<DirectoryEntry> listCacheFiles(const std::string& dir, bool remove_stale_temps) {
+// process evicted them) are skipped. A directory that cannot be opened lists nothing and sets
+// `*open_errno` (when given) to why.
+std::vector<DirectoryEntry> listCacheFiles(const std::string& dir, bool remove_stale_temps,
+                                           int* open_errno = nullptr) {
   std::vector<DirectoryEntry> entries;
   DIR* handle = opendir(dir.c_str());
+  if (open_errno) *open_errno = handle ? 0 : errno;
   if (!handle) return entries;
   const time_t now = std::time(nullptr);
   while (dirent* entry = readdir(handle)) {
@@ -173,6 +178,7 @@ std::string KernelCacheKey::text() const {
   field("options", options);
   field("specialization", specialization);
   field("ir", ir);
+  field("source", source);
   return out;
 }
 
@@ -198,13 +204,23 @@ std::string fnv1a128Hex(const std::string& bytes) {
 KernelCache::KernelCache(std::string dir, int64_t max_bytes)
     : dir_(std::move(dir)), max_bytes_(max_bytes) {
   std::string error = ensureDirectory();
-  if (!error.empty()) warnUnwritable(error);
+  if (!error.empty()) {
+    warnUnwritable(error);
+  } else if (std::string unsafe = unsafeDirectoryReason(); !unsafe.empty()) {
+    refuseDirectory(unsafe);
+  }
 }
 
 KernelCache& KernelCache::global() {
   // Never destroyed: compiles may still store from other threads while statics are torn down.
-  static KernelCache* cache =
-      new KernelCache(Options::global().cache_dir, Options::global().cache_max_mb << 20);
+  static KernelCache* cache = [] {
+    const Options& options = Options::global();
+    // The cache is where KILN_CACHE_MAX_MB is used, so a rejected value is reported here, once.
+    for (const std::string& problem : options.problems) {
+      log(LogLevel::kWarning, "ignoring " + problem + "; the default applies");
+    }
+    return new KernelCache(options.cache_dir, options.cache_max_mb << 20);
+  }();
   return *cache;
 }
 
@@ -230,6 +246,29 @@ std::string KernelCache::ensureDirectory() const {
   return "";
 }
 
+std::string KernelCache::unsafeDirectoryReason() const {
+  struct stat st;
+  if (stat(dir_.c_str(), &st) != 0) return "";  // missing: ensureDirectory() makes it 0700
+  if (st.st_uid != geteuid()) {
+    return dir_ + " belongs to uid " + std::to_string(st.st_uid) + ", not to this user (uid " +
+           std::to_string(geteuid()) + ")";
+  }
+  if (st.st_mode & (S_IWGRP | S_IWOTH)) {
+    char mode[8];
+    std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    return dir_ + " is writable by others (mode " + mode + "; chmod 700 it)";
+  }
+  return "";
+}
+
+void KernelCache::refuseDirectory(const std::string& reason) {
+  refused_.store(true);
+  if (warned_.exchange(true)) return;
+  log(LogLevel::kWarning, "kernel cache: refusing " + reason +
+                              ": it would hold code kiln loads and runs; kernels are compiled "
+                              "in memory only (this warning is not repeated)");
+}
+
 void KernelCache::warnUnwritable(const std::string& reason) {
   if (warned_.exchange(true)) return;
   log(LogLevel::kWarning,
@@ -250,12 +289,23 @@ std::optional<std::string> KernelCache::load(const KernelCacheKey& key) {
     misses_.fetch_add(1, std::memory_order_relaxed);
     return std::nullopt;
   };
+  if (refused_.load()) return miss();
   const std::string key_text = key.text();
   const std::string path = pathFor(fnv1a128Hex(key_text));
-  FileDescriptor file(open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (file.fd < 0) return miss();
+  // O_NOFOLLOW: a symlink at the name is not ours (stores rename regular files into place).
+  // O_NONBLOCK: opening a FIFO planted at the name would otherwise wait for a writer forever;
+  // on a regular file it changes nothing.
+  FileDescriptor file(open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK));
+  if (file.fd < 0) {
+    if (errno == ELOOP) rejectFile(path, "a symbolic link; not followed");
+    return miss();
+  }
   struct stat st;
-  if (fstat(file.fd, &st) != 0 || !S_ISREG(st.st_mode)) return miss();
+  if (fstat(file.fd, &st) != 0) return miss();
+  if (!S_ISREG(st.st_mode)) {
+    rejectFile(path, "not a regular file");
+    return miss();
+  }
   const uint64_t file_size = static_cast<uint64_t>(st.st_size);
 
   char header[kHeaderSize];
@@ -307,6 +357,7 @@ std::optional<std::string> KernelCache::load(const KernelCacheKey& key) {
 }
 
 bool KernelCache::store(const KernelCacheKey& key, const std::string& payload) {
+  if (refused_.load()) return false;
   const std::string key_text = key.text();
   const std::string hash_hex = fnv1a128Hex(key_text);
   const uint64_t file_size = kHeaderSize + key_text.size() + payload.size();
@@ -320,6 +371,10 @@ bool KernelCache::store(const KernelCacheKey& key, const std::string& payload) {
   std::string error = ensureDirectory();
   if (!error.empty()) {
     warnUnwritable(error);
+    return false;
+  }
+  if (std::string unsafe = unsafeDirectoryReason(); !unsafe.empty()) {
+    refuseDirectory(unsafe);
     return false;
   }
 
@@ -407,12 +462,26 @@ KernelCache::Info KernelCache::info() const {
   return info;
 }
 
-int64_t KernelCache::clear() {
-  int64_t removed = 0;
-  for (const DirectoryEntry& entry : listCacheFiles(dir_, /*remove_stale_temps=*/true)) {
-    if (unlink((dir_ + "/" + entry.name).c_str()) == 0) ++removed;
+KernelCache::ClearResult KernelCache::clear() {
+  ClearResult result;
+  int open_errno = 0;
+  const std::vector<DirectoryEntry> entries =
+      listCacheFiles(dir_, /*remove_stale_temps=*/true, &open_errno);
+  if (open_errno != 0 && open_errno != ENOENT) {
+    result.error = "cannot read " + dir_ + ": " + std::strerror(open_errno);
   }
-  return removed;
+  for (const DirectoryEntry& entry : entries) {
+    const std::string path = dir_ + "/" + entry.name;
+    if (unlink(path.c_str()) == 0) {
+      ++result.removed;
+    } else if (errno != ENOENT) {  // ENOENT: another process evicted it meanwhile
+      ++result.left;
+      if (result.error.empty()) {
+        result.error = "cannot remove " + path + ": " + std::strerror(errno);
+      }
+    }
+  }
+  return result;
 }
 
 KernelCache::Stats KernelCache::stats() const {

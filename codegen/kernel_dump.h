@@ -11,7 +11,14 @@ namespace kiln {
 
 // Writes each (extension, contents) as DIR/STEM.EXTENSION when Options::global().dump_dir is
 // set; a no-op otherwise.
-void dumpKernelFiles(const std::string& stem, const std::vector<std::pair<std::string, std::string>>& files);
+void dumpKernelFiles(const std::string& stem,
+                     const std::vector<std::pair<std::string, std::string>>& files);
+
+// The same into `dir` (made 0755 when missing). The names are predictable, so each file is
+// written to a temp file and renamed over its name; a symlink or FIFO planted at a name is left
+// alone and that file skipped. False when a file could not be written (logged once per process).
+bool writeKernelDump(const std::string& dir, const std::string& stem,
+                     const std::vector<std::pair<std::string, std::string>>& files);
 
 // True when KILN_DUMP is set (a backend then keeps its generated text for dumpKernelFiles).
 bool dumpEnabled();

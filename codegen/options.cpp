@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <optional>
 
 namespace kiln {
 namespace {
@@ -12,6 +13,20 @@ namespace {
 const char* env(const char* name) {
   const char* value = std::getenv(name);
   return (value && *value) ? value : nullptr;
+}
+
+// Decimal digits only, no sign, unit or spaces, within [min, max]; nullopt otherwise.
+std::optional<int64_t> parseWholeNumber(const char* text, int64_t min, int64_t max) {
+  if (*text == '\0') return std::nullopt;
+  int64_t value = 0;
+  for (const char* c = text; *c; ++c) {
+    if (*c < '0' || *c > '9') return std::nullopt;
+    value = value * 10 + (*c - '0');
+    // Checked on every digit, so it never overflows: max is far below INT64_MAX / 10.
+    if (value > max) return std::nullopt;
+  }
+  if (value < min) return std::nullopt;
+  return value;
 }
 
 bool envFlag(const char* name) {
@@ -40,9 +55,13 @@ Options Options::fromEnvironment() {
     else if (std::strcmp(level, "info") == 0) options.log_level = LogLevel::kInfo;
   }
   if (const char* mb = env("KILN_CACHE_MAX_MB")) {
-    char* end = nullptr;
-    long long value = std::strtoll(mb, &end, 10);
-    if (end && *end == '\0' && value > 0) options.cache_max_mb = value;
+    if (std::optional<int64_t> value = parseWholeNumber(mb, 1, kMaxCacheMb)) {
+      options.cache_max_mb = *value;
+    } else {
+      options.problems.push_back("KILN_CACHE_MAX_MB='" + std::string(mb) +
+                                 "': expected a whole number of MiB from 1 to " +
+                                 std::to_string(kMaxCacheMb) + " (1 TiB)");
+    }
   }
   return options;
 }

@@ -1,5 +1,7 @@
-// The kiln command-line tool: env, demo (and the verbs of later modules).
-// Every --json output is one JSON object on stdout; errors are one line on stderr, exit code 2.
+// The kiln command-line tool: env, demo, report, fuse, compile, cache.
+// Every --json output is one JSON object on stdout. Every error is one line on stderr: exit code 2
+// for a usage error, a model that cannot be loaded or a bad KILN_* value; 1 for a file that could
+// not be written (which then is as it was: outputs are written whole and renamed into place).
 #include <ATen/Parallel.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/cuda.h>
@@ -8,13 +10,13 @@
 
 #include <algorithm>
 #include <chrono>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <cstdio>
 #include <iostream>
 #include <sstream>
 
+#include "codegen/atomic_file.h"
 #include "codegen/cuda_driver.h"
 #include "codegen/json.h"
 #include "codegen/cuda_kernel_builder.h"
@@ -33,6 +35,12 @@ namespace {
 using kiln::cli::Args;
 using kiln::cli::UsageError;
 
+// An error printed as the one line "kiln: MESSAGE" (no usage hint) with its exit code.
+struct CliError : std::runtime_error {
+  CliError(const std::string& message, int code) : std::runtime_error(message), exit_code(code) {}
+  int exit_code;
+};
+
 constexpr const char* kUsage =
     "usage: kiln VERB [ARGS]\n"
     "  env [--json]                                  versions, GPU, cache directory\n"
@@ -45,6 +53,33 @@ constexpr const char* kUsage =
     "  cache info|clear [--json]                     the disk cache: where, how full; empty it\n";
 
 bool cudaAvailable() { return torch::cuda::is_available(); }
+
+// The one line of a torch error worth printing: a TorchScript traceback ends with the error
+// itself ("RuntimeError: ..."); any other message starts with it.
+std::string errorLine(const std::string& message) {
+  std::vector<std::string> lines;
+  std::istringstream stream(message);
+  for (std::string line; std::getline(stream, line);) {
+    const size_t start = line.find_first_not_of(" \t\r");
+    if (start != std::string::npos) lines.push_back(line.substr(start));
+  }
+  if (lines.empty()) return "unknown error";
+  const bool traceback = message.find("Traceback of TorchScript") != std::string::npos;
+  return traceback ? lines.back() : lines.front();
+}
+
+// Every file the CLI writes goes through here: on failure the old file is untouched, exit code 1.
+void writeOutput(const std::string& path, const std::string& contents) {
+  const std::string error = kiln::writeFileAtomically(path, contents);
+  if (!error.empty()) throw CliError(error, 1);
+}
+
+// torch writes the archive to memory first, so a full disk cannot cut a model file short.
+void saveModel(const torch::jit::Module& module, const std::string& path) {
+  std::ostringstream archive;
+  module.save(archive);
+  writeOutput(path, archive.str());
+}
 
 int runEnv(const Args& args) {
   std::vector<kiln::cuda::DeviceInfo> gpus = kiln::cuda::devices();
@@ -115,7 +150,7 @@ int runDemo(const Args& args) {
   std::vector<torch::jit::IValue> inputs = kiln::demo::encoderInputs(config, device, dtype);
   if (args.values.count("--save")) {
     std::string path = args.value("--save", "");
-    layer.save(path);
+    saveModel(layer, path);
     std::cerr << "kiln demo: saved the unfused encoder layer to " << path << "\n";
   }
   const int warmup = 3;
@@ -177,7 +212,9 @@ torch::jit::Module loadModel(const std::string& path) {
     module.eval();
     return module;
   } catch (const c10::Error& error) {
-    throw UsageError("cannot load TorchScript model " + path + ": " + error.what_without_backtrace());
+    throw CliError("cannot load " + path + ": " + errorLine(error.what_without_backtrace()), 2);
+  } catch (const std::exception& error) {
+    throw CliError("cannot load " + path + ": " + errorLine(error.what()), 2);
   }
 }
 
@@ -261,11 +298,7 @@ int runReport(const Args& args) {
   for (const std::string& spec : args.all("--input")) inputs.emplace_back(inputFromSpec(spec));
   if (!inputs.empty()) fused.forward(inputs);  // measures each group's bytes on these shapes
   kiln::Report report = kiln::report(graph);
-  if (args.values.count("--dot")) {
-    std::ofstream file(args.value("--dot", ""));
-    if (!file) throw UsageError("cannot write " + args.value("--dot", ""));
-    file << dotGraph(graph, report);
-  }
+  if (args.values.count("--dot")) writeOutput(args.value("--dot", ""), dotGraph(graph, report));
   if (args.has("--json")) {
     std::cout << report.toJson() << "\n";
   } else {
@@ -279,7 +312,7 @@ int runFuse(const Args& args) {
   if (args.positional.size() != 2) throw UsageError("fuse takes IN.pt OUT.pt");
   torch::jit::Module module = loadModel(args.positional[0]);
   torch::jit::Module fused = kiln::optimize(module);
-  fused.save(args.positional[1]);
+  saveModel(fused, args.positional[1]);
   kiln::Report report = kiln::report(fused.get_method("forward").graph());
   std::cerr << "kiln fuse: " << report.groups.size() << " groups; wrote " << args.positional[1] << "\n";
   return 0;
@@ -309,7 +342,8 @@ int runCompile(const Args& args) {
   try {
     fused.forward(inputs);
   } catch (const c10::Error& error) {
-    throw UsageError(std::string("the model rejects these --input shapes: ") + error.what_without_backtrace());
+    throw UsageError("the model rejects these --input shapes: " +
+                     errorLine(error.what_without_backtrace()));
   }
   const bool fast_math = kiln::Options::global().fast_math;
   std::ostringstream kernels;
@@ -354,11 +388,19 @@ int runCache(const Args& args) {
   }
   kiln::KernelCache& cache = kiln::KernelCache::global();
   if (args.positional[0] == "clear") {
-    const int64_t removed = cache.clear();
+    const kiln::KernelCache::ClearResult cleared = cache.clear();
+    if (!cleared.error.empty()) {
+      throw CliError("cache clear: " + cleared.error + " (removed " +
+                         std::to_string(cleared.removed) + ", " + std::to_string(cleared.left) +
+                         " left)",
+                     1);
+    }
     if (args.has("--json")) {
-      std::cout << "{\"dir\": " << kiln::jsonQuote(cache.dir()) << ", \"removed\": " << removed << "}\n";
+      std::cout << "{\"dir\": " << kiln::jsonQuote(cache.dir())
+                << ", \"removed\": " << cleared.removed << "}\n";
     } else {
-      std::printf("removed %lld cached kernels from %s\n", static_cast<long long>(removed), cache.dir().c_str());
+      std::printf("removed %lld cached kernels from %s\n", static_cast<long long>(cleared.removed),
+                  cache.dir().c_str());
     }
     return 0;
   }
@@ -377,10 +419,20 @@ int runCache(const Args& args) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::cerr << kUsage;
+    std::cerr << "kiln: missing VERB (see kiln --help)\n";
     return 2;
   }
   std::string verb = argv[1];
+  if (verb == "--help" || verb == "-h" || verb == "help") {
+    std::cout << kUsage;
+    return 0;
+  }
+  // A rejected KILN_* value stops every verb here; the library itself would warn and go on.
+  const std::vector<std::string>& problems = kiln::Options::global().problems;
+  if (!problems.empty()) {
+    std::cerr << "kiln: " << problems.front() << "\n";
+    return 2;
+  }
   try {
     if (verb == "env") return runEnv(kiln::cli::parse(argc, argv, 2, {}, {"--json"}));
     if (verb == "demo") {
@@ -392,19 +444,18 @@ int main(int argc, char** argv) {
     if (verb == "fuse") return runFuse(kiln::cli::parse(argc, argv, 2, {"--device"}, {}));
     if (verb == "compile") return runCompile(kiln::cli::parse(argc, argv, 2, {"--input", "--arch"}, {"--json"}));
     if (verb == "cache") return runCache(kiln::cli::parse(argc, argv, 2, {}, {"--json"}));
-    if (verb == "--help" || verb == "-h" || verb == "help") {
-      std::cout << kUsage;
-      return 0;
-    }
     throw UsageError("unknown verb '" + verb + "'");
   } catch (const UsageError& error) {
-    std::cerr << "kiln " << verb << ": " << error.what() << "\n" << kUsage;
+    std::cerr << "kiln: " << error.what() << " (see kiln --help)\n";
     return 2;
+  } catch (const CliError& error) {
+    std::cerr << "kiln: " << error.what() << "\n";
+    return error.exit_code;
   } catch (const c10::Error& error) {
-    std::cerr << "kiln " << verb << ": " << error.what_without_backtrace() << "\n";
+    std::cerr << "kiln " << verb << ": " << errorLine(error.what_without_backtrace()) << "\n";
     return 2;
   } catch (const std::exception& error) {
-    std::cerr << "kiln " << verb << ": " << error.what() << "\n";
+    std::cerr << "kiln " << verb << ": " << errorLine(error.what()) << "\n";
     return 2;
   }
 }

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace kiln {
 
@@ -14,11 +15,17 @@ struct Options {
   std::string cache_dir;           // KILN_CACHE_DIR, default ~/.cache/kiln
   std::string dump_dir;            // KILN_DUMP=DIR: write generated code and IR there
   LogLevel log_level = LogLevel::kWarning;  // KILN_LOG=info|debug
-  int64_t cache_max_mb = 1024;     // KILN_CACHE_MAX_MB
+  int64_t cache_max_mb = 1024;     // KILN_CACHE_MAX_MB, a whole number from 1 to kMaxCacheMb
   int min_group_size = 2;          // fewest fusible ops worth a kernel
   // CPU kernels: below this many elements a group runs on the calling thread only.
   int64_t cpu_parallel_grain = 32768;
   bool fast_math = false;          // KILN_FAST_MATH=1: approximate math in generated kernels
+  // Environment values that were rejected, their defaults kept: one line each naming the
+  // variable, the value and what is accepted. The library warns about them once, where the
+  // setting is first used (KernelCache::global()); the kiln CLI refuses to run (exit code 2).
+  std::vector<std::string> problems;
+
+  static constexpr int64_t kMaxCacheMb = int64_t{1} << 20;  // 1 TiB
 
   // The process-wide options, read from the environment on first use.
   static const Options& global();

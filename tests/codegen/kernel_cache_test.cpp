@@ -1,54 +1,35 @@
-// The on-disk kernel cache, each test in a fresh temp directory: round trips, the key, files that
-// are corrupt, truncated or foreign, the 0700 directory, LRU eviction, an unwritable directory,
-// and threads and processes sharing one directory.
+// The on-disk kernel cache, each test in a fresh temp directory: round trips, the key (generated
+// source included), files that are corrupt, truncated, foreign, symlinks or FIFOs, the 0700
+// directory and directories others can write, LRU eviction, an unwritable directory, clear and its
+// failures, and threads and processes sharing one directory.
 #include "codegen/kernel_cache.h"
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <gtest/gtest.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <random>
 #include <sstream>
 #include <thread>
 #include <vector>
 
+#include "codegen/cuda_emitter.h"
+#include "tests/codegen/temp_dir.h"
+
 namespace kiln {
 namespace {
-
-int makeDirectoryWritable(const char* path, const struct stat*, int type, FTW*) {
-  if (type == FTW_D) chmod(path, 0700);
-  return 0;
-}
-
-int removeEntry(const char* path, const struct stat*, int, FTW*) { return remove(path); }
-
-// A fresh directory under /tmp, removed with everything in it at the end of the test.
-class TempDir {
- public:
-  TempDir() {
-    char name[] = "/tmp/kiln-cache-test-XXXXXX";
-    if (!mkdtemp(name)) std::abort();
-    path_ = name;
-  }
-  ~TempDir() {
-    // Tests make directories read-only; give write access back so everything can be removed.
-    nftw(path_.c_str(), makeDirectoryWritable, 16, FTW_PHYS);
-    nftw(path_.c_str(), removeEntry, 16, FTW_DEPTH | FTW_PHYS);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 KernelCacheKey makeKey(int index) {
   KernelCacheKey key;
@@ -129,8 +110,9 @@ TEST(KernelCacheKey, EveryFieldChangesTheHash) {
   EXPECT_EQ(base.hashHex(), makeKey(0).hashHex());
   EXPECT_EQ(base.hashHex().size(), 32u);
   std::vector<std::string KernelCacheKey::*> fields = {
-      &KernelCacheKey::ir,       &KernelCacheKey::specialization, &KernelCacheKey::arch,
-      &KernelCacheKey::compiler, &KernelCacheKey::options,        &KernelCacheKey::kiln_version};
+      &KernelCacheKey::ir,          &KernelCacheKey::source,   &KernelCacheKey::specialization,
+      &KernelCacheKey::arch,        &KernelCacheKey::compiler, &KernelCacheKey::options,
+      &KernelCacheKey::kiln_version};
   for (auto field : fields) {
     KernelCacheKey changed = base;
     changed.*field += "!";
@@ -193,16 +175,47 @@ TEST(KernelCache, MissWhenAnyKeyFieldDiffers) {
   KernelCache cache(temp.path(), kLarge);
   const KernelCacheKey base = makeKey(0);
   ASSERT_TRUE(cache.store(base, "payload"));
-  for (auto field :
-       {&KernelCacheKey::ir, &KernelCacheKey::specialization, &KernelCacheKey::arch,
-        &KernelCacheKey::compiler, &KernelCacheKey::options, &KernelCacheKey::kiln_version}) {
+  for (auto field : {&KernelCacheKey::ir, &KernelCacheKey::source, &KernelCacheKey::specialization,
+                     &KernelCacheKey::arch, &KernelCacheKey::compiler, &KernelCacheKey::options,
+                     &KernelCacheKey::kiln_version}) {
     KernelCacheKey changed = base;
     changed.*field = "other";
     EXPECT_FALSE(cache.load(changed).has_value());
   }
-  EXPECT_EQ(cache.stats().misses, 6);
+  EXPECT_EQ(cache.stats().misses, 7);
   EXPECT_EQ(cache.stats().corrupt, 0);
   EXPECT_TRUE(cache.load(base).has_value());
+}
+
+// What obtainCudaKernel keys a CUDA kernel by: the same IR and specialization at the same kiln
+// version, but source from a changed device helper (or emitter), must not find the old binary.
+TEST(KernelCache, ChangedGeneratedSourceIsAMiss) {
+  TempDir temp;
+  KernelCache cache(temp.path(), kLarge);
+  ir::Kernel kernel;
+  kernel.name = "add";
+  kernel.tensor_inputs = {ir::DType::kFloat32, ir::DType::kFloat32};
+  kernel.outputs = {kernel.binary(ir::Op::kAdd, kernel.load(0), kernel.load(1))};
+  const CudaSpecialization specialization{
+      CudaSchedule::kLinear, 1, {CudaAccess::kFull, CudaAccess::kFull, CudaAccess::kFull}, false};
+  KernelCacheKey key = makeKey(0);
+  key.ir = ir::print(kernel);
+  key.specialization = specialization.toString();
+  key.source = emitCuda(kernel, specialization).source;
+  ASSERT_EQ(key.source.rfind(cudaDeviceHelpers(), 0), 0u);
+  ASSERT_TRUE(cache.store(key, "old binary"));
+
+  KernelCacheKey new_helpers = key;
+  new_helpers.source.insert(std::string(cudaDeviceHelpers()).size(), "// a fixed helper\n");
+  KernelCacheKey new_emitter = key;
+  new_emitter.source += "// a changed emitter\n";
+  for (const KernelCacheKey& changed : {new_helpers, new_emitter}) {
+    EXPECT_NE(changed.hashHex(), key.hashHex());
+    EXPECT_FALSE(cache.load(changed).has_value());
+    ASSERT_TRUE(cache.store(changed, "new binary"));
+    EXPECT_EQ(cache.load(changed).value_or(""), "new binary");
+  }
+  EXPECT_EQ(cache.load(key).value_or(""), "old binary");
 }
 
 TEST(KernelCache, FreshCacheObjectOnTheSameDirectoryHits) {
@@ -497,7 +510,10 @@ TEST(KernelCache, ClearRemovesOnlyTheCacheFiles) {
   writeFile(temp.path() + "/" + hash + ".kbinx", "mine");
   ASSERT_EQ(mkdir((temp.path() + "/" + makeKey(8).hashHex() + ".kbin").c_str(), 0700), 0);
 
-  EXPECT_EQ(cache.clear(), 3);
+  const KernelCache::ClearResult cleared = cache.clear();
+  EXPECT_EQ(cleared.removed, 3);
+  EXPECT_EQ(cleared.left, 0);
+  EXPECT_EQ(cleared.error, "");
   EXPECT_EQ(cache.info().files, 0);
   EXPECT_FALSE(exists(stale_temp));
   EXPECT_TRUE(exists(fresh_temp));
@@ -505,6 +521,142 @@ TEST(KernelCache, ClearRemovesOnlyTheCacheFiles) {
   EXPECT_TRUE(exists(temp.path() + "/" + hash + ".kbinx"));
   EXPECT_TRUE(exists(temp.path() + "/" + makeKey(8).hashHex() + ".kbin"));
   EXPECT_FALSE(cache.load(makeKey(0)).has_value());
+}
+
+// A symlink at a cache file's name, even to a valid cache file elsewhere, is not followed.
+TEST(KernelCache, SymlinkedFileIsAMiss) {
+  TempDir temp;
+  const std::string outside = temp.path() + "/outside";
+  ASSERT_EQ(mkdir(outside.c_str(), 0700), 0);
+  KernelCache planted(outside, kLarge);
+  ASSERT_TRUE(planted.store(makeKey(0), "planted binary"));
+  const std::string target = cachePath(planted, makeKey(0));
+  const std::string before = readFile(target);
+
+  KernelCache cache(temp.path() + "/cache", kLarge);
+  ASSERT_EQ(symlink(target.c_str(), cachePath(cache, makeKey(0)).c_str()), 0);
+  EXPECT_FALSE(cache.load(makeKey(0)).has_value());
+  EXPECT_EQ(cache.stats().misses, 1);
+  EXPECT_EQ(cache.stats().corrupt, 1);
+  // The next store replaces the link itself; the file it pointed at stays as it was.
+  ASSERT_TRUE(cache.store(makeKey(0), "compiled here"));
+  EXPECT_EQ(cache.load(makeKey(0)).value_or(""), "compiled here");
+  EXPECT_TRUE(readFile(target) == before);
+}
+
+// A FIFO at a cache file's name: opening it for reading would wait for a writer forever. The load
+// runs in a child process so that a hang fails the test instead of stopping it.
+TEST(KernelCache, FifoIsAMissAndDoesNotBlock) {
+  TempDir temp;
+  KernelCache cache(temp.path(), kLarge);
+  ASSERT_EQ(mkfifo(cachePath(cache, makeKey(0)).c_str(), 0600), 0);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    KernelCache child(temp.path(), kLarge);
+    const bool missed = !child.load(makeKey(0)).has_value() && child.stats().corrupt == 1;
+    _exit(missed ? 0 : 1);
+  }
+  int status = 0;
+  pid_t done = 0;
+  for (int waited_ms = 0; waited_ms < 20000 && done == 0; waited_ms += 10) {
+    done = waitpid(pid, &status, WNOHANG);
+    if (done == 0) usleep(10000);
+  }
+  if (done == 0) {
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    FAIL() << "load() of a FIFO blocked for 20 s";
+  }
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "a FIFO was not rejected as a miss";
+}
+
+// A directory others can write to may hold files planted by them: refused with one warning, and
+// nothing is loaded from it or stored in it, valid files included.
+void expectRefused(const std::string& dir, const std::string& why) {
+  testing::internal::CaptureStderr();
+  {
+    KernelCache cache(dir, kLarge);
+    EXPECT_FALSE(cache.load(makeKey(0)).has_value());
+    EXPECT_FALSE(cache.store(makeKey(1), "payload"));
+    EXPECT_FALSE(cache.load(makeKey(0)).has_value());
+    EXPECT_EQ(cache.stats().misses, 2);
+    EXPECT_EQ(cache.stats().stores, 0);
+  }
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_EQ(countOccurrences(err, "kiln warning:"), 1) << err;
+  EXPECT_NE(err.find("kernel cache: refusing " + dir), std::string::npos) << err;
+  EXPECT_NE(err.find(why), std::string::npos) << err;
+  EXPECT_FALSE(exists(dir + "/" + makeKey(1).hashHex() + KernelCache::kFileExtension));
+}
+
+TEST(KernelCache, RefusesADirectoryOthersCanWrite) {
+  TempDir temp;
+  const std::string dir = temp.path() + "/cache";
+  {
+    KernelCache cache(dir, kLarge);
+    ASSERT_TRUE(cache.store(makeKey(0), "valid binary"));
+  }
+  ASSERT_EQ(chmod(dir.c_str(), 0777), 0);
+  expectRefused(dir, "writable by others (mode 0777");
+  ASSERT_EQ(chmod(dir.c_str(), 0770), 0);
+  expectRefused(dir, "writable by others (mode 0770");
+  // Another user's directory (only root can give one away to test it).
+  ASSERT_EQ(chmod(dir.c_str(), 0700), 0);
+  if (chown(dir.c_str(), geteuid() + 1, getegid()) == 0) {
+    expectRefused(dir, "belongs to uid " + std::to_string(geteuid() + 1));
+    ASSERT_EQ(chown(dir.c_str(), geteuid(), getegid()), 0);
+  }
+  // Once only this user can write it again, the same files are served.
+  ASSERT_EQ(chmod(dir.c_str(), 0700), 0);
+  KernelCache cache(dir, kLarge);
+  EXPECT_EQ(cache.load(makeKey(0)).value_or(""), "valid binary");
+}
+
+TEST(KernelCache, ClearReportsADirectoryItCannotRead) {
+  TempDir temp;
+  writeFile(temp.path() + "/file", "not a directory");
+  testing::internal::CaptureStderr();
+  KernelCache cache(temp.path() + "/file", kLarge);
+  testing::internal::GetCapturedStderr();
+  const KernelCache::ClearResult cleared = cache.clear();
+  EXPECT_EQ(cleared.removed, 0);
+  EXPECT_EQ(cleared.error, "cannot read " + temp.path() + "/file: Not a directory");
+
+  // A directory removed meanwhile holds nothing to clear: not an error.
+  KernelCache gone(temp.path() + "/gone", kLarge);
+  ASSERT_EQ(rmdir((temp.path() + "/gone").c_str()), 0);
+  EXPECT_EQ(gone.clear().error, "");
+}
+
+// Files clear() cannot remove. Permission bits do not stop root, so the directory is made
+// immutable (chattr +i), which stops everyone; skipped where the filesystem or the process cannot.
+TEST(KernelCache, ClearReportsFilesItCannotRemove) {
+  TempDir temp;
+  KernelCache cache(temp.path(), kLarge);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(cache.store(makeKey(i), "payload"));
+  int fd = open(temp.path().c_str(), O_RDONLY | O_DIRECTORY);
+  ASSERT_GE(fd, 0);
+  int flags = 0;
+  if (ioctl(fd, FS_IOC_GETFLAGS, &flags) != 0) {
+    close(fd);
+    GTEST_SKIP() << "no inode flags here: " << std::strerror(errno);
+  }
+  const int immutable = flags | FS_IMMUTABLE_FL;
+  if (ioctl(fd, FS_IOC_SETFLAGS, &immutable) != 0) {
+    close(fd);
+    GTEST_SKIP() << "cannot make a directory immutable here: " << std::strerror(errno);
+  }
+  const KernelCache::ClearResult cleared = cache.clear();
+  ioctl(fd, FS_IOC_SETFLAGS, &flags);
+  close(fd);
+  EXPECT_EQ(cleared.removed, 0);
+  EXPECT_EQ(cleared.left, 3);
+  EXPECT_EQ(cleared.error.rfind("cannot remove " + temp.path() + "/", 0), 0u) << cleared.error;
+  EXPECT_NE(cleared.error.find(": Operation not permitted"), std::string::npos) << cleared.error;
+  EXPECT_EQ(cache.info().files, 3);
+  EXPECT_EQ(cache.clear().removed, 3);
 }
 
 }  // namespace
