@@ -258,7 +258,9 @@ struct Emitter {
     for (double coefficient : {2.06390887954E-2, -5.37397155531E-2, 1.33314422036E-1, -3.33332819422E-1}) {
       p = multiplyAdd(p, s, c(coefficient));
     }
-    llvm::Value* small = multiplyAdd(builder.CreateFMul(p, s), x, x);
+    // x + x·s·p rounds -0.0 to +0.0: tanh keeps the sign of its argument, zeros included.
+    llvm::Value* small = builder.CreateBinaryIntrinsic(llvm::Intrinsic::copysign,
+                                                       multiplyAdd(builder.CreateFMul(p, s), x, x), x);
     llvm::Value* e = fastExp(builder.CreateFMul(builder.CreateMinNum(ax, c(20.0)), c(2.0)));
     llvm::Value* large = builder.CreateFSub(c(1.0), builder.CreateFDiv(c(2.0), builder.CreateFAdd(e, c(1.0))));
     large = builder.CreateBinaryIntrinsic(llvm::Intrinsic::copysign, large, x);

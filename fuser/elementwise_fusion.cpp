@@ -5,6 +5,7 @@
 // (moveBeforeTopologicallyValid). Every block, including prim::If and prim::Loop bodies, is
 // fused on its own. Groups are then given a guard and their original ops as the fallback.
 #include <torch/csrc/jit/ir/alias_analysis.h>
+#include <torch/csrc/jit/passes/remove_mutation.h>
 #include <torch/csrc/jit/passes/utils/subgraph_utils.h>
 
 #include <algorithm>
@@ -132,7 +133,11 @@ void dropProfilesBetweenFusibleOps(Block* block) {
     Node* producer = node->input(0)->node();
     if (!isFusibleNode(producer)) continue;
     bool feeds_fusible_only = true;
-    for (const torch::jit::Use& use : node->output()->uses()) feeds_fusible_only &= isFusibleNode(use.user);
+    // An in-place op that may become functional counts as fusible: a profile between it and
+    // its producer would make its input look aliased and keep it in place.
+    for (const torch::jit::Use& use : node->output()->uses()) {
+      feeds_fusible_only &= isFusibleNode(use.user) || hasFusibleFunctionalForm(use.user);
+    }
     if (!feeds_fusible_only) continue;
     node->output()->replaceAllUsesWith(node->input(0));
     node->destroy();
@@ -212,7 +217,10 @@ Value* insertList(Graph& graph, const c10::TypePtr& element, const std::vector<V
 }
 
 int fuseElementwise(std::shared_ptr<Graph>& graph, const Options& options) {
+  // In-place ops (a ResNet's relu_ and residual add_) become functional where AliasDb proves no
+  // one can observe the difference, so they can join groups.
   dropProfilesBetweenFusibleOps(graph->block());
+  torch::jit::RemoveTensorMutation(graph, [](Node* node) { return hasFusibleFunctionalForm(node); });
   std::vector<Node*> groups = GroupBuilder(graph).build();
   int created = 0;
   for (Node* group : groups) {

@@ -152,6 +152,10 @@ KILN_LOWER(lowerPow) {
     if (auto exponent = torch::jit::toIValue(n->input(1))) {
       // ATen's pow_tensor_scalar special cases.
       double e = exponent->isDouble() ? exponent->toDouble() : static_cast<double>(exponent->toInt());
+      // An exponent that float32 flushes to 0 or overflows to inf: eager's scalar loop raises to
+      // the double exponent, its vectorized loop to the float one; left to eager.
+      const double narrowed = static_cast<double>(static_cast<float>(e));
+      if (ct != at::kDouble && ((narrowed == 0 && e != 0) || (std::isinf(narrowed) && std::isfinite(e)))) return -1;
       int one = L.constant(1, ct);
       if (e == 2) return L.binary(Op::kMul, base, base);
       if (e == 3) return L.binary(Op::kMul, L.binary(Op::kMul, base, base), base);
@@ -514,6 +518,16 @@ std::optional<ir::DType> irDType(at::ScalarType type) {
 bool isChannelOperandUse(const torch::jit::Use& use) {
   static const c10::Symbol batch_norm = c10::Symbol::fromQualString("aten::batch_norm");
   return use.user->kind() == batch_norm && use.offset >= 1 && use.offset <= 4;
+}
+
+bool hasFusibleFunctionalForm(const Node* node) {
+  std::string name = node->kind().toQualString();
+  if (!node->kind().is_aten() || name.size() < 2 || name.back() != '_') return false;
+  name.pop_back();
+  for (const auto& [key, rule] : rules()) {
+    if (key.compare(0, name.size(), name) == 0 && (key.size() == name.size() || key[name.size()] == '.')) return true;
+  }
+  return false;
 }
 
 bool isFusibleNode(const Node* node) {

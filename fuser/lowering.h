@@ -22,6 +22,9 @@ namespace kiln {
 // constants. Independent of dtypes, which are checked at run time.
 bool isFusibleNode(const torch::jit::Node* node);
 
+// Whether the in-place op `node` (relu_, add_, …) has a functional form the fuser can take.
+bool hasFusibleFunctionalForm(const torch::jit::Node* node);
+
 struct InputSignature {
   bool is_tensor = true;
   at::ScalarType dtype = at::kFloat;  // tensors; scalars: kDouble, kLong or kBool

@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # Installs what kiln's build needs, idempotently: Debian packages, a project-local .venv with
-# torch==2.11.0 (the version on the GPU machines). Each missing prerequisite that cannot be
-# installed fails here with one line saying what and how to get it.
+# torch==2.11.0 (the version on the GPU machines), and the models the Python tests trace
+# (torchvision, transformers). Each missing prerequisite that cannot be installed fails here with
+# one line saying what and how to get it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.11.0
+# torchvision 0.26 is the release built against torch 2.11 (pip keeps torch as it is).
+# transformers: 5.x removed TorchScript support (huggingface/transformers#41688), and from 4.54 on
+# GPT-2 builds its causal mask with torch.vmap, which torch.jit.trace cannot trace; 4.53.3 is the
+# newest release that traces every model tests/python/test_zoo.py uses.
+TORCHVISION_VERSION=0.26.0
+TRANSFORMERS_VERSION=4.53.3
 DEB_PACKAGES=(cmake ninja-build g++ python3-venv libgtest-dev libbenchmark-dev llvm-16-dev
               libsleef-dev ccache zlib1g-dev libzstd-dev libedit-dev libxml2-dev)
 
@@ -36,6 +43,16 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --progress-bar off "torch==$TORCH_VERSION" numpy \
     || fail "pip install torch==$TORCH_VERSION failed (is PyPI reachable?)"
   touch "$stamp"
+fi
+
+zoo_stamp=.venv/.zoo-torchvision-$TORCHVISION_VERSION-transformers-$TRANSFORMERS_VERSION
+if [ ! -f "$zoo_stamp" ]; then
+  echo "kiln setup: installing torchvision==$TORCHVISION_VERSION transformers==$TRANSFORMERS_VERSION into .venv" >&2
+  # torch is named too so that pip can never swap it for another build.
+  .venv/bin/pip install -q --progress-bar off "torch==$TORCH_VERSION" \
+      "torchvision==$TORCHVISION_VERSION" "transformers==$TRANSFORMERS_VERSION" \
+    || fail "pip install torchvision==$TORCHVISION_VERSION transformers==$TRANSFORMERS_VERSION failed (is PyPI reachable?)"
+  touch "$zoo_stamp"
 fi
 
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
