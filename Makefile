@@ -5,6 +5,9 @@ SANITIZE ?= OFF
 JOBS ?= $(shell nproc)
 CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
+# ccache (set up by scripts/setup.sh) shares compiles between clones of the repository.
+export CCACHE_BASEDIR := $(CURDIR)
+export CCACHE_NOHASHDIR := 1
 
 .PHONY: all setup configure build test demo bench sanitize format clean
 
