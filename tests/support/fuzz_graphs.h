@@ -7,6 +7,7 @@
 #include <torch/jit.h>
 #include <torch/torch.h>
 
+#include <iostream>
 #include <random>
 #include <sstream>
 #include <string>
@@ -117,10 +118,14 @@ inline FuzzCase makeCase(uint64_t seed, c10::Device device = c10::kCPU) {
 }
 
 // Fuses `graphs` random graphs (KILN_FUZZ_GRAPHS overrides the count, KILN_FUZZ_SEED the first
-// seed) and runs each against eager on `device`. Returns how many fused calls ran kiln's kernel.
-inline int64_t checkFuzzGraphsMatchEager(c10::Device device, int64_t default_graphs, int64_t default_first = 1) {
+// seed, fresh each run otherwise; `offset` is added, for shards) and runs each against eager on
+// `device`. Returns how many fused calls ran kiln's kernel.
+inline int64_t checkFuzzGraphsMatchEager(c10::Device device, int64_t default_graphs, int64_t offset = 0) {
   const int64_t graphs = envInt("KILN_FUZZ_GRAPHS", default_graphs);
-  const uint64_t first = static_cast<uint64_t>(envInt("KILN_FUZZ_SEED", default_first));
+  const uint64_t first = static_cast<uint64_t>(
+      envInt("KILN_FUZZ_SEED", static_cast<int64_t>(std::random_device{}() & 0x7fffffff) + 1) + offset);
+  std::cout << "[   SEED   ] fuzzing graphs " << first << " to " << first + static_cast<uint64_t>(graphs) - 1
+            << " (KILN_FUZZ_SEED=" << first << ")" << std::endl;
   int64_t fused_groups = 0;
   int64_t kernel_calls = 0;
   for (uint64_t seed = first; seed < first + static_cast<uint64_t>(graphs); ++seed) {
