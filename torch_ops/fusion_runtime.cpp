@@ -159,15 +159,18 @@ std::shared_ptr<FusionProgram> programFor(const c10::intrusive_ptr<c10::ivalue::
 
 namespace {
 
+// A call that takes the fallback: counted in the group's statistics, with the reason for `why`.
+std::shared_ptr<PreparedLaunch> rejectCall(FusionProgram& program, const std::string& reason, std::string* why) {
+  if (why) *why = reason;
+  program.counters->fallbacks++;
+  return nullptr;
+}
+
 std::shared_ptr<PreparedLaunch> prepareLaunch(const std::shared_ptr<FusionProgram>& program,
                                               const std::vector<at::Tensor>& tensors,
                                               const std::vector<double>& floats,
                                               const std::vector<int64_t>& ints, std::string* why) {
-  auto reject = [&](const std::string& reason) -> std::shared_ptr<PreparedLaunch> {
-    if (why) *why = reason;
-    program->counters->fallbacks++;
-    return nullptr;
-  };
+  auto reject = [&](const std::string& reason) { return rejectCall(*program, reason, why); };
   // Signature: per input, (dtype, rank) for tensors, kind for scalars. Every tensor must be on
   // one device, the CPU or a CUDA device (eager would move a CPU 0-dim tensor to the GPU: the
   // fallback does).
@@ -398,11 +401,7 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
                                         const std::vector<at::Tensor>& tensors,
                                         const std::vector<double>& floats,
                                         const std::vector<int64_t>& ints, std::string* why) {
-  auto reject = [&](const std::string& reason) -> std::shared_ptr<PreparedLaunch> {
-    if (why) *why = reason;
-    program->counters->fallbacks++;
-    return nullptr;
-  };
+  auto reject = [&](const std::string& reason) { return rejectCall(*program, reason, why); };
   if (Options::global().disabled) return reject("KILN_DISABLE is set");
   if (program->failed.load()) return reject(program->failure);
   try {

@@ -52,13 +52,6 @@ std::string cachePath(const KernelCache& cache, const KernelCacheKey& key) {
   return cache.dir() + "/" + key.hashHex() + KernelCache::kFileExtension;
 }
 
-std::string readFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return buffer.str();
-}
-
 void writeFile(const std::string& path, const std::string& contents) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out << contents;

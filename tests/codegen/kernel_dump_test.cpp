@@ -14,13 +14,6 @@
 namespace kiln {
 namespace {
 
-std::string readFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return buffer.str();
-}
-
 TEST(KernelDump, WritesEachFileAndMakesTheDirectory) {
   TempDir temp;
   const std::string dir = temp.path() + "/dump";

@@ -1,5 +1,5 @@
 // A fresh directory under /tmp for one test, removed with everything in it when the test ends,
-// whatever modes the test left on the directories inside.
+// whatever modes the test left on the directories inside; and a file reader for the tests using it.
 #pragma once
 
 #include <ftw.h>
@@ -7,9 +7,19 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <sstream>
 #include <string>
 
 namespace kiln {
+
+// The whole of a file's bytes ("" if it cannot be read).
+inline std::string readFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  return buffer.str();
+}
 
 class TempDir {
  public:
