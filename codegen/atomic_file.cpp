@@ -45,6 +45,35 @@ bool writeFully(int fd, const char* data, size_t size) {
 
 }  // namespace
 
+ReplaceResult writeTempAndRename(const std::string& path, const std::function<std::string(int)>& temp_name,
+                                 int attempts, const std::vector<std::string_view>& pieces, bool sync,
+                                 mode_t mode) {
+  std::string temp_path;
+  int fd = -1;
+  for (int attempt = 0; attempt < attempts && fd < 0; ++attempt) {
+    temp_path = temp_name(attempt);
+    fd = open(temp_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0 && errno != EEXIST) break;
+  }
+  if (fd < 0) return {ReplaceResult::kCreate, errno};
+  bool ok = true;
+  for (std::string_view piece : pieces) ok = ok && writeFully(fd, piece.data(), piece.size());
+  ok = ok && (!sync || fsync(fd) == 0) && fchmod(fd, mode) == 0;
+  int error = ok ? 0 : errno;
+  if (close(fd) != 0 && ok) {
+    ok = false;
+    error = errno;
+  }
+  // rename() replaces the name atomically: readers see the old file or the new one.
+  if (ok && rename(temp_path.c_str(), path.c_str()) != 0) {
+    ok = false;
+    error = errno;
+  }
+  if (ok) return {};
+  unlink(temp_path.c_str());
+  return {ReplaceResult::kWrite, error};
+}
+
 std::string writeFileAtomically(const std::string& path, const std::string& contents, bool sync) {
   auto failure = [&path](const std::string& reason) {
     return "cannot write " + path + ": " + reason;
@@ -73,32 +102,12 @@ std::string writeFileAtomically(const std::string& path, const std::string& cont
 
   static const uint64_t process_salt = std::random_device{}();
   static std::atomic<uint64_t> counter{0};
-  std::string temp_path;
-  int fd = -1;
-  for (int attempt = 0; attempt < 8 && fd < 0; ++attempt) {
-    temp_path = dir + "/." + name.substr(0, kMaxTempStem) + "." + std::to_string(getpid()) + "." +
-                std::to_string(process_salt % 1000000) + "." +
-                std::to_string(counter.fetch_add(1)) + ".tmp";
-    fd = open(temp_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-    if (fd < 0 && errno != EEXIST) break;
-  }
-  if (fd < 0) return failure(std::strerror(errno));
-
-  bool ok = writeFully(fd, contents.data(), contents.size()) && (!sync || fsync(fd) == 0) &&
-            fchmod(fd, mode) == 0;
-  int error = ok ? 0 : errno;
-  if (close(fd) != 0 && ok) {
-    ok = false;
-    error = errno;
-  }
-  if (ok && rename(temp_path.c_str(), path.c_str()) != 0) {
-    ok = false;
-    error = errno;
-  }
-  if (!ok) {
-    unlink(temp_path.c_str());
-    return failure(std::strerror(error));
-  }
+  auto temp_name = [&](int) {
+    return dir + "/." + name.substr(0, kMaxTempStem) + "." + std::to_string(getpid()) + "." +
+           std::to_string(process_salt % 1000000) + "." + std::to_string(counter.fetch_add(1)) + ".tmp";
+  };
+  ReplaceResult result = writeTempAndRename(path, temp_name, 8, {contents}, sync, mode);
+  if (!result) return failure(std::strerror(result.error));
   if (sync) {
     // The rename itself reaches the disk with the directory; some filesystems refuse to fsync a
     // directory (EINVAL), and the file is in place either way, so this one is best effort.

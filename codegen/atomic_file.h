@@ -5,7 +5,12 @@
 // writer (its own file format and temp names).
 #pragma once
 
+#include <sys/types.h>
+
+#include <functional>
 #include <string>
+#include <string_view>
+#include <vector>
 
 namespace kiln {
 
@@ -17,5 +22,19 @@ namespace kiln {
 // `path` is then as it was and the temp file is gone.
 std::string writeFileAtomically(const std::string& path, const std::string& contents,
                                 bool sync = true);
+
+// The steps writeFileAtomically and the kernel cache share: `pieces`, in order, written whole into
+// a new file at the first free name `temp_name(attempt)` gives (attempts 0 .. attempts-1; O_CREAT |
+// O_EXCL | O_NOFOLLOW, mode 0600), fsync'd when `sync`, given `mode`, closed and renamed over
+// `path`, every step checked. On failure the temp file is gone and the result says which step
+// failed (creating the temp file, or writing it into place) and errno.
+struct ReplaceResult {
+  enum Step { kDone, kCreate, kWrite } failed_at = kDone;
+  int error = 0;
+  explicit operator bool() const { return failed_at == kDone; }
+};
+ReplaceResult writeTempAndRename(const std::string& path, const std::function<std::string(int)>& temp_name,
+                                 int attempts, const std::vector<std::string_view>& pieces, bool sync,
+                                 mode_t mode);
 
 }  // namespace kiln

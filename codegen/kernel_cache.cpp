@@ -20,6 +20,7 @@
 #include <random>
 #include <vector>
 
+#include "codegen/atomic_file.h"
 #include "codegen/versions.h"
 #include "kiln/options.h"
 
@@ -93,17 +94,6 @@ bool readFully(int fd, char* out, size_t size, off_t offset) {
     out += n;
     size -= static_cast<size_t>(n);
     offset += n;
-  }
-  return true;
-}
-
-bool writeFully(int fd, const char* data, size_t size) {
-  while (size > 0) {
-    ssize_t n = write(fd, data, size);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    data += n;
-    size -= static_cast<size_t>(n);
   }
   return true;
 }
@@ -382,19 +372,10 @@ bool KernelCache::store(const KernelCacheKey& key, const std::string& payload) {
   // namespaces sharing the directory) and per store (counter); O_EXCL catches the rest.
   static const uint64_t process_salt = std::random_device{}();
   const std::string final_path = pathFor(hash_hex);
-  std::string temp_path;
-  int fd = -1;
-  for (int attempt = 0; attempt < 4 && fd < 0; ++attempt) {
-    temp_path = final_path + "." + std::to_string(getpid()) + "." + std::to_string(process_salt) +
-                "." + std::to_string(temp_counter_.fetch_add(1, std::memory_order_relaxed)) +
-                ".tmp";
-    fd = open(temp_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (fd < 0 && errno != EEXIST) break;
-  }
-  if (fd < 0) {
-    warnUnwritable("cannot create a file in " + dir_ + ": " + std::strerror(errno));
-    return false;
-  }
+  auto temp_name = [&](int) {
+    return final_path + "." + std::to_string(getpid()) + "." + std::to_string(process_salt) + "." +
+           std::to_string(temp_counter_.fetch_add(1, std::memory_order_relaxed)) + ".tmp";
+  };
 
   char header[kHeaderSize];
   std::memcpy(header, kMagic, sizeof(kMagic));
@@ -404,22 +385,15 @@ bool KernelCache::store(const KernelCacheKey& key, const std::string& payload) {
   putLittleEndian(header + 24, payload.size(), 8);
   // No fsync: a file cut short by a crash fails its size or checksum check and is rewritten, so
   // durability is not worth a disk flush per kernel.
-  bool ok = writeFully(fd, header, kHeaderSize) &&
-            writeFully(fd, key_text.data(), key_text.size()) &&
-            writeFully(fd, payload.data(), payload.size());
-  int failure = ok ? 0 : errno;
-  if (close(fd) != 0 && ok) {
-    ok = false;
-    failure = errno;
+  ReplaceResult written = writeTempAndRename(final_path, temp_name, 4,
+                                             {std::string_view(header, kHeaderSize), key_text, payload},
+                                             /*sync=*/false, 0600);
+  if (written.failed_at == ReplaceResult::kCreate) {
+    warnUnwritable("cannot create a file in " + dir_ + ": " + std::strerror(written.error));
+    return false;
   }
-  // rename() replaces any file of that name atomically: readers see the old file or the new one.
-  if (ok && rename(temp_path.c_str(), final_path.c_str()) != 0) {
-    ok = false;
-    failure = errno;
-  }
-  if (!ok) {
-    unlink(temp_path.c_str());
-    warnUnwritable("cannot write " + final_path + ": " + std::strerror(failure));
+  if (!written) {
+    warnUnwritable("cannot write " + final_path + ": " + std::strerror(written.error));
     return false;
   }
   stores_.fetch_add(1, std::memory_order_relaxed);

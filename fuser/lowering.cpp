@@ -191,10 +191,10 @@ KILN_LOWER(lowerRelu) { return clampBelow(L, L.as(v[0], ct), L.constant(0, ct));
 
 KILN_LOWER(lowerClamp) {
   int x = L.as(v[0], ct);
-  const bool has_lo = L.optionalArg(1).has_value(), has_hi = L.optionalArg(2).has_value();
-  if (has_lo && has_hi && (isNanArg(L, 1) || isNanArg(L, 2))) return L.constant(NAN, ct);
-  if (has_lo) x = clampBelow(L, x, L.argConstant(1, 0, ct));
-  if (has_hi) x = clampAbove(L, x, L.argConstant(2, 0, ct));
+  const std::optional<double> lo = L.optionalArg(1), hi = L.optionalArg(2);
+  if (lo && hi && (std::isnan(*lo) || std::isnan(*hi))) return L.constant(NAN, ct);
+  if (lo) x = clampBelow(L, x, L.argConstant(1, 0, ct));
+  if (hi) x = clampAbove(L, x, L.argConstant(2, 0, ct));
   return x;
 }
 KILN_LOWER(lowerClampMin) {

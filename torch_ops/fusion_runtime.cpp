@@ -412,6 +412,33 @@ std::shared_ptr<PreparedLaunch> prepare(const std::shared_ptr<FusionProgram>& pr
   }
 }
 
+namespace {
+
+// The group's original ops, interpreted from its decoded code, on the call's arguments.
+std::vector<at::Tensor> runFallback(FusionProgram& program, const std::vector<at::Tensor>& tensors,
+                                    const std::vector<double>& floats, const std::vector<int64_t>& ints) {
+  TORCH_CHECK(program.graph, "kiln::fusion_group: ", program.failure);
+  std::call_once(program.fallback_once, [&] {
+    program.fallback = std::make_unique<torch::jit::Code>(program.graph->copy(), "kiln_fallback");
+  });
+  torch::jit::Stack stack;
+  size_t t = 0, f = 0, i = 0;
+  for (char kind : program.input_kinds) {
+    switch (kind) {
+      case 't': TORCH_CHECK(t < tensors.size(), "kiln::fusion_group: too few tensors"); stack.emplace_back(tensors[t++]); break;
+      case 'f': TORCH_CHECK(f < floats.size(), "kiln::fusion_group: too few floats"); stack.emplace_back(floats[f++]); break;
+      case 'i': TORCH_CHECK(i < ints.size(), "kiln::fusion_group: too few ints"); stack.emplace_back(ints[i++]); break;
+      default: TORCH_CHECK(i < ints.size(), "kiln::fusion_group: too few ints"); stack.emplace_back(ints[i++] != 0); break;
+    }
+  }
+  torch::jit::InterpreterState(*program.fallback).run(stack);
+  std::vector<at::Tensor> outputs;
+  for (const c10::IValue& value : stack) outputs.push_back(value.toTensor());
+  return outputs;
+}
+
+}  // namespace
+
 std::vector<at::Tensor> launchOrFallback(const std::shared_ptr<PreparedLaunch>& prepared,
                                          const std::shared_ptr<FusionProgram>& program,
                                          const std::vector<at::Tensor>& tensors,
@@ -432,29 +459,6 @@ std::vector<at::Tensor> launchOrFallback(const std::shared_ptr<PreparedLaunch>& 
   return runFallback(*program, tensors, floats, ints);
 }
 
-std::vector<at::Tensor> runFallback(FusionProgram& program, const std::vector<at::Tensor>& tensors,
-                                    const std::vector<double>& floats, const std::vector<int64_t>& ints) {
-  TORCH_CHECK(program.graph, "kiln::fusion_group: ", program.failure);
-  std::call_once(program.fallback_once, [&] {
-    program.fallback = std::make_unique<torch::jit::Code>(program.graph->copy(), "kiln_fallback");
-  });
-  torch::jit::Stack stack;
-  size_t t = 0, f = 0, i = 0;
-  for (char kind : program.input_kinds) {
-    TORCH_CHECK(t <= tensors.size() && f <= floats.size() && i <= ints.size(),
-                "kiln::fusion_group: arguments do not match its code");
-    switch (kind) {
-      case 't': TORCH_CHECK(t < tensors.size(), "kiln::fusion_group: too few tensors"); stack.emplace_back(tensors[t++]); break;
-      case 'f': TORCH_CHECK(f < floats.size(), "kiln::fusion_group: too few floats"); stack.emplace_back(floats[f++]); break;
-      case 'i': TORCH_CHECK(i < ints.size(), "kiln::fusion_group: too few ints"); stack.emplace_back(ints[i++]); break;
-      default: TORCH_CHECK(i < ints.size(), "kiln::fusion_group: too few ints"); stack.emplace_back(ints[i++] != 0); break;
-    }
-  }
-  torch::jit::InterpreterState(*program.fallback).run(stack);
-  std::vector<at::Tensor> outputs;
-  for (const c10::IValue& value : stack) outputs.push_back(value.toTensor());
-  return outputs;
-}
 
 namespace {
 

@@ -44,8 +44,6 @@ std::vector<at::Tensor> launchOrFallback(const std::shared_ptr<PreparedLaunch>& 
                                          const std::vector<at::Tensor>& tensors,
                                          const std::vector<double>& floats,
                                          const std::vector<int64_t>& ints);
-std::vector<at::Tensor> runFallback(FusionProgram& program, const std::vector<at::Tensor>& tensors,
-                                    const std::vector<double>& floats, const std::vector<int64_t>& ints);
 
 // Compiles done so far by this process (for tests: a new size must not add one).
 int64_t kernelCompileCount();
