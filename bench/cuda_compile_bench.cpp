@@ -30,7 +30,7 @@ kiln::ir::Kernel sixOpGroup(double salt) {
   return k;
 }
 
-const kiln::CudaSpecialization kVectorized{kiln::CudaSchedule::kLinearVectorized, 1, {kiln::CudaAccess::kFull, kiln::CudaAccess::kFull, kiln::CudaAccess::kFull, kiln::CudaAccess::kFull}, false};
+const kiln::CudaSpecialization kVectorized{kiln::CudaSchedule::kLinearVectorized, 1, {kiln::Access::kContiguous, kiln::Access::kContiguous, kiln::Access::kContiguous, kiln::Access::kContiguous}, false};
 
 bool haveNvrtc(benchmark::State& state) {
   std::string why;

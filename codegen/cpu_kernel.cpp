@@ -10,6 +10,7 @@
 #include <llvm/IR/Verifier.h>
 #include <llvm/MC/TargetRegistry.h>
 #include <llvm/Passes/PassBuilder.h>
+#include <llvm/Support/MemoryBuffer.h>
 #include <llvm/Support/TargetSelect.h>
 #include <llvm/Support/raw_ostream.h>
 #include <llvm/Target/TargetMachine.h>
@@ -17,10 +18,14 @@
 #include <llvm/TargetParser/Host.h>
 
 #include <chrono>
+#include <sstream>
 #include <mutex>
 #include <stdexcept>
 
 #include "codegen/fault_injection.h"
+#include "codegen/kernel_cache.h"
+#include "codegen/kernel_dump.h"
+#include "codegen/versions.h"
 
 namespace kiln {
 namespace {
@@ -401,7 +406,7 @@ struct Emitter {
         switch (instr.op) {
           case Op::kLoad: {
             auto p = static_cast<size_t>(instr.param);
-            value = load(instr.type, pointers[p], lanes, layout.operands[p] == StrideClass::kBroadcast);
+            value = load(instr.type, pointers[p], lanes, layout.operands[p] == Access::kBroadcast);
             break;
           }
           case Op::kScalar: value = splat(scalars[static_cast<size_t>(instr.param)], lanes); break;
@@ -455,7 +460,7 @@ struct Emitter {
 
   int vectorLanes() const {
     bool vectorizable = true;
-    for (StrideClass c : layout.operands) vectorizable &= c != StrideClass::kStrided;
+    for (Access c : layout.operands) vectorizable &= c != Access::kStrided;
     if (!vectorizable) return 1;
     int widest = 4;
     for (const Instr& instr : kernel.body) {
@@ -509,16 +514,16 @@ struct Emitter {
       auto pointersAt = [&](llvm::Value* i) {
         std::vector<llvm::Value*> pointers;
         for (size_t k = 0; k < operands; ++k) {
-          llvm::Value* offset = nullptr;
-          switch (layout.operands[k]) {
-            case StrideClass::kBroadcast: pointers.push_back(rows[k]); continue;
-            case StrideClass::kContiguous: {
-              int64_t size = ir::dtypeSize(k < kernel.tensor_inputs.size() ? kernel.tensor_inputs[k]
-                                                                           : kernel.outputType(k - kernel.tensor_inputs.size()));
-              offset = builder.CreateMul(i, builder.getInt64(static_cast<uint64_t>(size)));
-              break;
-            }
-            case StrideClass::kStrided: offset = builder.CreateMul(i, inner_strides[k]); break;
+          const Access access = innerAccess(layout.operands[k]);
+          if (access == Access::kBroadcast) {
+            pointers.push_back(rows[k]);
+            continue;
+          }
+          llvm::Value* offset = builder.CreateMul(i, inner_strides[k]);
+          if (access == Access::kContiguous) {
+            int64_t size = ir::dtypeSize(k < kernel.tensor_inputs.size() ? kernel.tensor_inputs[k]
+                                                                         : kernel.outputType(k - kernel.tensor_inputs.size()));
+            offset = builder.CreateMul(i, builder.getInt64(static_cast<uint64_t>(size)));
           }
           pointers.push_back(builder.CreateGEP(builder.getInt8Ty(), rows[k], offset));
         }
@@ -563,12 +568,175 @@ std::string describeFeatures() {
 
 std::mutex jit_mutex;  // LLJIT creation and symbol definition; lookups are thread-safe
 
+// A kernel's module as the emitter makes it, before optimization: its text is the generated
+// source a cache key names.
+struct EmittedModule {
+  std::unique_ptr<llvm::LLVMContext> context;
+  std::unique_ptr<llvm::Module> module;
+  std::unique_ptr<llvm::TargetMachine> machine;
+  std::string symbol;
+};
+
+EmittedModule emitModule(const ir::Kernel& kernel, const CpuLayout& layout) {
+  failIfInjected(FaultStage::kCompile);
+  std::string problems = ir::verify(kernel);
+  if (!problems.empty()) throw std::runtime_error("kiln cpu: invalid kernel IR: " + problems);
+  if (layout.operands.size() != kernel.tensor_inputs.size() + kernel.outputs.size()) {
+    throw std::runtime_error("kiln cpu: layout does not match the kernel's operands");
+  }
+  for (Access access : layout.operands) {
+    if (innerAccess(access) != access) throw std::runtime_error("kiln cpu: layout holds a non-inner access");
+  }
+  initializeLlvm();
+  const CpuTarget& target = CpuTarget::host();
+  EmittedModule emitted;
+  emitted.context = std::make_unique<llvm::LLVMContext>();
+  emitted.module = std::make_unique<llvm::Module>(kernel.name, *emitted.context);
+  emitted.symbol = "kiln_" + kernel.name;
+  Emitter emitter(*emitted.context, *emitted.module, kernel, layout, target.vector_bits);
+  emitter.emit(emitted.symbol);
+  std::string verify_errors;
+  llvm::raw_string_ostream verify_stream(verify_errors);
+  if (llvm::verifyModule(*emitted.module, &verify_stream)) {
+    throw std::runtime_error("kiln cpu: emitted invalid LLVM IR: " + verify_stream.str());
+  }
+  auto builder = llvm::orc::JITTargetMachineBuilder::detectHost();
+  if (!builder) throw std::runtime_error("kiln cpu: cannot target the host: " + llvm::toString(builder.takeError()));
+  builder->setCodeGenOptLevel(llvm::CodeGenOpt::Aggressive);
+  auto machine = builder->createTargetMachine();
+  if (!machine) throw std::runtime_error("kiln cpu: " + llvm::toString(machine.takeError()));
+  emitted.machine = std::move(*machine);
+  emitted.module->setDataLayout(emitted.machine->createDataLayout());
+  emitted.module->setTargetTriple(emitted.machine->getTargetTriple().str());
+  for (llvm::Function& function : *emitted.module) {
+    if (function.isDeclaration()) continue;
+    function.addFnAttr("target-cpu", target.cpu);
+    function.addFnAttr("target-features", target.features);
+    function.addFnAttr("prefer-vector-width", std::to_string(target.vector_bits));
+    function.addFnAttr("min-legal-vector-width", std::to_string(target.vector_bits));
+  }
+  return emitted;
+}
+
+std::string moduleText(const llvm::Module& module) {
+  std::string text;
+  llvm::raw_string_ostream stream(text);
+  module.print(stream, nullptr);
+  return stream.str();
+}
+
+// Optimizes at O3 with the host's cost model.
+void optimize(EmittedModule& emitted) {
+  llvm::LoopAnalysisManager loops;
+  llvm::FunctionAnalysisManager functions;
+  llvm::CGSCCAnalysisManager cgsccs;
+  llvm::ModuleAnalysisManager modules;
+  llvm::PassBuilder passes(emitted.machine.get());
+  passes.registerModuleAnalyses(modules);
+  passes.registerCGSCCAnalyses(cgsccs);
+  passes.registerFunctionAnalyses(functions);
+  passes.registerLoopAnalyses(loops);
+  passes.crossRegisterProxies(loops, functions, cgsccs, modules);
+  passes.buildPerModuleDefaultPipeline(llvm::OptimizationLevel::O3).run(*emitted.module, modules);
+}
+
+// Machine code for the (optimized) module: an ELF object file, or assembly text.
+std::string emitMachineCode(EmittedModule& emitted, llvm::CodeGenFileType type) {
+  llvm::SmallString<0> buffer;
+  llvm::raw_svector_ostream stream(buffer);
+  llvm::legacy::PassManager emit;
+  if (emitted.machine->addPassesToEmitFile(emit, stream, nullptr, type)) {
+    throw std::runtime_error("kiln cpu: the host target cannot emit machine code");
+  }
+  auto clone = llvm::CloneModule(*emitted.module);
+  emit.run(*clone);
+  return buffer.str().str();
+}
+
+// Links `object` into a JIT of its own and finds the kernel. Math calls resolve explicitly to
+// SLEEF and libm: libkiln.so may be loaded RTLD_LOCAL (Python), where a process-wide symbol
+// search would not see its dependencies. `declarations` names what the module calls.
+CpuKernelFn linkObject(const std::string& object, const std::vector<std::string>& declarations,
+                       const std::string& symbol, std::unique_ptr<llvm::orc::LLJIT>* jit_out) {
+  llvm::orc::SymbolMap externals;
+  std::unique_ptr<llvm::orc::LLJIT> jit;
+  {
+    std::lock_guard<std::mutex> lock(jit_mutex);
+    auto builder = llvm::orc::JITTargetMachineBuilder::detectHost();
+    if (!builder) throw std::runtime_error("kiln cpu: cannot target the host: " + llvm::toString(builder.takeError()));
+    auto created = llvm::orc::LLJITBuilder().setJITTargetMachineBuilder(std::move(*builder)).create();
+    if (!created) throw std::runtime_error("kiln cpu: " + llvm::toString(created.takeError()));
+    jit = std::move(*created);
+    static void* sleef = [] {
+      void* handle = dlopen("libsleef.so.3", RTLD_NOW | RTLD_LOCAL);
+      return handle ? handle : dlopen(KILN_SLEEF_LIBRARY, RTLD_NOW | RTLD_LOCAL);
+    }();
+    if (!sleef) throw std::runtime_error("kiln cpu: cannot load libsleef.so.3 (apt-get install libsleef3)");
+    for (const std::string& name : declarations) {
+      void* address = dlsym(sleef, name.c_str());
+      if (!address) address = dlsym(RTLD_DEFAULT, name.c_str());
+      if (!address) throw std::runtime_error("kiln cpu: unresolved math function " + name);
+      externals[jit->mangleAndIntern(name)] =
+          llvm::JITEvaluatedSymbol(llvm::pointerToJITTargetAddress(address), llvm::JITSymbolFlags::Exported);
+    }
+    if (auto error = jit->getMainJITDylib().define(llvm::orc::absoluteSymbols(externals))) {
+      throw std::runtime_error("kiln cpu: " + llvm::toString(std::move(error)));
+    }
+    // Calls LLVM itself may introduce (libm, half conversion) come from the process.
+    auto generator = llvm::orc::DynamicLibrarySearchGenerator::GetForCurrentProcess(
+        jit->getDataLayout().getGlobalPrefix());
+    if (generator) jit->getMainJITDylib().addGenerator(std::move(*generator));
+    auto buffer = llvm::MemoryBuffer::getMemBufferCopy(object, symbol + ".o");
+    if (auto error = jit->addObjectFile(std::move(buffer))) {
+      throw std::runtime_error("kiln cpu: " + llvm::toString(std::move(error)));
+    }
+  }
+  auto address = jit->lookup(symbol);
+  if (!address) throw std::runtime_error("kiln cpu: " + llvm::toString(address.takeError()));
+  failIfInjected(FaultStage::kLoad);
+  *jit_out = std::move(jit);
+  return address->toPtr<CpuKernelFn>();
+}
+
+std::vector<std::string> declarationsOf(const llvm::Module& module) {
+  std::vector<std::string> names;
+  for (const llvm::Function& function : module) {
+    if (function.isDeclaration() && !function.isIntrinsic()) names.push_back(function.getName().str());
+  }
+  return names;
+}
+
+double millisecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+}
+
+// A cached entry: one header line naming the symbols the object calls, then the object file.
+std::string packObject(const std::vector<std::string>& declarations, const std::string& object) {
+  std::string header = "kiln-cpu-object";
+  for (const std::string& name : declarations) header += " " + name;
+  return header + "\n" + object;
+}
+
+bool unpackObject(const std::string& payload, std::vector<std::string>* declarations, std::string* object) {
+  const size_t end = payload.find('\n');
+  if (end == std::string::npos) return false;
+  std::istringstream header(payload.substr(0, end));
+  std::string tag, name;
+  header >> tag;
+  if (tag != "kiln-cpu-object") return false;
+  while (header >> name) declarations->push_back(name);
+  *object = payload.substr(end + 1);
+  return !object->empty();
+}
+
 }  // namespace
 
-std::string CpuLayout::toString() const {
-  std::string text;
-  for (StrideClass c : operands) text += c == StrideClass::kContiguous ? 'c' : c == StrideClass::kBroadcast ? 'b' : 's';
-  return text;
+std::string CpuLayout::toString() const { return accessText(operands); }
+
+CpuLayout cpuLayoutFor(const std::vector<Access>& accesses) {
+  CpuLayout layout;
+  for (Access access : accesses) layout.operands.push_back(innerAccess(access));
+  return layout;
 }
 
 const CpuTarget& CpuTarget::host() {
@@ -580,6 +748,7 @@ const CpuTarget& CpuTarget::host() {
     t.vector_bits = has("avx512f") ? 512 : has("avx2") ? 256 : 128;
     t.cpu = llvm::sys::getHostCPUName().str();
     t.features = describeFeatures();
+    t.triple = llvm::sys::getProcessTriple();
     return t;
   }();
   return target;
@@ -593,116 +762,64 @@ CpuKernel::~CpuKernel() = default;
 
 std::unique_ptr<CpuKernel> CpuKernel::compile(const ir::Kernel& kernel, const CpuLayout& layout,
                                               bool keep_text) {
-  auto start = std::chrono::steady_clock::now();
-  failIfInjected(FaultStage::kCompile);
-  std::string problems = ir::verify(kernel);
-  if (!problems.empty()) throw std::runtime_error("kiln cpu: invalid kernel IR: " + problems);
-  if (layout.operands.size() != kernel.tensor_inputs.size() + kernel.outputs.size()) {
-    throw std::runtime_error("kiln cpu: layout does not match the kernel's operands");
-  }
-  initializeLlvm();
-  const CpuTarget& target = CpuTarget::host();
-
-  auto context = std::make_unique<llvm::LLVMContext>();
-  auto module = std::make_unique<llvm::Module>(kernel.name, *context);
-  const std::string symbol = "kiln_" + kernel.name;
-  Emitter emitter(*context, *module, kernel, layout, target.vector_bits);
-  emitter.emit(symbol);
-  std::string verify_errors;
-  llvm::raw_string_ostream verify_stream(verify_errors);
-  if (llvm::verifyModule(*module, &verify_stream)) {
-    throw std::runtime_error("kiln cpu: emitted invalid LLVM IR: " + verify_stream.str());
-  }
-
-  auto builder = llvm::orc::JITTargetMachineBuilder::detectHost();
-  if (!builder) throw std::runtime_error("kiln cpu: cannot target the host: " + llvm::toString(builder.takeError()));
-  builder->setCodeGenOptLevel(llvm::CodeGenOpt::Aggressive);
-  auto machine = builder->createTargetMachine();
-  if (!machine) throw std::runtime_error("kiln cpu: " + llvm::toString(machine.takeError()));
-  module->setDataLayout((*machine)->createDataLayout());
-  module->setTargetTriple((*machine)->getTargetTriple().str());
-  for (llvm::Function& function : *module) {
-    if (function.isDeclaration()) continue;
-    function.addFnAttr("target-cpu", target.cpu);
-    function.addFnAttr("target-features", target.features);
-    function.addFnAttr("prefer-vector-width", std::to_string(target.vector_bits));
-    function.addFnAttr("min-legal-vector-width", std::to_string(target.vector_bits));
-  }
-
-  {  // Optimize at O3 with the host's cost model.
-    llvm::LoopAnalysisManager loops;
-    llvm::FunctionAnalysisManager functions;
-    llvm::CGSCCAnalysisManager cgsccs;
-    llvm::ModuleAnalysisManager modules;
-    llvm::PassBuilder passes(machine->get());
-    passes.registerModuleAnalyses(modules);
-    passes.registerCGSCCAnalyses(cgsccs);
-    passes.registerFunctionAnalyses(functions);
-    passes.registerLoopAnalyses(loops);
-    passes.crossRegisterProxies(loops, functions, cgsccs, modules);
-    passes.buildPerModuleDefaultPipeline(llvm::OptimizationLevel::O3).run(*module, modules);
-  }
-
+  const auto start = std::chrono::steady_clock::now();
+  EmittedModule emitted = emitModule(kernel, layout);
+  optimize(emitted);
   std::unique_ptr<CpuKernel> result(new CpuKernel());
   if (keep_text) {
-    llvm::raw_string_ostream ir_stream(result->llvm_ir_);
-    module->print(ir_stream, nullptr);
-    llvm::SmallString<0> assembly;
-    llvm::raw_svector_ostream assembly_stream(assembly);
-    llvm::legacy::PassManager emit;
-    auto clone = llvm::CloneModule(*module);
-    if (!(*machine)->addPassesToEmitFile(emit, assembly_stream, nullptr, llvm::CGFT_AssemblyFile)) {
-      emit.run(*clone);
-      result->assembly_ = assembly.str().str();
-    }
+    result->llvm_ir_ = moduleText(*emitted.module);
+    result->assembly_ = emitMachineCode(emitted, llvm::CGFT_AssemblyFile);
   }
-
-  // Resolve SLEEF and libm calls explicitly: libkiln.so may be loaded RTLD_LOCAL (Python), where
-  // a process-wide symbol search would not see its dependencies.
-  llvm::orc::SymbolMap externals;
-  std::vector<std::string> missing;
-  std::unique_ptr<llvm::orc::LLJIT> jit;
-  {
-    std::lock_guard<std::mutex> lock(jit_mutex);
-    auto created = llvm::orc::LLJITBuilder().setJITTargetMachineBuilder(std::move(*builder)).create();
-    if (!created) throw std::runtime_error("kiln cpu: " + llvm::toString(created.takeError()));
-    jit = std::move(*created);
-    static void* sleef = [] {
-      void* handle = dlopen("libsleef.so.3", RTLD_NOW | RTLD_LOCAL);
-      return handle ? handle : dlopen(KILN_SLEEF_LIBRARY, RTLD_NOW | RTLD_LOCAL);
-    }();
-    if (!sleef) throw std::runtime_error("kiln cpu: cannot load libsleef.so.3 (apt-get install libsleef3)");
-    for (llvm::Function& function : *module) {
-      if (!function.isDeclaration() || function.isIntrinsic()) continue;
-      std::string name = function.getName().str();
-      void* address = sleef ? dlsym(sleef, name.c_str()) : nullptr;
-      if (!address) address = dlsym(RTLD_DEFAULT, name.c_str());
-      if (!address) {
-        missing.push_back(name);
-        continue;
-      }
-      externals[jit->mangleAndIntern(name)] =
-          llvm::JITEvaluatedSymbol(llvm::pointerToJITTargetAddress(address), llvm::JITSymbolFlags::Exported);
-    }
-    if (!missing.empty()) throw std::runtime_error("kiln cpu: unresolved math function " + missing[0]);
-    if (auto error = jit->getMainJITDylib().define(llvm::orc::absoluteSymbols(externals))) {
-      throw std::runtime_error("kiln cpu: " + llvm::toString(std::move(error)));
-    }
-    // Calls LLVM itself may introduce (libm, half conversion) come from the process.
-    auto generator = llvm::orc::DynamicLibrarySearchGenerator::GetForCurrentProcess(
-        jit->getDataLayout().getGlobalPrefix());
-    if (generator) jit->getMainJITDylib().addGenerator(std::move(*generator));
-    if (auto error = jit->addIRModule(llvm::orc::ThreadSafeModule(std::move(module), std::move(context)))) {
-      throw std::runtime_error("kiln cpu: " + llvm::toString(std::move(error)));
-    }
-  }
-  auto address = jit->lookup(symbol);
-  if (!address) throw std::runtime_error("kiln cpu: " + llvm::toString(address.takeError()));
-  failIfInjected(FaultStage::kLoad);
-  result->function_ = address->toPtr<CpuKernelFn>();
+  const std::string object = emitMachineCode(emitted, llvm::CGFT_ObjectFile);
   result->jit_ = std::make_unique<Jit>();
-  result->jit_->jit = std::move(jit);
-  result->compile_ms_ = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  result->function_ = linkObject(object, declarationsOf(*emitted.module), emitted.symbol, &result->jit_->jit);
+  result->compile_ms_ = millisecondsSince(start);
+  return result;
+}
+
+CpuKernelResult obtainCpuKernel(const ir::Kernel& kernel, const CpuLayout& layout) {
+  const auto start = std::chrono::steady_clock::now();
+  EmittedModule emitted = emitModule(kernel, layout);
+  const CpuTarget& target = CpuTarget::host();
+  KernelCacheKey key;
+  key.ir = ir::print(kernel);
+  key.source = moduleText(*emitted.module);  // the emitter that made it is part of the key
+  key.specialization = "layout " + layout.toString();
+  key.arch = target.triple + " " + target.cpu + " " + target.features;
+  key.compiler = "llvm " + llvmVersion();
+  key.options = "O3 vector_bits=" + std::to_string(target.vector_bits);
+  CpuKernelResult result;
+  result.cache_key = key.hashHex();
+  const std::string stem = dumpStem(emitted.symbol, result.cache_key);
+  if (dumpEnabled()) dumpKernelFiles(stem, {{"kir", key.ir + "# layout " + layout.toString() + "\n"}});
+
+  std::unique_ptr<CpuKernel> compiled(new CpuKernel());
+  compiled->jit_ = std::make_unique<CpuKernel::Jit>();
+  if (std::optional<std::string> cached = KernelCache::global().load(key)) {
+    std::vector<std::string> declarations;
+    std::string object;
+    if (unpackObject(*cached, &declarations, &object)) {
+      compiled->function_ = linkObject(object, declarations, emitted.symbol, &compiled->jit_->jit);
+      compiled->compile_ms_ = millisecondsSince(start);
+      result.kernel = std::move(compiled);
+      result.from_cache = true;
+      result.fetch_ms = result.kernel->compileMilliseconds();
+      return result;
+    }
+  }
+  optimize(emitted);
+  const std::vector<std::string> declarations = declarationsOf(*emitted.module);
+  const std::string object = emitMachineCode(emitted, llvm::CGFT_ObjectFile);
+  if (dumpEnabled()) {
+    compiled->llvm_ir_ = moduleText(*emitted.module);
+    compiled->assembly_ = emitMachineCode(emitted, llvm::CGFT_AssemblyFile);
+    dumpKernelFiles(stem, {{"ll", compiled->llvm_ir_}, {"s", compiled->assembly_}});
+  }
+  KernelCache::global().store(key, packObject(declarations, object));
+  compiled->function_ = linkObject(object, declarations, emitted.symbol, &compiled->jit_->jit);
+  compiled->compile_ms_ = millisecondsSince(start);
+  result.kernel = std::move(compiled);
+  result.fetch_ms = result.kernel->compileMilliseconds();
   return result;
 }
 

@@ -3,9 +3,11 @@
 // A CPU kernel is a 2-D loop in the style of ATen's TensorIterator loop2d: the caller hands it the
 // base pointer of every operand (tensor inputs, then outputs), each operand's inner and outer byte
 // strides, and the two extents; the caller walks any further dimensions and splits the work
-// across ATen's thread pool. The kernel is specialized on each operand's inner stride class:
-// contiguous and broadcast operands make the inner loop SIMD-vectorized (with SLEEF vector math,
-// the library ATen's own CPU kernels use); any strided operand makes it scalar.
+// across ATen's thread pool. The kernel is specialized on what its inner loop sees of each
+// operand (innerAccess: contiguous, broadcast or strided): contiguous and broadcast operands make
+// the inner loop SIMD-vectorized (with SLEEF vector math, the library ATen's own CPU kernels use);
+// any strided operand makes it scalar. obtainCpuKernel() goes through the disk cache: the object
+// code is stored there and later loaded into the JIT without running LLVM's optimizer again.
 #pragma once
 
 #include <cstdint>
@@ -13,16 +15,18 @@
 #include <string>
 #include <vector>
 
+#include "codegen/access.h"
 #include "codegen/kernel_ir.h"
 
 namespace kiln {
 
-enum class StrideClass : uint8_t { kContiguous, kBroadcast, kStrided };
-
 struct CpuLayout {
-  std::vector<StrideClass> operands;  // tensor inputs, then outputs
-  std::string toString() const;       // e.g. "cbs|c"
+  std::vector<Access> operands;  // tensor inputs, then outputs: kContiguous, kBroadcast, kStrided
+  std::string toString() const;  // e.g. "cbsc"
 };
+
+// The layout a CPU kernel is specialized on, from each operand's access (its innerAccess).
+CpuLayout cpuLayoutFor(const std::vector<Access>& accesses);
 
 // void kernel(char** data, const int64_t* strides /* inner[nops], outer[nops], bytes */,
 //             int64_t inner_size, int64_t outer_size, const double* float_args,
@@ -34,8 +38,12 @@ struct CpuTarget {
   int vector_bits = 256;   // widest SIMD register the host has (128, 256, 512)
   std::string cpu;         // LLVM's name for the host CPU
   std::string features;    // LLVM's feature string for it
+  std::string triple;      // the process's target triple
   static const CpuTarget& host();
 };
+
+struct CpuKernelResult;
+CpuKernelResult obtainCpuKernel(const ir::Kernel& kernel, const CpuLayout& layout);
 
 class CpuKernel {
  public:
@@ -45,11 +53,12 @@ class CpuKernel {
   double compileMilliseconds() const { return compile_ms_; }
   ~CpuKernel();
 
-  // Compiles `kernel` for `layout`; throws std::runtime_error on failure.
+  // Compiles `kernel` for `layout` (no disk cache); throws std::runtime_error on failure.
   static std::unique_ptr<CpuKernel> compile(const ir::Kernel& kernel, const CpuLayout& layout,
                                             bool keep_text = false);
 
  private:
+  friend CpuKernelResult obtainCpuKernel(const ir::Kernel& kernel, const CpuLayout& layout);
   CpuKernel() = default;
   struct Jit;
   std::unique_ptr<Jit> jit_;
@@ -58,5 +67,19 @@ class CpuKernel {
   std::string assembly_;
   double compile_ms_ = 0;
 };
+
+struct CpuKernelResult {
+  std::shared_ptr<CpuKernel> kernel;
+  bool from_cache = false;  // its object code came from the disk cache: LLVM only linked it
+  double fetch_ms = 0;      // time to obtain it, cache lookup included
+  std::string cache_key;    // hex hash of the cache key
+};
+
+// Obtains `kernel` for `layout` through KernelCache::global(): the key names the IR, the
+// unoptimized LLVM IR the emitter made of it, the host (triple, CPU, features), LLVM's version
+// and the optimization level. A hit links the stored object code; a miss optimizes, emits the
+// object, stores it and links it. KILN_DUMP receives the IR (and on a compile, .ll and .s).
+// Throws std::runtime_error on failure.
+CpuKernelResult obtainCpuKernel(const ir::Kernel& kernel, const CpuLayout& layout);
 
 }  // namespace kiln

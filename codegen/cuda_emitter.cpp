@@ -1,6 +1,9 @@
 #include "codegen/cuda_emitter.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <cstdio>
 #include <functional>
 #include <limits>
@@ -239,14 +242,14 @@ std::string CudaSpecialization::toString() const {
   }
   if (schedule != CudaSchedule::kStrided) {
     text += ":";
-    for (CudaAccess a : access) text += static_cast<char>(a);
+    for (Access a : access) text += static_cast<char>(a);
   }
   return text + (index64 ? ":i64" : ":i32");
 }
 
 bool CudaSpecialization::usesInner() const {
-  for (CudaAccess a : access) {
-    if (a == CudaAccess::kRow || a == CudaAccess::kColumn) return true;
+  for (Access a : access) {
+    if (a == Access::kRow || a == Access::kColumn) return true;
   }
   return false;
 }
@@ -273,6 +276,100 @@ CudaArgumentLayout cudaArgumentLayout(const ir::Kernel& kernel, const CudaSpecia
   return layout;
 }
 
+std::vector<int64_t> packCudaArguments(const ir::Kernel& kernel, const CudaSpecialization& specialization,
+                                       const Geometry& geometry, const std::vector<const void*>& pointers,
+                                       const std::vector<double>& float_scalars,
+                                       const std::vector<int64_t>& int_scalars) {
+  const CudaArgumentLayout layout = cudaArgumentLayout(kernel, specialization);
+  const size_t inputs = kernel.tensor_inputs.size();
+  if (pointers.size() != static_cast<size_t>(layout.operands) || geometry.strides.size() != pointers.size() ||
+      float_scalars.size() != kernel.scalar_inputs.size() || int_scalars.size() != kernel.scalar_inputs.size() ||
+      (layout.rank > 0 && geometry.rank() != static_cast<size_t>(layout.rank))) {
+    throw std::runtime_error("kiln cuda: the call does not match the kernel's argument layout");
+  }
+  std::vector<int64_t> arguments;
+  arguments.reserve(layout.bytes() / 8);
+  for (const void* pointer : pointers) arguments.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(pointer)));
+  if (layout.rank > 0) {
+    for (int64_t size : geometry.sizes) arguments.push_back(size);
+    for (size_t k = 0; k < pointers.size(); ++k) {
+      const int64_t element = ir::dtypeSize(k < inputs ? kernel.tensor_inputs[k] : kernel.outputType(k - inputs));
+      for (int64_t stride : geometry.strides[k]) arguments.push_back(stride / element);
+    }
+  }
+  if (layout.inner) arguments.push_back(geometry.sizes.back());
+  arguments.push_back(geometry.numel);
+  for (double value : float_scalars) {
+    int64_t bits = 0;
+    std::memcpy(&bits, &value, sizeof bits);
+    arguments.push_back(bits);
+  }
+  if (float_scalars.empty()) arguments.push_back(0);
+  for (int64_t value : int_scalars) arguments.push_back(value);
+  if (int_scalars.empty()) arguments.push_back(0);
+  return arguments;
+}
+
+int64_t cudaWorkItems(const ir::Kernel& kernel, const CudaSpecialization& specialization, int64_t numel) {
+  if (specialization.schedule != CudaSchedule::kLinearVectorized) return numel;
+  return std::max<int64_t>(1, numel / cudaVectorWidth(kernel));
+}
+
+std::optional<CudaSpecialization> chooseCudaSpecialization(const ir::Kernel& kernel, const Geometry& geometry,
+                                                           const std::vector<Access>& accesses,
+                                                           const std::vector<uintptr_t>& addresses,
+                                                           std::string* why) {
+  const size_t inputs = kernel.tensor_inputs.size();
+  const size_t operands = inputs + kernel.outputs.size();
+  auto elementSize = [&](size_t k) {
+    return ir::dtypeSize(k < inputs ? kernel.tensor_inputs[k] : kernel.outputType(k - inputs));
+  };
+  const size_t rank = geometry.rank();
+  CudaSpecialization specialization;
+  // 32-bit indices while every element offset (and the grid-stride loop's step past the end)
+  // stays below 2^31.
+  const int64_t limit = (int64_t{1} << 31) - (int64_t{1} << 24);
+  bool index64 = geometry.numel >= limit;
+  for (size_t k = 0; k < operands; ++k) {
+    int64_t largest = 0;
+    for (size_t d = 0; d < rank; ++d) largest += (geometry.sizes[d] - 1) * std::abs(geometry.strides[k][d]) / elementSize(k);
+    index64 |= largest >= limit;
+  }
+  specialization.index64 = index64;
+  // Linear schedules: at most two dimensions, every operand read linearly (isLinearAccess).
+  bool linear = rank <= 2;
+  for (size_t k = 0; linear && k < operands; ++k) linear = isLinearAccess(accesses[k]);
+  if (linear) {
+    specialization.schedule = CudaSchedule::kLinear;
+    specialization.access = accesses;
+    // Vectorized: every operand read by vectors starts aligned to one, and a vector never
+    // straddles two rows. Outputs come from torch's caching allocator (512-byte aligned).
+    const int width = cudaVectorWidth(kernel);
+    bool vectorize = geometry.numel >= width && (!specialization.usesInner() || geometry.sizes.back() % width == 0);
+    for (size_t k = 0; vectorize && k < inputs; ++k) {
+      if (accesses[k] != Access::kContiguous && accesses[k] != Access::kRow) continue;
+      vectorize = addresses[k] % static_cast<uintptr_t>(width * elementSize(k)) == 0;
+    }
+    if (vectorize) specialization.schedule = CudaSchedule::kLinearVectorized;
+    return specialization;
+  }
+  if (rank > static_cast<size_t>(kMaxCudaRank)) {
+    if (why) *why = "rank " + std::to_string(rank) + " after merging exceeds " + std::to_string(kMaxCudaRank);
+    return std::nullopt;
+  }
+  for (size_t k = 0; k < operands; ++k) {
+    for (size_t d = 0; d < rank; ++d) {
+      if (geometry.strides[k][d] % elementSize(k) != 0) {
+        if (why) *why = "a stride that is not a whole number of elements";
+        return std::nullopt;
+      }
+    }
+  }
+  specialization.schedule = CudaSchedule::kStrided;
+  specialization.rank = static_cast<int>(rank);
+  return specialization;
+}
+
 CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& specialization) {
   std::string problems = ir::verify(kernel);
   if (!problems.empty()) throw std::runtime_error("kiln cuda: invalid kernel IR: " + problems);
@@ -288,7 +385,7 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
                              std::to_string(kMaxCudaRank));
   }
   for (size_t o = 0; linear && o < kernel.outputs.size(); ++o) {
-    if (specialization.access[inputs + o] != CudaAccess::kFull) throw std::runtime_error("kiln cuda: a broadcast output");
+    if (specialization.access[inputs + o] != Access::kContiguous) throw std::runtime_error("kiln cuda: a broadcast output");
   }
   auto typeOf = [&](size_t k) { return k < inputs ? kernel.tensor_inputs[k] : kernel.outputType(k - inputs); };
   const CudaArgumentLayout args = cudaArgumentLayout(kernel, specialization);
@@ -325,12 +422,12 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
   out << "  const index_t n = (index_t)p.numel;\n"
       << "  const index_t step = (index_t)gridDim.x * blockDim.x;\n"
       << "  const index_t first = (index_t)blockIdx.x * blockDim.x + threadIdx.x;\n";
-  auto accessOf = [&](size_t k) { return linear ? specialization.access[k] : CudaAccess::kFull; };
+  auto accessOf = [&](size_t k) { return linear ? specialization.access[k] : Access::kContiguous; };
   // The row and column of e are computed only where an operand reads them.
   bool reads_row = false, reads_column = false;
   for (size_t k = 0; k < inputs; ++k) {
-    reads_row |= used[k] && (accessOf(k) == CudaAccess::kRow || accessOf(k) == CudaAccess::kColumn);
-    reads_column |= used[k] && accessOf(k) == CudaAccess::kRow;
+    reads_row |= used[k] && (accessOf(k) == Access::kRow || accessOf(k) == Access::kColumn);
+    reads_column |= used[k] && accessOf(k) == Access::kRow;
   }
   // Unsigned division (indices are never negative): cheaper, and ptxas spills around the signed
   // 32-bit division's slow path on sm_90.
@@ -347,11 +444,11 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
       if (reads_column) out << "    const index_t column = v * " << width << " - row * (index_t)inner;\n";
     }
     for (size_t k = 0; k < inputs; ++k) {
-      const CudaAccess access = accessOf(k);
-      if (access == CudaAccess::kScalar || access == CudaAccess::kColumn || !used[k]) continue;
+      const Access access = accessOf(k);
+      if (access == Access::kBroadcast || access == Access::kColumn || !used[k]) continue;
       out << "    const kiln_vec<" << memoryType(typeOf(k)) << ", " << width << "> x" << k << " = *(const kiln_vec<"
           << memoryType(typeOf(k)) << ", " << width << ">*)(d" << k
-          << (access == CudaAccess::kRow ? " + column" : " + v * " + std::to_string(width)) << ");\n";
+          << (access == Access::kRow ? " + column" : " + v * " + std::to_string(width)) << ");\n";
     }
     // Results go to scalars first and into the vector only for the store: a vector written
     // piecewise around a math slow path stays in local memory.
@@ -366,8 +463,8 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
       out << "    {\n";
       out << bodyStatements(kernel, live, [&](int k) {
         switch (accessOf(static_cast<size_t>(k))) {
-          case CudaAccess::kScalar: return "d" + std::to_string(k) + "[0]";
-          case CudaAccess::kColumn: return "d" + std::to_string(k) + "[row]";
+          case Access::kBroadcast: return "d" + std::to_string(k) + "[0]";
+          case Access::kColumn: return "d" + std::to_string(k) + "[row]";
           default: return "x" + std::to_string(k) + ".v[" + lane + "]";
         }
       }, "      ", &values);
@@ -415,9 +512,9 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
     }
     out << bodyStatements(kernel, live, [&](int k) {
       switch (accessOf(static_cast<size_t>(k))) {
-        case CudaAccess::kScalar: return "d" + std::to_string(k) + "[0]";
-        case CudaAccess::kRow: return "d" + std::to_string(k) + "[column]";
-        case CudaAccess::kColumn: return "d" + std::to_string(k) + "[row]";
+        case Access::kBroadcast: return "d" + std::to_string(k) + "[0]";
+        case Access::kRow: return "d" + std::to_string(k) + "[column]";
+        case Access::kColumn: return "d" + std::to_string(k) + "[row]";
         default: return "d" + std::to_string(k) + "[e]";
       }
     }, "    ", &values);

@@ -8,38 +8,37 @@
 // linear-vectorized adds that every contiguous operand is aligned for an access of kVectorBytes
 // (the widest operand moves 16 bytes per access, like Triton's divisibility-16 specialization),
 // with a scalar tail for the last numel % vector elements. Linear schedules also read a row
-// broadcast over rows (a bias) or one value per row (CudaAccess); vectorized, the row length is
+// broadcast over rows (a bias) or one value per row (Access); vectorized, the row length is
 // then a multiple of the vector, so a vector never straddles two rows. Strided: any rank up to
 // kMaxCudaRank, sizes and element strides as arguments. Index arithmetic is 32-bit when every
 // offset fits (numel and each operand's largest element offset below 2^31), else 64-bit.
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "codegen/access.h"
 #include "codegen/kernel_ir.h"
 
 namespace kiln {
 
 constexpr int kMaxCudaRank = 8;
 constexpr int kCudaBlockSize = 256;
+// The most bytes an argument block may have (the launch parameter limit every architecture
+// accepts).
+constexpr size_t kMaxCudaArgumentBytes = 4096;
 
 enum class CudaSchedule { kLinear, kLinearVectorized, kStrided };
 
-// How a linear schedule reads one operand at linear index e of an iteration space seen as
-// [rows, inner] (inner: the size of the innermost collapsed dimension, a kernel argument):
-enum class CudaAccess : char {
-  kFull = 'c',    // contiguous over the whole space: element e
-  kScalar = 'b',  // broadcast everywhere (stride 0): element 0
-  kRow = 'r',     // one row broadcast over the rows (a bias): element e % inner
-  kColumn = 'o',  // one value per row (a per-row scale, [N, 1]): element e / inner
-};
-
 struct CudaSpecialization {
   CudaSchedule schedule = CudaSchedule::kLinear;
-  int rank = 1;                      // collapsed rank (kStrided); 1 for the linear schedules
-  std::vector<CudaAccess> access;    // per operand (inputs, then outputs; linear schedules)
+  int rank = 1;                  // collapsed rank (kStrided); 1 for the linear schedules
+  // Per operand (inputs, then outputs; linear schedules), one of the linear accesses
+  // (isLinearAccess): at linear index e of the space seen as [rows, inner], kContiguous reads
+  // element e, kBroadcast element 0, kRow e % inner, kColumn e / inner (inner: a kernel argument).
+  std::vector<Access> access;
   bool index64 = false;
 
   // Whether some operand is read by row or by column (the kernel then takes `inner`).
@@ -79,5 +78,25 @@ struct CudaArgumentLayout {
   size_t bytes() const;
 };
 CudaArgumentLayout cudaArgumentLayout(const ir::Kernel& kernel, const CudaSpecialization& specialization);
+
+// The argument block itself, in cudaArgumentLayout's order. `geometry` is the call's merged
+// space (byte strides; each must be a whole number of elements), `pointers` the operands' data
+// (inputs, then outputs), scalars as the kernel's scalar inputs (the float and int views of each).
+std::vector<int64_t> packCudaArguments(const ir::Kernel& kernel, const CudaSpecialization& specialization,
+                                       const Geometry& geometry, const std::vector<const void*>& pointers,
+                                       const std::vector<double>& float_scalars,
+                                       const std::vector<int64_t>& int_scalars);
+
+// Grid-stride iterations of a call: vectors for the vectorized schedule, elements otherwise.
+int64_t cudaWorkItems(const ir::Kernel& kernel, const CudaSpecialization& specialization, int64_t numel);
+
+// The schedule for one call: linear-vectorized, linear or strided, 32- or 64-bit indexing.
+// `addresses` holds where each input's data starts, or on a host standing in for a device, its
+// byte offset within its allocation (allocations are aligned beyond any vector); outputs are
+// fresh allocations. nullopt with *why when none fits.
+std::optional<CudaSpecialization> chooseCudaSpecialization(const ir::Kernel& kernel, const Geometry& geometry,
+                                                           const std::vector<Access>& accesses,
+                                                           const std::vector<uintptr_t>& addresses,
+                                                           std::string* why);
 
 }  // namespace kiln

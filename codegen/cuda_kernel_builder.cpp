@@ -69,7 +69,7 @@ CudaKernelBinary obtainCudaKernel(const ir::Kernel& kernel, const CudaSpecializa
   }
   NvrtcResult result = compileCuda(source.source, source.name, arch, fast_math);
   if (dumpEnabled()) {
-    const std::string stem = source.name + "-" + binary.cache_key.substr(0, 16);
+    const std::string stem = dumpStem(source.name, binary.cache_key);
     dumpKernelFiles(stem, {{"cu", source.source},
                            {"kir", key.ir + "# specialization " + key.specialization + "\n"},
                            {"log", result.log}});

@@ -12,6 +12,10 @@
 
 namespace kiln {
 
+std::string dumpStem(const std::string& function_name, const std::string& cache_key_hex) {
+  return function_name + "-" + cache_key_hex.substr(0, 16);
+}
+
 bool dumpEnabled() { return !Options::global().dump_dir.empty(); }
 
 void dumpKernelFiles(const std::string& stem,

@@ -20,6 +20,10 @@ void dumpKernelFiles(const std::string& stem,
 bool writeKernelDump(const std::string& dir, const std::string& stem,
                      const std::vector<std::pair<std::string, std::string>>& files);
 
+// The stem every dumped file of one kernel shares: its function's name and the first 16 hex
+// digits of its cache key, e.g. "kiln_fused_add_mul-0123456789abcdef".
+std::string dumpStem(const std::string& function_name, const std::string& cache_key_hex);
+
 // True when KILN_DUMP is set (a backend then keeps its generated text for dumpKernelFiles).
 bool dumpEnabled();
 

@@ -152,7 +152,7 @@ int countOps(const Graph& subgraph) {
 
 // Replaces a built group by guard + If(fused, fallback); false (the group left as it is) when
 // its subgraph has no group code.
-bool materialize(Graph& graph, Node* group) {
+bool materialize(Graph& graph, Node* group, const KernelOptions& options) {
   std::shared_ptr<Graph> subgraph = group->g(torch::jit::attr::Subgraph);
   torch::jit::WithInsertPoint insert_point(group);
   // Tensor constants (a frozen module's weights) are not part of the group's code: lift them out
@@ -166,7 +166,7 @@ bool materialize(Graph& graph, Node* group) {
     node->destroy();
   }
   std::string why;
-  std::optional<std::string> text = encodeGroupCode(*subgraph, &why);
+  std::optional<std::string> text = encodeGroupCode(*subgraph, options, &why);
   if (!text) {
     log(LogLevel::kInfo, "a fusible group is left unfused: " + why);
     return false;
@@ -228,7 +228,7 @@ int fuseElementwise(std::shared_ptr<Graph>& graph, const Options& options) {
       SubgraphUtils::unmergeSubgraph(group);
       continue;
     }
-    if (!materialize(*graph, group)) {
+    if (!materialize(*graph, group, KernelOptions::from(options))) {
       SubgraphUtils::unmergeSubgraph(group);
       continue;
     }

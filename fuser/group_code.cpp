@@ -1,6 +1,7 @@
 // The group code (see group_code.h). One line per item, tokens separated by single spaces:
 //
 //   kiln.group 1
+//   options fast_math 0 cpu_parallel_grain 32768
 //   in %0 : Tensor
 //   in %1 : float
 //   %2 = const float 0x4000000000000000 # 2
@@ -191,9 +192,21 @@ c10::IValue decodeConstant(const std::vector<std::string>& args, size_t line) {
   malformed(line, "unknown constant kind '" + kind + "'");
 }
 
+// "options fast_math 0|1 cpu_parallel_grain N" (N >= 1).
+KernelOptions parseOptions(const std::vector<std::string>& t, size_t number) {
+  if (t.size() != 5 || t[1] != "fast_math" || (t[2] != "0" && t[2] != "1") || t[3] != "cpu_parallel_grain") {
+    malformed(number, "expected 'options fast_math 0|1 cpu_parallel_grain N'");
+  }
+  KernelOptions options;
+  options.fast_math = t[2] == "1";
+  options.cpu_parallel_grain = parseInt(t[4], number);
+  if (options.cpu_parallel_grain < 1) malformed(number, "cpu_parallel_grain must be at least 1");
+  return options;
+}
+
 }  // namespace
 
-std::optional<std::string> encodeGroupCode(const Graph& subgraph, std::string* why) {
+std::optional<std::string> encodeGroupCode(const Graph& subgraph, const KernelOptions& options, std::string* why) {
   auto fail = [&](const std::string& reason) -> std::optional<std::string> {
     if (why) *why = reason;
     return std::nullopt;
@@ -201,6 +214,8 @@ std::optional<std::string> encodeGroupCode(const Graph& subgraph, std::string* w
   std::unordered_map<const Value*, size_t> ids;
   std::ostringstream out;
   out << kGroupCodeHeader << "\n";
+  out << "options fast_math " << (options.fast_math ? 1 : 0) << " cpu_parallel_grain " << options.cpu_parallel_grain
+      << "\n";
   auto define = [&](const Value* value) {
     size_t id = ids.size();
     ids[value] = id;
@@ -245,6 +260,17 @@ std::optional<std::string> encodeGroupCode(const Graph& subgraph, std::string* w
   return out.str();
 }
 
+std::optional<KernelOptions> groupCodeOptions(const std::string& code) {
+  std::istringstream lines(code);
+  std::string line;
+  std::getline(lines, line);
+  if (line != kGroupCodeHeader) malformed(1, std::string("expected '") + kGroupCodeHeader + "'");
+  if (!std::getline(lines, line)) return std::nullopt;
+  std::vector<std::string> t = tokens(line);
+  if (t.empty() || t[0] != "options") return std::nullopt;
+  return parseOptions(t, 2);
+}
+
 std::shared_ptr<Graph> decodeGroupCode(const std::string& code) {
   auto graph = std::make_shared<Graph>();
   std::vector<Value*> values;
@@ -270,7 +296,10 @@ std::shared_ptr<Graph> decodeGroupCode(const std::string& code) {
     }
     std::vector<std::string> t = tokens(line);
     if (t.empty()) continue;
-    if (t[0] == "in") {
+    if (t[0] == "options") {
+      if (number != 2) malformed(number, "options must follow the header");
+      parseOptions(t, number);
+    } else if (t[0] == "in") {
       if (t.size() != 4 || t[2] != ":") malformed(number, "expected 'in %N : TYPE'");
       defines(t[1]);
       c10::TypePtr type = typeNamed(t[3]);

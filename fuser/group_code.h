@@ -10,6 +10,8 @@
 
 #include <torch/csrc/jit/ir/ir.h>
 
+#include "kiln/options.h"
+
 #include <memory>
 #include <optional>
 #include <string>
@@ -20,8 +22,14 @@ namespace kiln {
 constexpr const char* kGroupCodeHeader = "kiln.group 1";
 
 // Encodes `subgraph` (inputs of Tensor, float, int or bool type; single-output nodes without
-// blocks; constants of the kinds above). nullopt with *why when something has no encoding.
-std::optional<std::string> encodeGroupCode(const torch::jit::Graph& subgraph, std::string* why);
+// blocks; constants of the kinds above) and the options its kernels follow, which so travel with
+// the group into every process that loads it. nullopt with *why when something has no encoding.
+std::optional<std::string> encodeGroupCode(const torch::jit::Graph& subgraph, const KernelOptions& options,
+                                           std::string* why);
+
+// The options a code carries; nullopt for a code without them (an older kiln's). Throws
+// c10::Error on a malformed options line.
+std::optional<KernelOptions> groupCodeOptions(const std::string& code);
 
 // Builds the subgraph back. Throws c10::Error naming the line on malformed code.
 std::shared_ptr<torch::jit::Graph> decodeGroupCode(const std::string& code);

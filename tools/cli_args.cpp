@@ -44,4 +44,20 @@ Args parse(int argc, char** argv, int first, const std::set<std::string>& value_
   return args;
 }
 
+int64_t Args::intValue(const std::string& flag, int64_t fallback, int64_t min, int64_t max) const {
+  if (!values.count(flag)) return fallback;
+  const std::string text = value(flag, "");
+  int64_t number = 0;
+  bool ok = !text.empty() && text.size() <= 18;
+  for (char c : text) {
+    ok = ok && c >= '0' && c <= '9';
+    if (ok) number = number * 10 + (c - '0');
+  }
+  if (!ok || number < min || number > max) {
+    throw UsageError(flag + " '" + text + "': expected a whole number from " + std::to_string(min) + " to " +
+                     std::to_string(max));
+  }
+  return number;
+}
+
 }  // namespace kiln::cli

@@ -2,6 +2,7 @@
 // Unknown flags and missing values are usage errors (exit code 2 with one line).
 #pragma once
 
+#include <cstdint>
 #include <map>
 #include <set>
 #include <stdexcept>
@@ -22,6 +23,8 @@ struct Args {
   bool has(const std::string& flag) const { return switches.count(flag) > 0; }
   std::string value(const std::string& flag, const std::string& fallback) const;
   std::vector<std::string> all(const std::string& flag) const;
+  // A whole number in [min, max], or `fallback` when the flag is absent. Throws UsageError.
+  int64_t intValue(const std::string& flag, int64_t fallback, int64_t min, int64_t max) const;
 };
 
 // `value_flags` take a value; `switch_flags` take none. Throws UsageError.

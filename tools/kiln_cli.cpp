@@ -15,11 +15,18 @@
 #include <cstdio>
 #include <iostream>
 #include <sstream>
+#include <fstream>
+#include <cerrno>
+#include <cstring>
+#include <thread>
+#include <atomic>
 
 #include "codegen/atomic_file.h"
 #include "codegen/cuda_driver.h"
 #include "codegen/json.h"
+#include "codegen/cpu_kernel.h"
 #include "codegen/cuda_kernel_builder.h"
+#include "codegen/pipeline.h"
 #include "codegen/kernel_cache.h"
 #include "codegen/nvrtc_compiler.h"
 #include "kiln/options.h"
@@ -45,11 +52,14 @@ constexpr const char* kUsage =
     "usage: kiln VERB [ARGS]\n"
     "  env [--json]                                  versions, GPU, cache directory\n"
     "  demo [--device cpu|cuda] [--json] [--save FILE]  run the embedded BERT-style encoder layer\n"
-    "  report MODEL.pt [--input SHAPE:DTYPE]... [--json] [--dot FILE]  what kiln fuses, bytes saved\n"
+    "  report MODEL.pt [--input SHAPE:DTYPE...|--inputs FILE.pt] [--json] [--dot FILE]  what kiln fuses, bytes saved\n"
     "  fuse IN.pt OUT.pt                             fuse ahead of time and save (needs libkiln to load)\n"
-    "  compile MODEL.pt --input SHAPE:DTYPE... --arch sm_90 [--json]\n"
-    "                                                compile every CUDA kernel the model needs into the\n"
-    "                                                disk cache (no GPU needed)\n"
+    "  run MODEL.pt --input SHAPE:DTYPE...|--inputs FILE.pt [--calls N] [--json]\n"
+    "                                                load and run a model in this fresh process: time to\n"
+    "                                                first result, then each call\n"
+    "  compile MODEL.pt --input SHAPE:DTYPE...|--inputs FILE.pt --arch host|sm_90 [--jobs N] [--json]\n"
+    "                                                compile every kernel the model needs for this CPU or\n"
+    "                                                a GPU into the disk cache, in parallel (no GPU needed)\n"
     "  cache info|clear [--json]                     the disk cache: where, how full; empty it\n";
 
 bool cudaAvailable() { return torch::cuda::is_available(); }
@@ -172,8 +182,8 @@ int runDemo(const Args& args) {
   double tolerance = cuda ? 2e-2 : 1e-4;
   bool match = max_error <= tolerance && !std::isnan(max_error);
   double checksum = result.sum().item<double>();
-  // The disk cache serves CUDA kernels: a second run with the same cache compiles nothing.
-  const kiln::KernelCache::Stats cache = kiln::KernelCache::global().stats();
+  // The disk cache serves CPU and CUDA kernels: a second run with the same cache compiles nothing.
+  const kiln::KernelCache::Stats cache = kiln::kernelCacheStats();
 
   if (args.has("--json")) {
     std::cout << "{\"model\": \"bert-base encoder layer\", \"device\": " << kiln::jsonQuote(device_name)
@@ -197,10 +207,8 @@ int runDemo(const Args& args) {
                 unfused.ms_per_forward / fused.ms_per_forward);
     std::printf("fused vs unfused  max |diff| %.3g (%s, tolerance %.0e)\n", max_error,
                 match ? "match" : "MISMATCH", tolerance);
-    if (cuda) {
-      std::printf("CUDA kernels      %lld from the disk cache, %lld compiled (%s)\n", static_cast<long long>(cache.hits),
-                  static_cast<long long>(cache.misses), kiln::KernelCache::global().dir().c_str());
-    }
+    std::printf("kernels           %lld from the disk cache, %lld compiled (%s)\n", static_cast<long long>(cache.hits),
+                static_cast<long long>(cache.misses), kiln::KernelCache::global().dir().c_str());
     std::printf("%s", report.toText().c_str());
   }
   return match ? 0 : 1;
@@ -288,14 +296,84 @@ std::string dotGraph(const std::shared_ptr<torch::jit::Graph>& graph, const kiln
   return dot.str();
 }
 
+// The example inputs: one tensor per --input SHAPE:DTYPE (random), or the list or tuple of
+// tensors in --inputs FILE.pt (saved with torch.save; token ids need real values).
+std::vector<torch::jit::IValue> exampleInputs(const Args& args) {
+  std::vector<torch::jit::IValue> inputs;
+  for (const std::string& spec : args.all("--input")) inputs.emplace_back(inputFromSpec(spec));
+  if (!args.values.count("--inputs")) return inputs;
+  if (!inputs.empty()) throw UsageError("give --input or --inputs, not both");
+  const std::string path = args.value("--inputs", "");
+  torch::jit::IValue saved;
+  try {
+    std::ifstream file(path, std::ios::binary);
+    if (!file) throw std::runtime_error(std::strerror(errno));
+    std::vector<char> bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+    saved = torch::pickle_load(bytes);
+  } catch (const std::exception& error) {
+    throw CliError("cannot read --inputs " + path + ": " + errorLine(error.what()), 2);
+  }
+  std::vector<torch::jit::IValue> items;
+  if (saved.isList()) items = saved.toList().vec();
+  else if (saved.isTuple()) items = saved.toTupleRef().elements().vec();
+  else if (saved.isTensor()) items = {saved};
+  for (const torch::jit::IValue& item : items) {
+    if (!item.isTensor()) throw CliError("--inputs " + path + " holds a " + item.tagKind() + "; expected tensors", 2);
+  }
+  if (items.empty()) throw CliError("--inputs " + path + ": expected a list or tuple of tensors", 2);
+  return items;
+}
+
+// Loads a model and runs it --calls times in this fresh process, timing the load and each call:
+// the time to first result is what a service restart costs (kiln's kernels come from the disk
+// cache when it is warm, and are compiled when it is cold).
+int runRun(const Args& args) {
+  if (args.positional.size() != 1) throw UsageError("run takes one MODEL.pt");
+  const int64_t calls = args.intValue("--calls", 3, 1, 1000000);
+  std::vector<torch::jit::IValue> inputs = exampleInputs(args);
+  if (inputs.empty()) throw UsageError("run needs --input SHAPE:DTYPE per model input, or --inputs FILE.pt");
+  using Clock = std::chrono::steady_clock;
+  auto since = [](Clock::time_point start) { return std::chrono::duration<double, std::milli>(Clock::now() - start).count(); };
+  torch::NoGradGuard no_grad;
+  const Clock::time_point start = Clock::now();
+  torch::jit::Module module = loadModel(args.positional[0]);
+  const double load_ms = since(start);
+  std::vector<double> call_ms;
+  torch::jit::IValue output;
+  for (int64_t i = 0; i < calls; ++i) {
+    const Clock::time_point call_start = Clock::now();
+    try {
+      output = module.forward(inputs);
+    } catch (const c10::Error& error) {
+      throw UsageError("the model rejects these inputs: " + errorLine(error.what_without_backtrace()));
+    }
+    call_ms.push_back(since(call_start));
+  }
+  const kiln::KernelCache::Stats cache = kiln::kernelCacheStats();
+  const kiln::Report report = kiln::report(module.get_method("forward").graph());
+  if (args.has("--json")) {
+    std::cout << "{\"model\": " << kiln::jsonQuote(args.positional[0]) << ", \"load_ms\": " << load_ms
+              << ", \"call_ms\": [";
+    for (size_t i = 0; i < call_ms.size(); ++i) std::cout << (i ? ", " : "") << call_ms[i];
+    std::cout << "], \"first_result_ms\": " << load_ms + call_ms[0] << ", \"kiln_groups\": " << report.groups.size()
+              << ", \"kernel_cache\": {\"hits\": " << cache.hits << ", \"misses\": " << cache.misses
+              << ", \"stores\": " << cache.stores << "}}\n";
+  } else {
+    std::printf("load %.1f ms, first call %.1f ms: first result after %.1f ms\n", load_ms, call_ms[0], load_ms + call_ms[0]);
+    for (size_t i = 1; i < call_ms.size(); ++i) std::printf("call %zu: %.2f ms\n", i + 1, call_ms[i]);
+    std::printf("%zu kiln groups in the saved graph; kernel cache: %lld hits, %lld misses\n", report.groups.size(),
+                static_cast<long long>(cache.hits), static_cast<long long>(cache.misses));
+  }
+  return 0;
+}
+
 int runReport(const Args& args) {
   if (args.positional.size() != 1) throw UsageError("report takes one MODEL.pt");
   torch::jit::Module module = loadModel(args.positional[0]);
   torch::NoGradGuard no_grad;
   torch::jit::Module fused = kiln::optimize(module);
   std::shared_ptr<torch::jit::Graph> graph = fused.get_method("forward").graph();
-  std::vector<torch::jit::IValue> inputs;
-  for (const std::string& spec : args.all("--input")) inputs.emplace_back(inputFromSpec(spec));
+  std::vector<torch::jit::IValue> inputs = exampleInputs(args);
   if (!inputs.empty()) fused.forward(inputs);  // measures each group's bytes on these shapes
   kiln::Report report = kiln::report(graph);
   if (args.values.count("--dot")) writeOutput(args.value("--dot", ""), dotGraph(graph, report));
@@ -318,68 +396,139 @@ int runFuse(const Args& args) {
   return 0;
 }
 
-// Runs the fused model on the CPU with the example inputs, recording the CUDA kernel each fusion
-// group would need on a GPU with the same shapes, then compiles each for --arch into the cache.
+// One recorded kernel, obtained for the CLI's target: from the disk cache or compiled.
+struct CompiledForCli {
+  std::string name;
+  std::string specialization;
+  bool from_cache = false;
+  double compile_ms = 0;  // compiling (0 when cached)
+  double fetch_ms = 0;    // obtaining it, cache lookup included
+  int registers = -1;     // CUDA only
+  int spill_bytes = 0;
+  size_t binary_bytes = 0;
+  std::string cache_key;
+  std::string error;
+};
+
+CompiledForCli obtainForCli(const kiln::RecordedKernel& recorded, const std::string& arch) {
+  CompiledForCli out;
+  try {
+    if (arch == "host") {
+      kiln::CpuKernelResult result = kiln::obtainCpuKernel(recorded.kernel, recorded.cpu_layout);
+      out.name = "kiln_" + recorded.kernel.name + "_" + result.cache_key.substr(0, 8);
+      out.specialization = "layout " + recorded.cpu_layout.toString();
+      out.from_cache = result.from_cache;
+      out.fetch_ms = result.fetch_ms;
+      out.compile_ms = result.from_cache ? 0 : result.fetch_ms;
+      out.cache_key = result.cache_key;
+      return out;
+    }
+    kiln::CudaKernelBinary binary = kiln::obtainCudaKernel(recorded.kernel, *recorded.cuda, arch, recorded.options.fast_math);
+    out.name = binary.name + "_" + binary.cache_key.substr(0, 8);
+    out.specialization = recorded.cuda->toString();
+    out.from_cache = binary.from_cache;
+    out.compile_ms = binary.compile_ms;
+    out.fetch_ms = binary.fetch_ms;
+    out.registers = binary.registers;
+    out.spill_bytes = binary.spill_bytes;
+    out.binary_bytes = binary.binary.size();
+    out.cache_key = binary.cache_key;
+  } catch (const std::exception& error) {
+    out.name = "kiln_" + recorded.kernel.name;
+    out.error = errorLine(error.what());
+  }
+  return out;
+}
+
+// Runs the fused model on the CPU with the example inputs, recording the kernel each fusion group
+// would need for --arch (the host's CPU, or a GPU with the same shapes), then compiles them into
+// the disk cache, in parallel across --jobs threads.
 int runCompile(const Args& args) {
   if (args.positional.size() != 1) throw UsageError("compile takes one MODEL.pt");
   const std::string arch = args.value("--arch", "");
-  if (arch.empty()) throw UsageError("compile needs --arch, e.g. --arch sm_90");
-  std::vector<int> known = kiln::nvrtcSupportedArchs();
-  int number = 0;
-  if (std::sscanf(arch.c_str(), "sm_%d", &number) != 1 || arch != "sm_" + std::to_string(number) ||
-      std::find(known.begin(), known.end(), number) == known.end()) {
-    std::string list;
-    for (int a : known) list += (list.empty() ? "sm_" : ", sm_") + std::to_string(a);
-    throw UsageError("unknown --arch '" + arch + "' (this NVRTC knows " + list + ")");
+  if (arch.empty()) throw UsageError("compile needs --arch: host, or a GPU's, e.g. sm_90");
+  if (arch != "host") {
+    std::vector<int> known = kiln::nvrtcSupportedArchs();
+    int number = 0;
+    if (std::sscanf(arch.c_str(), "sm_%d", &number) != 1 || arch != "sm_" + std::to_string(number) ||
+        std::find(known.begin(), known.end(), number) == known.end()) {
+      std::string list;
+      for (int a : known) list += (list.empty() ? "host, sm_" : ", sm_") + std::to_string(a);
+      throw UsageError("unknown --arch '" + arch + "' (this kiln knows " + list + ")");
+    }
   }
-  std::vector<torch::jit::IValue> inputs;
-  for (const std::string& spec : args.all("--input")) inputs.emplace_back(inputFromSpec(spec));
-  if (inputs.empty()) throw UsageError("compile needs one --input SHAPE:DTYPE per model input");
+  const unsigned hardware = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t jobs = args.intValue("--jobs", hardware, 1, 1024);
+  std::vector<torch::jit::IValue> inputs = exampleInputs(args);
+  if (inputs.empty()) throw UsageError("compile needs one --input SHAPE:DTYPE per model input, or --inputs FILE.pt");
   torch::jit::Module module = loadModel(args.positional[0]);
   torch::NoGradGuard no_grad;
   torch::jit::Module fused = kiln::optimize(module);
-  kiln::CudaTargetRecorder recorder;
-  try {
-    fused.forward(inputs);
-  } catch (const c10::Error& error) {
-    throw UsageError("the model rejects these --input shapes: " +
-                     errorLine(error.what_without_backtrace()));
+  std::vector<kiln::RecordedKernel> wanted;
+  std::vector<std::string> skipped;
+  {
+    kiln::KernelRecording recorder;
+    try {
+      fused.forward(inputs);
+    } catch (const c10::Error& error) {
+      throw UsageError("the model rejects these --input shapes: " + errorLine(error.what_without_backtrace()));
+    }
+    for (const kiln::RecordedKernel& recorded : recorder.kernels()) {
+      if (arch == "host" || recorded.cuda) wanted.push_back(recorded);
+      else skipped.push_back(recorded.cuda_skipped);
+    }
   }
-  const bool fast_math = kiln::Options::global().fast_math;
+  // Compiles are independent: each worker takes the next kernel until none is left.
+  std::vector<CompiledForCli> results(wanted.size());
+  std::atomic<size_t> next{0};
+  auto worker = [&] {
+    for (size_t i = next++; i < wanted.size(); i = next++) results[i] = obtainForCli(wanted[i], arch);
+  };
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<std::thread> workers;
+  for (int64_t j = 1; j < std::min<int64_t>(jobs, static_cast<int64_t>(wanted.size())); ++j) workers.emplace_back(worker);
+  worker();
+  for (std::thread& thread : workers) thread.join();
+  const double wall_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+
+  int compiled = 0, cached = 0, failed = 0;
   std::ostringstream kernels;
-  int compiled = 0, cached = 0;
-  for (size_t i = 0; i < recorder.targets().size(); ++i) {
-    const kiln::CudaTarget& target = recorder.targets()[i];
-    kiln::CudaKernelBinary binary = kiln::obtainCudaKernel(target.kernel, target.specialization, arch, fast_math);
-    (binary.from_cache ? cached : compiled)++;
-    const std::string name = binary.name + "_" + binary.cache_key.substr(0, 8);
+  for (size_t i = 0; i < results.size(); ++i) {
+    const CompiledForCli& r = results[i];
+    (!r.error.empty() ? failed : r.from_cache ? cached : compiled)++;
+    const char* status = !r.error.empty() ? "failed" : r.from_cache ? "cached" : "compiled";
     if (args.has("--json")) {
-      kernels << (i ? ", " : "") << "{\"name\": " << kiln::jsonQuote(name)
-              << ", \"specialization\": " << kiln::jsonQuote(target.specialization.toString())
-              << ", \"status\": " << (binary.from_cache ? "\"cached\"" : "\"compiled\"")
-              << ", \"compile_ms\": " << binary.compile_ms << ", \"fetch_ms\": " << binary.fetch_ms
-              << ", \"registers\": " << binary.registers << ", \"spill_bytes\": " << binary.spill_bytes
-              << ", \"binary_bytes\": " << binary.binary.size() << ", \"cache_key\": " << kiln::jsonQuote(binary.cache_key)
-              << "}";
+      kernels << (i ? ", " : "") << "{\"name\": " << kiln::jsonQuote(r.name)
+              << ", \"specialization\": " << kiln::jsonQuote(r.specialization) << ", \"status\": \"" << status << "\""
+              << ", \"compile_ms\": " << r.compile_ms << ", \"fetch_ms\": " << r.fetch_ms
+              << ", \"registers\": " << r.registers << ", \"spill_bytes\": " << r.spill_bytes
+              << ", \"binary_bytes\": " << r.binary_bytes << ", \"cache_key\": " << kiln::jsonQuote(r.cache_key)
+              << ", \"error\": " << kiln::jsonQuote(r.error) << "}";
+    } else if (!r.error.empty()) {
+      std::printf("%-32s failed: %s\n", r.name.c_str(), r.error.c_str());
+    } else if (arch == "host") {
+      std::printf("%-32s %-16s %-9s %8.1f ms\n", r.name.c_str(), r.specialization.c_str(), status, r.fetch_ms);
     } else {
-      std::printf("%-24s %-22s %-9s %8.1f ms  %3d registers  %d spill bytes\n", name.c_str(),
-                  target.specialization.toString().c_str(), binary.from_cache ? "cached" : "compiled",
-                  binary.from_cache ? binary.fetch_ms : binary.compile_ms, binary.registers, binary.spill_bytes);
+      std::printf("%-32s %-22s %-9s %8.1f ms  %3d registers  %d spill bytes\n", r.name.c_str(), r.specialization.c_str(),
+                  status, r.from_cache ? r.fetch_ms : r.compile_ms, r.registers, r.spill_bytes);
     }
   }
   const kiln::KernelCache::Info info = kiln::KernelCache::global().info();
+  const std::string compiler = arch == "host" ? "llvm " + kiln::llvmVersion() : "nvrtc " + kiln::cuda::nvrtcVersion();
   if (args.has("--json")) {
-    std::cout << "{\"arch\": " << kiln::jsonQuote(arch) << ", \"nvrtc\": " << kiln::jsonQuote(kiln::cuda::nvrtcVersion())
-              << ", \"cache_dir\": " << kiln::jsonQuote(info.dir) << ", \"compiled\": " << compiled
-              << ", \"cached\": " << cached << ", \"kernels\": [" << kernels.str() << "], \"skipped\": [";
-    for (size_t i = 0; i < recorder.skipped.size(); ++i) std::cout << (i ? ", " : "") << kiln::jsonQuote(recorder.skipped[i]);
+    std::cout << "{\"arch\": " << kiln::jsonQuote(arch) << ", \"compiler\": " << kiln::jsonQuote(compiler)
+              << ", \"cache_dir\": " << kiln::jsonQuote(info.dir) << ", \"jobs\": " << jobs
+              << ", \"wall_ms\": " << wall_ms << ", \"compiled\": " << compiled << ", \"cached\": " << cached
+              << ", \"failed\": " << failed << ", \"kernels\": [" << kernels.str() << "], \"skipped\": [";
+    for (size_t i = 0; i < skipped.size(); ++i) std::cout << (i ? ", " : "") << kiln::jsonQuote(skipped[i]);
     std::cout << "]}\n";
   } else {
-    std::printf("%zu kernels for %s: %d compiled, %d from the cache (%s)\n", recorder.targets().size(), arch.c_str(),
-                compiled, cached, info.dir.c_str());
-    for (const std::string& why : recorder.skipped) std::printf("skipped a group: %s\n", why.c_str());
+    std::printf("%zu kernels for %s: %d compiled, %d from the cache, %d failed, in %.0f ms on %lld threads (%s)\n",
+                results.size(), arch.c_str(), compiled, cached, failed, wall_ms, static_cast<long long>(jobs),
+                info.dir.c_str());
+    for (const std::string& why : skipped) std::printf("skipped a group: %s\n", why.c_str());
   }
-  return 0;
+  return failed == 0 ? 0 : 1;
 }
 
 int runCache(const Args& args) {
@@ -439,10 +588,11 @@ int main(int argc, char** argv) {
       return runDemo(kiln::cli::parse(argc, argv, 2, {"--device", "--save"}, {"--json"}));
     }
     if (verb == "report") {
-      return runReport(kiln::cli::parse(argc, argv, 2, {"--input", "--dot"}, {"--json"}));
+      return runReport(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--dot"}, {"--json"}));
     }
     if (verb == "fuse") return runFuse(kiln::cli::parse(argc, argv, 2, {"--device"}, {}));
-    if (verb == "compile") return runCompile(kiln::cli::parse(argc, argv, 2, {"--input", "--arch"}, {"--json"}));
+    if (verb == "compile") return runCompile(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--arch", "--jobs"}, {"--json"}));
+    if (verb == "run") return runRun(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--calls"}, {"--json"}));
     if (verb == "cache") return runCache(kiln::cli::parse(argc, argv, 2, {}, {"--json"}));
     throw UsageError("unknown verb '" + verb + "'");
   } catch (const UsageError& error) {

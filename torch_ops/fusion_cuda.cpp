@@ -11,7 +11,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "codegen/cuda_kernel_builder.h"
 #include "codegen/nvrtc_compiler.h"
 #include "kiln/options.h"
 #endif
@@ -94,12 +93,10 @@ bool cudaFusionAvailable(int device, std::string* why) {
   return false;
 }
 
-std::shared_ptr<const CudaFunction> loadCudaFunction(const ir::Kernel& kernel,
-                                                     const CudaSpecialization& specialization, int device) {
+std::string cudaArch(int device) { return deviceState(device).arch; }
+
+std::shared_ptr<const CudaFunction> loadCudaFunction(const CudaKernelBinary& binary, int device) {
   const DeviceState& state = deviceState(device);
-  if (!state.error.empty()) throw std::runtime_error("kiln: CUDA device " + std::to_string(device) + ": " + state.error);
-  failIfInjected(FaultStage::kCompile);
-  CudaKernelBinary binary = obtainCudaKernel(kernel, specialization, state.arch, Options::global().fast_math);
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const cuda::DriverApi& api = enterDevice(device);
   // Modules stay loaded for the life of the process: one per kernel and device, and unloading
@@ -149,7 +146,9 @@ bool cudaFusionAvailable(int, std::string* why) {
   return false;
 }
 
-std::shared_ptr<const CudaFunction> loadCudaFunction(const ir::Kernel&, const CudaSpecialization&, int) {
+std::string cudaArch(int) { return ""; }
+
+std::shared_ptr<const CudaFunction> loadCudaFunction(const CudaKernelBinary&, int) {
   throw std::runtime_error("kiln was built without CUDA support");
 }
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "codegen/cuda_emitter.h"
+#include "codegen/cuda_kernel_builder.h"
 
 namespace kiln {
 
@@ -21,10 +22,13 @@ struct CudaFunction;
 // driver, NVRTC and an architecture it can target. The answer is worked out once per device.
 bool cudaFusionAvailable(int device, std::string* why);
 
-// Compiles `kernel` for the device's architecture through the disk cache and loads it. Throws
-// std::runtime_error with NVRTC's log or the driver's error.
-std::shared_ptr<const CudaFunction> loadCudaFunction(const ir::Kernel& kernel,
-                                                     const CudaSpecialization& specialization, int device);
+// The architecture kernels are compiled for on `device` ("sm_90", or "compute_XY" when this
+// NVRTC only knows older GPUs); empty when cudaFusionAvailable() is false.
+std::string cudaArch(int device);
+
+// Loads a binary obtained for cudaArch(device) onto the device (the pipeline's CudaLoader).
+// Throws std::runtime_error with the driver's error.
+std::shared_ptr<const CudaFunction> loadCudaFunction(const CudaKernelBinary& binary, int device);
 
 // Launches on the current stream of `device`. `arguments` is the kernel's argument block
 // (cudaArgumentLayout, 8 bytes per field); `work` is the number of grid-stride iterations the
@@ -35,9 +39,5 @@ void launchCudaFunction(const CudaFunction& function, int device, std::vector<in
 // Whether the current stream of `device` is capturing a CUDA graph (a kernel's first compile and
 // module load must not happen inside a capture).
 bool cudaCaptureUnderway(int device);
-
-// The most bytes an argument block may have (the launch parameter limit every architecture
-// accepts).
-constexpr size_t kMaxCudaArgumentBytes = 4096;
 
 }  // namespace kiln

@@ -4,15 +4,11 @@
 #include <torch/csrc/jit/runtime/interpreter.h>
 
 #include <atomic>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <unordered_map>
 
-#include "codegen/cpu_kernel.h"
-#include "codegen/cuda_driver.h"
 #include "codegen/fault_injection.h"
-#include "codegen/kernel_dump.h"
 #include "fuser/group_code.h"
 #include "fuser/group_stats.h"
 #include "fuser/lowering.h"
@@ -21,39 +17,18 @@
 
 namespace kiln {
 
-namespace {
-std::atomic<int64_t> compile_count{0};
-}  // namespace
-
-// One compiled kernel of a group (per layout, or per CUDA device and specialization).
-struct CompiledEntry {
-  std::once_flag once;
-  std::atomic<bool> done{false};  // `once` has run
-  std::shared_ptr<CpuKernel> kernel;  // CPU: null if compilation failed
-  std::shared_ptr<const CudaFunction> cuda_function;  // CUDA: null if compiling or loading failed
-  std::string error;
-  std::atomic<bool> launch_failed{false};  // a launch threw: this kernel is not used again
-};
-
+// A group lowered for one signature, with its kernels.
 struct SignatureEntry {
   std::optional<LoweredGroup> lowered;
-  std::string why;
-  std::mutex mutex;
-  std::map<std::string, std::shared_ptr<CompiledEntry>> kernels;  // by layout, or CUDA device and specialization
-
-  // The entry for `key`, made empty on first request (compiled by whoever runs its `once`).
-  std::shared_ptr<CompiledEntry> compiledEntry(const std::string& key) {
-    std::lock_guard<std::mutex> lock(mutex);
-    std::shared_ptr<CompiledEntry>& slot = kernels[key];
-    if (!slot) slot = std::make_shared<CompiledEntry>();
-    return slot;
-  }
+  std::unique_ptr<KernelFamily> family;  // set when lowered
+  std::string why;                       // why not lowered
 };
 
 struct FusionProgram {
   std::string text;
   GroupCounters* counters = nullptr;  // kiln::report's statistics for this group
   std::shared_ptr<torch::jit::Graph> graph;  // null when the code could not be decoded
+  KernelOptions options;  // from the code; Options::global() for a code that carries none
   std::vector<char> input_kinds;  // 't' tensor, 'f' float, 'i' int, 'b' bool, per subgraph input
   std::mutex mutex;
   std::map<std::vector<int64_t>, std::shared_ptr<SignatureEntry>> signatures;
@@ -68,24 +43,20 @@ struct FusionProgram {
 
 struct PreparedLaunch {
   std::shared_ptr<FusionProgram> program;
-  c10::Device device = c10::kCPU;
-  std::shared_ptr<CpuKernel> kernel;                  // on the CPU
-  std::shared_ptr<const CudaFunction> cuda_function;  // on a CUDA device
-  std::shared_ptr<CompiledEntry> compiled;            // whose kernel this call runs
-  CudaSpecialization cuda_specialization;
+  std::shared_ptr<SignatureEntry> entry;  // keeps `lowered` and the family alive
   const LoweredGroup* lowered = nullptr;
-  std::vector<at::Tensor> inputs;      // loaded tensor inputs
-  std::vector<double> float_args;      // per kernel scalar input
+  c10::Device device = c10::kCPU;
+  std::vector<at::Tensor> inputs;   // tensor inputs as the kernel loads them
+  std::vector<double> float_args;   // per kernel scalar input
   std::vector<int64_t> int_args;
-  std::vector<int64_t> shape;          // iteration shape (as eager's output shape)
-  std::vector<int64_t> sizes;          // collapsed sizes, innermost last
-  std::vector<std::vector<int64_t>> input_strides;  // collapsed, bytes
-  int64_t numel = 0;
+  std::vector<int64_t> shape;       // iteration shape (as eager's output shape)
+  LaunchPlan plan;                  // from the pipeline
 };
 
 namespace {
 
 std::mutex programs_mutex;
+thread_local KernelRecorder* active_recorder = nullptr;  // set by a KernelRecording
 
 // Sends `program` to its fallback for good, saying why once.
 void giveUp(FusionProgram& program, const std::string& reason) {
@@ -105,9 +76,11 @@ std::shared_ptr<FusionProgram> decodeProgram(const std::string& text) {
   auto program = std::make_shared<FusionProgram>();
   program->text = text;
   program->counters = &groupCounters(text);
+  program->options = KernelOptions::from(Options::global());
   try {
     failIfInjected(FaultStage::kDecode);
     std::shared_ptr<torch::jit::Graph> graph = decodeGroupCode(text);
+    if (std::optional<KernelOptions> options = groupCodeOptions(text)) program->options = *options;
     for (const torch::jit::Value* input : graph->inputs()) {
       switch (input->type()->kind()) {
         case c10::TypeKind::TensorType: program->input_kinds.push_back('t'); break;
@@ -166,29 +139,30 @@ std::shared_ptr<PreparedLaunch> rejectCall(FusionProgram& program, const std::st
   return nullptr;
 }
 
-std::shared_ptr<PreparedLaunch> prepareLaunch(const std::shared_ptr<FusionProgram>& program,
-                                              const std::vector<at::Tensor>& tensors,
-                                              const std::vector<double>& floats,
-                                              const std::vector<int64_t>& ints, std::string* why) {
-  auto reject = [&](const std::string& reason) { return rejectCall(*program, reason, why); };
-  // Signature: per input, (dtype, rank) for tensors, kind for scalars. Every tensor must be on
-  // one device, the CPU or a CUDA device (eager would move a CPU 0-dim tensor to the GPU: the
-  // fallback does).
+// The call's signature: per input, (dtype, rank) for tensors, kind for scalars, and the one
+// device every tensor is on. Empty, or why the call cannot be fused (eager would move a CPU
+// 0-dim tensor to the GPU: the fallback does).
+struct CallSignature {
   c10::Device device = c10::kCPU;
   std::vector<int64_t> key;
-  std::vector<InputSignature> signature;
+  std::vector<InputSignature> inputs;
+};
+
+std::string readSignature(const FusionProgram& program, const std::vector<at::Tensor>& tensors,
+                          const std::vector<double>& floats, const std::vector<int64_t>& ints,
+                          CallSignature* signature) {
   size_t t = 0, f = 0, i = 0;
-  for (char kind : program->input_kinds) {
+  for (char kind : program.input_kinds) {
     InputSignature input;
     switch (kind) {
       case 't': {
-        if (t >= tensors.size()) return reject("too few tensors");
+        if (t >= tensors.size()) return "too few tensors";
         const at::Tensor& tensor = tensors[t++];
-        if (!tensor.defined()) return reject("undefined tensor");
-        if (t == 1) device = tensor.device();
-        if (tensor.device() != device) return reject("inputs on " + device.str() + " and " + tensor.device().str());
-        if (tensor.layout() != c10::kStrided) return reject("non-strided tensor");
-        if (at::GradMode::is_enabled() && tensor.requires_grad()) return reject("input requires grad");
+        if (!tensor.defined()) return "undefined tensor";
+        if (t == 1) signature->device = tensor.device();
+        if (tensor.device() != signature->device) return "inputs on " + signature->device.str() + " and " + tensor.device().str();
+        if (tensor.layout() != c10::kStrided) return "non-strided tensor";
+        if (at::GradMode::is_enabled() && tensor.requires_grad()) return "input requires grad";
         input.dtype = tensor.scalar_type();
         input.dim = tensor.dim();
         break;
@@ -197,201 +171,153 @@ std::shared_ptr<PreparedLaunch> prepareLaunch(const std::shared_ptr<FusionProgra
       case 'i': input = {false, at::kLong, 0}; i++; break;
       default: input = {false, at::kBool, 0}; i++; break;
     }
-    key.push_back(static_cast<int64_t>(input.dtype) * 64 + input.dim + (input.is_tensor ? 0 : 32));
-    signature.push_back(input);
+    signature->key.push_back(static_cast<int64_t>(input.dtype) * 64 + input.dim + (input.is_tensor ? 0 : 32));
+    signature->inputs.push_back(input);
   }
-  if (t != tensors.size() || f != floats.size() || i != ints.size()) return reject("argument count mismatch");
-  if (device.is_cuda()) {
-    std::string unavailable;
-    if (!cudaFusionAvailable(device.index(), &unavailable)) return reject(unavailable);
-  } else if (!device.is_cpu()) {
-    return reject("device " + device.str() + " has no kiln backend");
-  }
+  if (t != tensors.size() || f != floats.size() || i != ints.size()) return "argument count mismatch";
+  const c10::Device device = signature->device;
+  std::string unavailable;
+  if (device.is_cuda() && !cudaFusionAvailable(device.index(), &unavailable)) return unavailable;
+  if (!device.is_cuda() && !device.is_cpu()) return "device " + device.str() + " has no kiln backend";
+  return "";
+}
 
-  std::shared_ptr<SignatureEntry> entry;
-  {
-    std::lock_guard<std::mutex> lock(program->mutex);
-    auto& slot = program->signatures[key];
-    if (!slot) {
-      slot = std::make_shared<SignatureEntry>();
-      try {
-        failIfInjected(FaultStage::kLower);
-        slot->lowered = lowerGroup(*program->graph, signature, &slot->why);
-        if (!slot->lowered) log(LogLevel::kInfo, "group left to eager for this signature: " + slot->why);
-      } catch (const std::exception& error) {
-        slot->why = std::string("lowering failed: ") + error.what();
-        log(LogLevel::kWarning, "a fusion group runs unfused for this signature from now on: " + slot->why);
-      }
-    }
-    entry = slot;
+// The group lowered for `signature` (once per signature; a failure is remembered with its why).
+std::shared_ptr<SignatureEntry> loweredFor(FusionProgram& program, const CallSignature& signature) {
+  std::lock_guard<std::mutex> lock(program.mutex);
+  std::shared_ptr<SignatureEntry>& slot = program.signatures[signature.key];
+  if (slot) return slot;
+  slot = std::make_shared<SignatureEntry>();
+  try {
+    failIfInjected(FaultStage::kLower);
+    slot->lowered = lowerGroup(*program.graph, signature.inputs, &slot->why);
+    if (slot->lowered) slot->family = std::make_unique<KernelFamily>(slot->lowered->kernel, program.options);
+    else log(LogLevel::kInfo, "group left to eager for this signature: " + slot->why);
+  } catch (const std::exception& error) {
+    slot->lowered.reset();
+    slot->why = std::string("lowering failed: ") + error.what();
+    log(LogLevel::kWarning, "a fusion group runs unfused for this signature from now on: " + slot->why);
   }
-  if (!entry->lowered) return reject(entry->why);
-  const LoweredGroup& lowered = *entry->lowered;
-  failIfInjected(FaultStage::kGuard);
+  return slot;
+}
 
-  auto launch = std::make_shared<PreparedLaunch>();
-  launch->program = program;
-  launch->device = device;
-  launch->lowered = &lowered;
-  launch->inputs = tensors;
-  // batch_norm's per-channel [C] tensors, viewed as [C, 1, …] to broadcast along dim 1 of the
-  // normalized input, which must have C channels (eager raises otherwise: so does the fallback).
+// batch_norm's per-channel [C] tensors, viewed as [C, 1, …] to broadcast along dim 1 of the
+// normalized input, which must have C channels (eager raises otherwise: so does the fallback).
+std::string viewChannelParams(const LoweredGroup& lowered, const std::vector<at::Tensor>& tensors,
+                              std::vector<at::Tensor>& inputs) {
   for (const ChannelParam& param : lowered.channel_params) {
-    at::Tensor& tensor = launch->inputs[static_cast<size_t>(param.input)];
+    at::Tensor& tensor = inputs[static_cast<size_t>(param.input)];
     std::vector<int64_t> x_shape;
     for (int source : param.x_sources) {
-      if (!broadcastInto(x_shape, tensors[static_cast<size_t>(source)].sizes())) return reject("shapes do not broadcast");
+      if (!broadcastInto(x_shape, tensors[static_cast<size_t>(source)].sizes())) return "shapes do not broadcast";
     }
     if (static_cast<int64_t>(x_shape.size()) != param.x_rank || x_shape[1] != tensor.size(0)) {
-      return reject("batch_norm parameter does not match the input's channels");
+      return "batch_norm parameter does not match the input's channels";
     }
     std::vector<int64_t> view(static_cast<size_t>(param.x_rank - 1), 1);
     view[0] = tensor.size(0);
     tensor = tensor.view(view);
   }
-  const std::vector<at::Tensor>& inputs = launch->inputs;
-  {
-    size_t fi = 0, ii = 0;
-    for (char kind : program->input_kinds) {
-      if (kind == 't') continue;
-      if (kind == 'f') {
-        launch->float_args.push_back(floats[fi++]);
-        launch->int_args.push_back(0);
-      } else {
-        launch->float_args.push_back(0);
-        launch->int_args.push_back(kind == 'b' ? (ints[ii++] != 0) : ints[ii++]);
-      }
-    }
+  return "";
+}
+
+// Each scalar input as the kernel reads it: a float64 and an int64 slot per scalar.
+void packScalars(const FusionProgram& program, const std::vector<double>& floats, const std::vector<int64_t>& ints,
+                 PreparedLaunch& launch) {
+  size_t fi = 0, ii = 0;
+  for (char kind : program.input_kinds) {
+    if (kind == 't') continue;
+    launch.float_args.push_back(kind == 'f' ? floats[fi++] : 0.0);
+    launch.int_args.push_back(kind == 'f' ? 0 : kind == 'b' ? (ints[ii++] != 0) : ints[ii++]);
   }
-  // Eager's output shape: the broadcast of the inputs each output is computed from. Every
-  // output must have the same shape (the iteration space); a tensor read only for its dtype
-  // (type_as) takes no part and is never loaded.
-  std::vector<int64_t>& shape = launch->shape;
-  std::vector<bool> shaped(inputs.size(), false);
+}
+
+// Eager's output shape: the broadcast of the inputs each output is computed from. Every output
+// must have the same shape (the iteration space). `shaped` marks the inputs that take part; one
+// read only for its dtype (type_as) does not and is never loaded.
+std::string iterationShape(const LoweredGroup& lowered, const std::vector<at::Tensor>& inputs,
+                           std::vector<int64_t>* shape, std::vector<bool>* shaped) {
+  shaped->assign(inputs.size(), false);
   for (size_t o = 0; o < lowered.output_sources.size(); ++o) {
     std::vector<int64_t> output_shape;
     for (int source : lowered.output_sources[o]) {
-      if (!broadcastInto(output_shape, inputs[static_cast<size_t>(source)].sizes())) {
-        return reject("shapes do not broadcast");
-      }
-      shaped[static_cast<size_t>(source)] = true;
+      if (!broadcastInto(output_shape, inputs[static_cast<size_t>(source)].sizes())) return "shapes do not broadcast";
+      (*shaped)[static_cast<size_t>(source)] = true;
     }
-    if (o == 0) shape = output_shape;
-    if (output_shape != shape) return reject("outputs of different shapes");
+    if (o == 0) *shape = output_shape;
+    if (output_shape != *shape) return "outputs of different shapes";
   }
-  launch->numel = c10::multiply_integers(shape);
+  return "";
+}
 
-  // Strides in bytes over the iteration shape (0 where broadcast), inputs then outputs.
+// The call as the pipeline sees it: byte strides over the iteration shape (0 where broadcast),
+// inputs then (fresh, contiguous) outputs; where each input starts.
+KernelCall kernelCall(const LoweredGroup& lowered, const std::vector<at::Tensor>& inputs, const std::vector<int64_t>& shape,
+                      const std::vector<bool>& shaped, c10::Device device) {
+  KernelCall call;
   const size_t rank = shape.size();
-  const size_t operands = inputs.size() + lowered.output_dtypes.size();
-  std::vector<std::vector<int64_t>> strides(operands, std::vector<int64_t>(rank, 0));
+  call.shape = shape;
   for (size_t k = 0; k < inputs.size(); ++k) {
     const at::Tensor& tensor = inputs[k];
-    if (!shaped[k]) continue;  // never loaded: strides stay 0
-    size_t offset = rank - static_cast<size_t>(tensor.dim());
-    for (size_t d = 0; d < static_cast<size_t>(tensor.dim()); ++d) {
-      strides[k][offset + d] = tensor.size(static_cast<int64_t>(d)) == 1 ? 0 : tensor.stride(static_cast<int64_t>(d)) * tensor.element_size();
+    std::vector<int64_t> strides(rank, 0);
+    const size_t offset = rank - static_cast<size_t>(tensor.dim());
+    for (size_t d = 0; shaped[k] && d < static_cast<size_t>(tensor.dim()); ++d) {
+      const int64_t dim = static_cast<int64_t>(d);
+      strides[offset + d] = tensor.size(dim) == 1 ? 0 : tensor.stride(dim) * tensor.element_size();
     }
+    call.strides.push_back(std::move(strides));
+    call.element_sizes.push_back(tensor.element_size());
+    // On a device, the data pointer; on the CPU (a stand-in for kiln compile), the offset in its
+    // allocation, which a GPU's caching allocator aligns as the CPU's allocator may not.
+    call.addresses.push_back(device.is_cuda() ? reinterpret_cast<uintptr_t>(tensor.const_data_ptr())
+                                              : static_cast<uintptr_t>(tensor.storage_offset() * tensor.element_size()));
   }
-  for (size_t o = 0; o < lowered.output_dtypes.size(); ++o) {
-    int64_t stride = static_cast<int64_t>(c10::elementSize(lowered.output_dtypes[o]));
+  for (at::ScalarType dtype : lowered.output_dtypes) {
+    std::vector<int64_t> strides(rank, 0);
+    int64_t stride = static_cast<int64_t>(c10::elementSize(dtype));
+    call.element_sizes.push_back(stride);
     for (size_t d = rank; d-- > 0;) {
-      strides[inputs.size() + o][d] = stride;
+      strides[d] = stride;
       stride *= shape[d];
     }
+    call.strides.push_back(std::move(strides));
   }
-  // Collapse: drop size-1 dims, merge neighbours every operand walks as one.
-  std::vector<int64_t> sizes;
-  std::vector<std::vector<int64_t>> collapsed(operands);
-  for (size_t d = 0; d < rank; ++d) {
-    if (shape[d] == 1) continue;
-    bool merge = !sizes.empty();
-    for (size_t k = 0; merge && k < operands; ++k) merge = collapsed[k].back() == strides[k][d] * shape[d];
-    if (merge) {
-      sizes.back() *= shape[d];
-      for (size_t k = 0; k < operands; ++k) collapsed[k].back() = strides[k][d];
-    } else {
-      sizes.push_back(shape[d]);
-      for (size_t k = 0; k < operands; ++k) collapsed[k].push_back(strides[k][d]);
-    }
-  }
-  if (sizes.empty()) {
-    sizes.push_back(1);
-    for (auto& c : collapsed) c.push_back(0);
-  }
-  launch->sizes = sizes;
-  launch->input_strides = collapsed;
-
+  call.recorder = active_recorder;
   if (device.is_cuda()) {
-    if (launch->numel == 0) return launch;  // empty: outputs only, no kernel
-    std::string why_not;
-    std::optional<CudaSpecialization> specialization = cudaSpecializationFor(*launch, &why_not);
-    if (!specialization) return reject(why_not);
-    if (cudaArgumentLayout(lowered.kernel, *specialization).bytes() > kMaxCudaArgumentBytes) return reject("too many operands for one CUDA kernel's arguments");
-    std::shared_ptr<CompiledEntry> compiled =
-        entry->compiledEntry("cuda:" + std::to_string(device.index()) + " " + specialization->toString());
-    // A module load inside a CUDA graph capture would break the capture: the first use of a
-    // kernel while one is underway runs the original ops (captured as usual) instead.
-    if (!compiled->done.load() && cudaCaptureUnderway(device.index())) {
-      return reject("first use of this kernel during CUDA graph capture");
-    }
-    std::call_once(compiled->once, [&] {
-      try {
-        compiled->cuda_function = loadCudaFunction(lowered.kernel, *specialization, device.index());
-        compile_count++;
-      } catch (const std::exception& error) {
-        compiled->error = error.what();
-        log(LogLevel::kWarning, "a fusion group failed to compile or load on " + device.str() +
-                                    " and runs unfused from now on: " + compiled->error);
-      }
-      compiled->done.store(true);
-    });
-    if (!compiled->cuda_function) return reject("compile failed: " + compiled->error);
-    if (compiled->launch_failed.load()) return reject("its kernel failed to launch");
-    launch->cuda_function = compiled->cuda_function;
-    launch->compiled = compiled;
-    launch->cuda_specialization = *specialization;
-    return launch;
+    const int index = device.index();
+    call.cuda_device = index;
+    call.cuda_arch = cudaArch(index);
+    call.may_compile = [index] { return !cudaCaptureUnderway(index); };
   }
+  return call;
+}
 
-  CpuLayout layout;
-  for (size_t k = 0; k < operands; ++k) {
-    int64_t element = k < inputs.size() ? inputs[k].element_size()
-                                         : static_cast<int64_t>(c10::elementSize(lowered.output_dtypes[k - inputs.size()]));
-    int64_t inner = collapsed[k].back();
-    layout.operands.push_back(inner == element ? StrideClass::kContiguous
-                              : inner == 0     ? StrideClass::kBroadcast
-                                               : StrideClass::kStrided);
+std::shared_ptr<PreparedLaunch> prepareLaunch(const std::shared_ptr<FusionProgram>& program,
+                                              const std::vector<at::Tensor>& tensors,
+                                              const std::vector<double>& floats,
+                                              const std::vector<int64_t>& ints, std::string* why) {
+  auto reject = [&](const std::string& reason) { return rejectCall(*program, reason, why); };
+  CallSignature signature;
+  if (std::string reason = readSignature(*program, tensors, floats, ints, &signature); !reason.empty()) return reject(reason);
+  std::shared_ptr<SignatureEntry> entry = loweredFor(*program, signature);
+  if (!entry->lowered) return reject(entry->why);
+  failIfInjected(FaultStage::kGuard);
+
+  auto launch = std::make_shared<PreparedLaunch>();
+  launch->program = program;
+  launch->entry = entry;
+  launch->lowered = &*entry->lowered;
+  launch->device = signature.device;
+  launch->inputs = tensors;
+  if (std::string reason = viewChannelParams(*launch->lowered, tensors, launch->inputs); !reason.empty()) return reject(reason);
+  packScalars(*program, floats, ints, *launch);
+  std::vector<bool> shaped;
+  if (std::string reason = iterationShape(*launch->lowered, launch->inputs, &launch->shape, &shaped); !reason.empty()) {
+    return reject(reason);
   }
-  if (launch->numel == 0) return launch;  // empty: outputs only, no kernel
-
-  std::shared_ptr<CompiledEntry> compiled = entry->compiledEntry(layout.toString());
-  std::call_once(compiled->once, [&] {
-    try {
-      compiled->kernel = CpuKernel::compile(lowered.kernel, layout, /*keep_text=*/dumpEnabled());
-      compile_count++;
-      if (dumpEnabled()) {
-        const std::string ir_text = ir::print(lowered.kernel);
-        char stem[64];
-        std::snprintf(stem, sizeof stem, "%s-%016zx", lowered.kernel.name.c_str(),
-                      std::hash<std::string>()(ir_text + layout.toString()));
-        dumpKernelFiles(stem, {{"kir", ir_text + "# layout " + layout.toString() + "\n"},
-                               {"ll", compiled->kernel->llvmIr()},
-                               {"s", compiled->kernel->assembly()}});
-      }
-      log(LogLevel::kDebug, "compiled a kernel for layout " + layout.toString() + " in " +
-                                std::to_string(compiled->kernel->compileMilliseconds()) + " ms:\n" +
-                                ir::print(lowered.kernel));
-    } catch (const std::exception& error) {
-      compiled->error = error.what();
-      log(LogLevel::kWarning, "a fusion group failed to compile and runs unfused from now on: " + compiled->error);
-    }
-  });
-  if (!compiled->kernel) return reject("compile failed: " + compiled->error);
-  if (compiled->launch_failed.load()) return reject("its kernel failed to launch");
-  launch->kernel = compiled->kernel;
-  launch->compiled = compiled;
-  recordCudaTarget(*launch);
+  const KernelCall call = kernelCall(*launch->lowered, launch->inputs, launch->shape, shaped, signature.device);
+  std::string not_planned;
+  if (!planLaunch(*entry->family, call, loadCudaFunction, &launch->plan, &not_planned)) return reject(not_planned);
   return launch;
 }
 
@@ -448,10 +374,11 @@ std::vector<at::Tensor> launchOrFallback(const std::shared_ptr<PreparedLaunch>& 
     try {
       return launch(*prepared);
     } catch (const std::exception& error) {
-      if (prepared->compiled && !prepared->compiled->launch_failed.exchange(true)) {
+      const std::shared_ptr<CompiledKernel>& compiled = prepared->plan.compiled;
+      if (compiled && !compiled->launch_failed.exchange(true)) {
         log(LogLevel::kWarning, std::string("a fusion group's kernel failed to launch; the group runs unfused for "
                                             "these inputs from now on: ") + error.what());
-      } else if (!prepared->compiled) {
+      } else if (!compiled) {
         giveUp(*program, std::string("a launch failed: ") + error.what());
       }
     }
@@ -460,51 +387,10 @@ std::vector<at::Tensor> launchOrFallback(const std::shared_ptr<PreparedLaunch>& 
 }
 
 
-namespace {
-
-// The argument block of cudaArgumentLayout: data pointers, then (strided schedule) sizes and
-// element strides, numel, the scalars as float64 and as int64.
-void launchCuda(const PreparedLaunch& prepared, const std::vector<at::Tensor>& outputs) {
-  const LoweredGroup& lowered = *prepared.lowered;
-  const CudaSpecialization& specialization = prepared.cuda_specialization;
-  const CudaArgumentLayout layout = cudaArgumentLayout(lowered.kernel, specialization);
-  std::vector<int64_t> arguments;
-  std::vector<int64_t> element_sizes;
-  for (const at::Tensor& input : prepared.inputs) {
-    arguments.push_back(reinterpret_cast<int64_t>(input.const_data_ptr()));
-    element_sizes.push_back(input.element_size());
-  }
-  for (const at::Tensor& output : outputs) {
-    arguments.push_back(reinterpret_cast<int64_t>(output.data_ptr()));
-    element_sizes.push_back(output.element_size());
-  }
-  if (layout.rank > 0) {
-    for (int64_t size : prepared.sizes) arguments.push_back(size);
-    for (size_t k = 0; k < element_sizes.size(); ++k) {
-      for (int64_t stride : prepared.input_strides[k]) arguments.push_back(stride / element_sizes[k]);
-    }
-  }
-  if (layout.inner) arguments.push_back(prepared.sizes.back());
-  arguments.push_back(prepared.numel);
-  for (double value : prepared.float_args) {
-    int64_t bits = 0;
-    std::memcpy(&bits, &value, sizeof bits);
-    arguments.push_back(bits);
-  }
-  if (prepared.float_args.empty()) arguments.push_back(0);
-  for (int64_t value : prepared.int_args) arguments.push_back(value);
-  if (prepared.int_args.empty()) arguments.push_back(0);
-  const int64_t work = specialization.schedule == CudaSchedule::kLinearVectorized
-                           ? std::max<int64_t>(1, prepared.numel / cudaVectorWidth(lowered.kernel))
-                           : prepared.numel;
-  launchCudaFunction(*prepared.cuda_function, prepared.device.index(), arguments, work);
-}
-
-}  // namespace
-
 std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
   failIfInjected(FaultStage::kLaunch);
   const LoweredGroup& lowered = *prepared.lowered;
+  const LaunchPlan& plan = prepared.plan;
   std::vector<at::Tensor> outputs;
   for (at::ScalarType dtype : lowered.output_dtypes) {
     outputs.push_back(at::empty(prepared.shape, at::TensorOptions().dtype(dtype).device(prepared.device)));
@@ -515,10 +401,16 @@ std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
   GroupCounters& counters = *prepared.program->counters;
   counters.calls++;
   counters.bytes_fused = bytes_fused;
-  counters.bytes_unfused = lowered.unfused_bytes_per_element * prepared.numel;
-  if (prepared.numel == 0) return outputs;
+  counters.bytes_unfused = lowered.unfused_bytes_per_element * plan.geometry.numel;
+  if (plan.geometry.numel == 0) return outputs;
   if (prepared.device.is_cuda()) {
-    launchCuda(prepared, outputs);
+    std::vector<const void*> pointers;
+    for (const at::Tensor& input : prepared.inputs) pointers.push_back(input.const_data_ptr());
+    for (const at::Tensor& output : outputs) pointers.push_back(output.const_data_ptr());
+    std::vector<int64_t> arguments = packCudaArguments(lowered.kernel, plan.cuda, plan.geometry, pointers,
+                                                       prepared.float_args, prepared.int_args);
+    launchCudaFunction(*plan.compiled->cuda, prepared.device.index(), arguments,
+                       cudaWorkItems(lowered.kernel, plan.cuda, plan.geometry.numel));
     return outputs;
   }
 
@@ -526,14 +418,14 @@ std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
   std::vector<char*> bases;
   for (const at::Tensor& input : prepared.inputs) bases.push_back(static_cast<char*>(input.data_ptr()));
   for (const at::Tensor& output : outputs) bases.push_back(static_cast<char*>(output.data_ptr()));
-  const std::vector<int64_t>& sizes = prepared.sizes;
-  const auto& strides = prepared.input_strides;
+  const std::vector<int64_t>& sizes = plan.geometry.sizes;
+  const auto& strides = plan.geometry.strides;
   const size_t rank = sizes.size();
   const int64_t inner = sizes[rank - 1];
-  CpuKernelFn kernel = prepared.kernel->function();
+  CpuKernelFn kernel = plan.compiled->cpu->function();
   const double* float_args = prepared.float_args.data();
   const int64_t* int_args = prepared.int_args.data();
-  const int64_t grain = Options::global().cpu_parallel_grain;
+  const int64_t grain = prepared.program->options.cpu_parallel_grain;
 
   if (rank == 1) {
     // One long row: split it into chunks.
@@ -549,7 +441,7 @@ std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
     return outputs;
   }
   // Rows of the innermost dim; consecutive rows sharing the outer indices go in one 2-D call.
-  const int64_t rows = prepared.numel / inner;
+  const int64_t rows = plan.geometry.numel / inner;
   const int64_t row_block = sizes[rank - 2];
   at::parallel_for(0, rows, std::max<int64_t>(1, grain / inner), [&](int64_t begin, int64_t end) {
     std::vector<char*> data(operands);
@@ -577,97 +469,11 @@ std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
   return outputs;
 }
 
-int64_t kernelCompileCount() { return compile_count.load(); }
+int64_t kernelCompileCount() { return kernelsMade(); }
 
-std::optional<CudaSpecialization> cudaSpecializationFor(const PreparedLaunch& prepared, std::string* why) {
-  const LoweredGroup& lowered = *prepared.lowered;
-  const size_t inputs = prepared.inputs.size();
-  const size_t operands = inputs + lowered.output_dtypes.size();
-  auto elementSize = [&](size_t k) {
-    return k < inputs ? prepared.inputs[k].element_size()
-                      : static_cast<int64_t>(c10::elementSize(lowered.output_dtypes[k - inputs]));
-  };
-  const size_t rank = prepared.sizes.size();
-  CudaSpecialization specialization;
-  // 32-bit indices while every element offset (and the grid-stride loop's step past the end)
-  // stays below 2^31.
-  const int64_t limit = (int64_t{1} << 31) - (int64_t{1} << 24);
-  bool index64 = prepared.numel >= limit;
-  for (size_t k = 0; k < operands; ++k) {
-    int64_t largest = 0;
-    for (size_t d = 0; d < rank; ++d) largest += (prepared.sizes[d] - 1) * std::abs(prepared.input_strides[k][d]) / elementSize(k);
-    index64 |= largest >= limit;
-  }
-  specialization.index64 = index64;
-  // Linear schedules: one dimension where each operand is contiguous or broadcast, or two
-  // dimensions [rows, inner] where each operand is contiguous over both, broadcast, one row
-  // broadcast over the rows, or one value per row.
-  if (rank <= 2) {
-    const int64_t inner = prepared.sizes[rank - 1];
-    std::vector<CudaAccess> access;
-    for (size_t k = 0; k < operands; ++k) {
-      const int64_t element = elementSize(k);
-      const int64_t inner_stride = prepared.input_strides[k][rank - 1];
-      const int64_t outer_stride = rank == 2 ? prepared.input_strides[k][0] : 0;
-      if (inner_stride == element && (rank == 1 || outer_stride == inner * element)) access.push_back(CudaAccess::kFull);
-      else if (inner_stride == 0 && outer_stride == 0) access.push_back(CudaAccess::kScalar);
-      else if (rank == 2 && inner_stride == element && outer_stride == 0) access.push_back(CudaAccess::kRow);
-      else if (rank == 2 && inner_stride == 0 && outer_stride == element) access.push_back(CudaAccess::kColumn);
-      else break;
-    }
-    if (access.size() == operands) {
-      specialization.schedule = CudaSchedule::kLinear;
-      specialization.access = access;
-      // Vectorized: every operand read by vectors starts aligned to one, and a vector never
-      // straddles two rows. Outputs come from torch's caching allocator (512-byte aligned).
-      const int width = cudaVectorWidth(lowered.kernel);
-      bool vectorize = prepared.numel >= width && (!specialization.usesInner() || inner % width == 0);
-      for (size_t k = 0; vectorize && k < inputs; ++k) {
-        if (access[k] != CudaAccess::kFull && access[k] != CudaAccess::kRow) continue;
-        vectorize = reinterpret_cast<uintptr_t>(prepared.inputs[k].const_data_ptr()) %
-                        static_cast<uintptr_t>(width * elementSize(k)) == 0;
-      }
-      if (vectorize) specialization.schedule = CudaSchedule::kLinearVectorized;
-      return specialization;
-    }
-  }
-  if (rank > static_cast<size_t>(kMaxCudaRank)) {
-    if (why) *why = "rank " + std::to_string(rank) + " after collapsing exceeds " + std::to_string(kMaxCudaRank);
-    return std::nullopt;
-  }
-  for (size_t k = 0; k < operands; ++k) {
-    for (size_t d = 0; d < rank; ++d) {
-      if (prepared.input_strides[k][d] % elementSize(k) != 0) {
-        if (why) *why = "a stride that is not a whole number of elements";
-        return std::nullopt;
-      }
-    }
-  }
-  specialization.schedule = CudaSchedule::kStrided;
-  specialization.rank = static_cast<int>(rank);
-  return specialization;
-}
+KernelCache::Stats kernelCacheStats() { return KernelCache::global().stats(); }
 
-namespace {
-thread_local CudaTargetRecorder* active_recorder = nullptr;
-}  // namespace
-
-CudaTargetRecorder::CudaTargetRecorder() { active_recorder = this; }
-CudaTargetRecorder::~CudaTargetRecorder() { active_recorder = nullptr; }
-
-void recordCudaTarget(const PreparedLaunch& prepared) {
-  CudaTargetRecorder* recorder = active_recorder;
-  if (!recorder || prepared.numel == 0) return;
-  std::string why;
-  std::optional<CudaSpecialization> specialization = cudaSpecializationFor(prepared, &why);
-  if (!specialization) {
-    recorder->skipped.push_back(why);
-    return;
-  }
-  std::string key = ir::print(prepared.lowered->kernel) + "|" + specialization->toString();
-  if (std::find(recorder->keys_.begin(), recorder->keys_.end(), key) != recorder->keys_.end()) return;
-  recorder->keys_.push_back(key);
-  recorder->targets_.push_back({prepared.lowered->kernel, *specialization});
-}
+KernelRecording::KernelRecording() { active_recorder = &recorder_; }
+KernelRecording::~KernelRecording() { active_recorder = nullptr; }
 
 }  // namespace kiln

@@ -6,14 +6,16 @@
 // load, launch) never reaches the caller: prepare() then answers "fallback" for good and logs
 // once, and a fusion_group whose launch fails runs the group's original ops itself.
 //
-// Note: kernels are specialized on the signature (dtype and rank of each input) and on the layout
-// (each operand's inner stride class after broadcasting and dimension collapsing), never on sizes:
-// a new batch size or sequence length reuses the compiled kernel. Sizes and strides are arguments.
+// Note: a group is lowered once per signature (dtype and rank of each input); what happens from
+// the lowered kernel to a launchable one (dimension merging, operand access, CPU layout or CUDA
+// schedule, the kernel caches) is codegen/pipeline.cpp. Sizes and strides are arguments, so a
+// new batch size or sequence length reuses the compiled kernel.
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include "codegen/cuda_emitter.h"
+#include "codegen/kernel_cache.h"
+#include "codegen/pipeline.h"
 
 #include <memory>
 #include <optional>
@@ -45,38 +47,26 @@ std::vector<at::Tensor> launchOrFallback(const std::shared_ptr<PreparedLaunch>& 
                                          const std::vector<double>& floats,
                                          const std::vector<int64_t>& ints);
 
-// Compiles done so far by this process (for tests: a new size must not add one).
+// Kernels this process's runtime has made in memory, compiled or from the disk cache (for
+// tests: a new size must not add one).
 int64_t kernelCompileCount();
 
-// A kernel a CUDA launch of a prepared group would need: its IR and CUDA specialization.
-struct CudaTarget {
-  ir::Kernel kernel;
-  CudaSpecialization specialization;
-};
+// The runtime's disk-cache counts in this process (libkiln's own cache object: a program that
+// links kiln's codegen itself has another).
+KernelCache::Stats kernelCacheStats();
 
-// The CUDA specialization for the tensors of `prepared` (the same shapes and strides on a GPU):
-// linear-vectorized, linear or strided, 32- or 64-bit indexing. nullopt with *why if none fits.
-std::optional<CudaSpecialization> cudaSpecializationFor(const PreparedLaunch& prepared, std::string* why);
-
-// While one is alive on a thread, every group prepared on that thread also records the CUDA
-// kernel it would need (`kiln compile` runs a model on the CPU with example inputs this way and
-// compiles what it recorded for a GPU architecture). Duplicates are recorded once.
-class CudaTargetRecorder;
-void recordCudaTarget(const PreparedLaunch& prepared);
-
-class CudaTargetRecorder {
+// While one is alive on a thread, every fusion group run on that thread records the kernels it
+// needs instead of making them, and runs its original ops (`kiln compile`).
+class KernelRecording {
  public:
-  CudaTargetRecorder();
-  ~CudaTargetRecorder();
-  CudaTargetRecorder(const CudaTargetRecorder&) = delete;
-  CudaTargetRecorder& operator=(const CudaTargetRecorder&) = delete;
-  const std::vector<CudaTarget>& targets() const { return targets_; }
-  std::vector<std::string> skipped;  // groups with no CUDA specialization, and why
+  KernelRecording();
+  ~KernelRecording();
+  KernelRecording(const KernelRecording&) = delete;
+  KernelRecording& operator=(const KernelRecording&) = delete;
+  const std::vector<RecordedKernel>& kernels() const { return recorder_.kernels; }
 
  private:
-  friend void recordCudaTarget(const PreparedLaunch& prepared);
-  std::vector<CudaTarget> targets_;
-  std::vector<std::string> keys_;
+  KernelRecorder recorder_;
 };
 
 }  // namespace kiln

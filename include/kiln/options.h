@@ -33,6 +33,18 @@ struct Options {
   static Options fromEnvironment();
 };
 
+// The options a fused group's kernels follow. They travel with the group's code, so a module
+// fused with fast math keeps it in any process that loads it; a code that carries none (an older
+// kiln's) takes Options::global()'s values when it is first read.
+struct KernelOptions {
+  bool fast_math = false;
+  int64_t cpu_parallel_grain = 32768;
+  static KernelOptions from(const Options& options) { return {options.fast_math, options.cpu_parallel_grain}; }
+  bool operator==(const KernelOptions& other) const {
+    return fast_math == other.fast_math && cpu_parallel_grain == other.cpu_parallel_grain;
+  }
+};
+
 // Logging that honours Options::log_level; writes one line to stderr.
 void log(LogLevel level, const std::string& message);
 

@@ -70,9 +70,10 @@ void runCompiled(const CpuKernel& compiled, const ir::Kernel& kernel, const CpuL
       int64_t size = ir::dtypeSize(b.type);
       data.push_back(static_cast<char*>(b.data()));
       switch (layout.operands[k++]) {
-        case StrideClass::kContiguous: inner.push_back(size); outer.push_back(size * cols); break;
-        case StrideClass::kBroadcast: inner.push_back(0); outer.push_back(size); break;
-        case StrideClass::kStrided: inner.push_back(3 * size); outer.push_back(3 * size * cols); break;
+        case Access::kContiguous: inner.push_back(size); outer.push_back(size * cols); break;
+        case Access::kBroadcast: inner.push_back(0); outer.push_back(size); break;
+        case Access::kStrided: inner.push_back(3 * size); outer.push_back(3 * size * cols); break;
+        default: FAIL() << "a CPU layout holds only inner accesses";
       }
     }
   }
@@ -95,9 +96,10 @@ void runReference(const ir::Kernel& kernel, const CpuLayout& layout, std::vector
         int64_t size = ir::dtypeSize(b.type);
         ir::Operand1D operand;
         switch (layout.operands[k++]) {
-          case StrideClass::kContiguous: operand = {static_cast<char*>(b.data()) + r * cols * size, 1}; break;
-          case StrideClass::kBroadcast: operand = {static_cast<char*>(b.data()) + r * size, 0}; break;
-          case StrideClass::kStrided: operand = {static_cast<char*>(b.data()) + 3 * r * cols * size, 3}; break;
+          case Access::kContiguous: operand = {static_cast<char*>(b.data()) + r * cols * size, 1}; break;
+          case Access::kBroadcast: operand = {static_cast<char*>(b.data()) + r * size, 0}; break;
+          case Access::kStrided: operand = {static_cast<char*>(b.data()) + 3 * r * cols * size, 3}; break;
+          default: FAIL() << "a CPU layout holds only inner accesses";
         }
         (list == &inputs ? in : out).push_back(operand);
       }
@@ -106,8 +108,8 @@ void runReference(const ir::Kernel& kernel, const CpuLayout& layout, std::vector
   }
 }
 
-int64_t elementsFor(StrideClass c, int64_t rows, int64_t cols) {
-  return c == StrideClass::kBroadcast ? rows : c == StrideClass::kStrided ? 3 * rows * cols : rows * cols;
+int64_t elementsFor(Access c, int64_t rows, int64_t cols) {
+  return c == Access::kBroadcast ? rows : c == Access::kStrided ? 3 * rows * cols : rows * cols;
 }
 
 void expectMatches(const ir::Kernel& kernel, const CpuLayout& layout, uint64_t seed, int64_t rows = 5,
@@ -179,14 +181,14 @@ ir::Kernel randomFloatKernel(std::mt19937_64& rng, DType storage, int inputs, in
 
 TEST(CpuKernel, RandomFloatKernelsMatchInterpreterInEveryLayout) {
   std::mt19937_64 rng(20261121);
-  const StrideClass classes[] = {StrideClass::kContiguous, StrideClass::kBroadcast, StrideClass::kStrided};
+  const Access classes[] = {Access::kContiguous, Access::kBroadcast, Access::kStrided};
   for (DType storage : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
     for (int trial = 0; trial < 8; ++trial) {
       ir::Kernel k = randomFloatKernel(rng, storage, 3, 12);
       CpuLayout layout;
       for (int i = 0; i < 3; ++i) layout.operands.push_back(classes[rng() % 3]);
-      layout.operands.push_back(StrideClass::kContiguous);
-      layout.operands.push_back(trial % 2 ? StrideClass::kStrided : StrideClass::kContiguous);
+      layout.operands.push_back(Access::kContiguous);
+      layout.operands.push_back(trial % 2 ? Access::kStrided : Access::kContiguous);
       SCOPED_TRACE(ir::print(k));
       expectMatches(k, layout, rng(), 1 + static_cast<int64_t>(rng() % 4), 1 + static_cast<int64_t>(rng() % 70));
     }
@@ -209,10 +211,10 @@ TEST(CpuKernel, IntegerBoolAndCastsMatchInterpreter) {
   int g = k.binary(Op::kPow, k.unary(Op::kAbs, d), k.constant(DType::kFloat64, 1.5));
   k.outputs = {k.cast(f, DType::kInt32), k.binary(Op::kOr, k.unary(Op::kNot, c), k.unary(Op::kIsNan, g)),
                k.binary(Op::kAdd, f, g), k.cast(d, DType::kBool)};
-  for (StrideClass c0 : {StrideClass::kContiguous, StrideClass::kStrided}) {
-    CpuLayout layout{{c0, StrideClass::kContiguous, StrideClass::kBroadcast, StrideClass::kContiguous,
-                      StrideClass::kContiguous, StrideClass::kContiguous, StrideClass::kContiguous,
-                      StrideClass::kContiguous}};
+  for (Access c0 : {Access::kContiguous, Access::kStrided}) {
+    CpuLayout layout{{c0, Access::kContiguous, Access::kBroadcast, Access::kContiguous,
+                      Access::kContiguous, Access::kContiguous, Access::kContiguous,
+                      Access::kContiguous}};
     expectMatches(k, layout, 7, 3, 45, {5, -0.5});
   }
 }
@@ -222,7 +224,7 @@ TEST(CpuKernel, ContiguousLoopIsVectorizedWithSleef) {
   k.name = "vectorized";
   k.tensor_inputs = {DType::kFloat32, DType::kFloat32};
   k.outputs = {k.unary(Op::kSin, k.unary(Op::kTanh, k.binary(Op::kAdd, k.load(0), k.load(1))))};
-  CpuLayout layout{{StrideClass::kContiguous, StrideClass::kBroadcast, StrideClass::kContiguous}};
+  CpuLayout layout{{Access::kContiguous, Access::kBroadcast, Access::kContiguous}};
   auto compiled = CpuKernel::compile(k, layout, /*keep_text=*/true);
   const int lanes = CpuTarget::host().vector_bits / 32;
   const std::string vector_type = "<" + std::to_string(lanes) + " x float>";
@@ -239,7 +241,7 @@ TEST(CpuKernel, StridedOperandFallsBackToScalarLoop) {
   k.name = "strided";
   k.tensor_inputs = {DType::kFloat32};
   k.outputs = {k.unary(Op::kLog, k.load(0))};
-  CpuLayout layout{{StrideClass::kStrided, StrideClass::kContiguous}};
+  CpuLayout layout{{Access::kStrided, Access::kContiguous}};
   auto compiled = CpuKernel::compile(k, layout, true);
   EXPECT_NE(compiled->llvmIr().find("Sleef_logf_u35"), std::string::npos);
   expectMatches(k, layout, 3);
@@ -272,14 +274,14 @@ TEST(CpuKernel, InlineFloatMathIsAccurateEverywhere) {
     k.name = ir::opName(c.op);
     k.tensor_inputs = {DType::kFloat32};
     k.outputs = {k.unary(c.op, k.load(0))};
-    for (StrideClass input_class : {StrideClass::kContiguous, StrideClass::kStrided}) {
-      CpuLayout layout{{input_class, StrideClass::kContiguous}};
+    for (Access input_class : {Access::kContiguous, Access::kStrided}) {
+      CpuLayout layout{{input_class, Access::kContiguous}};
       auto compiled = CpuKernel::compile(k, layout);
-      std::vector<float> in(static_cast<size_t>(input_class == StrideClass::kStrided ? 3 * n : n), NAN);
-      for (int64_t i = 0; i < n; ++i) in[static_cast<size_t>(input_class == StrideClass::kStrided ? 3 * i : i)] = xs[static_cast<size_t>(i)];
+      std::vector<float> in(static_cast<size_t>(input_class == Access::kStrided ? 3 * n : n), NAN);
+      for (int64_t i = 0; i < n; ++i) in[static_cast<size_t>(input_class == Access::kStrided ? 3 * i : i)] = xs[static_cast<size_t>(i)];
       std::vector<float> out(static_cast<size_t>(n), -12345.0f);
       char* data[] = {reinterpret_cast<char*>(in.data()), reinterpret_cast<char*>(out.data())};
-      const int64_t strides[] = {input_class == StrideClass::kStrided ? 12 : 4, 4, 0, 0};
+      const int64_t strides[] = {input_class == Access::kStrided ? 12 : 4, 4, 0, 0};
       compiled->function()(data, strides, n, 1, nullptr, nullptr);
       for (int64_t i = 0; i < n; ++i) {
         const float x = xs[static_cast<size_t>(i)];
@@ -308,7 +310,7 @@ TEST(CpuKernel, RejectsInvalidIrWithReason) {
   k.tensor_inputs = {DType::kFloat16};
   k.outputs = {k.unary(Op::kExp, k.load(0))};
   try {
-    CpuKernel::compile(k, CpuLayout{{StrideClass::kContiguous, StrideClass::kContiguous}});
+    CpuKernel::compile(k, CpuLayout{{Access::kContiguous, Access::kContiguous}});
     FAIL() << "expected an error";
   } catch (const std::runtime_error& error) {
     EXPECT_NE(std::string(error.what()).find("storage-only"), std::string::npos) << error.what();

@@ -76,15 +76,15 @@ std::vector<ir::Kernel> everyOpKernel() {
 std::vector<CudaSpecialization> everySchedule(const ir::Kernel& kernel) {
   const size_t operands = kernel.tensor_inputs.size() + kernel.outputs.size();
   // The second operand (an input in every kernel here) read each way a linear schedule can.
-  auto secondReadAs = [&](CudaAccess access) {
-    std::vector<CudaAccess> accesses(operands, CudaAccess::kFull);
+  auto secondReadAs = [&](Access access) {
+    std::vector<Access> accesses(operands, Access::kContiguous);
     accesses[1] = access;
     return accesses;
   };
   std::vector<CudaSpecialization> schedules;
-  schedules.push_back({CudaSchedule::kLinear, 1, secondReadAs(CudaAccess::kColumn), false});
-  schedules.push_back({CudaSchedule::kLinearVectorized, 1, secondReadAs(CudaAccess::kScalar), false});
-  schedules.push_back({CudaSchedule::kLinearVectorized, 1, secondReadAs(CudaAccess::kRow), false});
+  schedules.push_back({CudaSchedule::kLinear, 1, secondReadAs(Access::kColumn), false});
+  schedules.push_back({CudaSchedule::kLinearVectorized, 1, secondReadAs(Access::kBroadcast), false});
+  schedules.push_back({CudaSchedule::kLinearVectorized, 1, secondReadAs(Access::kRow), false});
   schedules.push_back({CudaSchedule::kStrided, 3, {}, true});
   return schedules;
 }
@@ -148,7 +148,7 @@ TEST(CudaEmitter, VectorizedScheduleMovesSixteenBytesPerAccess) {
   for (auto [type, width] : {std::pair{DType::kFloat32, 4}, std::pair{DType::kBFloat16, 8}, std::pair{DType::kFloat64, 2}}) {
     ir::Kernel k = addKernel(type);
     EXPECT_EQ(cudaVectorWidth(k), width);
-    CudaSource source = emitCuda(k, {CudaSchedule::kLinearVectorized, 1, {CudaAccess::kFull, CudaAccess::kFull, CudaAccess::kFull}, false});
+    CudaSource source = emitCuda(k, {CudaSchedule::kLinearVectorized, 1, {Access::kContiguous, Access::kContiguous, Access::kContiguous}, false});
     EXPECT_NE(source.kernel.find("kiln_vec<" + std::string(type == DType::kBFloat16 ? "kiln_bf16" : type == DType::kFloat32 ? "float" : "double") +
                                  ", " + std::to_string(width) + ">"),
               std::string::npos)
@@ -161,7 +161,7 @@ TEST(CudaEmitter, VectorizedScheduleMovesSixteenBytesPerAccess) {
     EXPECT_TRUE(std::regex_search(ptx.binary, std::regex("st\\.global\\.v(4\\.[bfu]32|2\\.[bfu]64)"))) << ptx.binary;
   }
   // The plain linear schedule has no vector access.
-  CudaSource linear = emitCuda(addKernel(DType::kFloat32), {CudaSchedule::kLinear, 1, {CudaAccess::kFull, CudaAccess::kFull, CudaAccess::kFull}, false});
+  CudaSource linear = emitCuda(addKernel(DType::kFloat32), {CudaSchedule::kLinear, 1, {Access::kContiguous, Access::kContiguous, Access::kContiguous}, false});
   EXPECT_EQ(linear.kernel.find("kiln_vec"), std::string::npos);
 }
 
@@ -174,7 +174,7 @@ TEST(CudaEmitter, RowAndColumnBroadcastsReadByRowAndColumn) {
   k.tensor_inputs = {DType::kFloat32, DType::kFloat32, DType::kFloat32};
   k.outputs = {k.binary(Op::kMul, k.binary(Op::kAdd, k.load(0), k.load(1)), k.load(2))};
   const CudaSpecialization vectorized{CudaSchedule::kLinearVectorized, 1,
-                                      {CudaAccess::kFull, CudaAccess::kRow, CudaAccess::kColumn, CudaAccess::kFull}, false};
+                                      {Access::kContiguous, Access::kRow, Access::kColumn, Access::kContiguous}, false};
   CudaSource source = emitCuda(k, vectorized);
   EXPECT_NE(source.kernel.find("long long inner;"), std::string::npos) << source.kernel;
   EXPECT_NE(source.kernel.find("const index_t row = (index_t)((unsigned int)(v * 4) / inner);"), std::string::npos)
@@ -190,7 +190,7 @@ TEST(CudaEmitter, RowAndColumnBroadcastsReadByRowAndColumn) {
   EXPECT_TRUE(layout.inner);
   EXPECT_EQ(layout.bytes(), 8u * (4 + 1 + 1 + 1 + 1));
   // A kernel with no row or column operand has no `inner`.
-  EXPECT_EQ(emitCuda(addKernel(DType::kFloat32), {CudaSchedule::kLinear, 1, {CudaAccess::kFull, CudaAccess::kScalar, CudaAccess::kFull}, false})
+  EXPECT_EQ(emitCuda(addKernel(DType::kFloat32), {CudaSchedule::kLinear, 1, {Access::kContiguous, Access::kBroadcast, Access::kContiguous}, false})
                 .kernel.find("inner"),
             std::string::npos);
   if (!haveNvrtc()) GTEST_SKIP() << "NVRTC is not installed";
@@ -207,18 +207,18 @@ TEST(CudaEmitter, IndexWidthFollowsTheSpecialization) {
   EXPECT_NE(wide.kernel.find("typedef long long index_t;"), std::string::npos);
   EXPECT_NE(wide.kernel.find("p.strides[2][3]"), std::string::npos) << wide.kernel;
   EXPECT_EQ(CudaSpecialization({CudaSchedule::kStrided, 4, {}, true}).toString(), "strided4:i64");
-  EXPECT_EQ(CudaSpecialization({CudaSchedule::kLinearVectorized, 1, {CudaAccess::kFull, CudaAccess::kScalar, CudaAccess::kFull}, false}).toString(),
+  EXPECT_EQ(CudaSpecialization({CudaSchedule::kLinearVectorized, 1, {Access::kContiguous, Access::kBroadcast, Access::kContiguous}, false}).toString(),
             "linear_vec:cbc:i32");
-  EXPECT_EQ(CudaSpecialization({CudaSchedule::kLinear, 1, {CudaAccess::kRow, CudaAccess::kColumn, CudaAccess::kFull}, true}).toString(),
+  EXPECT_EQ(CudaSpecialization({CudaSchedule::kLinear, 1, {Access::kRow, Access::kColumn, Access::kContiguous}, true}).toString(),
             "linear:roc:i64");
 }
 
 TEST(CudaEmitter, RejectsSpecializationsThatDoNotFit) {
   ir::Kernel k = addKernel(DType::kFloat32);
-  EXPECT_THROW(emitCuda(k, {CudaSchedule::kLinear, 1, {CudaAccess::kFull, CudaAccess::kFull}, false}), std::runtime_error);
-  EXPECT_THROW(emitCuda(k, {CudaSchedule::kLinear, 1, {CudaAccess::kFull, CudaAccess::kFull, CudaAccess::kScalar}, false}),
+  EXPECT_THROW(emitCuda(k, {CudaSchedule::kLinear, 1, {Access::kContiguous, Access::kContiguous}, false}), std::runtime_error);
+  EXPECT_THROW(emitCuda(k, {CudaSchedule::kLinear, 1, {Access::kContiguous, Access::kContiguous, Access::kBroadcast}, false}),
                std::runtime_error);
-  EXPECT_THROW(emitCuda(k, {CudaSchedule::kLinear, 1, {CudaAccess::kFull, CudaAccess::kFull, CudaAccess::kRow}, false}),
+  EXPECT_THROW(emitCuda(k, {CudaSchedule::kLinear, 1, {Access::kContiguous, Access::kContiguous, Access::kRow}, false}),
                std::runtime_error);
   EXPECT_THROW(emitCuda(k, {CudaSchedule::kStrided, kMaxCudaRank + 1, {}, false}), std::runtime_error);
 }

@@ -190,7 +190,7 @@ TEST(KernelCache, ChangedGeneratedSourceIsAMiss) {
   kernel.tensor_inputs = {ir::DType::kFloat32, ir::DType::kFloat32};
   kernel.outputs = {kernel.binary(ir::Op::kAdd, kernel.load(0), kernel.load(1))};
   const CudaSpecialization specialization{
-      CudaSchedule::kLinear, 1, {CudaAccess::kFull, CudaAccess::kFull, CudaAccess::kFull}, false};
+      CudaSchedule::kLinear, 1, {Access::kContiguous, Access::kContiguous, Access::kContiguous}, false};
   KernelCacheKey key = makeKey(0);
   key.ir = ir::print(kernel);
   key.specialization = specialization.toString();

@@ -68,10 +68,10 @@ TEST(GroupCode, EveryConstantKindRoundTripsExactly) {
   graph->registerOutput(y);
 
   std::string why;
-  std::optional<std::string> code = encodeGroupCode(*graph, &why);
+  std::optional<std::string> code = encodeGroupCode(*graph, KernelOptions{}, &why);
   ASSERT_TRUE(code) << why;
   std::shared_ptr<Graph> decoded = decodeGroupCode(*code);
-  std::optional<std::string> again = encodeGroupCode(*decoded, &why);
+  std::optional<std::string> again = encodeGroupCode(*decoded, KernelOptions{}, &why);
   ASSERT_TRUE(again) << why;
   EXPECT_EQ(*again, *code);
   std::vector<c10::IValue> round_tripped = constantsOf(*decoded);
@@ -100,7 +100,7 @@ graph(%x : Tensor):
   for (torch::jit::Node* node : graph->nodes()) node->setScope(scope);
   ASSERT_NE(graph->toString(false).find("scope: __module.child"), std::string::npos);
   std::string why;
-  std::optional<std::string> code = encodeGroupCode(*graph, &why);
+  std::optional<std::string> code = encodeGroupCode(*graph, KernelOptions{}, &why);
   ASSERT_TRUE(code) << why;
   EXPECT_EQ(code->find("scope"), std::string::npos) << *code;
   torch::jit::testing::FileCheck()
@@ -125,6 +125,9 @@ TEST(GroupCode, MalformedCodeIsRejectedByLine) {
       {"kiln.group 1\nin %0 : Tensor\n%1 = mul %0 : Tensor\n", "line 3: bad op name"},
       {"kiln.group 1\nin %0 : Matrix\n", "line 2: unknown type 'Matrix'"},
       {"kiln.group 1\nwhat\n", "line 2: unrecognized line"},
+      {"kiln.group 1\nin %0 : Tensor\noptions fast_math 0 cpu_parallel_grain 1\n", "line 3: options must follow the header"},
+      {"kiln.group 1\noptions fast_math 2 cpu_parallel_grain 1\n", "line 2: expected 'options fast_math 0|1"},
+      {"kiln.group 1\noptions fast_math 1 cpu_parallel_grain 0\n", "line 2: cpu_parallel_grain must be at least 1"},
   };
   for (const auto& [code, message] : cases) {
     try {
@@ -136,6 +139,29 @@ TEST(GroupCode, MalformedCodeIsRejectedByLine) {
   }
 }
 
+// The options given to kiln::fuse travel in the code; a code without them (an older kiln's)
+// still decodes and says it has none.
+TEST(GroupCode, OptionsTravelWithTheCode) {
+  auto graph = testing::parseGraph(R"IR(
+graph(%x : Tensor):
+  %y : Tensor = aten::tanh(%x)
+  return (%y))IR");
+  KernelOptions options;
+  options.fast_math = true;
+  options.cpu_parallel_grain = 12345;
+  std::string why;
+  std::optional<std::string> code = encodeGroupCode(*graph, options, &why);
+  ASSERT_TRUE(code) << why;
+  torch::jit::testing::FileCheck().check("kiln.group 1\noptions fast_math 1 cpu_parallel_grain 12345\nin %0")->run(*code);
+  std::optional<KernelOptions> decoded = groupCodeOptions(*code);
+  ASSERT_TRUE(decoded);
+  EXPECT_TRUE(*decoded == options);
+  EXPECT_EQ(decodeGroupCode(*code)->nodes().front()->kind().toQualString(), std::string("aten::tanh"));
+  const std::string old_code = "kiln.group 1\nin %0 : Tensor\nout %0\n";
+  EXPECT_FALSE(groupCodeOptions(old_code));
+  EXPECT_EQ(decodeGroupCode(old_code)->inputs().size(), 1u);
+}
+
 TEST(GroupCode, UnencodableConstantIsSaidWhy) {
   auto graph = std::make_shared<Graph>();
   Value* x = graph->addInput("x")->setType(c10::TensorType::get());
@@ -143,7 +169,7 @@ TEST(GroupCode, UnencodableConstantIsSaidWhy) {
   graph->registerOutput(x);
   (void)tuple;
   std::string why;
-  EXPECT_FALSE(encodeGroupCode(*graph, &why));
+  EXPECT_FALSE(encodeGroupCode(*graph, KernelOptions{}, &why));
   EXPECT_NE(why.find("constant of type"), std::string::npos) << why;
 }
 

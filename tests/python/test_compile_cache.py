@@ -1,7 +1,8 @@
 """kiln compile and kiln cache, end to end with no GPU: the demo's encoder layer saved as a file is
 compiled for sm_90 into a fresh cache (every kernel compiled), then again (every kernel found in
 the cache); cache info counts the files; a corrupt file is recompiled; cache clear empties it; an
-unknown arch and missing inputs are usage errors (exit 2)."""
+unknown arch and missing inputs are usage errors (exit 2). The same for the host CPU
+(--arch host): its object code is cached too, and a demo run on a warmed cache compiles nothing."""
 import json
 import os
 import subprocess
@@ -22,6 +23,8 @@ with tempfile.TemporaryDirectory() as scratch:
     env = dict(os.environ, KILN_CACHE_DIR=os.path.join(scratch, "cache"))
     model = os.path.join(scratch, "layer.pt")
     run("demo", "--save", model, env=env)
+    # The demo compiled its CPU kernels into the cache: start from an empty one.
+    run("cache", "clear", env=env)
     compile_args = ["compile", model, "--input", "8,128,768:float32", "--input", "8,1,1,128:float32",
                     "--arch", "sm_90", "--json"]
 
@@ -52,6 +55,23 @@ with tempfile.TemporaryDirectory() as scratch:
     cleared = json.loads(run("cache", "clear", "--json", env=env).stdout)
     assert cleared["removed"] == len(cold["kernels"]), cleared
     assert json.loads(run("cache", "info", "--json", env=env).stdout)["files"] == 0
+
+    # The host CPU: compiled in parallel (two jobs), then every kernel found in the cache.
+    host_args = ["compile", model, "--input", "8,128,768:float32", "--input", "8,1,1,128:float32",
+                 "--arch", "host", "--jobs", "2", "--json"]
+    host_cold = json.loads(run(*host_args, env=env).stdout)
+    assert host_cold["kernels"] and host_cold["failed"] == 0 and host_cold["jobs"] == 2, host_cold
+    assert all(k["status"] == "compiled" and k["compile_ms"] > 0 for k in host_cold["kernels"]), host_cold
+    assert host_cold["compiler"].startswith("llvm "), host_cold
+    host_warm = json.loads(run(*host_args, env=env).stdout)
+    assert all(k["status"] == "cached" for k in host_warm["kernels"]), host_warm
+    assert sorted(k["cache_key"] for k in host_warm["kernels"]) == sorted(k["cache_key"] for k in host_cold["kernels"])
+    # A demo run on the warmed cache loads every CPU kernel it needs and compiles none.
+    demo = json.loads(run("demo", "--json", env=env).stdout)
+    assert demo["match"] and demo["kernel_cache"]["misses"] == 0 and demo["kernel_cache"]["hits"] > 0, demo
+    bad_jobs = run("compile", model, "--input", "8,128,768:float32", "--arch", "host", "--jobs", "0", env=env,
+                   check=False)
+    assert bad_jobs.returncode == 2 and "--jobs" in bad_jobs.stderr, bad_jobs
 
     bad_arch = run("compile", model, "--input", "8,128,768:float32", "--arch", "sm_1", env=env, check=False)
     assert bad_arch.returncode == 2 and "unknown --arch" in bad_arch.stderr, bad_arch

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Saves the seed models the benchmarks and `kiln run` measure, traced, with their inputs.
+
+    .venv/bin/python scripts/save_seed_models.py OUT_DIR [--kiln build/bin/kiln]
+
+For each model NAME it writes OUT_DIR/NAME.pt (traced, eval mode, random weights from seed 0),
+OUT_DIR/NAME.inputs.pt (its example inputs: a list of tensors saved with torch.save, for
+`--inputs`) and OUT_DIR/NAME.kiln.pt (the same model through `kiln fuse`).
+
+Models: bert_base_seed, the BERT-base configuration of the TorchScript deployment guide
+(vocabulary 32000, 12 layers, hidden 768, 12 heads, FFN 3072) on its 14 tokens with segment
+ids, batch 1; here random token ids of those shapes.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def bert_base_seed():
+    import transformers
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=32000, hidden_size=768, num_hidden_layers=12,
+                                     num_attention_heads=12, intermediate_size=3072, torchscript=True)
+    model = transformers.BertModel(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 32000, (1, 14), generator=generator)
+    token_type_ids = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], dim=1)
+    # BertModel.forward(input_ids, attention_mask, token_type_ids): the mask is all ones.
+    inputs = [input_ids, torch.ones(1, 14, dtype=torch.long), token_type_ids]
+    return model, inputs
+
+
+MODELS = {"bert_base_seed": bert_base_seed}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--kiln", default=os.path.join(os.path.dirname(__file__), "..", "build", "bin", "kiln"))
+    args = parser.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+    for name, build in MODELS.items():
+        model, inputs = build()
+        with torch.no_grad():
+            traced = torch.jit.trace(model, tuple(inputs), check_trace=False)
+        path = os.path.join(args.out_dir, name + ".pt")
+        traced.save(path)
+        torch.save(inputs, os.path.join(args.out_dir, name + ".inputs.pt"))
+        fused = os.path.join(args.out_dir, name + ".kiln.pt")
+        result = subprocess.run([args.kiln, "fuse", path, fused], capture_output=True, text=True)
+        if result.returncode != 0:
+            sys.exit(f"kiln fuse {path} failed: {result.stderr.strip()}")
+        print(f"{name}: {path}, {fused} ({result.stderr.strip()})")
+
+
+if __name__ == "__main__":
+    main()
