@@ -1,13 +1,19 @@
 // Time to first result in a fresh process, the cost of every service restart: TorchScript's own
 // first call of a seed model (Baseline_TorchScript) beside kiln's first call of the same model
-// fused by `kiln fuse`, with an empty disk cache (Kiln_ColdCache: every kernel compiled) and a
-// warm one (Kiln_WarmCache: every kernel's object code loaded). Each iteration runs one child,
-// `kiln run MODEL --inputs INPUTS --calls 1 --json`; the manual time is the child's own load +
-// first call, and process_ms the whole child from spawn to exit.
+// fused by `kiln fuse`, with an empty disk cache (Kiln_ColdCache: every kernel compiled on the
+// calling thread; Kiln_ColdCacheBackground: compiled on worker threads across the cores while the
+// first calls run unfused, KILN_BACKGROUND_COMPILE=1) and a warm one (Kiln_WarmCache: every
+// kernel's object code loaded). Baseline_KilnDisabled runs the fused file with KILN_DISABLE=1:
+// the same frozen graph with no kernel made, so Kiln_WarmCache minus it is what kiln's kernels
+// cost a start. Each iteration runs one child, `kiln run MODEL --inputs INPUTS --calls 1 --json`;
+// the manual time is the child's own load + first call, and process_ms the whole child from
+// spawn to exit.
 //
 // Models come from scripts/save_seed_models.py: KILN_BENCH_MODELS=DIR (default: models/ beside
 // the build's bin/). Without them this suite registers nothing.
 #include <benchmark/benchmark.h>
+#include <dirent.h>
+#include <limits.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -15,19 +21,40 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <stdexcept>
 #include <string>
 
+// Note: plain POSIX calls for files, not std::filesystem: libtorch.so exports its own copies of
+// some std::filesystem functions, and calling them from here crashes.
 namespace {
 
-namespace fs = std::filesystem;
+std::string parentOf(const std::string& path) { return path.substr(0, path.rfind('/')); }
 
-fs::path binDirectory() { return fs::read_symlink("/proc/self/exe").parent_path(); }
+std::string binDirectory() {
+  char buffer[PATH_MAX];
+  const ssize_t n = readlink("/proc/self/exe", buffer, sizeof buffer - 1);
+  return n > 0 ? parentOf(std::string(buffer, static_cast<size_t>(n))) : ".";
+}
 
-fs::path modelDirectory() {
+std::string modelDirectory() {
   if (const char* dir = std::getenv("KILN_BENCH_MODELS")) return dir;
-  return binDirectory().parent_path() / "models";
+  return parentOf(binDirectory()) + "/models";
+}
+
+bool exists(const std::string& path) {
+  struct stat st;
+  return stat(path.c_str(), &st) == 0;
+}
+
+// Removes the files in `dir` (the kernel cache keeps no subdirectories).
+void emptyDirectory(const std::string& dir) {
+  if (DIR* handle = opendir(dir.c_str())) {
+    while (dirent* entry = readdir(handle)) {
+      const std::string name = entry->d_name;
+      if (name != "." && name != "..") unlink((dir + "/" + name).c_str());
+    }
+    closedir(handle);
+  }
 }
 
 // Single-quoted for the shell.
@@ -52,9 +79,9 @@ struct ChildRun {
   double cache_misses = 0;
 };
 
-ChildRun runChild(const std::string& environment, const fs::path& model, const fs::path& inputs) {
-  const std::string command = environment + " " + quoted((binDirectory() / "kiln").string()) + " run " +
-                              quoted(model.string()) + " --inputs " + quoted(inputs.string()) +
+ChildRun runChild(const std::string& environment, const std::string& model, const std::string& inputs) {
+  const std::string command = environment + " " + quoted(binDirectory() + "/kiln") + " run " + quoted(model) +
+                              " --inputs " + quoted(inputs) +
                               " --calls 1 --json 2>/dev/null";
   const auto start = std::chrono::steady_clock::now();
   FILE* pipe = popen(command.c_str(), "r");
@@ -73,55 +100,70 @@ ChildRun runChild(const std::string& environment, const fs::path& model, const f
   return run;
 }
 
-enum class Variant { kTorchScript, kKilnCold, kKilnWarm };
+struct Variant {
+  const char* label;
+  const char* model_suffix;  // ".pt" (as traced) or ".kiln.pt" (kiln fuse)
+  const char* environment;   // beside KILN_CACHE_DIR
+  bool cache_warm;           // filled once before timing, else emptied before each run
+};
 
-void coldStart(benchmark::State& state, const std::string& name, Variant variant) {
-  const fs::path dir = modelDirectory();
-  const fs::path inputs = dir / (name + ".inputs.pt");
-  const fs::path model = dir / (name + (variant == Variant::kTorchScript ? ".pt" : ".kiln.pt"));
-  const fs::path cache = fs::temp_directory_path() / ("kiln-cold-start-" + std::to_string(getpid()));
-  fs::remove_all(cache);
-  fs::create_directories(cache);
-  fs::permissions(cache, fs::perms::owner_all, fs::perm_options::replace);
-  const std::string cache_env = "KILN_CACHE_DIR=" + quoted(cache.string());
-  const std::string environment = variant == Variant::kTorchScript ? "KILN_DISABLE=1 " + cache_env : cache_env;
+const Variant kVariants[] = {
+    {"Baseline_TorchScript", ".pt", "KILN_DISABLE=1", false},
+    {"Baseline_KilnDisabled", ".kiln.pt", "KILN_DISABLE=1", false},
+    {"Kiln_ColdCache", ".kiln.pt", "", false},
+    {"Kiln_ColdCacheBackground", ".kiln.pt", "KILN_BACKGROUND_COMPILE=1", false},
+    {"Kiln_WarmCache", ".kiln.pt", "", true},
+};
+
+void coldStart(benchmark::State& state, const std::string& name, const Variant& variant) {
+  const std::string dir = modelDirectory();
+  const std::string inputs = dir + "/" + name + ".inputs.pt";
+  const std::string model = dir + "/" + name + variant.model_suffix;
+  char cache_template[] = "/tmp/kiln-cold-start-XXXXXX";  // mode 0700, as the cache requires
+  if (!mkdtemp(cache_template)) {
+    state.SkipWithError("cannot make a cache directory");
+    return;
+  }
+  const std::string cache = cache_template;
+  const std::string cache_env = "KILN_CACHE_DIR=" + quoted(cache);
+  const std::string environment = std::string(variant.environment) + " " + cache_env;
   try {
-    if (variant == Variant::kKilnWarm) runChild(environment, model, inputs);  // fills the cache
+    if (variant.cache_warm) runChild(environment, model, inputs);  // fills the cache
     ChildRun total;
     for (auto _ : state) {
-      if (variant == Variant::kKilnCold) {
+      if (!variant.cache_warm) {
         state.PauseTiming();
-        for (const auto& entry : fs::directory_iterator(cache)) fs::remove_all(entry.path());
+        emptyDirectory(cache);
         state.ResumeTiming();
       }
       const ChildRun run = runChild(environment, model, inputs);
       state.SetIterationTime(run.first_result_ms / 1e3);
       total.load_ms += run.load_ms;
+      total.first_result_ms += run.first_result_ms;
       total.process_ms += run.process_ms;
       total.cache_hits += run.cache_hits;
       total.cache_misses += run.cache_misses;
     }
     state.counters["load_ms"] = benchmark::Counter(total.load_ms, benchmark::Counter::kAvgIterations);
+    state.counters["first_call_ms"] =
+        benchmark::Counter(total.first_result_ms - total.load_ms, benchmark::Counter::kAvgIterations);
     state.counters["process_ms"] = benchmark::Counter(total.process_ms, benchmark::Counter::kAvgIterations);
     state.counters["cache_hits"] = benchmark::Counter(total.cache_hits, benchmark::Counter::kAvgIterations);
     state.counters["cache_misses"] = benchmark::Counter(total.cache_misses, benchmark::Counter::kAvgIterations);
   } catch (const std::exception& error) {
     state.SkipWithError(error.what());
   }
-  fs::remove_all(cache);
+  emptyDirectory(cache);
+  rmdir(cache.c_str());
 }
 
 const bool registered = [] {
   const char* names[] = {"bert_base_seed"};
   for (const char* name : names) {
-    const fs::path dir = modelDirectory();
-    if (!fs::exists(dir / (std::string(name) + ".kiln.pt"))) continue;
-    const std::pair<const char*, Variant> variants[] = {{"Baseline_TorchScript", Variant::kTorchScript},
-                                                         {"Kiln_ColdCache", Variant::kKilnCold},
-                                                         {"Kiln_WarmCache", Variant::kKilnWarm}};
-    for (const auto& [label, variant] : variants) {
-      benchmark::RegisterBenchmark((std::string("ColdStart/") + label + "/" + name).c_str(),
-                                   [name = std::string(name), variant = variant](benchmark::State& state) {
+    if (!exists(modelDirectory() + "/" + name + ".kiln.pt")) continue;
+    for (const Variant& variant : kVariants) {
+      benchmark::RegisterBenchmark((std::string("ColdStart/") + variant.label + "/" + name).c_str(),
+                                   [name = std::string(name), &variant](benchmark::State& state) {
                                      coldStart(state, name, variant);
                                    })
           ->UseManualTime()

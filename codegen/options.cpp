@@ -40,6 +40,7 @@ Options Options::fromEnvironment() {
   Options options;
   options.disabled = envFlag("KILN_DISABLE");
   options.fast_math = envFlag("KILN_FAST_MATH");
+  options.background_compile = envFlag("KILN_BACKGROUND_COMPILE");
   if (const char* dir = env("KILN_CACHE_DIR")) {
     options.cache_dir = dir;
   } else if (const char* xdg = env("XDG_CACHE_HOME")) {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "codegen/compile_pool.h"
 #include "codegen/fault_injection.h"
 
 namespace kiln {
@@ -63,13 +64,24 @@ bool planLaunch(KernelFamily& family, const KernelCall& call, const CudaLoader& 
   // 6. The key within the family: the target and the specialization.
   const std::string key = on_cuda ? "cuda:" + std::to_string(call.cuda_device) + " " + schedule->toString()
                                   : "cpu " + plan->cpu_layout.toString();
-  // 7. The kernel: from memory, else from the disk cache, else compiled; once per key.
-  plan->compiled = family.obtain(key, call.may_compile, [&](CompiledKernel& out) {
-    if (on_cuda) makeCudaKernel(family, call, *schedule, load_cuda, out);
-    else makeCpuKernel(family, plan->cpu_layout, out);
-  });
+  // 7. The kernel: from memory, else from the disk cache, else compiled; once per key (on a
+  //    worker thread when asked, the call running its fallback meanwhile).
+  const bool background = call.background_compile && !on_cuda;
+  if (on_cuda) {
+    plan->compiled = family.obtain(key, call.may_compile, [&](CompiledKernel& out) {
+      makeCudaKernel(family, call, *schedule, load_cuda, out);
+    });
+  } else {
+    plan->compiled = family.obtain(key, call.may_compile,
+                                   [family = &family, layout = plan->cpu_layout](CompiledKernel& out) {
+                                     makeCpuKernel(*family, layout, out);
+                                   },
+                                   background);
+  }
   // 8. Only a kernel that exists and has never failed to launch runs.
-  if (!plan->compiled) return fail(why, "first use of this kernel during CUDA graph capture");
+  if (!plan->compiled) {
+    return fail(why, background ? "its kernel is compiling in the background" : "first use of this kernel during CUDA graph capture");
+  }
   if (!plan->compiled->error.empty()) return fail(why, "compile failed: " + plan->compiled->error);
   if (plan->compiled->launch_failed.load()) return fail(why, "its kernel failed to launch");
   return true;
@@ -79,7 +91,7 @@ KernelFamily::KernelFamily(ir::Kernel kernel, KernelOptions options)
     : kernel_(std::move(kernel)), options_(options) {}
 
 std::shared_ptr<CompiledKernel> KernelFamily::obtain(const std::string& key, const std::function<bool()>& may_compile,
-                                                     const std::function<void(CompiledKernel&)>& make) {
+                                                     const std::function<void(CompiledKernel&)>& make, bool background) {
   std::shared_ptr<Slot> slot;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -87,20 +99,30 @@ std::shared_ptr<CompiledKernel> KernelFamily::obtain(const std::string& key, con
     if (!entry) entry = std::make_shared<Slot>();
     slot = entry;
   }
-  if (!slot->made.load() && may_compile && !may_compile()) return nullptr;
-  std::call_once(slot->once, [&] {
-    try {
-      make(*slot->kernel);
-      kernels_made++;
-      log(LogLevel::kDebug, "made kernel " + kernel_.name + " for " + key);
-    } catch (const std::exception& error) {
-      slot->kernel->error = error.what();
-      log(LogLevel::kWarning, "a fusion group's kernel failed to compile or load (" + key +
-                                  "); the group runs unfused for these inputs from now on: " + slot->kernel->error);
-    }
-    slot->made.store(true);
-  });
-  return slot->kernel;
+  if (slot->made.load()) return slot->kernel;
+  if (may_compile && !may_compile()) return nullptr;
+  // Whoever runs `once` makes the kernel; anyone else asking meanwhile waits for it, unless it
+  // asked for the background.
+  auto makeOnce = [slot, make, key, name = kernel_.name] {
+    std::call_once(slot->once, [&] {
+      try {
+        make(*slot->kernel);
+        kernels_made++;
+        log(LogLevel::kDebug, "made kernel " + name + " for " + key);
+      } catch (const std::exception& error) {
+        slot->kernel->error = error.what();
+        log(LogLevel::kWarning, "a fusion group's kernel failed to compile or load (" + key +
+                                    "); the group runs unfused for these inputs from now on: " + slot->kernel->error);
+      }
+      slot->made.store(true);
+    });
+  };
+  if (!background) {
+    makeOnce();
+    return slot->kernel;
+  }
+  if (!slot->submitted.exchange(true)) compileInBackground(makeOnce);
+  return slot->made.load() ? slot->kernel : nullptr;
 }
 
 int64_t kernelsMade() { return kernels_made.load(); }

@@ -44,6 +44,9 @@ struct KernelCall {
   // load would break a CUDA graph capture). Empty: always.
   std::function<bool()> may_compile;
   struct KernelRecorder* recorder = nullptr;  // set: record the kernel instead of making it
+  // CPU: a kernel not yet in memory is made on a worker thread (codegen/compile_pool.h) and the
+  // call runs its fallback meanwhile (Options::background_compile).
+  bool background_compile = false;
 };
 
 // One compiled kernel, shared by every call and thread with the same key.
@@ -71,14 +74,16 @@ class KernelFamily {
   const KernelOptions& options() const { return options_; }
 
   // The kernel for `key`, made by `make` on first request (one make per key across threads);
-  // null when it is not in memory and `may_compile` says no.
+  // null when it is not in memory and `may_compile` says no, or when `background` sent the make
+  // to a worker thread that has not finished it yet (the family must outlive that make).
   std::shared_ptr<CompiledKernel> obtain(const std::string& key, const std::function<bool()>& may_compile,
-                                         const std::function<void(CompiledKernel&)>& make);
+                                         const std::function<void(CompiledKernel&)>& make, bool background = false);
 
  private:
   struct Slot {
     std::once_flag once;
     std::atomic<bool> made{false};
+    std::atomic<bool> submitted{false};  // sent to a worker thread
     std::shared_ptr<CompiledKernel> kernel = std::make_shared<CompiledKernel>();
   };
   const ir::Kernel kernel_;

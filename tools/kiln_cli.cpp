@@ -309,7 +309,7 @@ std::vector<torch::jit::IValue> exampleInputs(const Args& args) {
     std::ifstream file(path, std::ios::binary);
     if (!file) throw std::runtime_error(std::strerror(errno));
     std::vector<char> bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-    saved = torch::pickle_load(bytes);
+    saved = torch::jit::pickle_load(bytes);
   } catch (const std::exception& error) {
     throw CliError("cannot read --inputs " + path + ": " + errorLine(error.what()), 2);
   }

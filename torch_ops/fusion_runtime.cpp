@@ -283,6 +283,7 @@ KernelCall kernelCall(const LoweredGroup& lowered, const std::vector<at::Tensor>
     call.strides.push_back(std::move(strides));
   }
   call.recorder = active_recorder;
+  call.background_compile = Options::global().background_compile;
   if (device.is_cuda()) {
     const int index = device.index();
     call.cuda_device = index;

@@ -20,6 +20,10 @@ struct Options {
   // CPU kernels: below this many elements a group runs on the calling thread only.
   int64_t cpu_parallel_grain = 32768;
   bool fast_math = false;          // KILN_FAST_MATH=1: approximate math in generated kernels
+  // KILN_BACKGROUND_COMPILE=1: a CPU kernel not yet made is compiled (or loaded from the disk
+  // cache) on a worker thread while its group runs its original ops; cold starts then compile
+  // in parallel across cores, and the first calls run unfused.
+  bool background_compile = false;
   // Environment values that were rejected, their defaults kept: one line each naming the
   // variable, the value and what is accepted. The library warns about them once, where the
   // setting is first used (KernelCache::global()); the kiln CLI refuses to run (exit code 2).

@@ -13,6 +13,7 @@
 #include <random>
 #include <thread>
 
+#include "codegen/compile_pool.h"
 #include "codegen/kernel_cache.h"
 #include "tests/codegen/temp_dir.h"
 
@@ -263,6 +264,35 @@ TEST(Pipeline, PlansACpuCallAndReusesItsKernelForAnySize) {
   plan.compiled->launch_failed = true;
   EXPECT_FALSE(planLaunch(family, contiguousCall({3, 5}), nullptr, &again, &why));
   EXPECT_EQ(why, "its kernel failed to launch");
+}
+
+// KILN_BACKGROUND_COMPILE: the first calls are told to run their fallback while a worker thread
+// makes the kernel (once, however many calls ask); later calls get it.
+TEST(Pipeline, BackgroundCompileLetsCallsRunTheirFallbackMeanwhile) {
+  KernelFamily family(mulAddKernel(freshConstant()), KernelOptions{});
+  KernelCall call = contiguousCall({3, 5});
+  call.background_compile = true;
+  const int64_t made = kernelsMade();
+  LaunchPlan plan;
+  std::string why;
+  bool planned = planLaunch(family, call, nullptr, &plan, &why);
+  if (!planned) {
+    EXPECT_EQ(why, "its kernel is compiling in the background");
+  }
+  for (int i = 0; i < 5 && !planned; ++i) planned = planLaunch(family, call, nullptr, &plan, &why);
+  waitForBackgroundCompiles();
+  ASSERT_TRUE(planLaunch(family, call, nullptr, &plan, &why)) << why;
+  ASSERT_TRUE(plan.compiled && plan.compiled->cpu);
+  EXPECT_EQ(kernelsMade() - made, 1);
+
+  // A make that throws in the background is recorded like one on the calling thread.
+  KernelFamily broken(mulAddKernel(2.0), KernelOptions{});
+  auto fail = [](CompiledKernel&) { throw std::runtime_error("out of memory"); };
+  EXPECT_EQ(broken.obtain("cpu ccc", {}, fail, /*background=*/true), nullptr);
+  waitForBackgroundCompiles();
+  std::shared_ptr<CompiledKernel> failed = broken.obtain("cpu ccc", {}, fail, true);
+  ASSERT_NE(failed, nullptr);
+  EXPECT_EQ(failed->error, "out of memory");
 }
 
 TEST(Pipeline, ARecorderTakesKernelsDownInsteadOfMakingThem) {

@@ -1,0 +1,81 @@
+"""kiln run and --inputs, end to end: a model that reads token ids (which random --input values
+would send out of range) runs from a list of tensors saved with torch.save; `kiln run` reports
+the time to first result and each call; a second process on the same cache loads every CPU
+kernel and compiles none; KILN_BACKGROUND_COMPILE=1 gives the same results; `kiln report` and
+`kiln compile --arch host` take --inputs; a missing or malformed inputs file, --input with
+--inputs, and --calls 0 are one-line usage errors (exit 2)."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+kiln = sys.argv[1]
+
+
+class Tagger(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 32)
+        self.fc = torch.nn.Linear(32, 32)
+
+    def forward(self, ids, scale):
+        h = self.fc(self.embed(ids)) * scale
+        return torch.sigmoid(h) * torch.tanh(h - 0.25) + h.clamp(-1.0, 1.0)
+
+
+def run(*args, env, code=0):
+    result = subprocess.run([kiln, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == code, (args, result.returncode, result.stderr)
+    return result
+
+
+def one_line(result, fragment):
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kiln") and fragment in lines[0], result.stderr
+    return lines[0]
+
+
+with tempfile.TemporaryDirectory() as scratch:
+    env = dict(os.environ, KILN_CACHE_DIR=os.path.join(scratch, "cache"))
+    torch.manual_seed(0)
+    model = torch.jit.script(Tagger().eval())
+    path = os.path.join(scratch, "tagger.pt")
+    fused = os.path.join(scratch, "tagger.kiln.pt")
+    model.save(path)
+    inputs = os.path.join(scratch, "inputs.pt")
+    torch.save([torch.randint(0, 100, (4, 14)), torch.rand(4, 14, 1) + 0.5], inputs)
+    run("fuse", path, fused, env=env)
+
+    cold = json.loads(run("run", fused, "--inputs", inputs, "--calls", "3", "--json", env=env).stdout)
+    assert len(cold["call_ms"]) == 3 and cold["kiln_groups"] > 0, cold
+    assert abs(cold["first_result_ms"] - cold["load_ms"] - cold["call_ms"][0]) < 0.01, cold
+    assert cold["kernel_cache"]["misses"] > 0 and cold["kernel_cache"]["stores"] == cold["kernel_cache"]["misses"], cold
+    warm = json.loads(run("run", fused, "--inputs", inputs, "--json", env=env).stdout)
+    assert warm["kernel_cache"] == {"hits": cold["kernel_cache"]["stores"], "misses": 0, "stores": 0}, warm
+    text = run("run", fused, "--inputs", inputs, env=env).stdout
+    assert "first result after" in text, text
+
+    background_env = dict(env, KILN_BACKGROUND_COMPILE="1", KILN_CACHE_DIR=os.path.join(scratch, "cache2"))
+    run("run", fused, "--inputs", inputs, "--calls", "5", env=background_env)
+
+    report = json.loads(run("report", path, "--inputs", inputs, "--json", env=env).stdout)
+    assert report["groups"] and all(g["bytes_fused"] > 0 for g in report["groups"] if g["kind"] == "elementwise"), report
+    host = json.loads(run("compile", path, "--inputs", inputs, "--arch", "host", "--json", env=env).stdout)
+    assert host["kernels"] and all(k["status"] == "cached" for k in host["kernels"]), host
+
+    one_line(run("run", fused, "--inputs", os.path.join(scratch, "missing.pt"), env=env, code=2),
+             "cannot read --inputs")
+    not_tensors = os.path.join(scratch, "not_tensors.pt")
+    torch.save([torch.zeros(2), 3], not_tensors)
+    one_line(run("run", fused, "--inputs", not_tensors, env=env, code=2), "expected tensors")
+    a_dict = os.path.join(scratch, "dict.pt")
+    torch.save({"ids": torch.zeros(2)}, a_dict)
+    one_line(run("run", fused, "--inputs", a_dict, env=env, code=2), "expected a list or tuple of tensors")
+    one_line(run("run", fused, "--inputs", inputs, "--input", "4,14:int64", env=env, code=2), "not both")
+    one_line(run("run", fused, "--inputs", inputs, "--calls", "0", env=env, code=2), "--calls")
+    one_line(run("run", fused, env=env, code=2), "--inputs")
+
+print("ok")
