@@ -740,18 +740,24 @@ CpuLayout cpuLayoutFor(const std::vector<Access>& accesses) {
 }
 
 const CpuTarget& CpuTarget::host() {
-  static const CpuTarget target = [] {
-    CpuTarget t;
+  // Never destroyed: a background compile may still read it while the process exits.
+  static const CpuTarget& target = *[] {
+    auto* t = new CpuTarget();
     llvm::StringMap<bool> features;
     llvm::sys::getHostCPUFeatures(features);
     auto has = [&](const char* name) { return features.count(name) && features[name]; };
-    t.vector_bits = has("avx512f") ? 512 : has("avx2") ? 256 : 128;
-    t.cpu = llvm::sys::getHostCPUName().str();
-    t.features = describeFeatures();
-    t.triple = llvm::sys::getProcessTriple();
+    t->vector_bits = has("avx512f") ? 512 : has("avx2") ? 256 : 128;
+    t->cpu = llvm::sys::getHostCPUName().str();
+    t->features = describeFeatures();
+    t->triple = llvm::sys::getProcessTriple();
     return t;
   }();
   return target;
+}
+
+void prepareCpuBackend() {
+  initializeLlvm();
+  CpuTarget::host();
 }
 
 struct CpuKernel::Jit {

@@ -42,6 +42,11 @@ struct CpuTarget {
   static const CpuTarget& host();
 };
 
+// Initializes LLVM's host target and reads the host CPU once. Background compiles call it on the
+// submitting thread first, so that what they use was made before their worker pool (and so is
+// destroyed after it at exit).
+void prepareCpuBackend();
+
 struct CpuKernelResult;
 CpuKernelResult obtainCpuKernel(const ir::Kernel& kernel, const CpuLayout& layout);
 

@@ -31,6 +31,35 @@ void makeCudaKernel(const KernelFamily& family, const KernelCall& call, const Cu
   out.cuda = load_cuda(binary, call.cuda_device);
 }
 
+// The CUDA schedule for the planned call; nullopt with *why when none fits or its arguments would
+// not fit one launch.
+std::optional<CudaSpecialization> cudaScheduleFor(const ir::Kernel& kernel, const LaunchPlan& plan,
+                                                  const KernelCall& call, std::string* why) {
+  std::optional<CudaSpecialization> schedule =
+      chooseCudaSpecialization(kernel, plan.geometry, plan.access, call.addresses, why);
+  if (schedule && cudaArgumentLayout(kernel, *schedule).bytes() > kMaxCudaArgumentBytes) {
+    *why = "too many operands for one CUDA kernel's arguments";
+    return std::nullopt;
+  }
+  return schedule;
+}
+
+// The family's kernel for `key`: made on this thread, or for the CPU on a worker thread when the
+// call asks (null until it is made).
+std::shared_ptr<CompiledKernel> obtainKernel(KernelFamily& family, const std::string& key, const KernelCall& call,
+                                             const LaunchPlan& plan, const CudaLoader& load_cuda) {
+  if (call.cuda_device >= 0) {
+    return family.obtain(key, call.may_compile,
+                         [&](CompiledKernel& out) { makeCudaKernel(family, call, plan.cuda, load_cuda, out); });
+  }
+  if (call.background_compile) prepareCpuBackend();
+  return family.obtain(key, call.may_compile,
+                       [family = &family, layout = plan.cpu_layout](CompiledKernel& out) {
+                         makeCpuKernel(*family, layout, out);
+                       },
+                       call.background_compile);
+}
+
 }  // namespace
 
 bool planLaunch(KernelFamily& family, const KernelCall& call, const CudaLoader& load_cuda, LaunchPlan* plan,
@@ -47,13 +76,7 @@ bool planLaunch(KernelFamily& family, const KernelCall& call, const CudaLoader& 
   plan->cpu_layout = cpuLayoutFor(plan->access);
   std::string no_schedule;
   std::optional<CudaSpecialization> schedule;
-  if (on_cuda || call.recorder) {
-    schedule = chooseCudaSpecialization(kernel, plan->geometry, plan->access, call.addresses, &no_schedule);
-    if (schedule && cudaArgumentLayout(kernel, *schedule).bytes() > kMaxCudaArgumentBytes) {
-      schedule.reset();
-      no_schedule = "too many operands for one CUDA kernel's arguments";
-    }
-  }
+  if (on_cuda || call.recorder) schedule = cudaScheduleFor(kernel, *plan, call, &no_schedule);
   if (on_cuda && !schedule) return fail(why, no_schedule);
   if (schedule) plan->cuda = *schedule;
   // 5. `kiln compile` records what the call needs instead of making it.
@@ -62,25 +85,14 @@ bool planLaunch(KernelFamily& family, const KernelCall& call, const CudaLoader& 
     return fail(why, "recorded for kiln compile");
   }
   // 6. The key within the family: the target and the specialization.
-  const std::string key = on_cuda ? "cuda:" + std::to_string(call.cuda_device) + " " + schedule->toString()
+  const std::string key = on_cuda ? "cuda:" + std::to_string(call.cuda_device) + " " + plan->cuda.toString()
                                   : "cpu " + plan->cpu_layout.toString();
-  // 7. The kernel: from memory, else from the disk cache, else compiled; once per key (on a
-  //    worker thread when asked, the call running its fallback meanwhile).
-  const bool background = call.background_compile && !on_cuda;
-  if (on_cuda) {
-    plan->compiled = family.obtain(key, call.may_compile, [&](CompiledKernel& out) {
-      makeCudaKernel(family, call, *schedule, load_cuda, out);
-    });
-  } else {
-    plan->compiled = family.obtain(key, call.may_compile,
-                                   [family = &family, layout = plan->cpu_layout](CompiledKernel& out) {
-                                     makeCpuKernel(*family, layout, out);
-                                   },
-                                   background);
-  }
+  // 7. The kernel: from memory, else from the disk cache, else compiled; once per key (for the
+  //    CPU on a worker thread when asked, the call running its fallback meanwhile).
+  plan->compiled = obtainKernel(family, key, call, *plan, load_cuda);
   // 8. Only a kernel that exists and has never failed to launch runs.
   if (!plan->compiled) {
-    return fail(why, background ? "its kernel is compiling in the background" : "first use of this kernel during CUDA graph capture");
+    return fail(why, on_cuda ? "first use of this kernel during CUDA graph capture" : "its kernel is compiling in the background");
   }
   if (!plan->compiled->error.empty()) return fail(why, "compile failed: " + plan->compiled->error);
   if (plan->compiled->launch_failed.load()) return fail(why, "its kernel failed to launch");
