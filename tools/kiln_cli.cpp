@@ -19,6 +19,8 @@
 #include <cerrno>
 #include <cstring>
 #include <thread>
+#include <mutex>
+#include <unistd.h>
 #include <atomic>
 
 #include "codegen/atomic_file.h"
@@ -481,8 +483,20 @@ int runCompile(const Args& args) {
   // Compiles are independent: each worker takes the next kernel until none is left.
   std::vector<CompiledForCli> results(wanted.size());
   std::atomic<size_t> next{0};
+  // On a terminal (and without --json), one line that counts the kernels done, rewritten in place.
+  const bool progress = !args.has("--json") && isatty(STDERR_FILENO);
+  std::atomic<size_t> done{0};
+  std::mutex progress_mutex;
   auto worker = [&] {
-    for (size_t i = next++; i < wanted.size(); i = next++) results[i] = obtainForCli(wanted[i], arch);
+    for (size_t i = next++; i < wanted.size(); i = next++) {
+      results[i] = obtainForCli(wanted[i], arch);
+      const size_t finished = ++done;
+      if (!progress) continue;
+      std::lock_guard<std::mutex> lock(progress_mutex);
+      std::fprintf(stderr, "\rkiln compile: kernel %zu of %zu for %s%s", finished, wanted.size(), arch.c_str(),
+                   finished == wanted.size() ? "\n" : "");
+      std::fflush(stderr);
+    }
   };
   const auto start = std::chrono::steady_clock::now();
   std::vector<std::thread> workers;

@@ -2,10 +2,12 @@
 would send out of range) runs from a list of tensors saved with torch.save; `kiln run` reports
 the time to first result and each call; a second process on the same cache loads every CPU
 kernel and compiles none; KILN_BACKGROUND_COMPILE=1 gives the same results; `kiln report` and
-`kiln compile --arch host` take --inputs; a missing or malformed inputs file, --input with
+`kiln compile --arch host` take --inputs, and compile shows its progress (kernel i of N) on a
+terminal only, never with --json or into a pipe; a missing or malformed inputs file, --input with
 --inputs, and --calls 0 are one-line usage errors (exit 2)."""
 import json
 import os
+import pty
 import subprocess
 import sys
 import tempfile
@@ -65,6 +67,29 @@ with tempfile.TemporaryDirectory() as scratch:
     assert report["groups"] and all(g["bytes_fused"] > 0 for g in report["groups"] if g["kind"] == "elementwise"), report
     host = json.loads(run("compile", path, "--inputs", inputs, "--arch", "host", "--json", env=env).stdout)
     assert host["kernels"] and all(k["status"] == "cached" for k in host["kernels"]), host
+
+    # Progress on a terminal: kernel i of N on stderr; none into a pipe (above) or with --json.
+    def on_terminal(*args):
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.execve(kiln, [kiln, *args], dict(env, KILN_CACHE_DIR=os.path.join(scratch, "cache3")))
+        output = b""
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, output
+        return output.decode()
+    shown = on_terminal("compile", path, "--inputs", inputs, "--arch", "host")
+    count = len(host["kernels"])
+    assert f"kernel {count} of {count} for host" in shown, shown
+    assert "kernel " not in on_terminal("compile", path, "--inputs", inputs, "--arch", "host", "--json"), "progress with --json"
+    assert "kernel 1 of" not in run("compile", path, "--inputs", inputs, "--arch", "host", env=env).stderr
 
     one_line(run("run", fused, "--inputs", os.path.join(scratch, "missing.pt"), env=env, code=2),
              "cannot read --inputs")
