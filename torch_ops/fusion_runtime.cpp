@@ -43,8 +43,7 @@ struct FusionProgram {
 
 struct PreparedLaunch {
   std::shared_ptr<FusionProgram> program;
-  std::shared_ptr<SignatureEntry> entry;  // keeps `lowered` and the family alive
-  const LoweredGroup* lowered = nullptr;
+  std::shared_ptr<SignatureEntry> entry;  // the group lowered for this call's signature
   c10::Device device = c10::kCPU;
   std::vector<at::Tensor> inputs;   // tensor inputs as the kernel loads them
   std::vector<double> float_args;   // per kernel scalar input
@@ -307,16 +306,16 @@ std::shared_ptr<PreparedLaunch> prepareLaunch(const std::shared_ptr<FusionProgra
   auto launch = std::make_shared<PreparedLaunch>();
   launch->program = program;
   launch->entry = entry;
-  launch->lowered = &*entry->lowered;
   launch->device = signature.device;
   launch->inputs = tensors;
-  if (std::string reason = viewChannelParams(*launch->lowered, tensors, launch->inputs); !reason.empty()) return reject(reason);
+  const LoweredGroup& lowered = *entry->lowered;
+  if (std::string reason = viewChannelParams(lowered, tensors, launch->inputs); !reason.empty()) return reject(reason);
   packScalars(*program, floats, ints, *launch);
   std::vector<bool> shaped;
-  if (std::string reason = iterationShape(*launch->lowered, launch->inputs, &launch->shape, &shaped); !reason.empty()) {
+  if (std::string reason = iterationShape(lowered, launch->inputs, &launch->shape, &shaped); !reason.empty()) {
     return reject(reason);
   }
-  const KernelCall call = kernelCall(*launch->lowered, launch->inputs, launch->shape, shaped, signature.device);
+  const KernelCall call = kernelCall(lowered, launch->inputs, launch->shape, shaped, signature.device);
   std::string not_planned;
   if (!planLaunch(*entry->family, call, loadCudaFunction, &launch->plan, &not_planned)) return reject(not_planned);
   return launch;
@@ -390,7 +389,7 @@ std::vector<at::Tensor> launchOrFallback(const std::shared_ptr<PreparedLaunch>& 
 
 std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
   failIfInjected(FaultStage::kLaunch);
-  const LoweredGroup& lowered = *prepared.lowered;
+  const LoweredGroup& lowered = *prepared.entry->lowered;
   const LaunchPlan& plan = prepared.plan;
   std::vector<at::Tensor> outputs;
   for (at::ScalarType dtype : lowered.output_dtypes) {
