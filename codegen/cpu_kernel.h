@@ -65,6 +65,8 @@ class CpuKernel {
  private:
   friend CpuKernelResult obtainCpuKernel(const ir::Kernel& kernel, const CpuLayout& layout);
   CpuKernel() = default;
+  // Links object code into a JIT of this kernel's own and finds its function.
+  void link(const std::string& object, const std::vector<std::string>& declarations, const std::string& symbol);
   struct Jit;
   std::unique_ptr<Jit> jit_;
   CpuKernelFn function_ = nullptr;

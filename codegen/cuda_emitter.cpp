@@ -281,7 +281,6 @@ std::vector<int64_t> packCudaArguments(const ir::Kernel& kernel, const CudaSpeci
                                        const std::vector<double>& float_scalars,
                                        const std::vector<int64_t>& int_scalars) {
   const CudaArgumentLayout layout = cudaArgumentLayout(kernel, specialization);
-  const size_t inputs = kernel.tensor_inputs.size();
   if (pointers.size() != static_cast<size_t>(layout.operands) || geometry.strides.size() != pointers.size() ||
       float_scalars.size() != kernel.scalar_inputs.size() || int_scalars.size() != kernel.scalar_inputs.size() ||
       (layout.rank > 0 && geometry.rank() != static_cast<size_t>(layout.rank))) {
@@ -293,7 +292,7 @@ std::vector<int64_t> packCudaArguments(const ir::Kernel& kernel, const CudaSpeci
   if (layout.rank > 0) {
     for (int64_t size : geometry.sizes) arguments.push_back(size);
     for (size_t k = 0; k < pointers.size(); ++k) {
-      const int64_t element = ir::dtypeSize(k < inputs ? kernel.tensor_inputs[k] : kernel.outputType(k - inputs));
+      const int64_t element = ir::dtypeSize(kernel.operandType(k));
       for (int64_t stride : geometry.strides[k]) arguments.push_back(stride / element);
     }
   }
@@ -321,9 +320,7 @@ std::optional<CudaSpecialization> chooseCudaSpecialization(const ir::Kernel& ker
                                                            std::string* why) {
   const size_t inputs = kernel.tensor_inputs.size();
   const size_t operands = inputs + kernel.outputs.size();
-  auto elementSize = [&](size_t k) {
-    return ir::dtypeSize(k < inputs ? kernel.tensor_inputs[k] : kernel.outputType(k - inputs));
-  };
+  auto elementSize = [&](size_t k) { return ir::dtypeSize(kernel.operandType(k)); };
   const size_t rank = geometry.rank();
   CudaSpecialization specialization;
   // 32-bit indices while every element offset (and the grid-stride loop's step past the end)
@@ -387,7 +384,6 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
   for (size_t o = 0; linear && o < kernel.outputs.size(); ++o) {
     if (specialization.access[inputs + o] != Access::kContiguous) throw std::runtime_error("kiln cuda: a broadcast output");
   }
-  auto typeOf = [&](size_t k) { return k < inputs ? kernel.tensor_inputs[k] : kernel.outputType(k - inputs); };
   const CudaArgumentLayout args = cudaArgumentLayout(kernel, specialization);
 
   CudaSource result;
@@ -416,8 +412,8 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
   }
   for (size_t k = 0; k < operands; ++k) {
     if (!used[k]) continue;
-    out << "  " << (k < inputs ? "const " : "") << memoryType(typeOf(k)) << "* __restrict__ d" << k << " = ("
-        << (k < inputs ? "const " : "") << memoryType(typeOf(k)) << "*)p.data[" << k << "];\n";
+    out << "  " << (k < inputs ? "const " : "") << memoryType(kernel.operandType(k)) << "* __restrict__ d" << k << " = ("
+        << (k < inputs ? "const " : "") << memoryType(kernel.operandType(k)) << "*)p.data[" << k << "];\n";
   }
   out << "  const index_t n = (index_t)p.numel;\n"
       << "  const index_t step = (index_t)gridDim.x * blockDim.x;\n"
@@ -446,8 +442,8 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
     for (size_t k = 0; k < inputs; ++k) {
       const Access access = accessOf(k);
       if (access == Access::kBroadcast || access == Access::kColumn || !used[k]) continue;
-      out << "    const kiln_vec<" << memoryType(typeOf(k)) << ", " << width << "> x" << k << " = *(const kiln_vec<"
-          << memoryType(typeOf(k)) << ", " << width << ">*)(d" << k
+      out << "    const kiln_vec<" << memoryType(kernel.operandType(k)) << ", " << width << "> x" << k << " = *(const kiln_vec<"
+          << memoryType(kernel.operandType(k)) << ", " << width << ">*)(d" << k
           << (access == Access::kRow ? " + column" : " + v * " + std::to_string(width)) << ");\n";
     }
     // Results go to scalars first and into the vector only for the store: a vector written
@@ -475,7 +471,7 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
     }
     for (size_t o = 0; o < kernel.outputs.size(); ++o) {
       const size_t k = inputs + o;
-      const std::string vector = "kiln_vec<" + std::string(memoryType(typeOf(k))) + ", " + std::to_string(width) + ">";
+      const std::string vector = "kiln_vec<" + std::string(memoryType(kernel.operandType(k))) + ", " + std::to_string(width) + ">";
       out << "    {\n      " << vector << " x" << k << ";\n";
       for (int j = 0; j < width; ++j) out << "      x" << k << ".v[" << j << "] = y" << o << "[" << j << "];\n";
       out << "      *(" << vector << "*)(d" << k << " + v * " << width << ") = x" << k << ";\n    }\n";

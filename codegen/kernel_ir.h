@@ -63,6 +63,10 @@ struct Kernel {
   std::vector<int> outputs;          // body indices; output i has type body[outputs[i]].type
 
   DType outputType(size_t i) const { return body[outputs[i]].type; }
+  // Operand k of a kernel's memory interface: the tensor inputs, then the outputs.
+  DType operandType(size_t k) const {
+    return k < tensor_inputs.size() ? tensor_inputs[k] : outputType(k - tensor_inputs.size());
+  }
 
   // Builders: each appends an instruction and returns its index.
   int load(int input);
