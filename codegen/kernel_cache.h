@@ -1,7 +1,7 @@
-// The on-disk kernel cache: compiled kernel binaries (cubin / PTX from NVRTC, later LLVM object
-// code) kept in $KILN_CACHE_DIR under a key that names everything that changes the binary, and
-// shared by concurrent processes. The in-memory cache asks here before compiling and stores here
-// after. See docs/kernel-cache.md for the file format, concurrency and eviction rules.
+// The on-disk kernel cache: compiled kernel binaries (cubin / PTX from NVRTC, ELF object code from
+// LLVM) kept in $KILN_CACHE_DIR under a key that names everything that changes the binary, and
+// shared by concurrent processes. obtainCudaKernel and obtainCpuKernel ask here before compiling
+// and store here after. See docs/kernel-cache.md for the file format, concurrency and eviction rules.
 #pragma once
 
 #include <atomic>
