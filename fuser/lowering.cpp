@@ -242,8 +242,12 @@ KILN_LOWER(lowerGelu) {
                          L.binary(Op::kAdd, x, L.binary(Op::kMul, L.constant(0.044715, ct), cube)));
     return L.binary(Op::kMul, L.binary(Op::kMul, half, x), L.binary(Op::kAdd, one, L.unary(Op::kTanh, inner)));
   }
+  // As eager's vectorized CPU loop (any tensor of a vector or more): x/2 + x/2·erf(x/√2), whose
+  // zeros are +0.0 (gelu(-0.0), and x far below zero where erf is -1); x/2·(1 + erf), eager's
+  // scalar loop, gives -0.0 there.
   int erf = L.unary(Op::kErf, L.binary(Op::kMul, x, L.constant(M_SQRT1_2, ct)));
-  return L.binary(Op::kMul, L.binary(Op::kMul, x, half), L.binary(Op::kAdd, one, erf));
+  int x_half = L.binary(Op::kMul, x, half);
+  return L.binary(Op::kAdd, L.binary(Op::kMul, x_half, erf), x_half);
 }
 
 // Eval-mode batch_norm as eager's CPU kernel computes it: alpha = w / sqrt(var + eps),
