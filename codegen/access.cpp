@@ -2,7 +2,17 @@
 
 namespace kiln {
 
-Geometry mergeDimensions(const std::vector<int64_t>& shape, const std::vector<std::vector<int64_t>>& strides) {
+Geometry mergeDimensions(const std::vector<int64_t>& shape, const std::vector<std::vector<int64_t>>& strides,
+                         bool keep_rows) {
+  if (keep_rows && !shape.empty()) {
+    std::vector<std::vector<int64_t>> outer_strides;
+    for (const auto& operand : strides) outer_strides.emplace_back(operand.begin(), operand.end() - 1);
+    Geometry geometry = mergeDimensions(std::vector<int64_t>(shape.begin(), shape.end() - 1), outer_strides);
+    geometry.sizes.push_back(shape.back());
+    geometry.numel *= shape.back();
+    for (size_t k = 0; k < strides.size(); ++k) geometry.strides[k].push_back(strides[k].back());
+    return geometry;
+  }
   Geometry geometry;
   const size_t operands = strides.size();
   geometry.strides.resize(operands);

@@ -20,8 +20,10 @@ struct Geometry {
 };
 
 // Drops size-1 dimensions and merges neighbours that every operand walks as one. `strides` are
-// per operand over `shape`, in bytes.
-Geometry mergeDimensions(const std::vector<int64_t>& shape, const std::vector<std::vector<int64_t>>& strides);
+// per operand over `shape`, in bytes. With `keep_rows` (a kernel with row reductions) the
+// innermost dimension is the row and stays as it is, after at least one outer dimension.
+Geometry mergeDimensions(const std::vector<int64_t>& shape, const std::vector<std::vector<int64_t>>& strides,
+                         bool keep_rows = false);
 
 // One operand's access over a merged space seen as [..., rows, inner].
 enum class Access : char {

@@ -10,6 +10,7 @@
 #include <llvm/Support/raw_ostream.h>
 #include <llvm/TargetParser/Host.h>
 
+#include <cmath>
 #include <mutex>
 #include <stdexcept>
 
@@ -60,6 +61,8 @@ struct Emitter {
   const ir::Kernel& kernel;
   const CpuLayout& layout;
   int vector_bits;
+  llvm::BasicBlock* entry_block = nullptr;  // where accumulator slots are allocated
+  llvm::Value* row_size = nullptr;          // the inner extent (rowsize)
 
   Emitter(llvm::LLVMContext& c, llvm::Module& m, const ir::Kernel& k, const CpuLayout& l, int bits)
       : context(c), module(m), builder(c), kernel(k), layout(l), vector_bits(bits) {}
@@ -369,19 +372,33 @@ struct Emitter {
     throw std::runtime_error(std::string("kiln cpu: ") + ir::opName(op) + " on " + ir::dtypeName(operand_type));
   }
 
-  // Emits the body for `lanes` elements at each of the operand pointer sets in `copies`, op by op
-  // across the copies: independent dependency chains side by side, so the core overlaps their
-  // latencies (a long chain of math on one vector otherwise waits on itself).
-  void emitElements(const std::vector<std::vector<llvm::Value*>>& copies, const std::vector<llvm::Value*>& scalars,
-                    int lanes) {
-    std::vector<std::vector<llvm::Value*>> values(copies.size(), std::vector<llvm::Value*>(kernel.body.size(), nullptr));
+  // The body's values for `lanes` elements at each of the operand pointer sets in `copies`, op by
+  // op across the copies: independent dependency chains side by side, so the core overlaps their
+  // latencies (a long chain of math on one vector otherwise waits on itself). Only the `wanted`
+  // values are computed; a value in `known` (a reduction kernel's per-row value, already
+  // computed for the row) is splat.
+  using Values = std::vector<std::vector<llvm::Value*>>;
+  Values evaluate(const Values& copies, const std::vector<llvm::Value*>& scalars, int lanes,
+                  const std::vector<bool>& wanted, const std::vector<llvm::Value*>& known,
+                  const std::vector<int>& reload = {}) {
+    Values values(copies.size(), std::vector<llvm::Value*>(kernel.body.size(), nullptr));
     for (size_t k = 0; k < kernel.body.size(); ++k) {
+      if (!wanted[k]) continue;
       const Instr& instr = kernel.body[k];
       auto operandType = [&](size_t j) { return kernel.body[static_cast<size_t>(instr.operands[j])].type; };
       for (size_t copy = 0; copy < copies.size(); ++copy) {
         const std::vector<llvm::Value*>& pointers = copies[copy];
         auto operand = [&](size_t j) { return values[copy][static_cast<size_t>(instr.operands[j])]; };
         llvm::Value*& value = values[copy][k];
+        if (known[k]) {
+          value = splat(known[k], lanes);
+          continue;
+        }
+        if (k < reload.size() && reload[k] >= 0) {  // stashed in an output by an earlier read of the row
+          const size_t output = kernel.tensor_inputs.size() + static_cast<size_t>(reload[k]);
+          value = load(instr.type, pointers[output], lanes, false);
+          continue;
+        }
         switch (instr.op) {
           case Op::kLoad: {
             auto p = static_cast<size_t>(instr.param);
@@ -397,20 +414,254 @@ struct Emitter {
             value = splat(c, lanes);
             break;
           }
+          case Op::kRowSize: value = splat(cast(row_size, DType::kInt64, instr.type, 1), lanes); break;
           case Op::kCast: value = cast(operand(0), operandType(0), instr.type, lanes); break;
           case Op::kSelect: value = builder.CreateSelect(operand(0), operand(1), operand(2)); break;
+          case Op::kReduceSum: case Op::kReduceMax: case Op::kReduceMin: case Op::kReduceVar:
+            throw std::logic_error("kiln cpu: a reduction's result is needed before its row is read");
           default:
             value = ir::opArity(instr.op) == 1 ? unary(instr.op, operandType(0), operand(0), lanes)
                                                : binary(instr.op, operandType(0), operand(0), operand(1), lanes);
         }
       }
     }
+    return values;
+  }
+
+  // The values `roots` depend on, up to (and not through) the ones where `stop` is set.
+  std::vector<bool> needed(const std::vector<int>& roots, const std::vector<bool>& stop) const {
+    std::vector<bool> wanted(kernel.body.size(), false);
+    for (int root : roots) wanted[static_cast<size_t>(root)] = true;
+    for (size_t k = kernel.body.size(); k-- > 0;) {
+      if (!wanted[k] || stop[k]) continue;
+      for (int operand : kernel.body[k].operands) wanted[static_cast<size_t>(operand)] = true;
+    }
+    return wanted;
+  }
+  std::vector<bool> needed(const std::vector<int>& roots, const std::vector<llvm::Value*>& known) const {
+    std::vector<bool> stop(known.size());
+    for (size_t k = 0; k < known.size(); ++k) stop[k] = known[k] != nullptr;
+    return needed(roots, stop);
+  }
+
+  // Per-element values worth keeping from a read of the row for the final one: math a stage
+  // computed (softmax's exp(x - max)) is written to an output of its type in that stage's read
+  // and read back in the last, where the output gets its value, instead of computed twice.
+  // Per body value: the output it is stashed in (-1: none); *stage_of: the stage that writes it.
+  std::vector<int> planStash(const ir::RowSchedule& schedule, std::vector<int>* stage_of) const {
+    const size_t size = kernel.body.size();
+    std::vector<int> stash(size, -1);
+    stage_of->assign(size, 0);
+    if (schedule.stages == 0) return stash;
+    // Values computed at row scope by the time the element outputs are computed.
+    std::vector<bool> row_scope(size, false);
+    for (size_t k = 0; k < size; ++k) {
+      row_scope[k] = ir::isReduction(kernel.body[k].op) || (!schedule.per_element[k] && schedule.stage[k] > 0);
+    }
+    // What each stage's read computes: the operands of its reductions, up to earlier row values.
+    std::vector<std::vector<bool>> computed(static_cast<size_t>(schedule.stages) + 1);
+    for (int stage = 1; stage <= schedule.stages; ++stage) {
+      std::vector<int> roots;
+      std::vector<bool> before(size, false);
+      for (size_t k = 0; k < size; ++k) {
+        before[k] = row_scope[k] && schedule.stage[k] < stage;
+        if (ir::isReduction(kernel.body[k].op) && schedule.stage[k] == stage) roots.push_back(kernel.body[k].operands[0]);
+      }
+      computed[static_cast<size_t>(stage)] = needed(roots, before);
+    }
+    std::vector<int> element_outputs;
+    std::vector<bool> output_taken(kernel.outputs.size(), false);
+    for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+      if (!kernel.isRowOutput(o)) element_outputs.push_back(kernel.outputs[o]);
+    }
+    std::vector<bool> stop = row_scope;
+    for (size_t v = size; v-- > 0;) {
+      if (!needed(element_outputs, stop)[v] || !schedule.per_element[v] || kernel.body[v].op == Op::kLoad) continue;
+      int stage = 0;
+      for (int s = 1; s <= schedule.stages; ++s) {
+        if (computed[static_cast<size_t>(s)][v]) stage = s;
+      }
+      if (stage == 0) continue;
+      // Worth it only for transcendental math.
+      const std::vector<bool> inside = needed({static_cast<int>(v)}, row_scope);
+      bool costly = false;
+      for (size_t k = 0; k < size; ++k) {
+        const Op op = kernel.body[k].op;
+        const char* ulp = nullptr;
+        costly |= inside[k] && (sleefBase(op, &ulp) != nullptr || op == Op::kSigmoid);
+      }
+      if (!costly) continue;
+      for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+        if (output_taken[o] || kernel.isRowOutput(o) || kernel.outputType(o) != kernel.body[v].type) continue;
+        output_taken[o] = true;
+        stash[v] = static_cast<int>(o);
+        (*stage_of)[v] = stage;
+        stop[v] = true;
+        break;
+      }
+    }
+    return stash;
+  }
+
+  // Stores the outputs stored at every element (all of them, in a kernel without reductions).
+  void storeElementOutputs(const Values& values, const Values& copies) {
     const size_t inputs = kernel.tensor_inputs.size();
     for (size_t copy = 0; copy < copies.size(); ++copy) {
       for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+        if (kernel.isRowOutput(o)) continue;
         store(kernel.outputType(o), values[copy][static_cast<size_t>(kernel.outputs[o])], copies[copy][inputs + o]);
       }
     }
+  }
+
+  // ---- row reductions: accumulators live in stack slots (promoted to registers by mem2reg) ----
+
+  // One reduction's partial results over a row: kInterleave vector slots for the main loops and
+  // one scalar slot for the tail. For reduce_var each slot holds Welford's (count, mean, m2).
+  struct Accumulator {
+    int value = 0;  // the reduction's body index
+    std::vector<llvm::AllocaInst*> vectors, means, counts;  // per interleaved copy
+    llvm::AllocaInst* scalar = nullptr;
+    llvm::AllocaInst* scalar_mean = nullptr;
+    llvm::AllocaInst* scalar_count = nullptr;
+  };
+
+  llvm::AllocaInst* slot(llvm::Type* type, const char* name) {
+    llvm::IRBuilder<> at(entry_block, entry_block->begin());
+    return at.CreateAlloca(type, nullptr, name);
+  }
+
+  llvm::Value* identity(Op op, llvm::Type* type) {
+    switch (op) {
+      case Op::kReduceMax: return floatConstant(type, -INFINITY);
+      case Op::kReduceMin: return floatConstant(type, INFINITY);
+      default: return llvm::Constant::getNullValue(type);
+    }
+  }
+
+  Accumulator makeAccumulator(int value, int lanes) {
+    const Instr& instr = kernel.body[static_cast<size_t>(value)];
+    llvm::Type* scalar = scalarType(instr.type);
+    llvm::Type* vector = valueType(instr.type, lanes);
+    const bool welford = instr.op == Op::kReduceVar;
+    Accumulator acc;
+    acc.value = value;
+    for (int copy = 0; lanes > 1 && copy < kInterleave; ++copy) {
+      acc.vectors.push_back(slot(vector, "acc"));
+      builder.CreateStore(identity(instr.op, vector), acc.vectors.back());
+      if (!welford) continue;
+      acc.means.push_back(slot(vector, "mean"));
+      acc.counts.push_back(slot(scalar, "count"));
+      builder.CreateStore(identity(instr.op, vector), acc.means.back());
+      builder.CreateStore(identity(instr.op, scalar), acc.counts.back());
+    }
+    acc.scalar = slot(scalar, "acc");
+    builder.CreateStore(identity(instr.op, scalar), acc.scalar);
+    if (welford) {
+      acc.scalar_mean = slot(scalar, "mean");
+      acc.scalar_count = slot(scalar, "count");
+      builder.CreateStore(identity(instr.op, scalar), acc.scalar_mean);
+      builder.CreateStore(identity(instr.op, scalar), acc.scalar_count);
+    }
+    return acc;
+  }
+
+  // a ⊕ b for sum, max and min.
+  llvm::Value* combine(Op op, llvm::Value* a, llvm::Value* b) {
+    switch (op) {
+      case Op::kReduceMax: return nanPropagating(true, a, b);
+      case Op::kReduceMin: return nanPropagating(false, a, b);
+      default: return builder.CreateFAdd(a, b);
+    }
+  }
+
+  // Welford's update of (count, mean, m2) by x; count is a scalar shared by x's lanes.
+  void welfordUpdate(llvm::AllocaInst* count_slot, llvm::AllocaInst* mean_slot, llvm::AllocaInst* m2_slot,
+                     llvm::Value* x, int lanes) {
+    llvm::Type* scalar = count_slot->getAllocatedType();
+    llvm::Type* vector = mean_slot->getAllocatedType();
+    llvm::Value* count = builder.CreateFAdd(builder.CreateLoad(scalar, count_slot), floatConstant(scalar, 1));
+    builder.CreateStore(count, count_slot);
+    llvm::Value* mean = builder.CreateLoad(vector, mean_slot);
+    llvm::Value* delta = builder.CreateFSub(x, mean);
+    llvm::Value* inverse = splat(builder.CreateFDiv(floatConstant(scalar, 1), count), lanes);
+    mean = multiplyAdd(delta, inverse, mean);
+    builder.CreateStore(mean, mean_slot);
+    llvm::Value* m2 = builder.CreateLoad(vector, m2_slot);
+    builder.CreateStore(multiplyAdd(delta, builder.CreateFSub(x, mean), m2), m2_slot);
+  }
+
+  // Chan et al.'s merge of two Welford states; counts are scalars (shared by the lanes).
+  struct Moments {
+    llvm::Value* count;
+    llvm::Value* mean;
+    llvm::Value* m2;
+  };
+  Moments welfordMerge(const Moments& a, const Moments& b, int lanes) {
+    llvm::Value* count = builder.CreateFAdd(a.count, b.count);
+    llvm::Value* empty = builder.CreateFCmpOEQ(count, llvm::Constant::getNullValue(count->getType()));
+    llvm::Value* share = builder.CreateSelect(empty, llvm::Constant::getNullValue(count->getType()),
+                                              builder.CreateFDiv(b.count, count));
+    llvm::Value* delta = builder.CreateFSub(b.mean, a.mean);
+    llvm::Value* mean = multiplyAdd(delta, splat(share, lanes), a.mean);
+    llvm::Value* spread = builder.CreateFMul(builder.CreateFMul(delta, delta), splat(builder.CreateFMul(a.count, share), lanes));
+    llvm::Value* m2 = builder.CreateFAdd(builder.CreateFAdd(a.m2, b.m2), spread);
+    return {count, mean, m2};
+  }
+
+  // The lower or upper half of a vector's lanes (a scalar for the halves of two lanes).
+  llvm::Value* half(llvm::Value* vector, int lanes, bool upper) {
+    if (lanes == 2) return builder.CreateExtractElement(vector, uint64_t{upper ? 1u : 0u});
+    llvm::SmallVector<int, 16> mask;
+    for (int lane = 0; lane < lanes / 2; ++lane) mask.push_back(lane + (upper ? lanes / 2 : 0));
+    return builder.CreateShuffleVector(vector, mask);
+  }
+
+  // Feeds one evaluated value per copy into the accumulator (lanes 1: the scalar slot).
+  void accumulate(const Accumulator& acc, const Values& values, int lanes) {
+    const Instr& instr = kernel.body[static_cast<size_t>(acc.value)];
+    const auto operand = static_cast<size_t>(instr.operands[0]);
+    for (size_t copy = 0; copy < values.size(); ++copy) {
+      llvm::Value* x = values[copy][operand];
+      llvm::AllocaInst* target = lanes == 1 ? acc.scalar : acc.vectors[copy];
+      if (instr.op == Op::kReduceVar) {
+        welfordUpdate(lanes == 1 ? acc.scalar_count : acc.counts[copy], lanes == 1 ? acc.scalar_mean : acc.means[copy],
+                      target, x, lanes);
+        continue;
+      }
+      builder.CreateStore(combine(instr.op, builder.CreateLoad(target->getAllocatedType(), target), x), target);
+    }
+  }
+
+  // The row's result from the accumulator's slots.
+  llvm::Value* finish(const Accumulator& acc, int lanes) {
+    const Instr& instr = kernel.body[static_cast<size_t>(acc.value)];
+    auto read = [&](llvm::AllocaInst* slot) { return builder.CreateLoad(slot->getAllocatedType(), slot); };
+    if (instr.op == Op::kReduceVar) {
+      Moments total{read(acc.scalar_count), read(acc.scalar_mean), read(acc.scalar)};
+      if (lanes > 1) {
+        Moments merged{read(acc.counts[0]), read(acc.means[0]), read(acc.vectors[0])};
+        for (int copy = 1; copy < kInterleave; ++copy) {
+          merged = welfordMerge(merged, {read(acc.counts[copy]), read(acc.means[copy]), read(acc.vectors[copy])}, lanes);
+        }
+        // Every lane holds as many elements: halve until one lane is left.
+        for (int width = lanes; width > 1; width /= 2) {
+          Moments low{merged.count, half(merged.mean, width, false), half(merged.m2, width, false)};
+          Moments high{merged.count, half(merged.mean, width, true), half(merged.m2, width, true)};
+          merged = welfordMerge(low, high, width / 2);
+        }
+        total = welfordMerge(merged, total, 1);
+      }
+      return builder.CreateFDiv(total.m2, total.count);
+    }
+    llvm::Value* result = read(acc.scalar);
+    if (lanes == 1) return result;
+    llvm::Value* vector = read(acc.vectors[0]);
+    for (int copy = 1; copy < kInterleave; ++copy) vector = combine(instr.op, vector, read(acc.vectors[copy]));
+    for (int width = lanes; width > 1; width /= 2) {
+      vector = combine(instr.op, half(vector, width, false), half(vector, width, true));
+    }
+    return combine(instr.op, vector, result);
   }
 
   // for (i = start; i < end; i += step) body(i), with `end - start` a multiple of step.
@@ -464,7 +715,8 @@ struct Emitter {
     llvm::Value* outer_size = &*args++;
     llvm::Value* float_args = &*args++;
     llvm::Value* int_args = &*args++;
-    builder.SetInsertPoint(llvm::BasicBlock::Create(context, "entry", function));
+    entry_block = llvm::BasicBlock::Create(context, "entry", function);
+    builder.SetInsertPoint(entry_block);
 
     const size_t operands = layout.operands.size();
     std::vector<llvm::Value*> bases, inner_strides, outer_strides;
@@ -485,6 +737,11 @@ struct Emitter {
       }
     }
     const int lanes = vectorLanes();
+    row_size = inner_size;
+    const ir::RowSchedule schedule = ir::rowSchedule(kernel);
+    std::vector<int> stash_stage;
+    const std::vector<int> stash = planStash(schedule, &stash_stage);
+    const size_t inputs = kernel.tensor_inputs.size();
     countedLoop(builder.getInt64(0), outer_size, 1, "outer", [&](llvm::Value* row) {
       std::vector<llvm::Value*> rows;
       for (size_t k = 0; k < operands; ++k) {
@@ -507,25 +764,71 @@ struct Emitter {
         }
         return pointers;
       };
-      llvm::Value* vector_end = builder.getInt64(0);
-      if (lanes > 1) {
-        // Blocks of kInterleave vectors, then single vectors, then single elements.
-        const int block = lanes * kInterleave;
-        llvm::Value* block_end = builder.CreateAnd(inner_size, builder.getInt64(~static_cast<uint64_t>(block - 1)));
-        countedLoop(builder.getInt64(0), block_end, block, "block", [&](llvm::Value* i) {
-          std::vector<std::vector<llvm::Value*>> copies;
-          for (int copy = 0; copy < kInterleave; ++copy) {
-            copies.push_back(pointersAt(builder.CreateAdd(i, builder.getInt64(static_cast<uint64_t>(copy * lanes)))));
+      // One read of the row: blocks of kInterleave vectors, then single vectors, then single
+      // elements; `step` gets the pointer sets of each and their lane count.
+      auto readRow = [&](const auto& step) {
+        llvm::Value* vector_end = builder.getInt64(0);
+        if (lanes > 1) {
+          const int block = lanes * kInterleave;
+          llvm::Value* block_end = builder.CreateAnd(inner_size, builder.getInt64(~static_cast<uint64_t>(block - 1)));
+          countedLoop(builder.getInt64(0), block_end, block, "block", [&](llvm::Value* i) {
+            Values copies;
+            for (int copy = 0; copy < kInterleave; ++copy) {
+              copies.push_back(pointersAt(builder.CreateAdd(i, builder.getInt64(static_cast<uint64_t>(copy * lanes)))));
+            }
+            step(copies, lanes);
+          });
+          vector_end = builder.CreateAnd(inner_size, builder.getInt64(~static_cast<uint64_t>(lanes - 1)));
+          countedLoop(block_end, vector_end, lanes, "vector", [&](llvm::Value* i) { step(Values{pointersAt(i)}, lanes); });
+        }
+        countedLoop(vector_end, inner_size, 1, "scalar", [&](llvm::Value* i) { step(Values{pointersAt(i)}, 1); });
+      };
+      // A reduction kernel reads the row once per stage, accumulating that stage's reductions,
+      // and computes the per-row values that follow from them.
+      std::vector<llvm::Value*> known(kernel.body.size(), nullptr);
+      for (int stage = 1; stage <= schedule.stages; ++stage) {
+        std::vector<Accumulator> accumulators;
+        std::vector<int> operands_read;
+        for (size_t k = 0; k < kernel.body.size(); ++k) {
+          if (!ir::isReduction(kernel.body[k].op) || schedule.stage[k] != stage) continue;
+          accumulators.push_back(makeAccumulator(static_cast<int>(k), lanes));
+          operands_read.push_back(kernel.body[k].operands[0]);
+        }
+        const std::vector<bool> wanted = needed(operands_read, known);
+        readRow([&](const Values& copies, int width) {
+          const Values values = evaluate(copies, scalars, width, wanted, known);
+          for (const Accumulator& acc : accumulators) accumulate(acc, values, width);
+          for (size_t v = 0; v < stash.size(); ++v) {
+            if (stash[v] < 0 || stash_stage[v] != stage) continue;
+            for (size_t copy = 0; copy < copies.size(); ++copy) {
+              store(kernel.body[v].type, values[copy][v], copies[copy][inputs + static_cast<size_t>(stash[v])]);
+            }
           }
-          emitElements(copies, scalars, lanes);
         });
-        vector_end = builder.CreateAnd(inner_size, builder.getInt64(~static_cast<uint64_t>(lanes - 1)));
-        countedLoop(block_end, vector_end, lanes, "vector", [&](llvm::Value* i) {
-          emitElements({pointersAt(i)}, scalars, lanes);
-        });
+        for (const Accumulator& acc : accumulators) known[static_cast<size_t>(acc.value)] = finish(acc, lanes);
+        std::vector<int> row_values;
+        for (size_t k = 0; k < kernel.body.size(); ++k) {
+          if (!schedule.per_element[k] && schedule.stage[k] == stage && !known[k]) row_values.push_back(static_cast<int>(k));
+        }
+        const Values computed = evaluate(Values{rows}, scalars, 1, needed(row_values, known), known);
+        for (int k : row_values) known[static_cast<size_t>(k)] = computed[0][static_cast<size_t>(k)];
       }
-      countedLoop(vector_end, inner_size, 1, "scalar", [&](llvm::Value* i) {
-        emitElements({pointersAt(i)}, scalars, 1);
+      std::vector<int> row_outputs, element_outputs;
+      for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+        (kernel.isRowOutput(o) ? row_outputs : element_outputs).push_back(kernel.outputs[o]);
+      }
+      if (!row_outputs.empty()) {
+        const Values computed = evaluate(Values{rows}, scalars, 1, needed(row_outputs, known), known);
+        for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+          if (kernel.isRowOutput(o)) store(kernel.outputType(o), computed[0][static_cast<size_t>(kernel.outputs[o])], rows[inputs + o]);
+        }
+      }
+      if (element_outputs.empty()) return;
+      std::vector<bool> stop(kernel.body.size());
+      for (size_t k = 0; k < stop.size(); ++k) stop[k] = known[k] != nullptr || stash[k] >= 0;
+      const std::vector<bool> wanted = needed(element_outputs, stop);
+      readRow([&](const Values& copies, int width) {
+        storeElementOutputs(evaluate(copies, scalars, width, wanted, known, stash), copies);
       });
     });
     builder.CreateRetVoid();

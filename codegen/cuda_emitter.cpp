@@ -217,6 +217,7 @@ std::string bodyStatements(const ir::Kernel& kernel, const std::vector<bool>& li
         break;
       case Op::kCast: expression = castExpression(operand(0), operandType(0), instr.type); break;
       case Op::kSelect: expression = "(" + operand(0) + " ? " + operand(1) + " : " + operand(2) + ")"; break;
+      case Op::kRowSize: expression = "(" + std::string(cudaType(instr.type)) + ")row_length"; break;
       default:
         expression = ir::opArity(instr.op) == 1 ? unaryExpression(instr.op, operandType(0), operand(0))
                                                 : binaryExpression(instr.op, operandType(0), operand(0), operand(1));
@@ -231,6 +232,40 @@ std::string storeValue(DType type, const std::string& value) {
   return type == DType::kBool ? "(unsigned char)" + value : value;
 }
 
+// The argument struct (cudaArgumentLayout's order) and the kernel's opening lines.
+std::string kernelHead(const std::string& name, const CudaArgumentLayout& args, size_t operands,
+                       const std::string& index_type) {
+  std::ostringstream out;
+  const std::string params = name + "_params";
+  out << "struct " << params << " {\n  void* data[" << operands << "];\n";
+  if (args.rank > 0) {
+    out << "  long long sizes[" << args.rank << "];\n  long long strides[" << operands << "][" << args.rank << "];\n";
+  }
+  if (args.inner) out << "  long long inner;\n";
+  out << "  long long numel;\n  double float_args[" << std::max(1, args.float_scalars) << "];\n  long long int_args["
+      << std::max(1, args.int_scalars) << "];\n};\n\n";
+  out << "extern \"C\" __global__ void __launch_bounds__(" << kCudaBlockSize << ") " << name
+      << "(const " << params << " p) {\n"
+      << "  typedef " << index_type << " index_t;\n";
+  return out.str();
+}
+
+// The values `roots` depend on, up to (and not through) the `known` ones.
+std::vector<bool> neededValues(const ir::Kernel& kernel, const std::vector<int>& roots, const std::vector<bool>& known) {
+  std::vector<bool> wanted(kernel.body.size(), false);
+  for (int root : roots) wanted[static_cast<size_t>(root)] = true;
+  for (size_t k = kernel.body.size(); k-- > 0;) {
+    if (!wanted[k] || known[k]) continue;
+    for (int operand : kernel.body[k].operands) wanted[static_cast<size_t>(operand)] = true;
+  }
+  for (size_t k = 0; k < kernel.body.size(); ++k) wanted[k] = wanted[k] && !known[k];
+  return wanted;
+}
+
+// The kRows kernel: see CudaSchedule. Values computed at row scope (reductions, what follows
+// from them, and whatever the row scope needed) are visible to the loops after them.
+CudaSource emitRowsKernel(const ir::Kernel& kernel, const CudaSpecialization& specialization);
+
 }  // namespace
 
 std::string CudaSpecialization::toString() const {
@@ -239,8 +274,9 @@ std::string CudaSpecialization::toString() const {
     case CudaSchedule::kLinear: text = "linear"; break;
     case CudaSchedule::kLinearVectorized: text = "linear_vec"; break;
     case CudaSchedule::kStrided: text = "strided" + std::to_string(rank); break;
+    case CudaSchedule::kRows: text = "rows" + std::to_string(rank); break;
   }
-  if (schedule != CudaSchedule::kStrided) {
+  if (schedule == CudaSchedule::kLinear || schedule == CudaSchedule::kLinearVectorized) {
     text += ":";
     for (Access a : access) text += static_cast<char>(a);
   }
@@ -269,8 +305,9 @@ int cudaVectorWidth(const ir::Kernel& kernel) {
 CudaArgumentLayout cudaArgumentLayout(const ir::Kernel& kernel, const CudaSpecialization& specialization) {
   CudaArgumentLayout layout;
   layout.operands = static_cast<int>(kernel.tensor_inputs.size() + kernel.outputs.size());
-  layout.rank = specialization.schedule == CudaSchedule::kStrided ? specialization.rank : 0;
-  layout.inner = specialization.schedule != CudaSchedule::kStrided && specialization.usesInner();
+  const bool strided = specialization.schedule == CudaSchedule::kStrided || specialization.schedule == CudaSchedule::kRows;
+  layout.rank = strided ? specialization.rank : 0;
+  layout.inner = !strided && specialization.usesInner();
   layout.float_scalars = static_cast<int>(kernel.scalar_inputs.size());
   layout.int_scalars = static_cast<int>(kernel.scalar_inputs.size());
   return layout;
@@ -309,7 +346,11 @@ std::vector<int64_t> packCudaArguments(const ir::Kernel& kernel, const CudaSpeci
   return arguments;
 }
 
-int64_t cudaWorkItems(const ir::Kernel& kernel, const CudaSpecialization& specialization, int64_t numel) {
+int64_t cudaWorkItems(const ir::Kernel& kernel, const CudaSpecialization& specialization, const Geometry& geometry) {
+  const int64_t numel = geometry.numel;
+  if (specialization.schedule == CudaSchedule::kRows) {
+    return std::max<int64_t>(1, numel / std::max<int64_t>(1, geometry.sizes.back())) * kCudaBlockSize;
+  }
   if (specialization.schedule != CudaSchedule::kLinearVectorized) return numel;
   return std::max<int64_t>(1, numel / cudaVectorWidth(kernel));
 }
@@ -334,7 +375,7 @@ std::optional<CudaSpecialization> chooseCudaSpecialization(const ir::Kernel& ker
   }
   specialization.index64 = index64;
   // Linear schedules: at most two dimensions, every operand read linearly (isLinearAccess).
-  bool linear = rank <= 2;
+  bool linear = rank <= 2 && !kernel.hasReductions();
   for (size_t k = 0; linear && k < operands; ++k) linear = isLinearAccess(accesses[k]);
   if (linear) {
     specialization.schedule = CudaSchedule::kLinear;
@@ -362,7 +403,7 @@ std::optional<CudaSpecialization> chooseCudaSpecialization(const ir::Kernel& ker
       }
     }
   }
-  specialization.schedule = CudaSchedule::kStrided;
+  specialization.schedule = kernel.hasReductions() ? CudaSchedule::kRows : CudaSchedule::kStrided;
   specialization.rank = static_cast<int>(rank);
   return specialization;
 }
@@ -372,7 +413,8 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
   if (!problems.empty()) throw std::runtime_error("kiln cuda: invalid kernel IR: " + problems);
   const size_t inputs = kernel.tensor_inputs.size();
   const size_t operands = inputs + kernel.outputs.size();
-  const bool linear = specialization.schedule != CudaSchedule::kStrided;
+  const bool linear =
+      specialization.schedule == CudaSchedule::kLinear || specialization.schedule == CudaSchedule::kLinearVectorized;
   if (linear && specialization.access.size() != operands) {
     throw std::runtime_error("kiln cuda: the specialization names " + std::to_string(specialization.access.size()) +
                              " operands, the kernel has " + std::to_string(operands));
@@ -381,6 +423,10 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
     throw std::runtime_error("kiln cuda: strided rank " + std::to_string(specialization.rank) + " outside 1.." +
                              std::to_string(kMaxCudaRank));
   }
+  if (kernel.hasReductions() != (specialization.schedule == CudaSchedule::kRows)) {
+    throw std::runtime_error("kiln cuda: row reductions take the rows schedule, and only they do");
+  }
+  if (specialization.schedule == CudaSchedule::kRows) return emitRowsKernel(kernel, specialization);
   for (size_t o = 0; linear && o < kernel.outputs.size(); ++o) {
     if (specialization.access[inputs + o] != Access::kContiguous) throw std::runtime_error("kiln cuda: a broadcast output");
   }
@@ -392,17 +438,7 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
   out << "// kernel " << kernel.name << ", schedule " << specialization.toString() << "\n";
   const std::string index_type = specialization.index64 ? "long long" : "int";
   const std::string unsigned_index = specialization.index64 ? "unsigned long long" : "unsigned int";
-  const std::string params = result.name + "_params";
-  out << "struct " << params << " {\n  void* data[" << operands << "];\n";
-  if (args.rank > 0) {
-    out << "  long long sizes[" << args.rank << "];\n  long long strides[" << operands << "][" << args.rank << "];\n";
-  }
-  if (args.inner) out << "  long long inner;\n";
-  out << "  long long numel;\n  double float_args[" << std::max(1, args.float_scalars) << "];\n  long long int_args["
-      << std::max(1, args.int_scalars) << "];\n};\n\n";
-  out << "extern \"C\" __global__ void __launch_bounds__(" << kCudaBlockSize << ") " << result.name
-      << "(const " << params << " p) {\n"
-      << "  typedef " << index_type << " index_t;\n";
+  out << kernelHead(result.name, args, operands, index_type);
   // Inputs no output depends on are never read (a tensor passed only for its dtype).
   const std::vector<bool> live = liveValues(kernel);
   std::vector<bool> used(operands, true);
@@ -526,4 +562,152 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
 
 const char* cudaDeviceHelpers() { return kKilnDeviceCuh; }
 
+}  // namespace kiln
+
+namespace kiln {
+namespace {
+
+CudaSource emitRowsKernel(const ir::Kernel& kernel, const CudaSpecialization& specialization) {
+  const size_t inputs = kernel.tensor_inputs.size();
+  const size_t operands = inputs + kernel.outputs.size();
+  const int rank = specialization.rank;
+  if (rank < 2) throw std::runtime_error("kiln cuda: the rows schedule needs rows and a row (rank 2 or more)");
+  const ir::RowSchedule schedule = ir::rowSchedule(kernel);
+  const std::vector<bool> live = liveValues(kernel);
+  CudaSource result;
+  result.name = "kiln_" + kernel.name;
+  std::ostringstream out;
+  out << "// kernel " << kernel.name << ", schedule " << specialization.toString() << "\n";
+  out << kernelHead(result.name, cudaArgumentLayout(kernel, specialization), operands,
+                    specialization.index64 ? "long long" : "int");
+  std::vector<bool> used(operands, true);
+  for (size_t k = 0; k < inputs; ++k) used[k] = false;
+  for (size_t k = 0; k < kernel.body.size(); ++k) {
+    if (live[k] && kernel.body[k].op == Op::kLoad) used[static_cast<size_t>(kernel.body[k].param)] = true;
+  }
+  for (size_t k = 0; k < operands; ++k) {
+    if (!used[k]) continue;
+    out << "  " << (k < inputs ? "const " : "") << memoryType(kernel.operandType(k)) << "* __restrict__ d" << k << " = ("
+        << (k < inputs ? "const " : "") << memoryType(kernel.operandType(k)) << "*)p.data[" << k << "];\n";
+  }
+  const std::string last = std::to_string(rank - 1);
+  out << "  const index_t row_length = (index_t)p.sizes[" << last << "];\n"
+      << "  const index_t rows = (index_t)(p.numel / p.sizes[" << last << "]);\n"
+      << "  __shared__ double kiln_scratch[3 * 32 + 1];\n"
+      << "  for (index_t row = blockIdx.x; row < rows; row += gridDim.x) {\n"
+      << "    index_t rest = row;\n";
+  for (size_t k = 0; k < operands; ++k) {
+    if (used[k]) out << "    index_t b" << k << " = 0;\n";
+  }
+  // The row's first element, per operand: the row index over the outer dimensions.
+  for (int d = rank - 2; d >= 0; --d) {
+    const std::string dim = std::to_string(d);
+    if (d > 0) {
+      out << "    {\n      const index_t i = rest % (index_t)p.sizes[" << dim << "];\n      rest /= (index_t)p.sizes[" << dim << "];\n";
+    } else {
+      out << "    {\n      const index_t i = rest;\n";
+    }
+    for (size_t k = 0; k < operands; ++k) {
+      if (used[k]) out << "      b" << k << " += i * (index_t)p.strides[" << k << "][" << dim << "];\n";
+    }
+    out << "    }\n";
+  }
+  for (size_t k = 0; k < operands; ++k) {
+    const bool along_row = used[k] && !(k >= inputs && kernel.isRowOutput(k - inputs));
+    if (along_row) out << "    const index_t s" << k << " = (index_t)p.strides[" << k << "][" << last << "];\n";
+  }
+  auto load = [](int k) {
+    const std::string n = std::to_string(k);
+    return "d" + n + "[b" + n + " + i * s" + n + "]";
+  };
+  std::vector<bool> known(kernel.body.size(), false);
+  std::vector<std::string> unused;
+  // Values at row scope: emitted once, visible to everything after.
+  auto emitAtRowScope = [&](const std::vector<int>& roots) {
+    const std::vector<bool> wanted = neededValues(kernel, roots, known);
+    out << bodyStatements(kernel, wanted, load, "    ", &unused);
+    for (size_t k = 0; k < known.size(); ++k) known[k] = known[k] || wanted[k];
+  };
+  for (int stage = 1; stage <= schedule.stages; ++stage) {
+    std::vector<int> reductions, operands_read;
+    for (size_t k = 0; k < kernel.body.size(); ++k) {
+      if (!live[k] || !ir::isReduction(kernel.body[k].op) || schedule.stage[k] != stage) continue;
+      reductions.push_back(static_cast<int>(k));
+      operands_read.push_back(kernel.body[k].operands[0]);
+    }
+    if (reductions.empty()) continue;
+    for (int r : reductions) {
+      const Instr& instr = kernel.body[static_cast<size_t>(r)];
+      const std::string type = cudaType(instr.type), n = std::to_string(r);
+      switch (instr.op) {
+        case Op::kReduceMax: out << "    " << type << " a" << n << " = " << floatLiteral(-INFINITY, instr.type) << ";\n"; break;
+        case Op::kReduceMin: out << "    " << type << " a" << n << " = " << floatLiteral(INFINITY, instr.type) << ";\n"; break;
+        case Op::kReduceVar: out << "    " << type << " c" << n << " = 0, m" << n << " = 0, a" << n << " = 0;\n"; break;
+        default: out << "    " << type << " a" << n << " = 0;\n";
+      }
+    }
+    out << "    for (index_t i = threadIdx.x; i < row_length; i += blockDim.x) {\n"
+        << bodyStatements(kernel, neededValues(kernel, operands_read, known), load, "      ", &unused);
+    for (int r : reductions) {
+      const Instr& instr = kernel.body[static_cast<size_t>(r)];
+      const std::string n = std::to_string(r), x = "v" + std::to_string(instr.operands[0]);
+      switch (instr.op) {
+        case Op::kReduceMax: out << "      a" << n << " = kiln_max(a" << n << ", " << x << ");\n"; break;
+        case Op::kReduceMin: out << "      a" << n << " = kiln_min(a" << n << ", " << x << ");\n"; break;
+        case Op::kReduceVar: out << "      kiln_welford_add(c" << n << ", m" << n << ", a" << n << ", " << x << ");\n"; break;
+        default: out << "      a" << n << " += " << x << ";\n";
+      }
+    }
+    out << "    }\n";
+    for (int r : reductions) {
+      const Instr& instr = kernel.body[static_cast<size_t>(r)];
+      const std::string n = std::to_string(r);
+      out << "    const " << cudaType(instr.type) << " v" << n << " = ";
+      switch (instr.op) {
+        case Op::kReduceMax: out << "kiln_block_max(a" << n << ", kiln_scratch);\n"; break;
+        case Op::kReduceMin: out << "kiln_block_min(a" << n << ", kiln_scratch);\n"; break;
+        case Op::kReduceVar: out << "kiln_block_var(c" << n << ", m" << n << ", a" << n << ", kiln_scratch);\n"; break;
+        default: out << "kiln_block_sum(a" << n << ", kiln_scratch);\n";
+      }
+      known[static_cast<size_t>(r)] = true;
+    }
+    // The per-row values that follow from this stage, when something needs them.
+    std::vector<int> row_values;
+    for (size_t k = 0; k < kernel.body.size(); ++k) {
+      if (live[k] && !known[k] && !schedule.per_element[k] && schedule.stage[k] == stage) row_values.push_back(static_cast<int>(k));
+    }
+    emitAtRowScope(row_values);
+  }
+  std::vector<int> row_outputs, element_outputs;
+  for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+    (kernel.isRowOutput(o) ? row_outputs : element_outputs).push_back(kernel.outputs[o]);
+  }
+  if (!row_outputs.empty()) {
+    emitAtRowScope(row_outputs);
+    out << "    if (threadIdx.x == 0) {\n";
+    for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+      if (!kernel.isRowOutput(o)) continue;
+      const std::string k = std::to_string(inputs + o);
+      out << "      d" << k << "[b" << k << "] = " << storeValue(kernel.outputType(o), "v" + std::to_string(kernel.outputs[o])) << ";\n";
+    }
+    out << "    }\n";
+  }
+  if (!element_outputs.empty()) {
+    out << "    for (index_t i = threadIdx.x; i < row_length; i += blockDim.x) {\n"
+        << bodyStatements(kernel, neededValues(kernel, element_outputs, known), load, "      ", &unused);
+    for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+      if (kernel.isRowOutput(o)) continue;
+      const std::string k = std::to_string(inputs + o);
+      out << "      d" << k << "[b" << k << " + i * s" << k << "] = "
+          << storeValue(kernel.outputType(o), "v" + std::to_string(kernel.outputs[o])) << ";\n";
+    }
+    out << "    }\n";
+  }
+  out << "  }\n}\n";
+  result.kernel = out.str();
+  result.source = std::string(kKilnDeviceCuh) + "\n" + result.kernel;
+  return result;
+}
+
+}  // namespace
 }  // namespace kiln

@@ -30,11 +30,16 @@ constexpr int kCudaBlockSize = 256;
 // accepts).
 constexpr size_t kMaxCudaArgumentBytes = 4096;
 
-enum class CudaSchedule { kLinear, kLinearVectorized, kStrided };
+// kRows: a kernel with row reductions. One block per row (a grid-stride loop over rows), its
+// threads striding along the row; each stage's reductions are combined across the block (warp
+// shuffles, then shared memory), per-row values are computed by every thread, per-row outputs
+// stored by thread 0. Operands are addressed as in kStrided (sizes and strides per dimension,
+// the row innermost).
+enum class CudaSchedule { kLinear, kLinearVectorized, kStrided, kRows };
 
 struct CudaSpecialization {
   CudaSchedule schedule = CudaSchedule::kLinear;
-  int rank = 1;                  // collapsed rank (kStrided); 1 for the linear schedules
+  int rank = 1;                  // collapsed rank (kStrided, kRows); 1 for the linear schedules
   // Per operand (inputs, then outputs; linear schedules), one of the linear accesses
   // (isLinearAccess): at linear index e of the space seen as [rows, inner], kContiguous reads
   // element e, kBroadcast element 0, kRow e % inner, kColumn e / inner (inner: a kernel argument).
@@ -87,10 +92,12 @@ std::vector<int64_t> packCudaArguments(const ir::Kernel& kernel, const CudaSpeci
                                        const std::vector<double>& float_scalars,
                                        const std::vector<int64_t>& int_scalars);
 
-// Grid-stride iterations of a call: vectors for the vectorized schedule, elements otherwise.
-int64_t cudaWorkItems(const ir::Kernel& kernel, const CudaSpecialization& specialization, int64_t numel);
+// Grid-stride iterations of a call, in threads: vectors for the vectorized schedule, a block per
+// row for kRows, elements otherwise.
+int64_t cudaWorkItems(const ir::Kernel& kernel, const CudaSpecialization& specialization, const Geometry& geometry);
 
-// The schedule for one call: linear-vectorized, linear or strided, 32- or 64-bit indexing.
+// The schedule for one call: linear-vectorized, linear or strided (kRows for a kernel with
+// reductions), 32- or 64-bit indexing.
 // `addresses` holds where each input's data starts, or on a host standing in for a device, its
 // byte offset within its allocation (allocations are aligned beyond any vector); outputs are
 // fresh allocations. nullopt with *why when none fits.

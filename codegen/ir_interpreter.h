@@ -9,14 +9,19 @@
 
 namespace kiln::ir {
 
-// A strided 1-D view of an operand: element i lives at data + i * stride elements.
+// A strided view of an operand: element i of row r lives at data + r * row_stride + i * stride
+// elements. A per-row output (a kernel with reductions) stores row r at data + r * row_stride.
 struct Operand1D {
   void* data = nullptr;
   int64_t stride = 1;
+  int64_t row_stride = 0;
 };
 
-// Runs `kernel` over n elements. Scalars are passed as doubles (integers exactly representable).
+// Runs `kernel` over `rows` rows of n elements. Scalars are passed as doubles (integers exactly
+// representable). Reductions are computed in double, var in two passes: the oracle, not a model
+// of any backend's order of operations.
 void interpret(const Kernel& kernel, const std::vector<Operand1D>& inputs,
-               const std::vector<double>& scalars, const std::vector<Operand1D>& outputs, int64_t n);
+               const std::vector<double>& scalars, const std::vector<Operand1D>& outputs, int64_t n,
+               int64_t rows = 1);
 
 }  // namespace kiln::ir

@@ -1,5 +1,6 @@
 #include "codegen/kernel_ir.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace kiln::ir {
@@ -27,7 +28,9 @@ constexpr OpInfo kOps[] = {
     {Op::kFmod, "fmod", 2},       {Op::kAnd, "and", 2},         {Op::kOr, "or", 2},
     {Op::kLt, "lt", 2},           {Op::kLe, "le", 2},           {Op::kGt, "gt", 2},
     {Op::kGe, "ge", 2},           {Op::kEq, "eq", 2},           {Op::kNe, "ne", 2},
-    {Op::kSelect, "select", 3},
+    {Op::kSelect, "select", 3},   {Op::kReduceSum, "reduce_sum", 1},
+    {Op::kReduceMax, "reduce_max", 1}, {Op::kReduceMin, "reduce_min", 1},
+    {Op::kReduceVar, "reduce_var", 1}, {Op::kRowSize, "rowsize", 0},
 };
 
 const OpInfo& info(Op op) {
@@ -98,6 +101,59 @@ bool parseOp(const std::string& name, Op* out) {
 bool isComparison(Op op) {
   return op == Op::kLt || op == Op::kLe || op == Op::kGt || op == Op::kGe || op == Op::kEq ||
          op == Op::kNe;
+}
+
+bool isReduction(Op op) {
+  return op == Op::kReduceSum || op == Op::kReduceMax || op == Op::kReduceMin || op == Op::kReduceVar;
+}
+
+int Kernel::reduce(Op op, int value) {
+  Instr instr;
+  instr.op = op;
+  instr.type = body.at(static_cast<size_t>(value)).type;
+  instr.operands = {value};
+  body.push_back(instr);
+  return static_cast<int>(body.size()) - 1;
+}
+
+int Kernel::rowSize(DType type) {
+  Instr instr;
+  instr.op = Op::kRowSize;
+  instr.type = type;
+  body.push_back(instr);
+  return static_cast<int>(body.size()) - 1;
+}
+
+bool Kernel::hasReductions() const {
+  for (const Instr& instr : body) {
+    if (isReduction(instr.op)) return true;
+  }
+  return false;
+}
+
+RowSchedule rowSchedule(const Kernel& kernel) {
+  RowSchedule schedule;
+  schedule.per_element.assign(kernel.body.size(), false);
+  schedule.stage.assign(kernel.body.size(), 0);
+  for (size_t i = 0; i < kernel.body.size(); ++i) {
+    const Instr& instr = kernel.body[i];
+    bool per_element = instr.op == Op::kLoad;
+    int stage = 0;
+    for (int operand : instr.operands) {
+      if (operand < 0 || static_cast<size_t>(operand) >= i) continue;  // verify() reports it
+      per_element |= schedule.per_element[static_cast<size_t>(operand)];
+      stage = std::max(stage, schedule.stage[static_cast<size_t>(operand)]);
+    }
+    if (isReduction(instr.op)) {
+      per_element = false;
+      stage += 1;
+    }
+    schedule.per_element[i] = per_element;
+    schedule.stage[i] = stage;
+    schedule.stages = std::max(schedule.stages, stage);
+  }
+  for (size_t o = 0; o < kernel.outputs.size(); ++o) schedule.per_element_outputs |= !kernel.isRowOutput(o);
+  return schedule;
 }
 
 int Kernel::load(int input) {
@@ -185,6 +241,7 @@ int Kernel::select(int condition, int if_true, int if_false) {
 
 std::string verify(const Kernel& kernel) {
   std::string problems;
+  const RowSchedule schedule = rowSchedule(kernel);
   auto problem = [&](size_t index, const std::string& what) {
     problems += "%" + std::to_string(index) + ": " + what + "\n";
   };
@@ -224,6 +281,18 @@ std::string verify(const Kernel& kernel) {
         break;
       case Op::kCast:
         break;
+      case Op::kRowSize:
+        if (instr.type != DType::kFloat32 && instr.type != DType::kFloat64 && instr.type != DType::kInt64) {
+          problem(i, "rowsize must be f32, f64 or i64");
+        }
+        break;
+      case Op::kReduceSum: case Op::kReduceMax: case Op::kReduceMin: case Op::kReduceVar:
+        if (instr.type != DType::kFloat32 && instr.type != DType::kFloat64) problem(i, "reductions are on f32 or f64");
+        if (type_of(0) != instr.type) problem(i, "result type differs from operand type");
+        if (!schedule.per_element[static_cast<size_t>(instr.operands[0])]) {
+          problem(i, "the operand of a reduction must be a per-element value");
+        }
+        break;
       case Op::kSelect:
         if (type_of(0) != DType::kBool) problem(i, "select condition must be bool");
         if (type_of(1) != instr.type || type_of(2) != instr.type) problem(i, "select arms must match");
@@ -247,9 +316,17 @@ std::string verify(const Kernel& kernel) {
     }
   }
   if (kernel.outputs.empty()) problems += "kernel has no outputs\n";
-  for (int output : kernel.outputs) {
+  if (!kernel.row_outputs.empty() && kernel.row_outputs.size() != kernel.outputs.size()) {
+    problems += "row_outputs does not match the outputs\n";
+  }
+  for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+    const int output = kernel.outputs[o];
     if (output < 0 || static_cast<size_t>(output) >= kernel.body.size()) {
       problems += "output names a missing value %" + std::to_string(output) + "\n";
+    } else if (kernel.isRowOutput(o) && schedule.stages == 0) {
+      problems += "row output " + std::to_string(o) + " in a kernel without reductions\n";
+    } else if (kernel.isRowOutput(o) && schedule.per_element[static_cast<size_t>(output)]) {
+      problems += "row output " + std::to_string(o) + " names a per-element value\n";
     }
   }
   return problems;

@@ -1,8 +1,18 @@
-// The kernel IR: a target-neutral description of one elementwise kernel. Inputs are typed tensors
+// The kernel IR: a target-neutral description of one generated kernel. Inputs are typed tensors
 // (their sizes and strides are run-time values, never part of the IR) and scalars; the body is a
 // DAG of scalar instructions in SSA order, evaluated once per element of the iteration space;
 // outputs name body values. The fuser lowers a TorchScript group to it; the LLVM (CPU) and CUDA
 // emitters and the reference interpreter all read it.
+//
+// Row reductions: a kernel with reduce_* instructions sees its iteration space as rows of the
+// innermost dimension. A reduction combines its operand over one row and gives one value per row,
+// which later instructions may use as a per-element value broadcast along the row (softmax's
+// max, layer_norm's mean). `rowsize` is the row's length. A value that depends on a load other
+// than through a reduction is per element; any other is per row. An output is stored at every
+// element, or, marked `row`, once per row (it must name a per-row value). Reductions that depend on other reductions' results form later
+// stages (softmax: max, then the sum of exp(x - max)); a backend reads the row once per stage,
+// then once more for the per-element outputs. reduce_var is the population variance (divisor
+// n), computed in one pass with Welford's update.
 //
 // Note: half and bfloat16 are storage types. A value of those types only comes from a load or a
 // cast and only feeds a cast or an output: arithmetic happens in float32, and a cast down and back
@@ -39,12 +49,17 @@ enum class Op {
   kLt, kLe, kGt, kGe, kEq, kNe,
   // ternary: operands[0] (bool) ? operands[1] : operands[2]
   kSelect,
+  // row reductions of a per-element f32/f64 operand (result of the same type, one per row)
+  kReduceSum, kReduceMax, kReduceMin, kReduceVar,
+  // leaf: the length of the reduced row, as `type` (f32, f64 or i64)
+  kRowSize,
 };
 
 const char* opName(Op op);
 bool parseOp(const std::string& name, Op* out);
 int opArity(Op op);  // 0 for leaves
 bool isComparison(Op op);
+bool isReduction(Op op);
 
 struct Instr {
   Op op = Op::kConstant;
@@ -61,6 +76,9 @@ struct Kernel {
   std::vector<DType> scalar_inputs;  // f64, i64 or bool, read by kScalar
   std::vector<Instr> body;
   std::vector<int> outputs;          // body indices; output i has type body[outputs[i]].type
+  std::vector<bool> row_outputs;     // per output (or empty: none): stored once per row
+
+  bool isRowOutput(size_t i) const { return i < row_outputs.size() && row_outputs[i]; }
 
   DType outputType(size_t i) const { return body[outputs[i]].type; }
   // Operand k of a kernel's memory interface: the tensor inputs, then the outputs.
@@ -77,7 +95,21 @@ struct Kernel {
   int unary(Op op, int value);
   int binary(Op op, int lhs, int rhs);
   int select(int condition, int if_true, int if_false);
+  int reduce(Op op, int value);
+  int rowSize(DType type);
+
+  bool hasReductions() const;
 };
+
+// Where each value of a kernel is computed (see the note on row reductions above).
+struct RowSchedule {
+  std::vector<bool> per_element;  // per body value: depends on a load other than via a reduction
+  std::vector<int> stage;         // per body value: reduction stages it waits for (0: none)
+  int stages = 0;                 // the largest stage: the row is read once per stage
+  bool per_element_outputs = false;  // some output is per element: one more read of the row
+};
+RowSchedule rowSchedule(const Kernel& kernel);
+
 
 // Stable text form; parse(print(k)) == k.
 std::string print(const Kernel& kernel);

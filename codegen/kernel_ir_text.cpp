@@ -8,6 +8,8 @@
 //     %2 = mul %0, %1 : f32
 //     out0 = %2
 //   }
+//
+// A reduction kernel's per-row output reads 'out1 = row %7'.
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -89,7 +91,7 @@ std::string print(const Kernel& kernel) {
     out << " : " << dtypeName(instr.type) << "\n";
   }
   for (size_t i = 0; i < kernel.outputs.size(); ++i) {
-    out << "  out" << i << " = %" << kernel.outputs[i] << "\n";
+    out << "  out" << i << " = " << (kernel.isRowOutput(i) ? "row %" : "%") << kernel.outputs[i] << "\n";
   }
   out << "}\n";
   return out.str();
@@ -145,10 +147,13 @@ Kernel parse(const std::string& text) {
     }
     if (head.rfind("out", 0) == 0) {
       int index = parseIndex(head, "out", number);
-      if (tokens.size() != 3 || tokens[1] != "=" || index != static_cast<int>(kernel.outputs.size())) {
-        fail(number, "outputs must be declared in order as 'outN = %V'");
+      const bool row = tokens.size() == 4 && tokens[2] == "row";
+      if ((tokens.size() != 3 && !row) || tokens[1] != "=" || index != static_cast<int>(kernel.outputs.size())) {
+        fail(number, "outputs must be declared in order as 'outN = %V' or 'outN = row %V'");
       }
-      kernel.outputs.push_back(parseIndex(tokens[2], "%", number));
+      kernel.outputs.push_back(parseIndex(tokens.back(), "%", number));
+      if (row || !kernel.row_outputs.empty()) kernel.row_outputs.resize(kernel.outputs.size(), false);
+      if (row) kernel.row_outputs.back() = true;
       continue;
     }
     int index = parseIndex(head, "%", number);

@@ -66,8 +66,9 @@ bool planLaunch(KernelFamily& family, const KernelCall& call, const CudaLoader& 
                 std::string* why) {
   const ir::Kernel& kernel = family.kernel();
   const bool on_cuda = call.cuda_device >= 0;
-  // 1. Merge dimensions: drop size-1 ones, join neighbours every operand walks as one.
-  plan->geometry = mergeDimensions(call.shape, call.strides);
+  // 1. Merge dimensions: drop size-1 ones, join neighbours every operand walks as one (a kernel
+  //    with reductions keeps its rows: the innermost dimension).
+  plan->geometry = mergeDimensions(call.shape, call.strides, kernel.hasReductions());
   // 2. An empty space needs no kernel: the runtime makes the outputs and is done.
   if (plan->geometry.numel == 0) return true;
   // 3. Classify each operand once: how it walks the merged space (one vocabulary, both targets).

@@ -98,12 +98,24 @@ class GroupBuilder {
       if (producer->owningBlock() != group->owningBlock() || producer->kind() == torch::jit::prim::Param) continue;
       if (!canFuse(producer)) continue;
       if (feedsChannelParam(group, input)) continue;
+      // A reduction that drops its dim is a group's last op: its result only leaves the group.
+      if (isDroppedRow(input)) continue;
       if (!alias_db_.moveBeforeTopologicallyValid(producer, group)) continue;
       SubgraphUtils::mergeNodeIntoSubgraphAndUpdateAliasing(producer, group, alias_db_);
       building_.erase(producer);
       return {group->reverseIterator(), true};
     }
     return {++group->reverseIterator(), false};
+  }
+
+  // Whether `value` is made by a reduction that drops its dim (directly, or as an output of a
+  // group under construction).
+  static bool isDroppedRow(Value* value) {
+    Node* producer = value->node();
+    if (producer->kind() != kBuildingGroup) return dropsReducedDim(producer);
+    const auto& outputs = producer->outputs();
+    const size_t index = static_cast<size_t>(std::find(outputs.begin(), outputs.end(), value) - outputs.begin());
+    return dropsReducedDim(producer->g(torch::jit::attr::Subgraph)->outputs()[index]->node());
   }
 
   // batch_norm's per-channel operands are read through a [C, 1, …] view that the runtime makes of
@@ -141,6 +153,29 @@ void dropProfilesBetweenFusibleOps(Block* block) {
     if (!feeds_fusible_only) continue;
     node->output()->replaceAllUsesWith(node->input(0));
     node->destroy();
+  }
+}
+
+// A reduction's dims and layer_norm's normalized_shape are often built in the graph from
+// constants (prim::ListConstruct of ints, as scripting writes `[768]`): they become one constant
+// list, so the op can join a group (whose code holds constants, never lists built at run time).
+void foldConstantIntLists(Block* block) {
+  for (Node* node : block->nodes()) {
+    for (Block* inner : node->blocks()) foldConstantIntLists(inner);
+    if (!isRowReduction(node)) continue;
+    for (size_t i = 0; i < node->inputs().size(); ++i) {
+      Node* list = node->input(i)->node();
+      if (list->kind() != torch::jit::prim::ListConstruct) continue;
+      std::vector<int64_t> items;
+      for (Value* item : list->inputs()) {
+        auto constant = torch::jit::toIValue(item);
+        if (!constant || !constant->isInt()) break;
+        items.push_back(constant->toInt());
+      }
+      if (items.size() != list->inputs().size()) continue;
+      torch::jit::WithInsertPoint insert_point(node);
+      node->replaceInput(i, block->owningGraph()->insertConstant(items));
+    }
   }
 }
 
@@ -220,6 +255,7 @@ int fuseElementwise(std::shared_ptr<Graph>& graph, const Options& options) {
   // In-place ops (a ResNet's relu_ and residual add_) become functional where AliasDb proves no
   // one can observe the difference, so they can join groups.
   dropProfilesBetweenFusibleOps(graph->block());
+  foldConstantIntLists(graph->block());
   torch::jit::RemoveTensorMutation(graph, [](Node* node) { return hasFusibleFunctionalForm(node); });
   std::vector<Node*> groups = GroupBuilder(graph).build();
   int created = 0;

@@ -21,6 +21,8 @@ struct Operand {
   at::ScalarType dtype = at::kFloat;
   bool is_tensor = false;
   c10::IValue sample;       // a one-element stand-in used to ask ATen for dtypes
+  OutputRows rows = OutputRows::kElements;  // per element, or per row (after a reduction)
+  int input = -1;           // the tensor input it is, if it is one
 };
 
 struct Lowerer;
@@ -33,7 +35,52 @@ struct OpRule {
   bool compare = false;       // compute in the operands' promoted type, result bool
   int dtype_only = -1;        // an input read only for its dtype (type_as): no shape, no loads
   bool channel_params = false;  // batch_norm: operands 1-4 are optional per-channel [C] tensors
+  // Row reductions and the ops built on them, over the innermost dimension:
+  int dim_arg = -1;             // the reduced dim (int or int[1]): must be the last
+  int keepdim_arg = -1;         // a reduction's keepdim; -1 for ops whose result is per element
+  int dtype_arg = -1;           // a reduction's dtype: must be None
+  int normalized_shape_arg = -1;  // layer_norm / rms_norm: int[1], the row's length
+  bool optional_tensors = false;  // operands after the first may be None (weight, bias)
+
+  bool isRowOp() const { return dim_arg >= 0 || normalized_shape_arg >= 0; }
 };
+
+OpRule reduction(LowerFn lower, int keepdim_arg, int dtype_arg = -1) {
+  OpRule rule{{0}, lower};
+  rule.dim_arg = 1;
+  rule.keepdim_arg = keepdim_arg;
+  rule.dtype_arg = dtype_arg;
+  return rule;
+}
+
+OpRule rowOp(LowerFn lower) {
+  OpRule rule{{0}, lower};
+  rule.dim_arg = 1;
+  return rule;
+}
+
+OpRule normalization(std::vector<int> operands, LowerFn lower) {
+  OpRule rule{std::move(operands), lower};
+  rule.normalized_shape_arg = 1;
+  rule.optional_tensors = true;
+  return rule;
+}
+
+// The dim a reduction's argument names (an int, or an int list of one), if it names one.
+std::optional<int64_t> reducedDim(const Node* node, size_t index) {
+  auto value = torch::jit::toIValue(node->input(index));
+  if (!value) return std::nullopt;
+  if (value->isInt()) return value->toInt();
+  if (value->isIntList() && value->toIntVector().size() == 1) return value->toIntVector()[0];
+  return std::nullopt;
+}
+
+// layer_norm's normalized_shape when it is one dimension (the row).
+std::optional<int64_t> normalizedLength(const Node* node, size_t index) {
+  auto value = torch::jit::toIValue(node->input(index));
+  if (!value || !value->isIntList() || value->toIntVector().size() != 1) return std::nullopt;
+  return value->toIntVector()[0];
+}
 
 at::ScalarType opmath(at::ScalarType type) {
   return (type == at::kHalf || type == at::kBFloat16) ? at::kFloat : type;
@@ -352,6 +399,94 @@ KILN_LOWER(floatOnlyUnary) { return L.unary(op, L.as(v[0], ct)); }
 
 KILN_LOWER(lowerReciprocal) { return L.binary(Op::kDiv, L.constant(1, ct), L.as(v[0], ct)); }
 
+// ---- row reductions over the innermost dimension, in float32 (or float64) as eager's CPU
+// kernels accumulate ----
+
+bool reducesLastDim(const Node* n, const std::vector<Operand>& v) {
+  const int64_t rank = v[0].sample.toTensor().dim();
+  std::optional<int64_t> dim = reducedDim(n, 1);
+  return rank >= 1 && dim && (*dim == -1 || *dim == rank - 1);
+}
+
+template <Op op>
+KILN_LOWER(lowerReduce) {
+  if (!at::isFloatingType(ct) || !reducesLastDim(n, v)) return -1;
+  return L.kernel.reduce(op, L.as(v[0], ct));
+}
+
+KILN_LOWER(lowerMean) {
+  if (!at::isFloatingType(ct) || !reducesLastDim(n, v)) return -1;
+  return L.binary(Op::kDiv, L.kernel.reduce(Op::kReduceSum, L.as(v[0], ct)), L.kernel.rowSize(*irDType(ct)));
+}
+
+// var as eager computes it: the sum of squared deviations over max(0, n - correction).
+int variance(Lowerer& L, const Node* n, const std::vector<Operand>& v, at::ScalarType ct) {
+  if (!at::isFloatingType(ct) || !reducesLastDim(n, v)) return -1;
+  auto argument = torch::jit::toIValue(n->input(2));
+  double correction = 1;
+  if (n->schema().overload_name() == "dim") {
+    correction = (!argument || argument->isNone() || argument->toBool()) ? 1 : 0;
+  } else if (argument && !argument->isNone()) {
+    correction = argument->isDouble() ? argument->toDouble() : static_cast<double>(argument->toInt());
+  }
+  int population = L.kernel.reduce(Op::kReduceVar, L.as(v[0], ct));
+  if (correction == 0) return population;
+  int count = L.kernel.rowSize(*irDType(ct));
+  int divisor = L.binary(Op::kMax, L.binary(Op::kSub, count, L.constant(correction, ct)), L.constant(0, ct));
+  return L.binary(Op::kDiv, L.binary(Op::kMul, population, count), divisor);
+}
+KILN_LOWER(lowerVar) { return variance(L, n, v, ct); }
+KILN_LOWER(lowerStd) {
+  int var = variance(L, n, v, ct);
+  return var < 0 ? -1 : L.unary(Op::kSqrt, var);
+}
+
+// softmax as eager's vectorized CPU kernel: exp(x - max) times the reciprocal of its sum.
+KILN_LOWER(lowerSoftmax) {
+  if (!at::isFloatingType(ct) || !reducesLastDim(n, v)) return -1;
+  int x = L.as(v[0], ct);
+  int e = L.unary(Op::kExp, L.binary(Op::kSub, x, L.kernel.reduce(Op::kReduceMax, x)));
+  return L.binary(Op::kMul, e, L.binary(Op::kDiv, L.constant(1, ct), L.kernel.reduce(Op::kReduceSum, e)));
+}
+
+KILN_LOWER(lowerLogSoftmax) {
+  if (!at::isFloatingType(ct) || !reducesLastDim(n, v)) return -1;
+  int x = L.as(v[0], ct);
+  int shifted = L.binary(Op::kSub, x, L.kernel.reduce(Op::kReduceMax, x));
+  int sum = L.kernel.reduce(Op::kReduceSum, L.unary(Op::kExp, shifted));
+  return L.binary(Op::kSub, shifted, L.unary(Op::kLog, sum));
+}
+
+// layer_norm over one dimension: mean and variance in one pass (Welford), then
+// (x - mean) / sqrt(var + eps) · weight + bias.
+KILN_LOWER(lowerLayerNorm) {
+  if (!at::isFloatingType(ct) || v[0].sample.toTensor().dim() < 1) return -1;
+  int x = L.as(v[0], ct);
+  int mean = L.binary(Op::kDiv, L.kernel.reduce(Op::kReduceSum, x), L.kernel.rowSize(*irDType(ct)));
+  int var = L.kernel.reduce(Op::kReduceVar, x);
+  int rstd = L.binary(Op::kDiv, L.constant(1, ct),
+                      L.unary(Op::kSqrt, L.binary(Op::kAdd, var, L.constant(L.scalarArg(4, 1e-5), ct))));
+  int y = L.binary(Op::kMul, L.binary(Op::kSub, x, mean), rstd);
+  if (v[1].value >= 0) y = L.binary(Op::kMul, y, L.as(v[1], ct));
+  if (v[2].value >= 0) y = L.binary(Op::kAdd, y, L.as(v[2], ct));
+  return y;
+}
+
+// rms_norm as ATen composes it: x · rsqrt(mean(x²) + eps) in opmath, rounded to x's dtype, then
+// times the weight. eps defaults to opmath's machine epsilon.
+KILN_LOWER(lowerRmsNorm) {
+  if (!at::isFloatingType(ct) || v[0].sample.toTensor().dim() < 1) return -1;
+  const double epsilon = ct == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                           : static_cast<double>(std::numeric_limits<float>::epsilon());
+  int x = L.as(v[0], ct);
+  int mean_square = L.binary(Op::kDiv, L.kernel.reduce(Op::kReduceSum, L.binary(Op::kMul, x, x)),
+                             L.kernel.rowSize(*irDType(ct)));
+  int y = L.binary(Op::kMul, x, L.unary(Op::kRsqrt, L.binary(Op::kAdd, mean_square, L.constant(L.scalarArg(3, epsilon), ct))));
+  if (v[1].value < 0) return y;
+  y = L.kernel.cast(L.kernel.cast(y, *irDType(v[0].dtype)), *irDType(ct));
+  return L.binary(Op::kMul, y, L.as(v[1], ct));
+}
+
 const std::unordered_map<std::string, OpRule>& rules() {
   static const auto* table = new std::unordered_map<std::string, OpRule>{
       {"aten::add.Tensor", {{0, 1}, lowerAdd}},
@@ -442,6 +577,18 @@ const std::unordered_map<std::string, OpRule>& rules() {
       {"aten::type_as", {{0}, lowerConvert, false, 1}},
       {"aten::dropout", {{0}, lowerIdentity}},
       {"aten::batch_norm", {{0, 1, 2, 3, 4}, lowerBatchNorm, false, -1, true}},
+      {"aten::sum.dim_IntList", reduction(lowerReduce<Op::kReduceSum>, 2, 3)},
+      {"aten::mean.dim", reduction(lowerMean, 2, 3)},
+      {"aten::amax", reduction(lowerReduce<Op::kReduceMax>, 2)},
+      {"aten::amin", reduction(lowerReduce<Op::kReduceMin>, 2)},
+      {"aten::var.correction", reduction(lowerVar, 3)},
+      {"aten::var.dim", reduction(lowerVar, 3)},
+      {"aten::std.correction", reduction(lowerStd, 3)},
+      {"aten::std.dim", reduction(lowerStd, 3)},
+      {"aten::softmax.int", rowOp(lowerSoftmax)},
+      {"aten::log_softmax.int", rowOp(lowerLogSoftmax)},
+      {"aten::layer_norm", normalization({0, 2, 3}, lowerLayerNorm)},
+      {"aten::rms_norm", normalization({0, 2}, lowerRmsNorm)},
   };
   return *table;
 }
@@ -504,6 +651,53 @@ std::string recordChannelParams(const torch::jit::Graph& subgraph, const Node* n
   return "";
 }
 
+// Whether `node`'s result is per element or per row, recording what the runtime must check:
+// the rows a reduction reads and the per-element operands met by per-row values must span the
+// row; a normalization's row length and per-row parameters. Sets *problem when the group cannot
+// compute it as eager does.
+OutputRows trackRows(const OpRule& rule, const Node* node, const std::vector<Operand>& args,
+                     const std::vector<const Value*>& arg_values,
+                     std::unordered_map<const Value*, std::vector<int>>& sources, LoweredGroup& lowered,
+                     std::string* problem) {
+  if (rule.isRowOp()) {
+    if (args[0].rows != OutputRows::kElements) {
+      *problem = "a row reduction of a per-row value";
+      return OutputRows::kElements;
+    }
+    lowered.row_spans.push_back(sources[node->input(0)]);
+    if (rule.normalized_shape_arg >= 0) {
+      const int64_t length = *normalizedLength(node, static_cast<size_t>(rule.normalized_shape_arg));
+      if (lowered.row_length >= 0 && lowered.row_length != length) *problem = "normalizations of different lengths";
+      lowered.row_length = length;
+      for (size_t a = 1; a < args.size(); ++a) {
+        if (args[a].value < 0) continue;
+        if (args[a].input < 0) *problem = "a normalization's weight or bias is computed inside the group";
+        lowered.row_params.push_back(args[a].input);
+      }
+    }
+    if (rule.keepdim_arg < 0) return OutputRows::kElements;
+    return dropsReducedDim(node) ? OutputRows::kDropDim : OutputRows::kKeepDim;
+  }
+  bool dropped = false, kept = false, elements = false;
+  for (const Operand& arg : args) {
+    if (!arg.is_tensor) continue;
+    dropped |= arg.rows == OutputRows::kDropDim;
+    kept |= arg.rows == OutputRows::kKeepDim;
+    elements |= arg.rows == OutputRows::kElements;
+  }
+  if (dropped && (kept || elements)) {
+    *problem = "a reduction without its dim meets another tensor";
+    return OutputRows::kElements;
+  }
+  if (dropped) return OutputRows::kDropDim;
+  if (!kept) return OutputRows::kElements;
+  if (!elements) return OutputRows::kKeepDim;
+  for (size_t a = 0; a < args.size(); ++a) {
+    if (args[a].is_tensor && args[a].rows == OutputRows::kElements) lowered.row_spans.push_back(sources[arg_values[a]]);
+  }
+  return OutputRows::kElements;
+}
+
 }  // namespace
 
 std::optional<ir::DType> irDType(at::ScalarType type) {
@@ -517,6 +711,18 @@ std::optional<ir::DType> irDType(at::ScalarType type) {
     case at::kDouble: return ir::DType::kFloat64;
     default: return std::nullopt;
   }
+}
+
+bool isRowReduction(const Node* node) {
+  const OpRule* rule = ruleFor(node);
+  return rule && rule->isRowOp();
+}
+
+bool dropsReducedDim(const Node* node) {
+  const OpRule* rule = ruleFor(node);
+  if (!rule || rule->keepdim_arg < 0) return false;
+  auto keepdim = torch::jit::toIValue(node->input(static_cast<size_t>(rule->keepdim_arg)));
+  return !keepdim || !keepdim->toBool();
 }
 
 bool isChannelOperandUse(const torch::jit::Use& use) {
@@ -550,10 +756,29 @@ bool isFusibleNode(const Node* node) {
       // weight and bias may be None; the running statistics must be tensors.
       const bool none = input->type()->kind() == c10::TypeKind::NoneType;
       if (input->type()->kind() != c10::TypeKind::TensorType && !(none && i <= 2)) return false;
+    } else if (is_operand && rule->optional_tensors && i > 0) {
+      if (input->type()->kind() != c10::TypeKind::TensorType && input->type()->kind() != c10::TypeKind::NoneType) {
+        return false;
+      }
     } else if (is_operand) {
       if (input->type()->kind() != c10::TypeKind::TensorType && !isNumberType(input->type())) return false;
     } else if (!torch::jit::toIValue(input)) {
       return false;  // attributes (alpha, rounding mode, dtype, ...) must be constants
+    }
+  }
+  if (rule->isRowOp()) {
+    // The innermost dimension only: -1, or the last of a rank the profile knows.
+    if (node->input(0)->type()->kind() != c10::TypeKind::TensorType) return false;
+    if (rule->dim_arg >= 0) {
+      std::optional<int64_t> dim = reducedDim(node, static_cast<size_t>(rule->dim_arg));
+      std::optional<size_t> rank = node->input(0)->type()->expect<c10::TensorType>()->dim();
+      if (!dim || !(*dim == -1 || (rank && *rank >= 1 && *dim == static_cast<int64_t>(*rank) - 1))) return false;
+    }
+    if (rule->dtype_arg >= 0 && !torch::jit::toIValue(node->input(static_cast<size_t>(rule->dtype_arg)))->isNone()) {
+      return false;
+    }
+    if (rule->normalized_shape_arg >= 0 && !normalizedLength(node, static_cast<size_t>(rule->normalized_shape_arg))) {
+      return false;
     }
   }
   if (node->kind() == c10::Symbol::fromQualString("aten::batch_norm")) {
@@ -599,6 +824,7 @@ std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
     if (input.is_tensor) {
       kernel.tensor_inputs.push_back(*type);
       operand.value = kernel.load(tensor_index);
+      operand.input = tensor_index;
       sources[subgraph.inputs()[i]] = {tensor_index};
       tensor_index++;
     } else {
@@ -616,13 +842,17 @@ std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
     // Run the op once on one-element samples: its result dtype is eager's, by construction.
     torch::jit::Stack stack;
     std::vector<Operand> args;
+    std::vector<const Value*> arg_values;  // per entry of args
     std::vector<int> node_sources;
     for (size_t i = 0; i < node->inputs().size(); ++i) {
       const Value* input = node->input(i);
       bool is_operand = std::find(rule->operands.begin(), rule->operands.end(), static_cast<int>(i)) != rule->operands.end();
       if (auto found = operands.find(input); found != operands.end()) {
         stack.push_back(found->second.sample);
-        if (is_operand) args.push_back(found->second);
+        if (is_operand) {
+          args.push_back(found->second);
+          arg_values.push_back(input);
+        }
         if (static_cast<int>(i) != rule->dtype_only) {
           auto& from = sources[input];
           node_sources.insert(node_sources.end(), from.begin(), from.end());
@@ -631,7 +861,9 @@ std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
       }
       auto constant = torch::jit::toIValue(input);
       if (!constant) return fail("non-constant attribute of " + std::string(node->kind().toQualString()));
-      stack.push_back(*constant);
+      // The samples have one element: a normalized_shape of one dimension becomes [1].
+      stack.push_back(static_cast<int>(i) == rule->normalized_shape_arg ? c10::IValue(std::vector<int64_t>{1}) : *constant);
+      if (is_operand) arg_values.push_back(input);
       if (is_operand && constant->isNone()) {
         args.push_back(Operand{});  // an absent optional operand (batch_norm weight/bias): value -1
         continue;
@@ -668,7 +900,11 @@ std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
     if (result < 0) {
       return fail(std::string(node->kind().toQualString()) + " on " + c10::toString(compute) + " is left to eager");
     }
+    std::string row_problem;
+    const OutputRows rows = trackRows(*rule, node, args, arg_values, sources, lowered, &row_problem);
+    if (!row_problem.empty()) return fail(row_problem);
     Operand produced;
+    produced.rows = rows;
     produced.dtype = out;
     produced.is_tensor = true;
     produced.value = kernel.cast(result, *irDType(out));
@@ -687,8 +923,12 @@ std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
     auto found = operands.find(output);
     if (found == operands.end() || !found->second.is_tensor) return fail("group output is not a computed tensor");
     kernel.outputs.push_back(found->second.value);
+    lowered.output_rows.push_back(found->second.rows);
     lowered.output_dtypes.push_back(found->second.dtype);
     lowered.output_sources.push_back(sources[output]);
+  }
+  for (size_t o = 0; kernel.hasReductions() && o < lowered.output_rows.size(); ++o) {
+    kernel.row_outputs.push_back(lowered.output_rows[o] != OutputRows::kElements);
   }
   std::string problems = ir::verify(kernel);
   if (!problems.empty()) return fail("lowering produced invalid IR: " + problems);

@@ -44,11 +44,31 @@ struct ChannelParam {
 // which reach a kernel only as group inputs viewed per channel.
 bool isChannelOperandUse(const torch::jit::Use& use);
 
+// Where a group output lives in a group with row reductions: every element of the iteration
+// space, or one value per row (the innermost dimension kept as size 1, or dropped).
+enum class OutputRows { kElements, kKeepDim, kDropDim };
+
+// Whether `node` is one of the row reductions or the ops built on them (sum, mean, softmax,
+// layer_norm, …), fusible or not.
+bool isRowReduction(const torch::jit::Node* node);
+
+// Whether `node` is a reduction that drops the reduced dimension (keepdim=False): its result is
+// only ever a group output.
+bool dropsReducedDim(const torch::jit::Node* node);
+
 struct LoweredGroup {
   ir::Kernel kernel;
   std::vector<at::ScalarType> output_dtypes;
-  // For each output, the tensor inputs whose shapes broadcast to its shape.
+  // For each output, the tensor inputs whose shapes broadcast to the iteration shape it comes
+  // from (its own shape for outputs of kElements).
   std::vector<std::vector<int>> output_sources;
+  std::vector<OutputRows> output_rows;  // per output
+  // Row reductions. Each set of tensor inputs must broadcast to a shape whose innermost
+  // dimension is the row (the iteration shape's): what a reduction reads, and any per-element
+  // operand combined with a per-row value.
+  std::vector<std::vector<int>> row_spans;
+  int64_t row_length = -1;  // the row's required length (layer_norm's normalized_shape), or -1
+  std::vector<int> row_params;  // tensor inputs that must be 1-D of row_length (layer_norm's weight)
   // Bytes each element of the iteration space costs unfused: every op reads its tensor operands
   // and writes its result (used by kiln::report).
   int64_t unfused_bytes_per_element = 0;

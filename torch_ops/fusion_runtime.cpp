@@ -249,6 +249,42 @@ std::string iterationShape(const LoweredGroup& lowered, const std::vector<at::Te
   return "";
 }
 
+// A group with row reductions reduces the iteration shape's innermost dimension: what each
+// reduction reads (and each per-element operand a per-row value meets) must span that row, as
+// eager's reduction over dim -1 of that operand would; a normalization's row and parameters must
+// have its normalized_shape.
+std::string checkRows(const LoweredGroup& lowered, const std::vector<at::Tensor>& inputs,
+                      const std::vector<int64_t>& shape) {
+  if (!lowered.kernel.hasReductions()) return "";
+  if (shape.empty()) return "a row reduction of a 0-dim tensor";
+  const int64_t row = shape.back();
+  if (row == 0) return "a row reduction over an empty row";
+  if (lowered.row_length >= 0 && row != lowered.row_length) return "the row does not have normalized_shape's length";
+  for (int param : lowered.row_params) {
+    const at::Tensor& tensor = inputs[static_cast<size_t>(param)];
+    if (tensor.dim() != 1 || tensor.size(0) != row) return "a normalization's weight or bias does not match its row";
+  }
+  for (const std::vector<int>& span : lowered.row_spans) {
+    std::vector<int64_t> spanned;
+    for (int source : span) {
+      if (!broadcastInto(spanned, inputs[static_cast<size_t>(source)].sizes())) return "shapes do not broadcast";
+    }
+    if (spanned.empty() || spanned.back() != row) return "a reduced operand does not span the row";
+  }
+  return "";
+}
+
+// The shape of output `o` over the iteration shape.
+std::vector<int64_t> outputShape(const LoweredGroup& lowered, size_t o, const std::vector<int64_t>& shape) {
+  std::vector<int64_t> result = shape;
+  switch (lowered.output_rows[o]) {
+    case OutputRows::kElements: break;
+    case OutputRows::kKeepDim: result.back() = 1; break;
+    case OutputRows::kDropDim: result.pop_back(); break;
+  }
+  return result;
+}
+
 // The call as the pipeline sees it: byte strides over the iteration shape (0 where broadcast),
 // inputs then (fresh, contiguous) outputs; where each input starts.
 KernelCall kernelCall(const LoweredGroup& lowered, const std::vector<at::Tensor>& inputs, const std::vector<int64_t>& shape,
@@ -271,11 +307,14 @@ KernelCall kernelCall(const LoweredGroup& lowered, const std::vector<at::Tensor>
     call.addresses.push_back(device.is_cuda() ? reinterpret_cast<uintptr_t>(tensor.const_data_ptr())
                                               : static_cast<uintptr_t>(tensor.storage_offset() * tensor.element_size()));
   }
-  for (at::ScalarType dtype : lowered.output_dtypes) {
+  for (size_t o = 0; o < lowered.output_dtypes.size(); ++o) {
+    // Fresh and contiguous; a per-row output does not move along the row.
     std::vector<int64_t> strides(rank, 0);
-    int64_t stride = static_cast<int64_t>(c10::elementSize(dtype));
+    int64_t stride = static_cast<int64_t>(c10::elementSize(lowered.output_dtypes[o]));
     call.element_sizes.push_back(stride);
+    const bool per_row = lowered.output_rows[o] != OutputRows::kElements;
     for (size_t d = rank; d-- > 0;) {
+      if (per_row && d == rank - 1) continue;
       strides[d] = stride;
       stride *= shape[d];
     }
@@ -315,6 +354,7 @@ std::shared_ptr<PreparedLaunch> prepareLaunch(const std::shared_ptr<FusionProgra
   if (std::string reason = iterationShape(lowered, launch->inputs, &launch->shape, &shaped); !reason.empty()) {
     return reject(reason);
   }
+  if (std::string reason = checkRows(lowered, launch->inputs, launch->shape); !reason.empty()) return reject(reason);
   const KernelCall call = kernelCall(lowered, launch->inputs, launch->shape, shaped, signature.device);
   std::string not_planned;
   if (!planLaunch(*entry->family, call, loadCudaFunction, &launch->plan, &not_planned)) return reject(not_planned);
@@ -392,8 +432,9 @@ std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
   const LoweredGroup& lowered = *prepared.entry->lowered;
   const LaunchPlan& plan = prepared.plan;
   std::vector<at::Tensor> outputs;
-  for (at::ScalarType dtype : lowered.output_dtypes) {
-    outputs.push_back(at::empty(prepared.shape, at::TensorOptions().dtype(dtype).device(prepared.device)));
+  for (size_t o = 0; o < lowered.output_dtypes.size(); ++o) {
+    outputs.push_back(at::empty(outputShape(lowered, o, prepared.shape),
+                                at::TensorOptions().dtype(lowered.output_dtypes[o]).device(prepared.device)));
   }
   int64_t bytes_fused = 0;
   for (const at::Tensor& input : prepared.inputs) bytes_fused += input.numel() * input.element_size();
@@ -410,7 +451,7 @@ std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
     std::vector<int64_t> arguments = packCudaArguments(lowered.kernel, plan.cuda, plan.geometry, pointers,
                                                        prepared.float_args, prepared.int_args);
     launchCudaFunction(*plan.compiled->cuda, prepared.device.index(), arguments,
-                       cudaWorkItems(lowered.kernel, plan.cuda, plan.geometry.numel));
+                       cudaWorkItems(lowered.kernel, plan.cuda, plan.geometry));
     return outputs;
   }
 

@@ -68,3 +68,91 @@ template <typename T, int N>
 struct __align__(sizeof(T) * N) kiln_vec {
   T v[N];
 };
+
+// ---- row reductions (the kRows schedule): a block per row, blockDim.x a multiple of 32 ----
+
+template <typename T> __device__ __forceinline__ T kiln_warp_sum(T v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+template <typename T> __device__ __forceinline__ T kiln_warp_max(T v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = kiln_max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+template <typename T> __device__ __forceinline__ T kiln_warp_min(T v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = kiln_min(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Each block reduction returns the result to every thread: warps combine by shuffles, their
+// partials meet in `scratch` (3 * 32 + 1 doubles), and the block is synchronized before return so
+// that the next reduction may use `scratch` again.
+#define KILN_BLOCK_REDUCTION(NAME, WARP, IDENTITY)                                     \
+  template <typename T> __device__ __forceinline__ T NAME(T v, double* scratch) {      \
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;                        \
+    const int warps = (blockDim.x + 31) >> 5;                                          \
+    v = WARP(v);                                                                       \
+    if (lane == 0) scratch[warp] = (double)v;                                          \
+    __syncthreads();                                                                   \
+    if (warp == 0) {                                                                   \
+      T partial = lane < warps ? (T)scratch[lane] : (T)(IDENTITY);                     \
+      partial = WARP(partial);                                                         \
+      if (lane == 0) scratch[96] = (double)partial;                                    \
+    }                                                                                  \
+    __syncthreads();                                                                   \
+    const T result = (T)scratch[96];                                                   \
+    __syncthreads();                                                                   \
+    return result;                                                                     \
+  }
+KILN_BLOCK_REDUCTION(kiln_block_sum, kiln_warp_sum, 0)
+KILN_BLOCK_REDUCTION(kiln_block_max, kiln_warp_max, -__int_as_float(0x7f800000))
+KILN_BLOCK_REDUCTION(kiln_block_min, kiln_warp_min, __int_as_float(0x7f800000))
+#undef KILN_BLOCK_REDUCTION
+
+// Welford's running (count, mean, m2), and Chan et al.'s merge of two of them.
+template <typename T> __device__ __forceinline__ void kiln_welford_add(T& n, T& mean, T& m2, T x) {
+  n += (T)1;
+  const T delta = x - mean;
+  mean += delta / n;
+  m2 += delta * (x - mean);
+}
+template <typename T> __device__ __forceinline__ void kiln_welford_merge(T& n, T& mean, T& m2, T n_b, T mean_b, T m2_b) {
+  const T count = n + n_b;
+  if (count == (T)0) return;
+  const T share = n_b / count;
+  const T delta = mean_b - mean;
+  mean += delta * share;
+  m2 += m2_b + delta * delta * n * share;
+  n = count;
+}
+template <typename T> __device__ __forceinline__ void kiln_warp_welford(T& n, T& mean, T& m2) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const T n_b = __shfl_xor_sync(0xffffffffu, n, offset);
+    const T mean_b = __shfl_xor_sync(0xffffffffu, mean, offset);
+    const T m2_b = __shfl_xor_sync(0xffffffffu, m2, offset);
+    kiln_welford_merge(n, mean, m2, n_b, mean_b, m2_b);
+  }
+}
+// The population variance of the block's values (m2 / n), to every thread.
+template <typename T> __device__ __forceinline__ T kiln_block_var(T n, T mean, T m2, double* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int warps = (blockDim.x + 31) >> 5;
+  kiln_warp_welford(n, mean, m2);
+  if (lane == 0) {
+    scratch[warp] = (double)n;
+    scratch[32 + warp] = (double)mean;
+    scratch[64 + warp] = (double)m2;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    T n_w = lane < warps ? (T)scratch[lane] : (T)0;
+    T mean_w = lane < warps ? (T)scratch[32 + lane] : (T)0;
+    T m2_w = lane < warps ? (T)scratch[64 + lane] : (T)0;
+    kiln_warp_welford(n_w, mean_w, m2_w);
+    if (lane == 0) scratch[96] = (double)(m2_w / n_w);
+  }
+  __syncthreads();
+  const T result = (T)scratch[96];
+  __syncthreads();
+  return result;
+}

@@ -199,6 +199,56 @@ TEST(CudaEmitter, RowAndColumnBroadcastsReadByRowAndColumn) {
   EXPECT_EQ(result.log.find("warning"), std::string::npos) << result.log;
 }
 
+// softmax, layer_norm (Welford), a later-stage min and per-row outputs: every part of the rows
+// schedule, as the fuser lowers them.
+ir::Kernel rowsKernel(DType storage) {
+  const DType compute = computeType(storage);
+  ir::Kernel k;
+  k.name = std::string("rows_") + ir::dtypeName(storage);
+  k.tensor_inputs = {storage, storage};
+  int x = k.binary(Op::kAdd, k.cast(k.load(0), compute), k.cast(k.load(1), compute));
+  int e = k.unary(Op::kExp, k.binary(Op::kSub, x, k.reduce(Op::kReduceMax, x)));
+  int softmax = k.binary(Op::kMul, e, k.binary(Op::kDiv, k.constant(compute, 1), k.reduce(Op::kReduceSum, e)));
+  int mean = k.binary(Op::kDiv, k.reduce(Op::kReduceSum, x), k.rowSize(compute));
+  int rstd = k.unary(Op::kRsqrt, k.binary(Op::kAdd, k.reduce(Op::kReduceVar, x), k.constant(compute, 1e-5)));
+  int norm = k.binary(Op::kMul, k.binary(Op::kSub, x, mean), rstd);
+  int min = k.reduce(Op::kReduceMin, k.binary(Op::kMul, x, softmax));
+  k.outputs = {k.cast(softmax, storage), k.cast(norm, storage), k.binary(Op::kMul, mean, min)};
+  k.row_outputs = {false, false, true};
+  return k;
+}
+
+TEST(CudaEmitter, RowReductionsCompileCleanlyForSm80AndSm90) {
+  std::vector<CudaSource> sources;
+  for (DType storage : {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kFloat64}) {
+    ir::Kernel kernel = rowsKernel(storage);
+    const std::string base = kernel.name;
+    for (int rank : {2, 4}) {
+      for (bool index64 : {false, true}) {
+        kernel.name = base + "_" + std::to_string(rank) + (index64 ? "_i64" : "_i32");
+        sources.push_back(emitCuda(kernel, {CudaSchedule::kRows, rank, {}, index64}));
+      }
+    }
+  }
+  // A reduction kernel takes the rows schedule, whatever its layout, and no other.
+  ir::Kernel kernel = rowsKernel(DType::kFloat32);
+  Geometry geometry = mergeDimensions({8, 4, 96}, {{384 * 4, 96 * 4, 4}, {0, 0, 4}, {384 * 4, 96 * 4, 4}, {384 * 4, 96 * 4, 4}, {16, 4, 0}}, true);
+  ASSERT_EQ(geometry.sizes, (std::vector<int64_t>{32, 96}));
+  std::string why;
+  std::optional<CudaSpecialization> chosen =
+      chooseCudaSpecialization(kernel, geometry, classifyOperands(geometry, {4, 4, 4, 4, 4}), {0, 0}, &why);
+  ASSERT_TRUE(chosen) << why;
+  EXPECT_EQ(chosen->toString(), "rows2:i32");
+  EXPECT_EQ(cudaWorkItems(kernel, *chosen, geometry), 32 * kCudaBlockSize);
+  EXPECT_THROW(emitCuda(kernel, {CudaSchedule::kLinear, 1, std::vector<Access>(5, Access::kContiguous), false}),
+               std::runtime_error);
+  if (!haveNvrtc()) GTEST_SKIP() << "NVRTC is not installed";
+  for (const char* arch : {"sm_80", "sm_90"}) {
+    SCOPED_TRACE(arch);
+    expectCleanCompile(sources, arch);
+  }
+}
+
 TEST(CudaEmitter, IndexWidthFollowsTheSpecialization) {
   ir::Kernel k = addKernel(DType::kFloat32);
   CudaSource narrow = emitCuda(k, {CudaSchedule::kStrided, 4, {}, false});

@@ -1,5 +1,6 @@
 // Kernel IR: the text form round-trips, the parser and verifier reject malformed kernels.
 #include "codegen/kernel_ir.h"
+#include "codegen/ir_interpreter.h"
 
 #include <gtest/gtest.h>
 
@@ -67,6 +68,78 @@ TEST(KernelIr, VerifierNamesEachProblem) {
   EXPECT_NE(problems.find("arithmetic on a storage-only type"), std::string::npos) << problems;
   EXPECT_NE(problems.find("operand types differ"), std::string::npos) << problems;
   EXPECT_NE(problems.find("output names a missing value"), std::string::npos) << problems;
+}
+
+TEST(KernelIr, ReductionsAndRowOutputsRoundTrip) {
+  const std::string text = R"(kernel softmax_rows {
+  in0: bf16
+  %0 = load in0 : bf16
+  %1 = cast %0 : f32
+  %2 = reduce_max %1 : f32
+  %3 = sub %1, %2 : f32
+  %4 = exp %3 : f32
+  %5 = reduce_sum %4 : f32
+  %6 = div %4, %5 : f32
+  %7 = cast %6 : bf16
+  %8 = reduce_var %1 : f32
+  %9 = rowsize : f32
+  %10 = mul %8, %9 : f32
+  out0 = %7
+  out1 = row %10
+}
+)";
+  Kernel k = parse(text);
+  EXPECT_EQ(print(k), text);
+  EXPECT_TRUE(k.hasReductions());
+  EXPECT_FALSE(k.isRowOutput(0));
+  EXPECT_TRUE(k.isRowOutput(1));
+  RowSchedule schedule = rowSchedule(k);
+  EXPECT_EQ(schedule.stages, 2);  // max, then the sum of exp(x - max)
+  EXPECT_EQ(schedule.stage[5], 2);
+  EXPECT_EQ(schedule.stage[8], 1);
+  EXPECT_TRUE(schedule.per_element[4]);
+  EXPECT_FALSE(schedule.per_element[10]);
+  EXPECT_TRUE(schedule.per_element_outputs);
+}
+
+TEST(KernelIr, VerifierRejectsMisplacedReductions) {
+  auto problems = [](const std::string& body) {
+    try {
+      parse("kernel k {\n  in0: f32\n  %0 = load in0 : f32\n" + body + "}\n");
+      return std::string();
+    } catch (const std::invalid_argument& error) {
+      return std::string(error.what());
+    }
+  };
+  EXPECT_NE(problems("  %1 = reduce_sum %0 : f32\n  %2 = reduce_sum %1 : f32\n  out0 = row %2\n")
+                .find("must be a per-element value"), std::string::npos);
+  EXPECT_NE(problems("  %1 = reduce_sum %0 : f32\n  out0 = row %0\n").find("names a per-element value"),
+            std::string::npos);
+  EXPECT_NE(problems("  %1 = neg %0 : f32\n  out0 = row %1\n").find("without reductions"), std::string::npos);
+  EXPECT_NE(problems("  %1 = cast %0 : i64\n  %2 = reduce_sum %1 : i64\n  out0 = row %2\n")
+                .find("reductions are on f32 or f64"), std::string::npos);
+  EXPECT_NE(problems("  %1 = rowsize : bool\n  out0 = %1\n").find("rowsize must be"), std::string::npos);
+  EXPECT_EQ(problems("  %1 = reduce_sum %0 : f32\n  %2 = div %0, %1 : f32\n  out0 = %2\n"), "");
+}
+
+TEST(KernelIr, InterpreterReducesEachRow) {
+  Kernel k = parse(R"(kernel k {
+  in0: f32
+  %0 = load in0 : f32
+  %1 = reduce_sum %0 : f32
+  %2 = reduce_var %0 : f32
+  %3 = div %0, %1 : f32
+  out0 = %3
+  out1 = row %2
+})");
+  std::vector<float> x = {1, 2, 3, 4, 10, 10, 10, 10};
+  std::vector<float> share(8), var(2);
+  interpret(k, {{x.data(), 1, 4}}, {}, {{share.data(), 1, 4}, {var.data(), 0, 1}}, 4, 2);
+  EXPECT_FLOAT_EQ(share[0], 0.1f);
+  EXPECT_FLOAT_EQ(share[3], 0.4f);
+  EXPECT_FLOAT_EQ(share[5], 0.25f);
+  EXPECT_FLOAT_EQ(var[0], 1.25f);
+  EXPECT_FLOAT_EQ(var[1], 0.f);
 }
 
 }  // namespace

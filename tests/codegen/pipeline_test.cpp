@@ -139,7 +139,7 @@ TEST(Pipeline, CudaArgumentsMatchTheEmittersLayout) {
   std::vector<int64_t> block = packCudaArguments(kernel, linear, rows, pointers, {scale}, {0});
   EXPECT_EQ(block.size() * 8, cudaArgumentLayout(kernel, linear).bytes());
   EXPECT_EQ(block, (std::vector<int64_t>{0x1000, 0x2000, 0x3000, 32, 64 * 32, scale_bits, 0}));
-  EXPECT_EQ(cudaWorkItems(kernel, linear, rows.numel), 64 * 32 / 4);
+  EXPECT_EQ(cudaWorkItems(kernel, linear, rows), 64 * 32 / 4);
 
   Geometry strided = mergeDimensions({64, 32}, {dense({64, 32}, 4), {4, 256}, dense({64, 32}, 4)});
   CudaSpecialization general = *chooseCudaSpecialization(kernel, strided, classifyOperands(strided, {4, 4, 4}), {0, 0}, nullptr);
@@ -147,7 +147,7 @@ TEST(Pipeline, CudaArgumentsMatchTheEmittersLayout) {
   block = packCudaArguments(kernel, general, strided, pointers, {scale}, {0});
   EXPECT_EQ(block.size() * 8, cudaArgumentLayout(kernel, general).bytes());
   EXPECT_EQ(block, (std::vector<int64_t>{0x1000, 0x2000, 0x3000, 64, 32, 32, 1, 1, 64, 32, 1, 64 * 32, scale_bits, 0}));
-  EXPECT_EQ(cudaWorkItems(kernel, general, strided.numel), 64 * 32);
+  EXPECT_EQ(cudaWorkItems(kernel, general, strided), 64 * 32);
 
   EXPECT_THROW(packCudaArguments(kernel, linear, rows, {pointers[0]}, {scale}, {0}), std::runtime_error);
   EXPECT_THROW(packCudaArguments(kernel, linear, rows, pointers, {}, {}), std::runtime_error);

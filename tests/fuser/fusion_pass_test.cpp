@@ -191,6 +191,53 @@ graph(%x : Tensor, %y : Tensor):
   EXPECT_EQ(report(graph).groups[0].fallbacks, 1);
 }
 
+TEST(FusionPass, RowReductionsJoinTheirPrologueAndEpilogue) {
+  // BERT's residual add + layer_norm, its normalized_shape built from a constant as tracing
+  // writes it, with an epilogue; and a softmax over dim 1 of a tensor the profile says is 3-D,
+  // which is not its last dim: left to eager.
+  const std::string text = R"IR(
+graph(%x : Tensor, %y : Tensor, %w : Tensor, %b : Tensor, %z : Float(2, 3, 4)):
+  %one : int = prim::Constant[value=1]()
+  %len : int = prim::Constant[value=4]()
+  %eps : float = prim::Constant[value=1e-12]()
+  %cudnn : bool = prim::Constant[value=1]()
+  %none : NoneType = prim::Constant()
+  %shape : int[] = prim::ListConstruct(%len)
+  %s : Tensor = aten::add(%x, %y, %one)
+  %n : Tensor = aten::layer_norm(%s, %shape, %w, %b, %eps, %cudnn)
+  %r : Tensor = aten::relu(%n)
+  %t : Tensor = aten::mul(%z, %z)
+  %u : Tensor = aten::softmax(%t, %one, %none)
+  return (%r, %u))IR";
+  auto graph = fused(text);
+  FileCheck().check("kiln::fusion_guard")->check("kiln::fusion_group")->check("aten::layer_norm")  // the fallback
+      ->check_not("kiln::fusion_guard")->check("aten::softmax")->run(*graph);
+  Report r = report(graph);
+  ASSERT_EQ(r.groups.size(), 1u);
+  EXPECT_EQ(r.groups[0].ops, (std::vector<std::string>{"aten::add", "aten::layer_norm", "aten::relu"}));
+  expectSameOutputs(text, {torch::randn({3, 4}), torch::randn({4}), torch::randn({4}), torch::randn({4}),
+                           torch::randn({2, 3, 4})});
+}
+
+TEST(FusionPass, AReductionThatDropsItsDimEndsItsGroup) {
+  const std::string text = R"IR(
+graph(%x : Tensor, %y : Tensor):
+  %dims : int[] = prim::Constant[value=[-1]]()
+  %keep : bool = prim::Constant[value=0]()
+  %none : NoneType = prim::Constant()
+  %a : Tensor = aten::mul(%x, %y)
+  %m : Tensor = aten::mean(%a, %dims, %keep, %none)
+  %e : Tensor = aten::exp(%m)
+  %f : Tensor = aten::neg(%e)
+  return (%f))IR";
+  auto graph = fused(text);
+  Report r = report(graph);
+  ASSERT_EQ(r.groups.size(), 2u) << *graph;
+  EXPECT_EQ(r.groups[0].ops, (std::vector<std::string>{"aten::mul", "aten::mean"}));
+  EXPECT_EQ(r.groups[1].ops, (std::vector<std::string>{"aten::exp", "aten::neg"}));
+  expectSameOutputs(text, {torch::randn({5, 7}), torch::randn({7})});
+}
+
 TEST(FusionPass, DisabledOptionLeavesGraphUntouched) {
   const char* text = R"IR(
 graph(%x : Tensor):

@@ -76,7 +76,11 @@ inline FuzzCase makeCase(uint64_t seed, c10::Device device = c10::kCPU) {
   const char* unary[] = {"torch.sigmoid({})", "torch.tanh({})", "torch.relu({})", "torch.abs({})", "-{}",
                          "torch.exp(torch.tanh({}))", "torch.sin({})", "torch.floor({})", "torch.sqrt(torch.abs({}))",
                          "torch.gelu({})", "torch.silu({})", "torch.clamp({}, -1.0, 2)", "torch.erf({})",
-                         "torch.log1p(torch.abs({}))", "torch.hardswish({})", "torch.sign({})", "({} * 0.5)", "({} + 2)"};
+                         "torch.log1p(torch.abs({}))", "torch.hardswish({})", "torch.sign({})", "({} * 0.5)", "({} + 2)",
+                         // row reductions over the last dim (integers promoted by * 1.0, as they must be)
+                         "torch.softmax({} * 1.0, -1)", "torch.log_softmax(torch.tanh({} * 1.0), -1)",
+                         "({} - ({0} * 1.0).mean(-1, keepdim=True))",
+                         "({} * 1.0 / (({0} * 1.0).abs().amax(-1, keepdim=True) + 1))"};
   const char* binary[] = {"{} + {}", "{} - {}", "{} * {}", "torch.maximum({}, {})", "torch.minimum({}, {})",
                           "torch.where({} > {}, {0}, {1})", "({} / (torch.abs({}) + 1))", "torch.lerp({}.float(), {}.float(), 0.25)",
                           "torch.addcmul({}, {}, {0}, value=0.5)"};
@@ -93,6 +97,7 @@ inline FuzzCase makeCase(uint64_t seed, c10::Device device = c10::kCPU) {
         a = pool[rng() % static_cast<size_t>(num_inputs)];
       }
       expr.replace(expr.find("{}"), 2, a);
+      for (size_t at = expr.find("{0}"); at != std::string::npos; at = expr.find("{0}")) expr.replace(at, 3, a);
     } else {
       expr = binary[rng() % std::size(binary)];
       // lerp's operands go through .float(): float32 precision enters the graph.
