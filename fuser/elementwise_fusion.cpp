@@ -9,6 +9,7 @@
 #include <torch/csrc/jit/passes/utils/subgraph_utils.h>
 
 #include <algorithm>
+#include <unordered_map>
 #include <unordered_set>
 
 #include "fuser/fusion_pass.h"
@@ -68,7 +69,8 @@ class GroupBuilder {
       changed = false;
       for (auto it = block->nodes().rbegin(); it != block->nodes().rend();) {
         Node* node = *it;
-        if (!canFuse(node)) {
+        // A normalized_shape list joins its normalization's group; it never starts one.
+        if (!canFuse(node) || isRowLengthList(node)) {
           ++it;
           continue;
         }
@@ -100,6 +102,7 @@ class GroupBuilder {
       if (feedsChannelParam(group, input)) continue;
       // A reduction that drops its dim is a group's last op: its result only leaves the group.
       if (isDroppedRow(input)) continue;
+      if (!rowSpacesAgree(group, producer)) continue;
       if (!alias_db_.moveBeforeTopologicallyValid(producer, group)) continue;
       SubgraphUtils::mergeNodeIntoSubgraphAndUpdateAliasing(producer, group, alias_db_);
       building_.erase(producer);
@@ -107,6 +110,101 @@ class GroupBuilder {
     }
     return {++group->reverseIterator(), false};
   }
+
+  // A group's kernel has one row: its iteration space's innermost dimension. Every row op in it
+  // (reductions, softmax, layer_norm, …) must reduce a value computed from some of the same
+  // inputs, and a per-row value may meet only per-element values computed from the inputs its
+  // rows came from: `norm(h) + x.sum(-1, keepdim=True)` with h [8, 64] and x [8, 32] would make
+  // a group whose sum never spans the kernel's row (the runtime would send it to its fallback on
+  // every call). Checked before `producer` joins `group`, on the values of both, in terms of the
+  // outer graph's values each depends on.
+  static bool rowSpacesAgree(Node* group, Node* producer) {
+    RowSpaces spaces;
+    std::unordered_map<const Value*, const Value*> outer_of;  // a subgraph input → its outer value
+    if (producer->kind() == kBuildingGroup) {
+      spaces.walk(*producer->g(torch::jit::attr::Subgraph), producer->inputs());
+      const auto& inner_outputs = producer->g(torch::jit::attr::Subgraph)->outputs();
+      for (size_t i = 0; i < producer->outputs().size(); ++i) spaces.alias(producer->output(i), inner_outputs[i]);
+    } else {
+      spaces.visit(producer);
+    }
+    spaces.walk(*group->g(torch::jit::attr::Subgraph), group->inputs());
+    return spaces.agree;
+  }
+
+  struct RowSpaces {
+    using Deps = std::unordered_set<const Value*>;
+    std::unordered_map<const Value*, Deps> deps;      // the outer values a value is computed from
+    std::unordered_map<const Value*, Deps> row_deps;  // for a per-row value: what its rows reduced
+    std::vector<Deps> reduced;                        // per row op: what it reduces
+    bool agree = true;
+
+    static bool meet(const Deps& a, const Deps& b) {
+      for (const Value* v : a) {
+        if (b.count(v)) return true;
+      }
+      return false;
+    }
+    const Deps& of(const Value* value) {
+      auto found = deps.find(value);
+      if (found == deps.end()) found = deps.emplace(value, Deps{value}).first;  // an outer value
+      return found->second;
+    }
+    void alias(const Value* to, const Value* from) {
+      deps[to] = of(from);
+      if (row_deps.count(from)) row_deps[to] = row_deps[from];
+    }
+    // Walks `graph` with its inputs standing for `outer`.
+    void walk(const Graph& graph, at::ArrayRef<Value*> outer) {
+      for (size_t i = 0; i < outer.size(); ++i) alias(graph.inputs()[i], outer[i]);
+      for (const Node* node : graph.nodes()) visit(node);
+    }
+    void visit(const Node* node) {
+      if (node->kind() == torch::jit::prim::Constant) {
+        deps[node->output()] = {};
+        return;
+      }
+      Deps all, rows;
+      bool element = false, per_row = false;
+      std::vector<const Deps*> element_deps;
+      for (const Value* input : node->inputs()) {
+        const Deps& d = of(input);
+        all.insert(d.begin(), d.end());
+        if (input->type()->kind() != c10::TypeKind::TensorType || d.empty() || isZeroDim(input)) continue;
+        if (auto found = row_deps.find(input); found != row_deps.end()) {
+          per_row = true;
+          rows.insert(found->second.begin(), found->second.end());
+        } else {
+          element = true;
+          element_deps.push_back(&d);
+        }
+      }
+      for (const Value* output : node->outputs()) deps[output] = all;
+      if (isRowReduction(node)) {
+        const Deps& operand = of(node->input(0));
+        for (const Deps& other : reduced) agree = agree && meet(operand, other);
+        reduced.push_back(operand);
+        if (keepsRow(node)) row_deps[node->output()] = operand;
+        return;
+      }
+      if (per_row && element) {
+        for (const Deps* d : element_deps) agree = agree && meet(*d, rows);
+      } else if (per_row) {
+        for (const Value* output : node->outputs()) row_deps[output] = rows;
+      }
+    }
+    // A tensor the profile says is 0-dim broadcasts to any shape and changes none.
+    static bool isZeroDim(const Value* value) {
+      std::optional<size_t> rank = value->type()->expect<c10::TensorType>()->dim();
+      return rank && *rank == 0;
+    }
+    // A reduction's result is per row (sum, mean, …); softmax's and layer_norm's are per element.
+    static bool keepsRow(const Node* node) {
+      const std::string name = node->kind().toQualString();
+      return name != "aten::softmax" && name != "aten::log_softmax" && name != "aten::layer_norm" &&
+             name != "aten::rms_norm";
+    }
+  };
 
   // Whether `value` is made by a reduction that drops its dim (directly, or as an output of a
   // group under construction).
@@ -156,12 +254,15 @@ void dropProfilesBetweenFusibleOps(Block* block) {
   }
 }
 
-// A reduction's dims and layer_norm's normalized_shape are often built in the graph from
-// constants (prim::ListConstruct of ints, as scripting writes `[768]`): they become one constant
-// list, so the op can join a group (whose code holds constants, never lists built at run time).
-void foldConstantIntLists(Block* block) {
+// A reduction's dims and layer_norm's normalized_shape are often built in the graph
+// (prim::ListConstruct of ints, as scripting writes `[768]` or `[self.hidden_size]`). Built from
+// constants, the list becomes one constant, so the op can join a group (whose code holds
+// constants, never lists built at run time); built from an int, each op gets a list of its own,
+// which can join that op's group (one list shared by two layer_norms would otherwise leave
+// one group as an output and enter the other as an input, and no group takes lists).
+void prepareRowLists(Block* block) {
   for (Node* node : block->nodes()) {
-    for (Block* inner : node->blocks()) foldConstantIntLists(inner);
+    for (Block* inner : node->blocks()) prepareRowLists(inner);
     if (!isRowReduction(node)) continue;
     for (size_t i = 0; i < node->inputs().size(); ++i) {
       Node* list = node->input(i)->node();
@@ -172,17 +273,46 @@ void foldConstantIntLists(Block* block) {
         if (!constant || !constant->isInt()) break;
         items.push_back(constant->toInt());
       }
-      if (items.size() != list->inputs().size()) continue;
       torch::jit::WithInsertPoint insert_point(node);
-      node->replaceInput(i, block->owningGraph()->insertConstant(items));
+      if (items.size() == list->inputs().size()) {
+        node->replaceInput(i, block->owningGraph()->insertConstant(items));
+      } else if (list->output()->uses().size() > 1) {
+        Node* copy = block->owningGraph()->insertNode(block->owningGraph()->createClone(list, [](Value* v) { return v; }));
+        node->replaceInput(i, copy->output());
+      }
     }
   }
 }
 
 int countOps(const Graph& subgraph) {
   int count = 0;
-  for (const Node* node : subgraph.nodes()) count += node->kind() != torch::jit::prim::Constant;
+  for (const Node* node : subgraph.nodes()) {
+    count += node->kind() != torch::jit::prim::Constant && node->kind() != torch::jit::prim::ListConstruct;
+  }
   return count;
+}
+
+// Orders a group's inputs by their first use in its subgraph: a module's weights then take the
+// same places whether they come as attributes (a scripted module run as it is) or as constants
+// lifted out of the group (a frozen one), and both get the same kernel.
+void putInputsInOrderOfUse(Graph& subgraph, Node* group) {
+  std::vector<std::pair<std::pair<size_t, size_t>, size_t>> first_use;  // ((node, offset), input)
+  std::unordered_map<const Node*, size_t> position;
+  for (Node* node : subgraph.nodes()) position.emplace(node, position.size());
+  for (size_t i = 0; i < subgraph.inputs().size(); ++i) {
+    std::pair<size_t, size_t> earliest{position.size(), 0};
+    for (const torch::jit::Use& use : subgraph.inputs()[i]->uses()) {
+      auto found = position.find(use.user);
+      const size_t at = found == position.end() ? position.size() : found->second;  // the return node
+      earliest = std::min(earliest, std::pair<size_t, size_t>{at, use.offset});
+    }
+    first_use.push_back({earliest, i});
+  }
+  std::stable_sort(first_use.begin(), first_use.end());
+  std::vector<size_t> order;
+  for (const auto& entry : first_use) order.push_back(entry.second);
+  subgraph.block()->permuteInputs(order);
+  group->permuteInputs(order);
 }
 
 // Replaces a built group by guard + If(fused, fallback); false (the group left as it is) when
@@ -200,6 +330,7 @@ bool materialize(Graph& graph, Node* group, const KernelOptions& options) {
     node->output()->replaceAllUsesWith(inner);
     node->destroy();
   }
+  putInputsInOrderOfUse(*subgraph, group);
   std::string why;
   std::optional<std::string> text = encodeGroupCode(*subgraph, options, &why);
   if (!text) {
@@ -255,7 +386,7 @@ int fuseElementwise(std::shared_ptr<Graph>& graph, const Options& options) {
   // In-place ops (a ResNet's relu_ and residual add_) become functional where AliasDb proves no
   // one can observe the difference, so they can join groups.
   dropProfilesBetweenFusibleOps(graph->block());
-  foldConstantIntLists(graph->block());
+  prepareRowLists(graph->block());
   torch::jit::RemoveTensorMutation(graph, [](Node* node) { return hasFusibleFunctionalForm(node); });
   std::vector<Node*> groups = GroupBuilder(graph).build();
   int created = 0;

@@ -34,6 +34,9 @@ std::optional<std::string> typeName(const c10::TypePtr& type) {
     case c10::TypeKind::FloatType: return "float";
     case c10::TypeKind::IntType: return "int";
     case c10::TypeKind::BoolType: return "bool";
+    case c10::TypeKind::ListType:
+      if (type->containedType(0)->kind() == c10::TypeKind::IntType) return "int[]";
+      return std::nullopt;
     default: return std::nullopt;
   }
 }
@@ -43,6 +46,7 @@ c10::TypePtr typeNamed(const std::string& name) {
   if (name == "float") return c10::FloatType::get();
   if (name == "int") return c10::IntType::get();
   if (name == "bool") return c10::BoolType::get();
+  if (name == "int[]") return c10::ListType::ofInts();
   return nullptr;
 }
 
@@ -228,7 +232,7 @@ std::optional<std::string> encodeGroupCode(const Graph& subgraph, const KernelOp
   };
   for (const Value* input : subgraph.inputs()) {
     auto type = typeName(input->type());
-    if (!type) return fail("group input of type " + input->type()->str());
+    if (!type || *type == "int[]") return fail("group input of type " + input->type()->str());
     out << "in " << define(input) << " : " << *type << "\n";
   }
   for (const Node* node : subgraph.nodes()) {
@@ -304,6 +308,7 @@ std::shared_ptr<Graph> decodeGroupCode(const std::string& code) {
       defines(t[1]);
       c10::TypePtr type = typeNamed(t[3]);
       if (!type) malformed(number, "unknown type '" + t[3] + "'");
+      if (type->kind() == c10::TypeKind::ListType) malformed(number, "a group input cannot be a list");
       values.push_back(graph->addInput()->setType(type));
     } else if (t[0] == "out") {
       if (t.size() != 2) malformed(number, "expected 'out %N'");

@@ -6,6 +6,7 @@
 #include <torch/csrc/jit/ir/constants.h>
 
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <unordered_map>
 
@@ -666,9 +667,10 @@ OutputRows trackRows(const OpRule& rule, const Node* node, const std::vector<Ope
     }
     lowered.row_spans.push_back(sources[node->input(0)]);
     if (rule.normalized_shape_arg >= 0) {
-      const int64_t length = *normalizedLength(node, static_cast<size_t>(rule.normalized_shape_arg));
-      if (lowered.row_length >= 0 && lowered.row_length != length) *problem = "normalizations of different lengths";
-      lowered.row_length = length;
+      if (std::optional<int64_t> length = normalizedLength(node, static_cast<size_t>(rule.normalized_shape_arg))) {
+        if (lowered.row_length >= 0 && lowered.row_length != *length) *problem = "normalizations of different lengths";
+        lowered.row_length = *length;
+      }
       for (size_t a = 1; a < args.size(); ++a) {
         if (args[a].value < 0) continue;
         if (args[a].input < 0) *problem = "a normalization's weight or bias is computed inside the group";
@@ -678,9 +680,12 @@ OutputRows trackRows(const OpRule& rule, const Node* node, const std::vector<Ope
     if (rule.keepdim_arg < 0) return OutputRows::kElements;
     return dropsReducedDim(node) ? OutputRows::kDropDim : OutputRows::kKeepDim;
   }
+  // A 0-dim tensor (T5's epsilon, frozen into a constant) broadcasts to any shape and changes
+  // none: it counts as a scalar here.
+  auto zeroDim = [](const Operand& arg) { return arg.sample.isTensor() && arg.sample.toTensor().dim() == 0; };
   bool dropped = false, kept = false, elements = false;
   for (const Operand& arg : args) {
-    if (!arg.is_tensor) continue;
+    if (!arg.is_tensor || zeroDim(arg)) continue;
     dropped |= arg.rows == OutputRows::kDropDim;
     kept |= arg.rows == OutputRows::kKeepDim;
     elements |= arg.rows == OutputRows::kElements;
@@ -693,9 +698,50 @@ OutputRows trackRows(const OpRule& rule, const Node* node, const std::vector<Ope
   if (!kept) return OutputRows::kElements;
   if (!elements) return OutputRows::kKeepDim;
   for (size_t a = 0; a < args.size(); ++a) {
-    if (args[a].is_tensor && args[a].rows == OutputRows::kElements) lowered.row_spans.push_back(sources[arg_values[a]]);
+    if (args[a].is_tensor && !zeroDim(args[a]) && args[a].rows == OutputRows::kElements) {
+      lowered.row_spans.push_back(sources[arg_values[a]]);
+    }
   }
   return OutputRows::kElements;
+}
+
+// Removes the values no output depends on, and the scalar inputs only they read: the kernel
+// is then the same whether an attribute came as a constant or as a scalar it never reads.
+// `scalar_sources` gets, per scalar input kept, the scalar input it was.
+void dropDeadValues(ir::Kernel& kernel, std::vector<int>* scalar_sources) {
+  std::vector<bool> live(kernel.body.size(), false);
+  for (int output : kernel.outputs) live[static_cast<size_t>(output)] = true;
+  for (size_t k = kernel.body.size(); k-- > 0;) {
+    if (!live[k]) continue;
+    for (int operand : kernel.body[k].operands) live[static_cast<size_t>(operand)] = true;
+  }
+  std::vector<int> scalar_index(kernel.scalar_inputs.size(), -1);
+  std::vector<ir::DType> scalars;
+  for (size_t k = 0; k < kernel.body.size(); ++k) {
+    const ir::Instr& instr = kernel.body[k];
+    if (!live[k] || instr.op != Op::kScalar || scalar_index[static_cast<size_t>(instr.param)] >= 0) continue;
+    scalar_index[static_cast<size_t>(instr.param)] = 0;  // numbered below, in input order
+  }
+  scalar_sources->clear();
+  for (size_t j = 0; j < scalar_index.size(); ++j) {
+    if (scalar_index[j] < 0) continue;
+    scalar_index[j] = static_cast<int>(scalars.size());
+    scalars.push_back(kernel.scalar_inputs[j]);
+    scalar_sources->push_back(static_cast<int>(j));
+  }
+  std::vector<int> renumbered(kernel.body.size(), -1);
+  std::vector<ir::Instr> body;
+  for (size_t k = 0; k < kernel.body.size(); ++k) {
+    if (!live[k]) continue;
+    ir::Instr instr = kernel.body[k];
+    for (int& operand : instr.operands) operand = renumbered[static_cast<size_t>(operand)];
+    if (instr.op == Op::kScalar) instr.param = scalar_index[static_cast<size_t>(instr.param)];
+    renumbered[k] = static_cast<int>(body.size());
+    body.push_back(instr);
+  }
+  for (int& output : kernel.outputs) output = renumbered[static_cast<size_t>(output)];
+  kernel.body = std::move(body);
+  kernel.scalar_inputs = std::move(scalars);
 }
 
 }  // namespace
@@ -711,6 +757,27 @@ std::optional<ir::DType> irDType(at::ScalarType type) {
     case at::kDouble: return ir::DType::kFloat64;
     default: return std::nullopt;
   }
+}
+
+bool isRowLengthList(const Node* node) {
+  if (node->kind() != torch::jit::prim::ListConstruct || node->inputs().size() != 1 ||
+      node->input(0)->type()->kind() != c10::TypeKind::IntType) {
+    return false;
+  }
+  // Used only as normalized_shape, directly or through a group being built around its user.
+  std::function<bool(const Value*)> onlyNormalizedShape = [&](const Value* list) {
+    for (const torch::jit::Use& use : list->uses()) {
+      if (use.user->kind() == torch::jit::prim::FusionGroup) {
+        const Value* inner = use.user->g(torch::jit::attr::Subgraph)->inputs()[use.offset];
+        if (!onlyNormalizedShape(inner)) return false;
+        continue;
+      }
+      const OpRule* rule = ruleFor(use.user);
+      if (!rule || static_cast<int>(use.offset) != rule->normalized_shape_arg) return false;
+    }
+    return true;
+  };
+  return onlyNormalizedShape(node->output());
 }
 
 bool isRowReduction(const Node* node) {
@@ -741,6 +808,7 @@ bool hasFusibleFunctionalForm(const Node* node) {
 }
 
 bool isFusibleNode(const Node* node) {
+  if (isRowLengthList(node)) return true;
   if (!node->kind().is_aten() || !node->blocks().empty()) return false;
   const OpRule* rule = ruleFor(node);
   if (!rule) return false;
@@ -762,6 +830,8 @@ bool isFusibleNode(const Node* node) {
       }
     } else if (is_operand) {
       if (input->type()->kind() != c10::TypeKind::TensorType && !isNumberType(input->type())) return false;
+    } else if (static_cast<int>(i) == rule->normalized_shape_arg && isRowLengthList(input->node())) {
+      continue;  // [n]: n joins the group as an int input
     } else if (!torch::jit::toIValue(input)) {
       return false;  // attributes (alpha, rounding mode, dtype, ...) must be constants
     }
@@ -777,8 +847,9 @@ bool isFusibleNode(const Node* node) {
     if (rule->dtype_arg >= 0 && !torch::jit::toIValue(node->input(static_cast<size_t>(rule->dtype_arg)))->isNone()) {
       return false;
     }
-    if (rule->normalized_shape_arg >= 0 && !normalizedLength(node, static_cast<size_t>(rule->normalized_shape_arg))) {
-      return false;
+    if (rule->normalized_shape_arg >= 0) {
+      const auto index = static_cast<size_t>(rule->normalized_shape_arg);
+      if (!normalizedLength(node, index) && !isRowLengthList(node->input(index)->node())) return false;
     }
   }
   if (node->kind() == c10::Symbol::fromQualString("aten::batch_norm")) {
@@ -829,6 +900,7 @@ std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
       tensor_index++;
     } else {
       kernel.scalar_inputs.push_back(*type);
+      operand.input = scalar_index;
       operand.value = kernel.scalar(scalar_index++);
     }
     operands[subgraph.inputs()[i]] = operand;
@@ -837,6 +909,8 @@ std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
   Lowerer lowerer{kernel};
   for (const Node* node : subgraph.nodes()) {
     if (node->kind() == torch::jit::prim::Constant) continue;
+    // A normalized_shape built at run time ([self.hidden_size]): read by the normalization.
+    if (node->kind() == torch::jit::prim::ListConstruct) continue;
     const OpRule* rule = ruleFor(node);
     if (!rule) return fail(std::string("unsupported op ") + node->kind().toQualString());
     // Run the op once on one-element samples: its result dtype is eager's, by construction.
@@ -857,6 +931,17 @@ std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
           auto& from = sources[input];
           node_sources.insert(node_sources.end(), from.begin(), from.end());
         }
+        continue;
+      }
+      if (static_cast<int>(i) == rule->normalized_shape_arg && input->node()->kind() == torch::jit::prim::ListConstruct) {
+        // One dimension given by an int group input: the runtime checks the row against it.
+        auto length = operands.find(input->node()->input(0));
+        if (length == operands.end() || length->second.is_tensor) return fail("normalized_shape is not a group input");
+        if (lowered.row_length_scalar >= 0 && lowered.row_length_scalar != length->second.input) {
+          return fail("normalizations of different lengths");
+        }
+        lowered.row_length_scalar = length->second.input;
+        stack.push_back(c10::IValue(std::vector<int64_t>{1}));
         continue;
       }
       auto constant = torch::jit::toIValue(input);
@@ -927,6 +1012,7 @@ std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
     lowered.output_dtypes.push_back(found->second.dtype);
     lowered.output_sources.push_back(sources[output]);
   }
+  dropDeadValues(kernel, &lowered.scalar_sources);
   for (size_t o = 0; kernel.hasReductions() && o < lowered.output_rows.size(); ++o) {
     kernel.row_outputs.push_back(lowered.output_rows[o] != OutputRows::kElements);
   }

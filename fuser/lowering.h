@@ -48,6 +48,11 @@ bool isChannelOperandUse(const torch::jit::Use& use);
 // space, or one value per row (the innermost dimension kept as size 1, or dropped).
 enum class OutputRows { kElements, kKeepDim, kDropDim };
 
+// Whether `node` is prim::ListConstruct of one int whose every use is a normalization's
+// normalized_shape ([self.hidden_size] in a scripted module): it joins the normalization's group,
+// the int becoming a group input the runtime checks the row against.
+bool isRowLengthList(const torch::jit::Node* node);
+
 // Whether `node` is one of the row reductions or the ops built on them (sum, mean, softmax,
 // layer_norm, …), fusible or not.
 bool isRowReduction(const torch::jit::Node* node);
@@ -68,11 +73,15 @@ struct LoweredGroup {
   // operand combined with a per-row value.
   std::vector<std::vector<int>> row_spans;
   int64_t row_length = -1;  // the row's required length (layer_norm's normalized_shape), or -1
+  int row_length_scalar = -1;  // or the scalar input that holds it (a normalized_shape built at run time)
   std::vector<int> row_params;  // tensor inputs that must be 1-D of row_length (layer_norm's weight)
   // Bytes each element of the iteration space costs unfused: every op reads its tensor operands
   // and writes its result (used by kiln::report).
   int64_t unfused_bytes_per_element = 0;
   std::vector<ChannelParam> channel_params;
+  // Per scalar input of the kernel, the group's scalar input it is (a scalar the kernel never
+  // reads, such as normalized_shape's int, is not one of the kernel's).
+  std::vector<int> scalar_sources;
 };
 
 // Lowers `subgraph` for `signature`; returns nullopt with *why set if kiln cannot compute it

@@ -40,6 +40,9 @@ if [[ $stage == all || $stage == bench ]]; then
     --benchmark_out="$out/bench.json" --benchmark_out_format=json > "$out/bench.txt" 2>&1
   # torch.compile on the same elementwise chains (Python only), eager and copy beside it.
   $py scripts/elementwise_torch_compile.py --json "$out/torch_compile.json" > "$out/torch_compile.txt" 2>&1
+  # Row reductions: eager, torch.compile and kiln with % of copy bandwidth.
+  $py scripts/reduction_bench.py --library build-device/lib/libkiln.so --json "$out/reductions.json" \
+    > "$out/reductions.txt" 2>&1
 fi
 echo "== summary ($(date -u +%F), $(head -2 "$out/gpu.txt" | tail -1)) =="
 for log in "$out/ctest-gpu.log" "$out/ctest.log"; do
@@ -50,5 +53,6 @@ done
   awk '{rate=""; for (i = 1; i <= NF; i++) if ($i ~ /TFLOP\/s=|bytes_per_second=|peak_MiB=|GB\/s=|pct_copy=/) rate = rate " " $i;
         printf "%-64s %10s %s%s\n", $1, $2, $3, rate}'
 [[ -f $out/torch_compile.txt ]] && tail -15 "$out/torch_compile.txt"
+[[ -f $out/reductions.txt ]] && cat "$out/reductions.txt"
 [[ -f $out/demo.json ]] && cat "$out/demo.json"
 exit $tests_rc

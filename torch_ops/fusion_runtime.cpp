@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <map>
+#include <set>
 #include <mutex>
 #include <unordered_map>
 
@@ -32,6 +33,7 @@ struct FusionProgram {
   std::vector<char> input_kinds;  // 't' tensor, 'f' float, 'i' int, 'b' bool, per subgraph input
   std::mutex mutex;
   std::map<std::vector<int64_t>, std::shared_ptr<SignatureEntry>> signatures;
+  std::set<std::string> reasons_said;  // fallback reasons logged so far
   // Set once, when something inside kiln failed for this group: it runs unfused from then on.
   std::once_flag fail_once;
   std::atomic<bool> failed{false};
@@ -131,10 +133,15 @@ std::shared_ptr<FusionProgram> programFor(const c10::intrusive_ptr<c10::ivalue::
 
 namespace {
 
-// A call that takes the fallback: counted in the group's statistics, with the reason for `why`.
+// A call that takes the fallback: counted in the group's statistics, with the reason for `why`;
+// each reason is logged once per group (KILN_LOG=info).
 std::shared_ptr<PreparedLaunch> rejectCall(FusionProgram& program, const std::string& reason, std::string* why) {
   if (why) *why = reason;
   program.counters->fallbacks++;
+  if (Options::global().log_level >= LogLevel::kInfo) {
+    std::lock_guard<std::mutex> lock(program.mutex);
+    if (program.reasons_said.insert(reason).second) log(LogLevel::kInfo, "a fusion group's call runs its original ops: " + reason);
+  }
   return nullptr;
 }
 
@@ -221,13 +228,19 @@ std::string viewChannelParams(const LoweredGroup& lowered, const std::vector<at:
 }
 
 // Each scalar input as the kernel reads it: a float64 and an int64 slot per scalar.
-void packScalars(const FusionProgram& program, const std::vector<double>& floats, const std::vector<int64_t>& ints,
-                 PreparedLaunch& launch) {
+// (`group_ints`: every scalar input's int slot, the kernel's or not.)
+void packScalars(const FusionProgram& program, const LoweredGroup& lowered, const std::vector<double>& floats,
+                 const std::vector<int64_t>& ints, PreparedLaunch& launch, std::vector<int64_t>* group_ints) {
+  std::vector<double> group_floats;
   size_t fi = 0, ii = 0;
   for (char kind : program.input_kinds) {
     if (kind == 't') continue;
-    launch.float_args.push_back(kind == 'f' ? floats[fi++] : 0.0);
-    launch.int_args.push_back(kind == 'f' ? 0 : kind == 'b' ? (ints[ii++] != 0) : ints[ii++]);
+    group_floats.push_back(kind == 'f' ? floats[fi++] : 0.0);
+    group_ints->push_back(kind == 'f' ? 0 : kind == 'b' ? (ints[ii++] != 0) : ints[ii++]);
+  }
+  for (int source : lowered.scalar_sources) {
+    launch.float_args.push_back(group_floats[static_cast<size_t>(source)]);
+    launch.int_args.push_back((*group_ints)[static_cast<size_t>(source)]);
   }
 }
 
@@ -254,12 +267,15 @@ std::string iterationShape(const LoweredGroup& lowered, const std::vector<at::Te
 // eager's reduction over dim -1 of that operand would; a normalization's row and parameters must
 // have its normalized_shape.
 std::string checkRows(const LoweredGroup& lowered, const std::vector<at::Tensor>& inputs,
-                      const std::vector<int64_t>& shape) {
+                      const std::vector<int64_t>& shape, const std::vector<int64_t>& int_args) {
   if (!lowered.kernel.hasReductions()) return "";
   if (shape.empty()) return "a row reduction of a 0-dim tensor";
   const int64_t row = shape.back();
   if (row == 0) return "a row reduction over an empty row";
   if (lowered.row_length >= 0 && row != lowered.row_length) return "the row does not have normalized_shape's length";
+  if (lowered.row_length_scalar >= 0 && row != int_args[static_cast<size_t>(lowered.row_length_scalar)]) {
+    return "the row does not have normalized_shape's length";
+  }
   for (int param : lowered.row_params) {
     const at::Tensor& tensor = inputs[static_cast<size_t>(param)];
     if (tensor.dim() != 1 || tensor.size(0) != row) return "a normalization's weight or bias does not match its row";
@@ -349,12 +365,13 @@ std::shared_ptr<PreparedLaunch> prepareLaunch(const std::shared_ptr<FusionProgra
   launch->inputs = tensors;
   const LoweredGroup& lowered = *entry->lowered;
   if (std::string reason = viewChannelParams(lowered, tensors, launch->inputs); !reason.empty()) return reject(reason);
-  packScalars(*program, floats, ints, *launch);
+  std::vector<int64_t> group_ints;
+  packScalars(*program, lowered, floats, ints, *launch, &group_ints);
   std::vector<bool> shaped;
   if (std::string reason = iterationShape(lowered, launch->inputs, &launch->shape, &shaped); !reason.empty()) {
     return reject(reason);
   }
-  if (std::string reason = checkRows(lowered, launch->inputs, launch->shape); !reason.empty()) return reject(reason);
+  if (std::string reason = checkRows(lowered, launch->inputs, launch->shape, group_ints); !reason.empty()) return reject(reason);
   const KernelCall call = kernelCall(lowered, launch->inputs, launch->shape, shaped, signature.device);
   std::string not_planned;
   if (!planLaunch(*entry->family, call, loadCudaFunction, &launch->plan, &not_planned)) return reject(not_planned);

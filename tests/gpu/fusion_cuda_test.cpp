@@ -1,6 +1,6 @@
 // Generated elementwise kernels on CUDA tensors, against eager CUDA (label gpu; skipped without a
 // device): every op × dtype × layout, 2,000 random graphs in 8 shards, the schedules (vectorized,
-// unaligned, broadcast, strided, 64-bit indexing), guards that send inputs to the fallback, the
+// unaligned, broadcast, strided, 64-bit indexing, row reductions), guards that send inputs to the fallback, the
 // current stream (CUDA graph capture fails on any other), a kernel's first use inside a capture,
 // and 8 threads on their own streams.
 #include <ATen/cuda/CUDAGraph.h>
@@ -109,6 +109,47 @@ TEST(GpuFusion, EverySchedule) {
     expectChainRanKiln(torch::randn({8, 128, 1536}, options).slice(2, 0, 1536, 2), x);
     // Empty.
     expectChainRanKiln(torch::randn({0, 768}, options), torch::randn({768}, options));
+  }
+}
+
+// Row reductions (the rows schedule): residual add + layer_norm, scale + mask + softmax,
+// rms_norm and per-row outputs, on short, long and one-element rows, strided and bf16/f16.
+void expectRowsRanKiln(const std::string& source, const std::vector<c10::IValue>& inputs) {
+  auto graph = fusedFunction(source);
+  const Counts before = counts(graph);
+  std::vector<c10::IValue> actual = runGraph(graph, inputs);
+  std::vector<c10::IValue> expected = runGraph(plainFunction(source), inputs);
+  for (size_t i = 0; i < actual.size(); ++i) {
+    EXPECT_EQ(actual[i].toTensor().sizes(), expected[i].toTensor().sizes());
+    EXPECT_TRUE(sameTensor(actual[i].toTensor(), expected[i].toTensor(), 4.0)) << source;
+  }
+  const Counts after = counts(graph);
+  EXPECT_EQ(after.fallbacks, before.fallbacks) << source;
+  EXPECT_EQ(after.calls, before.calls + 1) << source;
+}
+
+TEST(GpuFusion, RowReductions) {
+  KILN_REQUIRE_CUDA();
+  const std::string layer_norm = "def f(x, y, w, b):\n    return torch.layer_norm(x + y, [N], w, b, 1e-5) * 2.0\n";
+  const std::string softmax = "def f(x, m):\n    return torch.softmax(x * 0.125 + m, -1)\n";
+  const std::string rms = "def f(x, w):\n    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w\n";
+  const std::string moments = "def f(x):\n    y = x * 2.0\n    return y.var(-1, keepdim=True) + y.amax(-1, keepdim=True)\n";
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    SCOPED_TRACE(c10::toString(dtype));
+    auto options = at::TensorOptions().dtype(dtype).device(kCuda);
+    for (int64_t n : {1, 33, 768, 4096, 65536}) {
+      SCOPED_TRACE("row " + std::to_string(n));
+      std::string source = layer_norm;
+      source.replace(source.find("[N]"), 3, "[" + std::to_string(n) + "]");
+      const int64_t rows = n >= 65536 ? 32 : 1024;
+      expectRowsRanKiln(source, {torch::randn({rows, n}, options), torch::randn({rows, n}, options),
+                                 torch::randn({n}, options), torch::randn({n}, options)});
+      expectRowsRanKiln(softmax, {torch::randn({rows / 8, 8, n}, options) * 8, torch::randn({rows / 8, 1, n}, options)});
+      expectRowsRanKiln(rms, {torch::randn({rows, n}, options), torch::randn({n}, options)});
+      expectRowsRanKiln(moments, {torch::randn({rows, n}, options) + 100});
+    }
+    // A transposed input: strided along the row.
+    expectRowsRanKiln(softmax, {torch::randn({4, 300, 96}, options).transpose(1, 2), torch::randn({300}, options)});
   }
 }
 

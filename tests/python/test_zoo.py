@@ -120,7 +120,7 @@ def kiln_problem(events):
     if events.get("fell back") or events.get("rejected"):
         return (f"outputs match eager, but on call {CALLS} {events.get('rejected', 0)} guards sent their group "
                 f"to the original ops and {events.get('fell back', 0)} kiln ops fell back to them "
-                f"({events_text(events)}; KILN_LOG=info says why)")
+                f"({events_text(events)}; KILN_LOG=info says why; KILN_ZOO_DEBUG=1 shows the fresh processes' lines)")
     return None
 
 
@@ -411,6 +411,8 @@ def run_workers(libkiln, jobs, tmp):
         try:
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", libkiln, jobs_path],
                                   capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT * len(pending))
+            if os.environ.get("KILN_ZOO_DEBUG"):  # the fresh process's kiln lines (with KILN_LOG=info)
+                sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines() if "kiln " in line))
             stdout, stderr, status = proc.stdout, proc.stderr, f"exited {proc.returncode}"
         except subprocess.TimeoutExpired as timeout:
             stdout = timeout.stdout.decode() if isinstance(timeout.stdout, bytes) else (timeout.stdout or "")

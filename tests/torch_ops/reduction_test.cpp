@@ -22,11 +22,20 @@ def add_layer_norm(x, y, w, b):
 def layer_norm_plain(x, y):
     return torch.layer_norm(x - y, [48])
 
+def layer_norm_runtime_shape(x, y, n: int):
+    return torch.layer_norm(x + y, [n]) * 0.5
+
+def two_rows(x, h):
+    return torch.layer_norm(h.tanh(), [64]) * 2.0 + (x * 3.0).sum(-1, keepdim=True).relu()
+
 def scale_mask_softmax(x, mask):
     return torch.softmax(x * 0.125 + mask, -1)
 
 def rms_norm(x, w):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+def rms_norm_tensor_eps(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 def rms_norm_op(x, w):
     return torch.rms_norm(x * 1.5, [48], w, 1e-6)
@@ -103,6 +112,34 @@ TEST(Reduction, ResidualAddLayerNormIsOneKernel) {
   expectFusedMatchesEager("add_layer_norm", {transposed, randn({48}), randn({48}), randn({48})});
 }
 
+TEST(Reduction, NormalizedShapeBuiltAtRunTimeIsCheckedAgainstTheRow) {
+  // [self.hidden_size] in a scripted module: the int is a group input.
+  expectFusedMatchesEager("layer_norm_runtime_shape", {randn({5, 40}), randn({40}), int64_t{40}});
+  std::shared_ptr<torch::jit::Graph> graph = graphOf("layer_norm_runtime_shape");
+  fuse(graph, testOptions());
+  try {
+    runGraph(graph, {randn({5, 40}), randn({40}), int64_t{39}});
+    ADD_FAILURE() << "no error for normalized_shape [39] on rows of 40";
+  } catch (const std::exception& error) {
+    EXPECT_NE(std::string(error.what()).find("normalized_shape"), std::string::npos) << error.what();
+  }
+}
+
+TEST(Reduction, RowsOfDifferentLengthsGoToDifferentGroups) {
+  // layer_norm over h's 64 and a sum over x's 32: the sum and what meets it cannot share the
+  // layer_norm's group; each group runs its kernel.
+  std::shared_ptr<torch::jit::Graph> graph = graphOf("two_rows");
+  fuse(graph, testOptions());
+  Report fused = report(graph);
+  ASSERT_EQ(fused.groups.size(), 2u) << *graph;
+  std::vector<c10::IValue> inputs = {randn({8, 32}), randn({8, 64})};
+  ASSERT_TRUE(sameTensor(runGraph(graph, inputs)[0].toTensor(), runGraph(graphOf("two_rows"), inputs)[0].toTensor(), 4.0));
+  for (const GroupReport& group : report(graph).groups) {
+    EXPECT_EQ(group.fallbacks, 0);
+    EXPECT_GT(group.calls, 0);
+  }
+}
+
 TEST(Reduction, ScaleMaskSoftmaxAndLogSoftmax) {
   for (int64_t length : {1, 5, 64, 77, 1000}) {
     SCOPED_TRACE("row " + std::to_string(length));
@@ -124,6 +161,15 @@ TEST(Reduction, RmsNormComposedAndAsOneOp) {
     expectFusedMatchesEager("rms_norm", {randn({4, 9, 48}, dtype), randn({48}, dtype)});
     expectFusedMatchesEager("rms_norm_op", {randn({4, 9, 48}, dtype), randn({48}, dtype)});
   }
+  // T5 frozen: its epsilon becomes a 0-dim tensor (here a graph input the profile says is 0-dim).
+  std::shared_ptr<torch::jit::Graph> original = graphOf("rms_norm_tensor_eps");
+  std::shared_ptr<torch::jit::Graph> graph = graphOf("rms_norm_tensor_eps");
+  graph->inputs()[2]->setType(c10::TensorType::createContiguous(at::kFloat, at::kCPU, {}));
+  fuse(graph, testOptions());
+  ASSERT_EQ(report(graph).groups.size(), 1u) << *graph;
+  std::vector<c10::IValue> inputs = {randn({4, 9, 48}), randn({48}), torch::tensor(1e-6)};
+  ASSERT_TRUE(sameTensor(runGraph(graph, inputs)[0].toTensor(), runGraph(original, inputs)[0].toTensor(), 4.0));
+  EXPECT_EQ(report(graph).groups[0].fallbacks, 0);
 }
 
 TEST(Reduction, VarianceStdSumMeanAmaxAmin) {
