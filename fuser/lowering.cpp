@@ -89,6 +89,7 @@ at::ScalarType opmath(at::ScalarType type) {
 
 struct Lowerer {
   ir::Kernel& kernel;
+  bool cuda = false;  // the kernel runs on a CUDA device (eager's CUDA kernels differ here and there)
   const Node* node = nullptr;
 
   int as(const Operand& operand, at::ScalarType type) {
@@ -282,20 +283,25 @@ KILN_LOWER(lowerGelu) {
   int x = L.as(v[0], ct);
   auto approximate = torch::jit::toIValue(n->input(1));
   int half = L.constant(0.5, ct);
-  int one = L.constant(1, ct);
   if (approximate && approximate->isString() && approximate->toStringRef() == "tanh") {
+    int one = L.constant(1, ct);
     const double beta = M_SQRT2 * M_2_SQRTPI * 0.5;
     int cube = L.binary(Op::kMul, L.binary(Op::kMul, x, x), x);
     int inner = L.binary(Op::kMul, L.constant(beta, ct),
                          L.binary(Op::kAdd, x, L.binary(Op::kMul, L.constant(0.044715, ct), cube)));
     return L.binary(Op::kMul, L.binary(Op::kMul, half, x), L.binary(Op::kAdd, one, L.unary(Op::kTanh, inner)));
   }
-  // As eager's vectorized CPU loop (any tensor of a vector or more): x/2 + x/2·erf(x/√2), whose
-  // zeros are +0.0 (gelu(-0.0), and x far below zero where erf is -1); x/2·(1 + erf), eager's
-  // scalar loop, gives -0.0 there.
+  // As eager's vectorized CPU loop (AVX2 and AVX-512 alike, any tensor of a vector or more):
+  // (x + x·erf(x/√2))·0.5. Its zeros are +0.0 (gelu(-0.0), and x far below zero where erf is
+  // -1), x beyond half of the type's largest value overflows to inf, and in float32 (half and
+  // bfloat16 compute in it) ±inf gives NaN: its vectorized float erf has no value at ±inf (on
+  // the CPU; CUDA's erf has).
+  // x/2·(1 + erf), eager's scalar loop, differs on all three.
   int erf = L.unary(Op::kErf, L.binary(Op::kMul, x, L.constant(M_SQRT1_2, ct)));
-  int x_half = L.binary(Op::kMul, x, half);
-  return L.binary(Op::kAdd, L.binary(Op::kMul, x_half, erf), x_half);
+  int gelu = L.binary(Op::kMul, L.binary(Op::kAdd, x, L.binary(Op::kMul, x, erf)), half);
+  if (ct == at::kDouble || L.cuda) return gelu;
+  int infinite = L.binary(Op::kEq, L.unary(Op::kAbs, x), L.constant(INFINITY, ct));
+  return L.select(infinite, L.constant(NAN, ct), gelu);
 }
 
 // Eval-mode batch_norm as eager's CPU kernel computes it: alpha = w / sqrt(var + eps),
@@ -870,7 +876,7 @@ bool isFusibleNode(const Node* node) {
 
 std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
                                        const std::vector<InputSignature>& signature,
-                                       std::string* why) {
+                                       std::string* why, bool cuda) {
   auto fail = [&](const std::string& reason) -> std::optional<LoweredGroup> {
     if (why) *why = reason;
     return std::nullopt;
@@ -906,7 +912,7 @@ std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
     operands[subgraph.inputs()[i]] = operand;
   }
 
-  Lowerer lowerer{kernel};
+  Lowerer lowerer{kernel, cuda};
   for (const Node* node : subgraph.nodes()) {
     if (node->kind() == torch::jit::prim::Constant) continue;
     // A normalized_shape built at run time ([self.hidden_size]): read by the normalization.

@@ -84,11 +84,11 @@ struct LoweredGroup {
   std::vector<int> scalar_sources;
 };
 
-// Lowers `subgraph` for `signature`; returns nullopt with *why set if kiln cannot compute it
+// Lowers `subgraph` for `signature` (on a CUDA device when `cuda`); returns nullopt with *why set if kiln cannot compute it
 // exactly as eager would (unsupported dtype or op variant).
 std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
                                        const std::vector<InputSignature>& signature,
-                                       std::string* why);
+                                       std::string* why, bool cuda = false);
 
 std::optional<ir::DType> irDType(at::ScalarType type);
 

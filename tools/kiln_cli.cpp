@@ -469,7 +469,7 @@ int runCompile(const Args& args) {
   std::vector<kiln::RecordedKernel> wanted;
   std::vector<std::string> skipped;
   {
-    kiln::KernelRecording recorder;
+    kiln::KernelRecording recorder(/*for_cuda=*/arch != "host");
     try {
       fused.forward(inputs);
     } catch (const c10::Error& error) {

@@ -58,6 +58,7 @@ namespace {
 
 std::mutex programs_mutex;
 thread_local KernelRecorder* active_recorder = nullptr;  // set by a KernelRecording
+thread_local bool recording_for_cuda = false;             // and lower as for a CUDA device
 
 // Sends `program` to its fallback for good, saying why once.
 void giveUp(FusionProgram& program, const std::string& reason) {
@@ -182,6 +183,8 @@ std::string readSignature(const FusionProgram& program, const std::vector<at::Te
   }
   if (t != tensors.size() || f != floats.size() || i != ints.size()) return "argument count mismatch";
   const c10::Device device = signature->device;
+  // Lowering follows eager's kernels on each device (a recording for a GPU lowers as for one).
+  signature->key.push_back(device.is_cuda() || recording_for_cuda ? 1 : 0);
   std::string unavailable;
   if (device.is_cuda() && !cudaFusionAvailable(device.index(), &unavailable)) return unavailable;
   if (!device.is_cuda() && !device.is_cpu()) return "device " + device.str() + " has no kiln backend";
@@ -196,7 +199,7 @@ std::shared_ptr<SignatureEntry> loweredFor(FusionProgram& program, const CallSig
   slot = std::make_shared<SignatureEntry>();
   try {
     failIfInjected(FaultStage::kLower);
-    slot->lowered = lowerGroup(*program.graph, signature.inputs, &slot->why);
+    slot->lowered = lowerGroup(*program.graph, signature.inputs, &slot->why, signature.key.back() == 1);
     if (slot->lowered) slot->family = std::make_unique<KernelFamily>(slot->lowered->kernel, program.options);
     else log(LogLevel::kInfo, "group left to eager for this signature: " + slot->why);
   } catch (const std::exception& error) {
@@ -531,7 +534,13 @@ int64_t kernelCompileCount() { return kernelsMade(); }
 
 KernelCache::Stats kernelCacheStats() { return KernelCache::global().stats(); }
 
-KernelRecording::KernelRecording() { active_recorder = &recorder_; }
-KernelRecording::~KernelRecording() { active_recorder = nullptr; }
+KernelRecording::KernelRecording(bool for_cuda) {
+  active_recorder = &recorder_;
+  recording_for_cuda = for_cuda;
+}
+KernelRecording::~KernelRecording() {
+  active_recorder = nullptr;
+  recording_for_cuda = false;
+}
 
 }  // namespace kiln

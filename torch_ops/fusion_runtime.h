@@ -56,10 +56,12 @@ int64_t kernelCompileCount();
 KernelCache::Stats kernelCacheStats();
 
 // While one is alive on a thread, every fusion group run on that thread records the kernels it
-// needs instead of making them, and runs its original ops (`kiln compile`).
+// needs instead of making them, and runs its original ops (`kiln compile`). `for_cuda`: the
+// groups are lowered as for a CUDA device (the calls run on the CPU), so the kernels recorded
+// are the ones a GPU will ask for.
 class KernelRecording {
  public:
-  KernelRecording();
+  explicit KernelRecording(bool for_cuda = false);
   ~KernelRecording();
   KernelRecording(const KernelRecording&) = delete;
   KernelRecording& operator=(const KernelRecording&) = delete;
