@@ -394,9 +394,8 @@ struct Emitter {
           value = splat(known[k], lanes);
           continue;
         }
-        if (k < reload.size() && reload[k] >= 0) {  // stashed in an output by an earlier read of the row
-          const size_t output = kernel.tensor_inputs.size() + static_cast<size_t>(reload[k]);
-          value = load(instr.type, pointers[output], lanes, false);
+        if (k < reload.size() && reload[k] >= 0) {  // kept by an earlier read of the row
+          value = load(instr.type, pointers[static_cast<size_t>(reload[k])], lanes, false);
           continue;
         }
         switch (instr.op) {
@@ -444,64 +443,6 @@ struct Emitter {
     return needed(roots, stop);
   }
 
-  // Per-element values worth keeping from a read of the row for the final one: math a stage
-  // computed (softmax's exp(x - max)) is written to an output of its type in that stage's read
-  // and read back in the last, where the output gets its value, instead of computed twice.
-  // Per body value: the output it is stashed in (-1: none); *stage_of: the stage that writes it.
-  std::vector<int> planStash(const ir::RowSchedule& schedule, std::vector<int>* stage_of) const {
-    const size_t size = kernel.body.size();
-    std::vector<int> stash(size, -1);
-    stage_of->assign(size, 0);
-    if (schedule.stages == 0) return stash;
-    // Values computed at row scope by the time the element outputs are computed.
-    std::vector<bool> row_scope(size, false);
-    for (size_t k = 0; k < size; ++k) {
-      row_scope[k] = ir::isReduction(kernel.body[k].op) || (!schedule.per_element[k] && schedule.stage[k] > 0);
-    }
-    // What each stage's read computes: the operands of its reductions, up to earlier row values.
-    std::vector<std::vector<bool>> computed(static_cast<size_t>(schedule.stages) + 1);
-    for (int stage = 1; stage <= schedule.stages; ++stage) {
-      std::vector<int> roots;
-      std::vector<bool> before(size, false);
-      for (size_t k = 0; k < size; ++k) {
-        before[k] = row_scope[k] && schedule.stage[k] < stage;
-        if (ir::isReduction(kernel.body[k].op) && schedule.stage[k] == stage) roots.push_back(kernel.body[k].operands[0]);
-      }
-      computed[static_cast<size_t>(stage)] = needed(roots, before);
-    }
-    std::vector<int> element_outputs;
-    std::vector<bool> output_taken(kernel.outputs.size(), false);
-    for (size_t o = 0; o < kernel.outputs.size(); ++o) {
-      if (!kernel.isRowOutput(o)) element_outputs.push_back(kernel.outputs[o]);
-    }
-    std::vector<bool> stop = row_scope;
-    for (size_t v = size; v-- > 0;) {
-      if (!needed(element_outputs, stop)[v] || !schedule.per_element[v] || kernel.body[v].op == Op::kLoad) continue;
-      int stage = 0;
-      for (int s = 1; s <= schedule.stages; ++s) {
-        if (computed[static_cast<size_t>(s)][v]) stage = s;
-      }
-      if (stage == 0) continue;
-      // Worth it only for transcendental math.
-      const std::vector<bool> inside = needed({static_cast<int>(v)}, row_scope);
-      bool costly = false;
-      for (size_t k = 0; k < size; ++k) {
-        const Op op = kernel.body[k].op;
-        const char* ulp = nullptr;
-        costly |= inside[k] && (sleefBase(op, &ulp) != nullptr || op == Op::kSigmoid);
-      }
-      if (!costly) continue;
-      for (size_t o = 0; o < kernel.outputs.size(); ++o) {
-        if (output_taken[o] || kernel.isRowOutput(o) || kernel.outputType(o) != kernel.body[v].type) continue;
-        output_taken[o] = true;
-        stash[v] = static_cast<int>(o);
-        (*stage_of)[v] = stage;
-        stop[v] = true;
-        break;
-      }
-    }
-    return stash;
-  }
 
   // Stores the outputs stored at every element (all of them, in a kernel without reductions).
   void storeElementOutputs(const Values& values, const Values& copies) {
@@ -739,9 +680,19 @@ struct Emitter {
     const int lanes = vectorLanes();
     row_size = inner_size;
     const ir::RowSchedule schedule = ir::rowSchedule(kernel);
-    std::vector<int> stash_stage;
-    const std::vector<int> stash = planStash(schedule, &stash_stage);
+    const CpuStashPlan plan = planCpuStash(kernel);
     const size_t inputs = kernel.tensor_inputs.size();
+    // Where each kept value lives, as an index into a read's pointer set: an output, or a
+    // scratch row (after the operands).
+    std::vector<int> kept_at(kernel.body.size(), -1);
+    for (const CpuStash& kept : plan.values) {
+      kept_at[static_cast<size_t>(kept.value)] = kept.output >= 0 ? static_cast<int>(inputs) + kept.output
+                                                                  : static_cast<int>(operands) + kept.scratch;
+    }
+    std::vector<llvm::Value*> scratch_rows;
+    for (size_t j = 0; j < plan.scratch_element_bytes.size(); ++j) {
+      scratch_rows.push_back(builder.CreateLoad(ptr, builder.CreateConstGEP1_64(ptr, data, operands + j), "scratch" + std::to_string(j)));
+    }
     countedLoop(builder.getInt64(0), outer_size, 1, "outer", [&](llvm::Value* row) {
       std::vector<llvm::Value*> rows;
       for (size_t k = 0; k < operands; ++k) {
@@ -762,7 +713,24 @@ struct Emitter {
           }
           pointers.push_back(builder.CreateGEP(builder.getInt8Ty(), rows[k], offset));
         }
+        for (size_t j = 0; j < scratch_rows.size(); ++j) {
+          llvm::Value* offset = builder.CreateMul(i, builder.getInt64(static_cast<uint64_t>(plan.scratch_element_bytes[j])));
+          pointers.push_back(builder.CreateGEP(builder.getInt8Ty(), scratch_rows[j], offset));
+        }
         return pointers;
+      };
+      // What a read of stage `stage` (the last read: stages + 1) loads back instead of computing.
+      auto keptBefore = [&](int stage) {
+        std::vector<int> reload(kernel.body.size(), -1);
+        for (const CpuStash& kept : plan.values) {
+          if (kept.stage < stage) reload[static_cast<size_t>(kept.value)] = kept_at[static_cast<size_t>(kept.value)];
+        }
+        return reload;
+      };
+      auto stopAt = [&](const std::vector<llvm::Value*>& known, const std::vector<int>& reload) {
+        std::vector<bool> stop(kernel.body.size());
+        for (size_t k = 0; k < stop.size(); ++k) stop[k] = known[k] != nullptr || reload[k] >= 0;
+        return stop;
       };
       // One read of the row: blocks of kInterleave vectors, then single vectors, then single
       // elements; `step` gets the pointer sets of each and their lane count.
@@ -794,14 +762,16 @@ struct Emitter {
           accumulators.push_back(makeAccumulator(static_cast<int>(k), lanes));
           operands_read.push_back(kernel.body[k].operands[0]);
         }
-        const std::vector<bool> wanted = needed(operands_read, known);
+        const std::vector<int> reload = keptBefore(stage);
+        const std::vector<bool> wanted = needed(operands_read, stopAt(known, reload));
         readRow([&](const Values& copies, int width) {
-          const Values values = evaluate(copies, scalars, width, wanted, known);
+          const Values values = evaluate(copies, scalars, width, wanted, known, reload);
           for (const Accumulator& acc : accumulators) accumulate(acc, values, width);
-          for (size_t v = 0; v < stash.size(); ++v) {
-            if (stash[v] < 0 || stash_stage[v] != stage) continue;
+          for (const CpuStash& kept : plan.values) {
+            if (kept.stage != stage) continue;
+            const auto v = static_cast<size_t>(kept.value);
             for (size_t copy = 0; copy < copies.size(); ++copy) {
-              store(kernel.body[v].type, values[copy][v], copies[copy][inputs + static_cast<size_t>(stash[v])]);
+              store(kernel.body[v].type, values[copy][v], copies[copy][static_cast<size_t>(kept_at[v])]);
             }
           }
         });
@@ -824,17 +794,97 @@ struct Emitter {
         }
       }
       if (element_outputs.empty()) return;
-      std::vector<bool> stop(kernel.body.size());
-      for (size_t k = 0; k < stop.size(); ++k) stop[k] = known[k] != nullptr || stash[k] >= 0;
-      const std::vector<bool> wanted = needed(element_outputs, stop);
+      const std::vector<int> reload = keptBefore(schedule.stages + 1);
+      const std::vector<bool> wanted = needed(element_outputs, stopAt(known, reload));
       readRow([&](const Values& copies, int width) {
-        storeElementOutputs(evaluate(copies, scalars, width, wanted, known, stash), copies);
+        storeElementOutputs(evaluate(copies, scalars, width, wanted, known, reload), copies);
       });
     });
     builder.CreateRetVoid();
     return function;
   }
 };
+
+// The values `roots` depend on, up to (and not through) the ones where `stop` is set.
+std::vector<bool> dependencies(const ir::Kernel& kernel, const std::vector<int>& roots, const std::vector<bool>& stop) {
+  std::vector<bool> wanted(kernel.body.size(), false);
+  for (int root : roots) wanted[static_cast<size_t>(root)] = true;
+  for (size_t k = kernel.body.size(); k-- > 0;) {
+    if (!wanted[k] || stop[k]) continue;
+    for (int operand : kernel.body[k].operands) wanted[static_cast<size_t>(operand)] = true;
+  }
+  return wanted;
+}
+
+}  // namespace
+
+CpuStashPlan planCpuStash(const ir::Kernel& kernel) {
+  CpuStashPlan plan;
+  const ir::RowSchedule schedule = ir::rowSchedule(kernel);
+  if (schedule.stages == 0) return plan;
+  const size_t size = kernel.body.size();
+  // Values computed once per row, between reads.
+  std::vector<bool> row_scope(size, false);
+  for (size_t k = 0; k < size; ++k) {
+    row_scope[k] = ir::isReduction(kernel.body[k].op) || (!schedule.per_element[k] && schedule.stage[k] > 0);
+  }
+  // Read r (1..stages) accumulates the reductions of stage r; read stages + 1 stores the
+  // per-element outputs. `roots[r]`: what read r must produce.
+  const int reads = schedule.stages + 1;
+  std::vector<std::vector<int>> roots(static_cast<size_t>(reads) + 1);
+  for (size_t k = 0; k < size; ++k) {
+    if (ir::isReduction(kernel.body[k].op)) roots[static_cast<size_t>(schedule.stage[k])].push_back(kernel.body[k].operands[0]);
+  }
+  for (size_t o = 0; o < kernel.outputs.size(); ++o) {
+    if (!kernel.isRowOutput(o)) roots[static_cast<size_t>(reads)].push_back(kernel.outputs[o]);
+  }
+  std::vector<int> computed_in(size, 0);  // the first read that computes a value (0: none yet)
+  std::vector<int> target(size, -2);      // -2: not kept
+  std::vector<bool> output_taken(kernel.outputs.size(), false);
+  for (int read = 1; read <= reads; ++read) {
+    std::vector<bool> stop(size);
+    for (size_t k = 0; k < size; ++k) {
+      stop[k] = (row_scope[k] && schedule.stage[k] < read) || target[k] != -2;
+    }
+    // A value an earlier read computed is kept by that read when computing it costs more than a
+    // store and a load: transcendental math, or a rounding to half or bfloat16 (a few integer
+    // ops per vector). The latest such values first, so that what they come from is not kept too.
+    for (size_t v = size; v-- > 0;) {
+      if (!dependencies(kernel, roots[static_cast<size_t>(read)], stop)[v]) continue;
+      const ir::Instr& instr = kernel.body[v];
+      if (computed_in[v] == 0 || !schedule.per_element[v] || stop[v] || instr.op == ir::Op::kLoad) continue;
+      const std::vector<bool> inside = dependencies(kernel, {static_cast<int>(v)}, row_scope);
+      bool costly = false;
+      for (size_t k = 0; k < size; ++k) {
+        const ir::Instr& op = kernel.body[k];
+        const char* ulp = nullptr;
+        costly |= inside[k] && (sleefBase(op.op, &ulp) != nullptr || op.op == ir::Op::kSigmoid ||
+                                (op.op == ir::Op::kCast && ir::isStorageOnly(op.type)));
+      }
+      if (!costly) continue;
+      CpuStash kept{static_cast<int>(v), computed_in[v], -1, -1};
+      for (size_t o = 0; o < kernel.outputs.size() && kept.output < 0; ++o) {
+        if (output_taken[o] || kernel.isRowOutput(o) || kernel.outputType(o) != instr.type) continue;
+        output_taken[o] = true;
+        kept.output = static_cast<int>(o);
+      }
+      if (kept.output < 0) {
+        kept.scratch = static_cast<int>(plan.scratch_element_bytes.size());
+        plan.scratch_element_bytes.push_back(ir::dtypeSize(instr.type));
+      }
+      target[v] = kept.output >= 0 ? kept.output : -1;
+      stop[v] = true;
+      plan.values.push_back(kept);
+    }
+    const std::vector<bool> done = dependencies(kernel, roots[static_cast<size_t>(read)], stop);
+    for (size_t k = 0; k < size; ++k) {
+      if (done[k] && !stop[k] && computed_in[k] == 0) computed_in[k] = read;
+    }
+  }
+  return plan;
+}
+
+namespace {
 
 std::string describeFeatures() {
   llvm::StringMap<bool> features;

@@ -31,8 +31,25 @@ CpuLayout cpuLayoutFor(const std::vector<Access>& accesses);
 // void kernel(char** data, const int64_t* strides /* inner[nops], outer[nops], bytes */,
 //             int64_t inner_size, int64_t outer_size, const double* float_args,
 //             const int64_t* int_args)
+// data holds the operands (tensor inputs, then outputs), then a reduction kernel's scratch rows
+// (planCpuStash): each inner_size elements of its size, private to the calling thread.
 using CpuKernelFn = void (*)(char**, const int64_t*, int64_t, int64_t, const double*,
                              const int64_t*);
+
+// Per-element values a reduction kernel computes in one read of a row and loads back in a later
+// read instead of computing them again (softmax's exp(x - max), a residual sum's rounding): each
+// is kept in an output of its type, whose own value is stored last, or in a scratch row.
+struct CpuStash {
+  int value = 0;    // body index
+  int stage = 0;    // the read that writes it
+  int output = -1;  // the output it is kept in, or -1
+  int scratch = -1; // else its scratch row
+};
+struct CpuStashPlan {
+  std::vector<CpuStash> values;
+  std::vector<int64_t> scratch_element_bytes;  // per scratch row
+};
+CpuStashPlan planCpuStash(const ir::Kernel& kernel);
 
 struct CpuTarget {
   int vector_bits = 256;   // widest SIMD register the host has (128, 256, 512)

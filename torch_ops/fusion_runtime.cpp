@@ -22,6 +22,7 @@ namespace kiln {
 struct SignatureEntry {
   std::optional<LoweredGroup> lowered;
   std::unique_ptr<KernelFamily> family;  // set when lowered
+  std::vector<int64_t> cpu_scratch;      // the CPU kernel's scratch rows: bytes per element each
   std::string why;                       // why not lowered
 };
 
@@ -200,7 +201,10 @@ std::shared_ptr<SignatureEntry> loweredFor(FusionProgram& program, const CallSig
   try {
     failIfInjected(FaultStage::kLower);
     slot->lowered = lowerGroup(*program.graph, signature.inputs, &slot->why, signature.key.back() == 1);
-    if (slot->lowered) slot->family = std::make_unique<KernelFamily>(slot->lowered->kernel, program.options);
+    if (slot->lowered) {
+      slot->family = std::make_unique<KernelFamily>(slot->lowered->kernel, program.options);
+      slot->cpu_scratch = planCpuStash(slot->lowered->kernel).scratch_element_bytes;
+    }
     else log(LogLevel::kInfo, "group left to eager for this signature: " + slot->why);
   } catch (const std::exception& error) {
     slot->lowered.reset();
@@ -504,8 +508,15 @@ std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
   // Rows of the innermost dim; consecutive rows sharing the outer indices go in one 2-D call.
   const int64_t rows = plan.geometry.numel / inner;
   const int64_t row_block = sizes[rank - 2];
+  const std::vector<int64_t>& scratch = prepared.entry->cpu_scratch;
   at::parallel_for(0, rows, std::max<int64_t>(1, grain / inner), [&](int64_t begin, int64_t end) {
+    // A reduction kernel's scratch rows, after the operands: one of each per task.
+    std::vector<std::vector<char>> scratch_rows;
     std::vector<char*> data(operands);
+    for (int64_t bytes : scratch) {
+      scratch_rows.emplace_back(static_cast<size_t>(bytes * inner));
+      data.push_back(scratch_rows.back().data());
+    }
     std::vector<int64_t> call_strides(2 * operands);
     for (size_t k = 0; k < operands; ++k) {
       call_strides[k] = strides[k][rank - 1];

@@ -79,10 +79,15 @@ void runCompiled(const CpuKernel& compiled, const ir::Kernel& kernel, const CpuL
   }
   std::vector<int64_t> strides = inner;
   strides.insert(strides.end(), outer.begin(), outer.end());
+  // A reduction kernel's scratch rows, after the operands.
+  std::vector<std::vector<char>> scratch;
+  for (int64_t bytes : planCpuStash(kernel).scratch_element_bytes) {
+    scratch.emplace_back(static_cast<size_t>(bytes * cols));
+    data.push_back(scratch.back().data());
+  }
   std::vector<int64_t> int_scalars;
   for (double s : scalars) int_scalars.push_back(static_cast<int64_t>(s));
   compiled.function()(data.data(), strides.data(), cols, rows, scalars.data(), int_scalars.data());
-  (void)kernel;
 }
 
 // The interpreter on the same layout, one row at a time.
@@ -235,6 +240,31 @@ TEST(CpuReduction, RowKernelsMatchInterpreterForEveryRowLength) {
       }
     }
   }
+}
+
+TEST(CpuReduction, ValuesOfEarlierReadsAreKeptNotComputedAgain) {
+  // float32: softmax's exp(x - max) goes to its own output (same type); x = in0 + in1 is kept by
+  // the first read for the later ones, in the norm's output. bfloat16 outputs cannot hold float32
+  // values: scratch rows.
+  for (DType storage : {DType::kFloat32, DType::kBFloat16}) {
+    ir::Kernel k = rowKernel(storage, DType::kFloat32);
+    CpuStashPlan plan = planCpuStash(k);
+    ASSERT_GE(plan.values.size(), 2u) << ir::print(k);
+    size_t in_outputs = 0, in_scratch = 0;
+    for (const CpuStash& kept : plan.values) {
+      EXPECT_NE(k.body[static_cast<size_t>(kept.value)].op, Op::kLoad);
+      EXPECT_GE(kept.stage, 1);
+      EXPECT_NE(kept.output >= 0, kept.scratch >= 0);
+      in_outputs += kept.output >= 0;
+      in_scratch += kept.scratch >= 0;
+    }
+    // float32: both element outputs hold a kept value; bfloat16: none can.
+    EXPECT_EQ(in_outputs, storage == DType::kFloat32 ? 2u : 0u);
+    EXPECT_EQ(plan.scratch_element_bytes.size(), in_scratch);
+  }
+  // A kernel without reductions keeps nothing.
+  ir::Kernel plain = ir::parse("kernel k {\n  in0: f32\n  %0 = load in0 : f32\n  %1 = exp %0 : f32\n  out0 = %1\n}\n");
+  EXPECT_TRUE(planCpuStash(plain).values.empty());
 }
 
 TEST(CpuReduction, NanPropagatesThroughMaxAndMinAndEmptyStagesAreSkipped) {
