@@ -14,6 +14,7 @@
 #include <mutex>
 #include <stdexcept>
 
+#include "codegen/cpu_math.h"
 #include "codegen/fault_injection.h"
 
 namespace kiln {
@@ -200,87 +201,7 @@ struct Emitter {
   }
 
   // a·b + c, fused where the target has FMA (one rounding instead of two: never less accurate).
-  llvm::Value* multiplyAdd(llvm::Value* a, llvm::Value* b, llvm::Value* c) {
-    return builder.CreateIntrinsic(llvm::Intrinsic::fmuladd, {a->getType()}, {a, b, c});
-  }
-
-  // float32 exp inline: 2^n · p(r), r = x − n·ln2 in two parts, Cephes expf's degree-6
-  // polynomial (under 2 ULP). 2^n is applied as two factors 2^(n/2), so overflow to Inf and
-  // gradual underflow to denormals come out of the multiplies, as in eager. Inline, a chain of
-  // math ops stays in registers: a call into SLEEF makes the whole vector register file
-  // caller-saved, and those spills cost more than the math itself.
-  llvm::Value* fastExp(llvm::Value* x) {
-    llvm::Type* t = x->getType();
-    auto c = [&](double v) { return floatConstant(t, v); };
-    llvm::Type* int_type = builder.getInt32Ty();
-    if (auto* vector = llvm::dyn_cast<llvm::VectorType>(t)) int_type = llvm::VectorType::get(int_type, vector->getElementCount());
-    llvm::Value* clamped = builder.CreateMinNum(builder.CreateMaxNum(x, c(-104.0)), c(89.0));
-    llvm::Value* n = builder.CreateUnaryIntrinsic(llvm::Intrinsic::roundeven,
-                                                  builder.CreateFMul(clamped, c(1.44269504088896341)));
-    llvm::Value* r = multiplyAdd(n, c(-0.693359375), clamped);
-    r = multiplyAdd(n, c(2.12194440e-4), r);
-    llvm::Value* p = c(1.9875691500E-4);
-    for (double coefficient : {1.3981999507E-3, 8.3334519073E-3, 4.1665795894E-2, 1.6666665459E-1, 5.0000001201E-1}) {
-      p = multiplyAdd(p, r, c(coefficient));
-    }
-    p = builder.CreateFAdd(multiplyAdd(p, builder.CreateFMul(r, r), r), c(1.0));
-    llvm::Value* whole = builder.CreateFPToSI(n, int_type);  // in [-150, 128]
-    llvm::Value* half = builder.CreateAShr(whole, 1);
-    auto power_of_two = [&](llvm::Value* e) {
-      return builder.CreateBitCast(builder.CreateShl(builder.CreateAdd(e, llvm::ConstantInt::get(int_type, 127)), 23), t);
-    };
-    llvm::Value* result = builder.CreateFMul(builder.CreateFMul(p, power_of_two(half)),
-                                             power_of_two(builder.CreateSub(whole, half)));
-    return builder.CreateSelect(builder.CreateFCmpUNO(x, x), x, result);
-  }
-
-  // float32 tanh inline (Cephes tanhf): an odd polynomial below 0.625, 1 − 2/(e^{2|x|} + 1) with
-  // the sign restored above it.
-  llvm::Value* fastTanh(llvm::Value* x) {
-    llvm::Type* t = x->getType();
-    auto c = [&](double v) { return floatConstant(t, v); };
-    llvm::Value* ax = builder.CreateUnaryIntrinsic(llvm::Intrinsic::fabs, x);
-    llvm::Value* s = builder.CreateFMul(x, x);
-    llvm::Value* p = c(-5.70498872745E-3);
-    for (double coefficient : {2.06390887954E-2, -5.37397155531E-2, 1.33314422036E-1, -3.33332819422E-1}) {
-      p = multiplyAdd(p, s, c(coefficient));
-    }
-    // x + x·s·p rounds -0.0 to +0.0: tanh keeps the sign of its argument, zeros included.
-    llvm::Value* small = builder.CreateBinaryIntrinsic(llvm::Intrinsic::copysign,
-                                                       multiplyAdd(builder.CreateFMul(p, s), x, x), x);
-    llvm::Value* e = fastExp(builder.CreateFMul(builder.CreateMinNum(ax, c(20.0)), c(2.0)));
-    llvm::Value* large = builder.CreateFSub(c(1.0), builder.CreateFDiv(c(2.0), builder.CreateFAdd(e, c(1.0))));
-    large = builder.CreateBinaryIntrinsic(llvm::Intrinsic::copysign, large, x);
-    llvm::Value* result = builder.CreateSelect(builder.CreateFCmpOLT(ax, c(0.625)), small, large);
-    return builder.CreateSelect(builder.CreateFCmpUNO(x, x), x, result);
-  }
-
-  // float32 erf: for |x| ≥ 1 Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the formula ATen's
-  // vectorized CPU erf uses, several times faster than SLEEF's erf; below 1 a polynomial.
-  llvm::Value* fastErf(llvm::Value* x) {
-    llvm::Type* t = x->getType();
-    auto c = [&](double v) { return floatConstant(t, v); };
-    llvm::Value* one = c(1.0);
-    llvm::Value* ax = builder.CreateUnaryIntrinsic(llvm::Intrinsic::fabs, x);
-    llvm::Value* k = builder.CreateFDiv(one, builder.CreateFAdd(builder.CreateFMul(c(0.3275911), ax), one));
-    llvm::Value* r = builder.CreateFAdd(builder.CreateFMul(c(1.061405429), k), c(-1.453152027));
-    r = builder.CreateFAdd(builder.CreateFMul(r, k), c(1.421413741));
-    r = builder.CreateFAdd(builder.CreateFMul(r, k), c(-0.284496736));
-    r = builder.CreateFAdd(builder.CreateFMul(r, k), c(0.254829592));
-    llvm::Value* e = fastExp(builder.CreateFNeg(builder.CreateFMul(x, x)));
-    llvm::Value* magnitude = builder.CreateFSub(one, builder.CreateFMul(builder.CreateFMul(e, k), r));
-    llvm::Value* large = builder.CreateBinaryIntrinsic(llvm::Intrinsic::copysign, magnitude, x);
-    // Below 1 the formula's 1 − (…) cancels (8 ULP of 1 lost near 0.05); there the Cephes erff
-    // odd polynomial x·P(x²) keeps the relative error small.
-    llvm::Value* z = builder.CreateFMul(x, x);
-    llvm::Value* p = c(7.853861353153693E-5);
-    for (double coefficient : {-8.010193625184903E-4, 5.188327685732524E-3, -2.685381193529856E-2,
-                               1.128358514861418E-1, -3.761262582423300E-1, 1.128379165726710E0}) {
-      p = multiplyAdd(p, z, c(coefficient));
-    }
-    llvm::Value* small = builder.CreateFMul(x, p);
-    return builder.CreateSelect(builder.CreateFCmpOLT(ax, one), small, large);
-  }
+  llvm::Value* multiplyAdd(llvm::Value* a, llvm::Value* b, llvm::Value* c) { return kiln::multiplyAdd(builder, a, b, c); }
 
   llvm::Value* unary(Op op, DType type, llvm::Value* x, int lanes) {
     if (op == Op::kNot) return builder.CreateNot(x);
@@ -310,16 +231,16 @@ struct Emitter {
       case Op::kTrunc: return builder.CreateUnaryIntrinsic(llvm::Intrinsic::trunc, x);
       case Op::kRound: return builder.CreateUnaryIntrinsic(llvm::Intrinsic::roundeven, x);
       case Op::kErf:
-        if (type == DType::kFloat32) return fastErf(x);
+        if (type == DType::kFloat32) return inlineErf(builder, x);
         return callMath(op, type, lanes, {x});
       case Op::kExp:
-        if (type == DType::kFloat32) return fastExp(x);
+        if (type == DType::kFloat32) return inlineExp(builder, x);
         return callMath(op, type, lanes, {x});
       case Op::kTanh:
-        if (type == DType::kFloat32) return fastTanh(x);
+        if (type == DType::kFloat32) return inlineTanh(builder, x);
         return callMath(op, type, lanes, {x});
       case Op::kSigmoid: {
-        llvm::Value* e = type == DType::kFloat32 ? fastExp(builder.CreateFNeg(x))
+        llvm::Value* e = type == DType::kFloat32 ? inlineExp(builder, builder.CreateFNeg(x))
                                                  : callMath(Op::kExp, type, lanes, {builder.CreateFNeg(x)});
         return builder.CreateFDiv(one, builder.CreateFAdd(one, e));
       }
@@ -804,87 +725,6 @@ struct Emitter {
     return function;
   }
 };
-
-// The values `roots` depend on, up to (and not through) the ones where `stop` is set.
-std::vector<bool> dependencies(const ir::Kernel& kernel, const std::vector<int>& roots, const std::vector<bool>& stop) {
-  std::vector<bool> wanted(kernel.body.size(), false);
-  for (int root : roots) wanted[static_cast<size_t>(root)] = true;
-  for (size_t k = kernel.body.size(); k-- > 0;) {
-    if (!wanted[k] || stop[k]) continue;
-    for (int operand : kernel.body[k].operands) wanted[static_cast<size_t>(operand)] = true;
-  }
-  return wanted;
-}
-
-}  // namespace
-
-CpuStashPlan planCpuStash(const ir::Kernel& kernel) {
-  CpuStashPlan plan;
-  const ir::RowSchedule schedule = ir::rowSchedule(kernel);
-  if (schedule.stages == 0) return plan;
-  const size_t size = kernel.body.size();
-  // Values computed once per row, between reads.
-  std::vector<bool> row_scope(size, false);
-  for (size_t k = 0; k < size; ++k) {
-    row_scope[k] = ir::isReduction(kernel.body[k].op) || (!schedule.per_element[k] && schedule.stage[k] > 0);
-  }
-  // Read r (1..stages) accumulates the reductions of stage r; read stages + 1 stores the
-  // per-element outputs. `roots[r]`: what read r must produce.
-  const int reads = schedule.stages + 1;
-  std::vector<std::vector<int>> roots(static_cast<size_t>(reads) + 1);
-  for (size_t k = 0; k < size; ++k) {
-    if (ir::isReduction(kernel.body[k].op)) roots[static_cast<size_t>(schedule.stage[k])].push_back(kernel.body[k].operands[0]);
-  }
-  for (size_t o = 0; o < kernel.outputs.size(); ++o) {
-    if (!kernel.isRowOutput(o)) roots[static_cast<size_t>(reads)].push_back(kernel.outputs[o]);
-  }
-  std::vector<int> computed_in(size, 0);  // the first read that computes a value (0: none yet)
-  std::vector<int> target(size, -2);      // -2: not kept
-  std::vector<bool> output_taken(kernel.outputs.size(), false);
-  for (int read = 1; read <= reads; ++read) {
-    std::vector<bool> stop(size);
-    for (size_t k = 0; k < size; ++k) {
-      stop[k] = (row_scope[k] && schedule.stage[k] < read) || target[k] != -2;
-    }
-    // A value an earlier read computed is kept by that read when computing it costs more than a
-    // store and a load: transcendental math, or a rounding to half or bfloat16 (a few integer
-    // ops per vector). The latest such values first, so that what they come from is not kept too.
-    for (size_t v = size; v-- > 0;) {
-      if (!dependencies(kernel, roots[static_cast<size_t>(read)], stop)[v]) continue;
-      const ir::Instr& instr = kernel.body[v];
-      if (computed_in[v] == 0 || !schedule.per_element[v] || stop[v] || instr.op == ir::Op::kLoad) continue;
-      const std::vector<bool> inside = dependencies(kernel, {static_cast<int>(v)}, row_scope);
-      bool costly = false;
-      for (size_t k = 0; k < size; ++k) {
-        const ir::Instr& op = kernel.body[k];
-        const char* ulp = nullptr;
-        costly |= inside[k] && (sleefBase(op.op, &ulp) != nullptr || op.op == ir::Op::kSigmoid ||
-                                (op.op == ir::Op::kCast && ir::isStorageOnly(op.type)));
-      }
-      if (!costly) continue;
-      CpuStash kept{static_cast<int>(v), computed_in[v], -1, -1};
-      for (size_t o = 0; o < kernel.outputs.size() && kept.output < 0; ++o) {
-        if (output_taken[o] || kernel.isRowOutput(o) || kernel.outputType(o) != instr.type) continue;
-        output_taken[o] = true;
-        kept.output = static_cast<int>(o);
-      }
-      if (kept.output < 0) {
-        kept.scratch = static_cast<int>(plan.scratch_element_bytes.size());
-        plan.scratch_element_bytes.push_back(ir::dtypeSize(instr.type));
-      }
-      target[v] = kept.output >= 0 ? kept.output : -1;
-      stop[v] = true;
-      plan.values.push_back(kept);
-    }
-    const std::vector<bool> done = dependencies(kernel, roots[static_cast<size_t>(read)], stop);
-    for (size_t k = 0; k < size; ++k) {
-      if (done[k] && !stop[k] && computed_in[k] == 0) computed_in[k] = read;
-    }
-  }
-  return plan;
-}
-
-namespace {
 
 std::string describeFeatures() {
   llvm::StringMap<bool> features;

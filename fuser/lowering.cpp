@@ -1,6 +1,7 @@
 // Lowering of fusion subgraphs to the kernel IR: the table of supported ops and, for each, the
 // scalar formula eager's CPU kernel uses.
 #include "fuser/lowering.h"
+#include "fuser/lowering_rules.h"
 
 #include <ATen/ATen.h>
 #include <torch/csrc/jit/ir/constants.h>
@@ -13,125 +14,8 @@
 namespace kiln {
 namespace {
 
-using ir::Op;
-using torch::jit::Node;
-using torch::jit::Value;
+using namespace lowering;
 
-struct Operand {
-  int value = -1;           // IR value, in `dtype`
-  at::ScalarType dtype = at::kFloat;
-  bool is_tensor = false;
-  c10::IValue sample;       // a one-element stand-in used to ask ATen for dtypes
-  OutputRows rows = OutputRows::kElements;  // per element, or per row (after a reduction)
-  int input = -1;           // the tensor input it is, if it is one
-};
-
-struct Lowerer;
-using LowerFn = int (*)(Lowerer&, const Node*, const std::vector<Operand>&, at::ScalarType out,
-                        at::ScalarType compute);
-
-struct OpRule {
-  std::vector<int> operands;  // inputs that are tensors or numbers; every other input is a constant
-  LowerFn lower;
-  bool compare = false;       // compute in the operands' promoted type, result bool
-  int dtype_only = -1;        // an input read only for its dtype (type_as): no shape, no loads
-  bool channel_params = false;  // batch_norm: operands 1-4 are optional per-channel [C] tensors
-  // Row reductions and the ops built on them, over the innermost dimension:
-  int dim_arg = -1;             // the reduced dim (int or int[1]): must be the last
-  int keepdim_arg = -1;         // a reduction's keepdim; -1 for ops whose result is per element
-  int dtype_arg = -1;           // a reduction's dtype: must be None
-  int normalized_shape_arg = -1;  // layer_norm / rms_norm: int[1], the row's length
-  bool optional_tensors = false;  // operands after the first may be None (weight, bias)
-
-  bool isRowOp() const { return dim_arg >= 0 || normalized_shape_arg >= 0; }
-};
-
-OpRule reduction(LowerFn lower, int keepdim_arg, int dtype_arg = -1) {
-  OpRule rule{{0}, lower};
-  rule.dim_arg = 1;
-  rule.keepdim_arg = keepdim_arg;
-  rule.dtype_arg = dtype_arg;
-  return rule;
-}
-
-OpRule rowOp(LowerFn lower) {
-  OpRule rule{{0}, lower};
-  rule.dim_arg = 1;
-  return rule;
-}
-
-OpRule normalization(std::vector<int> operands, LowerFn lower) {
-  OpRule rule{std::move(operands), lower};
-  rule.normalized_shape_arg = 1;
-  rule.optional_tensors = true;
-  return rule;
-}
-
-// The dim a reduction's argument names (an int, or an int list of one), if it names one.
-std::optional<int64_t> reducedDim(const Node* node, size_t index) {
-  auto value = torch::jit::toIValue(node->input(index));
-  if (!value) return std::nullopt;
-  if (value->isInt()) return value->toInt();
-  if (value->isIntList() && value->toIntVector().size() == 1) return value->toIntVector()[0];
-  return std::nullopt;
-}
-
-// layer_norm's normalized_shape when it is one dimension (the row).
-std::optional<int64_t> normalizedLength(const Node* node, size_t index) {
-  auto value = torch::jit::toIValue(node->input(index));
-  if (!value || !value->isIntList() || value->toIntVector().size() != 1) return std::nullopt;
-  return value->toIntVector()[0];
-}
-
-at::ScalarType opmath(at::ScalarType type) {
-  return (type == at::kHalf || type == at::kBFloat16) ? at::kFloat : type;
-}
-
-struct Lowerer {
-  ir::Kernel& kernel;
-  bool cuda = false;  // the kernel runs on a CUDA device (eager's CUDA kernels differ here and there)
-  const Node* node = nullptr;
-
-  int as(const Operand& operand, at::ScalarType type) {
-    return kernel.cast(operand.value, *irDType(type));
-  }
-  int constant(double value, at::ScalarType type) {
-    return kernel.constant(*irDType(type), value);
-  }
-  int unary(Op op, int x) { return kernel.unary(op, x); }
-  int binary(Op op, int a, int b) { return kernel.binary(op, a, b); }
-  int select(int c, int a, int b) { return kernel.select(c, a, b); }
-  double scalarArg(size_t index, double fallback) {
-    auto value = torch::jit::toIValue(node->input(index));
-    if (!value || value->isNone()) return fallback;
-    return value->isDouble() ? value->toDouble() : value->isInt() ? static_cast<double>(value->toInt())
-                                                                  : static_cast<double>(value->toBool());
-  }
-  std::optional<double> optionalArg(size_t index) {
-    auto value = torch::jit::toIValue(node->input(index));
-    if (!value || value->isNone()) return std::nullopt;
-    return scalarArg(index, 0);
-  }
-  // The constant argument `index` as an IR value of type `type`: an int stays exact (past 2^53)
-  // when computing in an integer type, as eager's Scalar does; `fallback` when absent.
-  int argConstant(size_t index, double fallback, at::ScalarType type) {
-    auto value = torch::jit::toIValue(node->input(index));
-    if (value && value->isInt() && at::isIntegralType(type, /*includeBool=*/false)) {
-      return kernel.cast(kernel.integerConstant(ir::DType::kInt64, value->toInt()), *irDType(type));
-    }
-    return constant(scalarArg(index, fallback), type);
-  }
-  bool argIsOne(size_t index) {
-    auto value = torch::jit::toIValue(node->input(index));
-    if (!value || value->isNone()) return true;
-    return value->isInt() ? value->toInt() == 1 : scalarArg(index, 1) == 1;
-  }
-};
-
-// ---- op formulas: each returns the result in `compute`; the caller rounds it to `out` ----
-
-#define KILN_LOWER(name) \
-  int name(Lowerer& L, const Node* n, const std::vector<Operand>& v, at::ScalarType out, at::ScalarType ct)
 
 template <Op op>
 KILN_LOWER(unaryOp) { return L.unary(op, L.as(v[0], ct)); }
@@ -406,197 +290,101 @@ KILN_LOWER(floatOnlyUnary) { return L.unary(op, L.as(v[0], ct)); }
 
 KILN_LOWER(lowerReciprocal) { return L.binary(Op::kDiv, L.constant(1, ct), L.as(v[0], ct)); }
 
-// ---- row reductions over the innermost dimension, in float32 (or float64) as eager's CPU
-// kernels accumulate ----
-
-bool reducesLastDim(const Node* n, const std::vector<Operand>& v) {
-  const int64_t rank = v[0].sample.toTensor().dim();
-  std::optional<int64_t> dim = reducedDim(n, 1);
-  return rank >= 1 && dim && (*dim == -1 || *dim == rank - 1);
-}
-
-template <Op op>
-KILN_LOWER(lowerReduce) {
-  if (!at::isFloatingType(ct) || !reducesLastDim(n, v)) return -1;
-  return L.kernel.reduce(op, L.as(v[0], ct));
-}
-
-KILN_LOWER(lowerMean) {
-  if (!at::isFloatingType(ct) || !reducesLastDim(n, v)) return -1;
-  return L.binary(Op::kDiv, L.kernel.reduce(Op::kReduceSum, L.as(v[0], ct)), L.kernel.rowSize(*irDType(ct)));
-}
-
-// var as eager computes it: the sum of squared deviations over max(0, n - correction).
-int variance(Lowerer& L, const Node* n, const std::vector<Operand>& v, at::ScalarType ct) {
-  if (!at::isFloatingType(ct) || !reducesLastDim(n, v)) return -1;
-  auto argument = torch::jit::toIValue(n->input(2));
-  double correction = 1;
-  if (n->schema().overload_name() == "dim") {
-    correction = (!argument || argument->isNone() || argument->toBool()) ? 1 : 0;
-  } else if (argument && !argument->isNone()) {
-    correction = argument->isDouble() ? argument->toDouble() : static_cast<double>(argument->toInt());
-  }
-  int population = L.kernel.reduce(Op::kReduceVar, L.as(v[0], ct));
-  if (correction == 0) return population;
-  int count = L.kernel.rowSize(*irDType(ct));
-  int divisor = L.binary(Op::kMax, L.binary(Op::kSub, count, L.constant(correction, ct)), L.constant(0, ct));
-  return L.binary(Op::kDiv, L.binary(Op::kMul, population, count), divisor);
-}
-KILN_LOWER(lowerVar) { return variance(L, n, v, ct); }
-KILN_LOWER(lowerStd) {
-  int var = variance(L, n, v, ct);
-  return var < 0 ? -1 : L.unary(Op::kSqrt, var);
-}
-
-// softmax as eager's vectorized CPU kernel: exp(x - max) times the reciprocal of its sum.
-KILN_LOWER(lowerSoftmax) {
-  if (!at::isFloatingType(ct) || !reducesLastDim(n, v)) return -1;
-  int x = L.as(v[0], ct);
-  int e = L.unary(Op::kExp, L.binary(Op::kSub, x, L.kernel.reduce(Op::kReduceMax, x)));
-  return L.binary(Op::kMul, e, L.binary(Op::kDiv, L.constant(1, ct), L.kernel.reduce(Op::kReduceSum, e)));
-}
-
-KILN_LOWER(lowerLogSoftmax) {
-  if (!at::isFloatingType(ct) || !reducesLastDim(n, v)) return -1;
-  int x = L.as(v[0], ct);
-  int shifted = L.binary(Op::kSub, x, L.kernel.reduce(Op::kReduceMax, x));
-  int sum = L.kernel.reduce(Op::kReduceSum, L.unary(Op::kExp, shifted));
-  return L.binary(Op::kSub, shifted, L.unary(Op::kLog, sum));
-}
-
-// layer_norm over one dimension: mean and variance in one pass (Welford), then
-// (x - mean) / sqrt(var + eps) · weight + bias.
-KILN_LOWER(lowerLayerNorm) {
-  if (!at::isFloatingType(ct) || v[0].sample.toTensor().dim() < 1) return -1;
-  int x = L.as(v[0], ct);
-  int mean = L.binary(Op::kDiv, L.kernel.reduce(Op::kReduceSum, x), L.kernel.rowSize(*irDType(ct)));
-  int var = L.kernel.reduce(Op::kReduceVar, x);
-  int rstd = L.binary(Op::kDiv, L.constant(1, ct),
-                      L.unary(Op::kSqrt, L.binary(Op::kAdd, var, L.constant(L.scalarArg(4, 1e-5), ct))));
-  int y = L.binary(Op::kMul, L.binary(Op::kSub, x, mean), rstd);
-  if (v[1].value >= 0) y = L.binary(Op::kMul, y, L.as(v[1], ct));
-  if (v[2].value >= 0) y = L.binary(Op::kAdd, y, L.as(v[2], ct));
-  return y;
-}
-
-// rms_norm as ATen composes it: x · rsqrt(mean(x²) + eps) in opmath, rounded to x's dtype, then
-// times the weight. eps defaults to opmath's machine epsilon.
-KILN_LOWER(lowerRmsNorm) {
-  if (!at::isFloatingType(ct) || v[0].sample.toTensor().dim() < 1) return -1;
-  const double epsilon = ct == at::kDouble ? std::numeric_limits<double>::epsilon()
-                                           : static_cast<double>(std::numeric_limits<float>::epsilon());
-  int x = L.as(v[0], ct);
-  int mean_square = L.binary(Op::kDiv, L.kernel.reduce(Op::kReduceSum, L.binary(Op::kMul, x, x)),
-                             L.kernel.rowSize(*irDType(ct)));
-  int y = L.binary(Op::kMul, x, L.unary(Op::kRsqrt, L.binary(Op::kAdd, mean_square, L.constant(L.scalarArg(3, epsilon), ct))));
-  if (v[1].value < 0) return y;
-  y = L.kernel.cast(L.kernel.cast(y, *irDType(v[0].dtype)), *irDType(ct));
-  return L.binary(Op::kMul, y, L.as(v[1], ct));
-}
-
 const std::unordered_map<std::string, OpRule>& rules() {
-  static const auto* table = new std::unordered_map<std::string, OpRule>{
-      {"aten::add.Tensor", {{0, 1}, lowerAdd}},
-      {"aten::add.Scalar", {{0, 1}, lowerAdd}},
-      {"aten::sub.Tensor", {{0, 1}, lowerSub}},
-      {"aten::sub.Scalar", {{0, 1}, lowerSub}},
-      {"aten::rsub.Tensor", {{0, 1}, lowerRsub}},
-      {"aten::rsub.Scalar", {{0, 1}, lowerRsub}},
-      {"aten::mul.Tensor", {{0, 1}, binaryOp<Op::kMul>}},
-      {"aten::mul.Scalar", {{0, 1}, binaryOp<Op::kMul>}},
-      {"aten::div.Tensor", {{0, 1}, lowerDiv}},
-      {"aten::div.Scalar", {{0, 1}, lowerDiv}},
-      {"aten::div.Tensor_mode", {{0, 1}, lowerDiv}},
-      {"aten::div.Scalar_mode", {{0, 1}, lowerDiv}},
-      {"aten::neg", {{0}, unaryOp<Op::kNeg>}},
-      {"aten::abs", {{0}, unaryOp<Op::kAbs>}},
-      {"aten::reciprocal", {{0}, lowerReciprocal}},
-      {"aten::pow.Tensor_Tensor", {{0, 1}, lowerPow}},
-      {"aten::pow.Tensor_Scalar", {{0, 1}, lowerPow}},
-      {"aten::pow.Scalar", {{0, 1}, lowerPow}},
-      {"aten::sqrt", {{0}, floatOnlyUnary<Op::kSqrt>}},
-      {"aten::rsqrt", {{0}, floatOnlyUnary<Op::kRsqrt>}},
-      {"aten::exp", {{0}, floatOnlyUnary<Op::kExp>}},
-      {"aten::exp2", {{0}, floatOnlyUnary<Op::kExp2>}},
-      {"aten::expm1", {{0}, floatOnlyUnary<Op::kExpm1>}},
-      {"aten::log", {{0}, floatOnlyUnary<Op::kLog>}},
-      {"aten::log2", {{0}, floatOnlyUnary<Op::kLog2>}},
-      {"aten::log10", {{0}, floatOnlyUnary<Op::kLog10>}},
-      {"aten::log1p", {{0}, floatOnlyUnary<Op::kLog1p>}},
-      {"aten::sin", {{0}, floatOnlyUnary<Op::kSin>}},
-      {"aten::cos", {{0}, floatOnlyUnary<Op::kCos>}},
-      {"aten::tan", {{0}, floatOnlyUnary<Op::kTan>}},
-      {"aten::tanh", {{0}, floatOnlyUnary<Op::kTanh>}},
-      {"aten::sigmoid", {{0}, floatOnlyUnary<Op::kSigmoid>}},
-      {"aten::erf", {{0}, floatOnlyUnary<Op::kErf>}},
-      {"aten::erfc", {{0}, floatOnlyUnary<Op::kErfc>}},
-      {"aten::floor", {{0}, unaryOp<Op::kFloor>}},
-      {"aten::ceil", {{0}, unaryOp<Op::kCeil>}},
-      {"aten::round", {{0}, unaryOp<Op::kRound>}},
-      {"aten::trunc", {{0}, unaryOp<Op::kTrunc>}},
-      {"aten::frac", {{0}, lowerFrac}},
-      {"aten::sign", {{0}, lowerSign}},
-      {"aten::relu", {{0}, lowerRelu}},
-      {"aten::leaky_relu", {{0}, lowerLeakyRelu}},
-      {"aten::elu", {{0}, lowerElu}},
-      {"aten::silu", {{0}, lowerSilu}},
-      {"aten::gelu", {{0}, lowerGelu}},
-      {"aten::hardtanh", {{0}, lowerHardtanh}},
-      {"aten::hardsigmoid", {{0}, lowerHardsigmoid}},
-      {"aten::hardswish", {{0}, lowerHardswish}},
-      {"aten::softplus", {{0}, lowerSoftplus}},
-      {"aten::clamp", {{0}, lowerClamp}},
-      {"aten::clamp_min", {{0}, lowerClampMin}},
-      {"aten::clamp_max", {{0}, lowerClampMax}},
-      {"aten::minimum", {{0, 1}, binaryOp<Op::kMin>}},
-      {"aten::maximum", {{0, 1}, binaryOp<Op::kMax>}},
-      {"aten::fmod.Tensor", {{0, 1}, lowerFmod}},
-      {"aten::fmod.Scalar", {{0, 1}, lowerFmod}},
-      {"aten::remainder.Tensor", {{0, 1}, lowerRemainder}},
-      {"aten::remainder.Scalar", {{0, 1}, lowerRemainder}},
-      {"aten::nan_to_num", {{0}, lowerNanToNum}},
-      {"aten::where.self", {{0, 1, 2}, lowerWhere}},
-      {"aten::where.ScalarSelf", {{0, 1, 2}, lowerWhere}},
-      {"aten::where.ScalarOther", {{0, 1, 2}, lowerWhere}},
-      {"aten::where.Scalar", {{0, 1, 2}, lowerWhere}},
-      {"aten::masked_fill.Scalar", {{0, 1, 2}, lowerMaskedFill}},
-      {"aten::masked_fill.Tensor", {{0, 1, 2}, lowerMaskedFill}},
-      {"aten::lerp.Scalar", {{0, 1, 2}, lowerLerp}},
-      {"aten::lerp.Tensor", {{0, 1, 2}, lowerLerp}},
-      {"aten::addcmul", {{0, 1, 2}, lowerAddcmul}},
-      {"aten::addcdiv", {{0, 1, 2}, lowerAddcdiv}},
-      {"aten::logical_and", {{0, 1}, lowerLogicalAnd}},
-      {"aten::logical_or", {{0, 1}, lowerLogicalOr}},
-      {"aten::logical_not", {{0}, lowerLogicalNot}},
-      {"aten::lt.Tensor", {{0, 1}, compareOp<Op::kLt>, true}},
-      {"aten::lt.Scalar", {{0, 1}, compareOp<Op::kLt>, true}},
-      {"aten::le.Tensor", {{0, 1}, compareOp<Op::kLe>, true}},
-      {"aten::le.Scalar", {{0, 1}, compareOp<Op::kLe>, true}},
-      {"aten::gt.Tensor", {{0, 1}, compareOp<Op::kGt>, true}},
-      {"aten::gt.Scalar", {{0, 1}, compareOp<Op::kGt>, true}},
-      {"aten::ge.Tensor", {{0, 1}, compareOp<Op::kGe>, true}},
-      {"aten::ge.Scalar", {{0, 1}, compareOp<Op::kGe>, true}},
-      {"aten::eq.Tensor", {{0, 1}, compareOp<Op::kEq>, true}},
-      {"aten::eq.Scalar", {{0, 1}, compareOp<Op::kEq>, true}},
-      {"aten::ne.Tensor", {{0, 1}, compareOp<Op::kNe>, true}},
-      {"aten::ne.Scalar", {{0, 1}, compareOp<Op::kNe>, true}},
-      {"aten::to.dtype", {{0}, lowerConvert}},
-      {"aten::type_as", {{0}, lowerConvert, false, 1}},
-      {"aten::dropout", {{0}, lowerIdentity}},
-      {"aten::batch_norm", {{0, 1, 2, 3, 4}, lowerBatchNorm, false, -1, true}},
-      {"aten::sum.dim_IntList", reduction(lowerReduce<Op::kReduceSum>, 2, 3)},
-      {"aten::mean.dim", reduction(lowerMean, 2, 3)},
-      {"aten::amax", reduction(lowerReduce<Op::kReduceMax>, 2)},
-      {"aten::amin", reduction(lowerReduce<Op::kReduceMin>, 2)},
-      {"aten::var.correction", reduction(lowerVar, 3)},
-      {"aten::var.dim", reduction(lowerVar, 3)},
-      {"aten::std.correction", reduction(lowerStd, 3)},
-      {"aten::std.dim", reduction(lowerStd, 3)},
-      {"aten::softmax.int", rowOp(lowerSoftmax)},
-      {"aten::log_softmax.int", rowOp(lowerLogSoftmax)},
-      {"aten::layer_norm", normalization({0, 2, 3}, lowerLayerNorm)},
-      {"aten::rms_norm", normalization({0, 2}, lowerRmsNorm)},
-  };
+  static const auto* table = [] {
+    auto* rules = new std::unordered_map<std::string, OpRule>{
+        {"aten::add.Tensor", {{0, 1}, lowerAdd}},
+        {"aten::add.Scalar", {{0, 1}, lowerAdd}},
+        {"aten::sub.Tensor", {{0, 1}, lowerSub}},
+        {"aten::sub.Scalar", {{0, 1}, lowerSub}},
+        {"aten::rsub.Tensor", {{0, 1}, lowerRsub}},
+        {"aten::rsub.Scalar", {{0, 1}, lowerRsub}},
+        {"aten::mul.Tensor", {{0, 1}, binaryOp<Op::kMul>}},
+        {"aten::mul.Scalar", {{0, 1}, binaryOp<Op::kMul>}},
+        {"aten::div.Tensor", {{0, 1}, lowerDiv}},
+        {"aten::div.Scalar", {{0, 1}, lowerDiv}},
+        {"aten::div.Tensor_mode", {{0, 1}, lowerDiv}},
+        {"aten::div.Scalar_mode", {{0, 1}, lowerDiv}},
+        {"aten::neg", {{0}, unaryOp<Op::kNeg>}},
+        {"aten::abs", {{0}, unaryOp<Op::kAbs>}},
+        {"aten::reciprocal", {{0}, lowerReciprocal}},
+        {"aten::pow.Tensor_Tensor", {{0, 1}, lowerPow}},
+        {"aten::pow.Tensor_Scalar", {{0, 1}, lowerPow}},
+        {"aten::pow.Scalar", {{0, 1}, lowerPow}},
+        {"aten::sqrt", {{0}, floatOnlyUnary<Op::kSqrt>}},
+        {"aten::rsqrt", {{0}, floatOnlyUnary<Op::kRsqrt>}},
+        {"aten::exp", {{0}, floatOnlyUnary<Op::kExp>}},
+        {"aten::exp2", {{0}, floatOnlyUnary<Op::kExp2>}},
+        {"aten::expm1", {{0}, floatOnlyUnary<Op::kExpm1>}},
+        {"aten::log", {{0}, floatOnlyUnary<Op::kLog>}},
+        {"aten::log2", {{0}, floatOnlyUnary<Op::kLog2>}},
+        {"aten::log10", {{0}, floatOnlyUnary<Op::kLog10>}},
+        {"aten::log1p", {{0}, floatOnlyUnary<Op::kLog1p>}},
+        {"aten::sin", {{0}, floatOnlyUnary<Op::kSin>}},
+        {"aten::cos", {{0}, floatOnlyUnary<Op::kCos>}},
+        {"aten::tan", {{0}, floatOnlyUnary<Op::kTan>}},
+        {"aten::tanh", {{0}, floatOnlyUnary<Op::kTanh>}},
+        {"aten::sigmoid", {{0}, floatOnlyUnary<Op::kSigmoid>}},
+        {"aten::erf", {{0}, floatOnlyUnary<Op::kErf>}},
+        {"aten::erfc", {{0}, floatOnlyUnary<Op::kErfc>}},
+        {"aten::floor", {{0}, unaryOp<Op::kFloor>}},
+        {"aten::ceil", {{0}, unaryOp<Op::kCeil>}},
+        {"aten::round", {{0}, unaryOp<Op::kRound>}},
+        {"aten::trunc", {{0}, unaryOp<Op::kTrunc>}},
+        {"aten::frac", {{0}, lowerFrac}},
+        {"aten::sign", {{0}, lowerSign}},
+        {"aten::relu", {{0}, lowerRelu}},
+        {"aten::leaky_relu", {{0}, lowerLeakyRelu}},
+        {"aten::elu", {{0}, lowerElu}},
+        {"aten::silu", {{0}, lowerSilu}},
+        {"aten::gelu", {{0}, lowerGelu}},
+        {"aten::hardtanh", {{0}, lowerHardtanh}},
+        {"aten::hardsigmoid", {{0}, lowerHardsigmoid}},
+        {"aten::hardswish", {{0}, lowerHardswish}},
+        {"aten::softplus", {{0}, lowerSoftplus}},
+        {"aten::clamp", {{0}, lowerClamp}},
+        {"aten::clamp_min", {{0}, lowerClampMin}},
+        {"aten::clamp_max", {{0}, lowerClampMax}},
+        {"aten::minimum", {{0, 1}, binaryOp<Op::kMin>}},
+        {"aten::maximum", {{0, 1}, binaryOp<Op::kMax>}},
+        {"aten::fmod.Tensor", {{0, 1}, lowerFmod}},
+        {"aten::fmod.Scalar", {{0, 1}, lowerFmod}},
+        {"aten::remainder.Tensor", {{0, 1}, lowerRemainder}},
+        {"aten::remainder.Scalar", {{0, 1}, lowerRemainder}},
+        {"aten::nan_to_num", {{0}, lowerNanToNum}},
+        {"aten::where.self", {{0, 1, 2}, lowerWhere}},
+        {"aten::where.ScalarSelf", {{0, 1, 2}, lowerWhere}},
+        {"aten::where.ScalarOther", {{0, 1, 2}, lowerWhere}},
+        {"aten::where.Scalar", {{0, 1, 2}, lowerWhere}},
+        {"aten::masked_fill.Scalar", {{0, 1, 2}, lowerMaskedFill}},
+        {"aten::masked_fill.Tensor", {{0, 1, 2}, lowerMaskedFill}},
+        {"aten::lerp.Scalar", {{0, 1, 2}, lowerLerp}},
+        {"aten::lerp.Tensor", {{0, 1, 2}, lowerLerp}},
+        {"aten::addcmul", {{0, 1, 2}, lowerAddcmul}},
+        {"aten::addcdiv", {{0, 1, 2}, lowerAddcdiv}},
+        {"aten::logical_and", {{0, 1}, lowerLogicalAnd}},
+        {"aten::logical_or", {{0, 1}, lowerLogicalOr}},
+        {"aten::logical_not", {{0}, lowerLogicalNot}},
+        {"aten::lt.Tensor", {{0, 1}, compareOp<Op::kLt>, true}},
+        {"aten::lt.Scalar", {{0, 1}, compareOp<Op::kLt>, true}},
+        {"aten::le.Tensor", {{0, 1}, compareOp<Op::kLe>, true}},
+        {"aten::le.Scalar", {{0, 1}, compareOp<Op::kLe>, true}},
+        {"aten::gt.Tensor", {{0, 1}, compareOp<Op::kGt>, true}},
+        {"aten::gt.Scalar", {{0, 1}, compareOp<Op::kGt>, true}},
+        {"aten::ge.Tensor", {{0, 1}, compareOp<Op::kGe>, true}},
+        {"aten::ge.Scalar", {{0, 1}, compareOp<Op::kGe>, true}},
+        {"aten::eq.Tensor", {{0, 1}, compareOp<Op::kEq>, true}},
+        {"aten::eq.Scalar", {{0, 1}, compareOp<Op::kEq>, true}},
+        {"aten::ne.Tensor", {{0, 1}, compareOp<Op::kNe>, true}},
+        {"aten::ne.Scalar", {{0, 1}, compareOp<Op::kNe>, true}},
+        {"aten::to.dtype", {{0}, lowerConvert}},
+        {"aten::type_as", {{0}, lowerConvert, false, 1}},
+        {"aten::dropout", {{0}, lowerIdentity}},
+        {"aten::batch_norm", {{0, 1, 2, 3, 4}, lowerBatchNorm, false, -1, true}},
+    };
+    addRowReductionRules(*rules);
+    return rules;
+  }();
   return *table;
 }
 
@@ -656,59 +444,6 @@ std::string recordChannelParams(const torch::jit::Graph& subgraph, const Node* n
     params.push_back(entry);
   }
   return "";
-}
-
-// Whether `node`'s result is per element or per row, recording what the runtime must check:
-// the rows a reduction reads and the per-element operands met by per-row values must span the
-// row; a normalization's row length and per-row parameters. Sets *problem when the group cannot
-// compute it as eager does.
-OutputRows trackRows(const OpRule& rule, const Node* node, const std::vector<Operand>& args,
-                     const std::vector<const Value*>& arg_values,
-                     std::unordered_map<const Value*, std::vector<int>>& sources, LoweredGroup& lowered,
-                     std::string* problem) {
-  if (rule.isRowOp()) {
-    if (args[0].rows != OutputRows::kElements) {
-      *problem = "a row reduction of a per-row value";
-      return OutputRows::kElements;
-    }
-    lowered.row_spans.push_back(sources[node->input(0)]);
-    if (rule.normalized_shape_arg >= 0) {
-      if (std::optional<int64_t> length = normalizedLength(node, static_cast<size_t>(rule.normalized_shape_arg))) {
-        if (lowered.row_length >= 0 && lowered.row_length != *length) *problem = "normalizations of different lengths";
-        lowered.row_length = *length;
-      }
-      for (size_t a = 1; a < args.size(); ++a) {
-        if (args[a].value < 0) continue;
-        if (args[a].input < 0) *problem = "a normalization's weight or bias is computed inside the group";
-        lowered.row_params.push_back(args[a].input);
-      }
-    }
-    if (rule.keepdim_arg < 0) return OutputRows::kElements;
-    return dropsReducedDim(node) ? OutputRows::kDropDim : OutputRows::kKeepDim;
-  }
-  // A 0-dim tensor (T5's epsilon, frozen into a constant) broadcasts to any shape and changes
-  // none: it counts as a scalar here.
-  auto zeroDim = [](const Operand& arg) { return arg.sample.isTensor() && arg.sample.toTensor().dim() == 0; };
-  bool dropped = false, kept = false, elements = false;
-  for (const Operand& arg : args) {
-    if (!arg.is_tensor || zeroDim(arg)) continue;
-    dropped |= arg.rows == OutputRows::kDropDim;
-    kept |= arg.rows == OutputRows::kKeepDim;
-    elements |= arg.rows == OutputRows::kElements;
-  }
-  if (dropped && (kept || elements)) {
-    *problem = "a reduction without its dim meets another tensor";
-    return OutputRows::kElements;
-  }
-  if (dropped) return OutputRows::kDropDim;
-  if (!kept) return OutputRows::kElements;
-  if (!elements) return OutputRows::kKeepDim;
-  for (size_t a = 0; a < args.size(); ++a) {
-    if (args[a].is_tensor && !zeroDim(args[a]) && args[a].rows == OutputRows::kElements) {
-      lowered.row_spans.push_back(sources[arg_values[a]]);
-    }
-  }
-  return OutputRows::kElements;
 }
 
 // Removes the values no output depends on, and the scalar inputs only they read: the kernel
