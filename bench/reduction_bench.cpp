@@ -1,5 +1,6 @@
-// Row reductions with what surrounds them, on the CPU: eager ATen ops (Baseline_Eager) and kiln's
-// fused kernel (Kiln), through the same TorchScript executor, and a copy of the input
+// Row reductions with what surrounds them (bench/reduction_patterns.py), on the CPU: eager ATen
+// ops (Baseline_Eager) and kiln's fused kernel (Kiln), through the same TorchScript executor, and
+// a copy of the input
 // (Baseline_Copy: one read and one write, the floor a fused kernel approaches).
 // Args: rows, row length, dtype (0 float32, 1 bfloat16). Counter bytes_per_second: the bytes
 // the fused kernel must move (inputs read once, outputs written once) per second.
@@ -9,25 +10,10 @@
 #include <torch/script.h>
 
 #include "kiln/kiln.h"
+#include "reduction_patterns.h"
 
 namespace {
 
-constexpr const char* kPatterns = R"JIT(
-def add_layer_norm(x, y, w, b):
-    return torch.layer_norm(x + y, [COLS], w, b, 1e-12)
-
-def scale_softmax(x, y, w, b):
-    return torch.softmax(x * 0.125, -1)
-
-def scale_mask_softmax(x, y, w, b):
-    return torch.softmax(x * 0.125 + y, -1)
-
-def rms_norm(x, y, w, b):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
-
-def log_softmax(x, y, w, b):
-    return torch.log_softmax(x + b, -1)
-)JIT";
 
 enum class Mode { kEager, kKiln, kCopy };
 
@@ -57,9 +43,7 @@ void runPattern(benchmark::State& state, const std::string& pattern, Mode mode) 
   }
   const bool kiln_was = kiln::enabled();
   mode == Mode::kKiln ? kiln::enable() : kiln::disable();
-  std::string source = kPatterns;
-  source.replace(source.find("COLS"), 4, std::to_string(cols));
-  auto unit = torch::jit::compile(source);
+  auto unit = torch::jit::compile(kiln::bench::reductionPatterns());
   torch::jit::Function& function = unit->get_function(pattern);
   std::vector<c10::IValue> inputs = {x, y, w, b};
   for (int i = 0; i < 3; ++i) function(inputs);

@@ -348,15 +348,8 @@ struct Emitter {
     return values;
   }
 
-  // The values `roots` depend on, up to (and not through) the ones where `stop` is set.
   std::vector<bool> needed(const std::vector<int>& roots, const std::vector<bool>& stop) const {
-    std::vector<bool> wanted(kernel.body.size(), false);
-    for (int root : roots) wanted[static_cast<size_t>(root)] = true;
-    for (size_t k = kernel.body.size(); k-- > 0;) {
-      if (!wanted[k] || stop[k]) continue;
-      for (int operand : kernel.body[k].operands) wanted[static_cast<size_t>(operand)] = true;
-    }
-    return wanted;
+    return ir::dependencies(kernel, roots, stop);
   }
   std::vector<bool> needed(const std::vector<int>& roots, const std::vector<llvm::Value*>& known) const {
     std::vector<bool> stop(known.size());

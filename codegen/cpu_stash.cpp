@@ -19,17 +19,6 @@ bool isTranscendental(ir::Op op) {
   }
 }
 
-// The values `roots` depend on, up to (and not through) the ones where `stop` is set.
-std::vector<bool> dependencies(const ir::Kernel& kernel, const std::vector<int>& roots, const std::vector<bool>& stop) {
-  std::vector<bool> wanted(kernel.body.size(), false);
-  for (int root : roots) wanted[static_cast<size_t>(root)] = true;
-  for (size_t k = kernel.body.size(); k-- > 0;) {
-    if (!wanted[k] || stop[k]) continue;
-    for (int operand : kernel.body[k].operands) wanted[static_cast<size_t>(operand)] = true;
-  }
-  return wanted;
-}
-
 }  // namespace
 
 CpuStashPlan planCpuStash(const ir::Kernel& kernel) {
@@ -64,10 +53,10 @@ CpuStashPlan planCpuStash(const ir::Kernel& kernel) {
     // store and a load: transcendental math, or a rounding to half or bfloat16 (a few integer
     // ops per vector). The latest such values first, so that what they come from is not kept too.
     for (size_t v = size; v-- > 0;) {
-      if (!dependencies(kernel, roots[static_cast<size_t>(read)], stop)[v]) continue;
+      if (!ir::dependencies(kernel, roots[static_cast<size_t>(read)], stop)[v]) continue;
       const ir::Instr& instr = kernel.body[v];
       if (computed_in[v] == 0 || !schedule.per_element[v] || stop[v] || instr.op == ir::Op::kLoad) continue;
-      const std::vector<bool> inside = dependencies(kernel, {static_cast<int>(v)}, row_scope);
+      const std::vector<bool> inside = ir::dependencies(kernel, {static_cast<int>(v)}, row_scope);
       bool costly = false;
       for (size_t k = 0; k < size; ++k) {
         const ir::Instr& op = kernel.body[k];
@@ -88,7 +77,7 @@ CpuStashPlan planCpuStash(const ir::Kernel& kernel) {
       stop[v] = true;
       plan.values.push_back(kept);
     }
-    const std::vector<bool> done = dependencies(kernel, roots[static_cast<size_t>(read)], stop);
+    const std::vector<bool> done = ir::dependencies(kernel, roots[static_cast<size_t>(read)], stop);
     for (size_t k = 0; k < size; ++k) {
       if (done[k] && !stop[k] && computed_in[k] == 0) computed_in[k] = read;
     }

@@ -250,14 +250,27 @@ std::string kernelHead(const std::string& name, const CudaArgumentLayout& args, 
   return out.str();
 }
 
+// Declares the typed pointer d<k> of each operand the kernel uses (inputs no output depends on,
+// such as a tensor passed only for its dtype, are never read); returns which are used.
+std::vector<bool> operandPointers(const ir::Kernel& kernel, const std::vector<bool>& live, std::ostream& out) {
+  const size_t inputs = kernel.tensor_inputs.size();
+  const size_t operands = inputs + kernel.outputs.size();
+  std::vector<bool> used(operands, true);
+  for (size_t k = 0; k < inputs; ++k) used[k] = false;
+  for (size_t k = 0; k < kernel.body.size(); ++k) {
+    if (live[k] && kernel.body[k].op == Op::kLoad) used[static_cast<size_t>(kernel.body[k].param)] = true;
+  }
+  for (size_t k = 0; k < operands; ++k) {
+    if (!used[k]) continue;
+    out << "  " << (k < inputs ? "const " : "") << memoryType(kernel.operandType(k)) << "* __restrict__ d" << k << " = ("
+        << (k < inputs ? "const " : "") << memoryType(kernel.operandType(k)) << "*)p.data[" << k << "];\n";
+  }
+  return used;
+}
+
 // The values `roots` depend on, up to (and not through) the `known` ones.
 std::vector<bool> neededValues(const ir::Kernel& kernel, const std::vector<int>& roots, const std::vector<bool>& known) {
-  std::vector<bool> wanted(kernel.body.size(), false);
-  for (int root : roots) wanted[static_cast<size_t>(root)] = true;
-  for (size_t k = kernel.body.size(); k-- > 0;) {
-    if (!wanted[k] || known[k]) continue;
-    for (int operand : kernel.body[k].operands) wanted[static_cast<size_t>(operand)] = true;
-  }
+  std::vector<bool> wanted = ir::dependencies(kernel, roots, known);
   for (size_t k = 0; k < kernel.body.size(); ++k) wanted[k] = wanted[k] && !known[k];
   return wanted;
 }
@@ -274,7 +287,7 @@ std::string CudaSpecialization::toString() const {
     case CudaSchedule::kLinear: text = "linear"; break;
     case CudaSchedule::kLinearVectorized: text = "linear_vec"; break;
     case CudaSchedule::kStrided: text = "strided" + std::to_string(rank); break;
-    case CudaSchedule::kRows: text = "rows" + std::to_string(rank); break;
+    case CudaSchedule::kRows: text = "rows" + std::to_string(rank) + (warp_rows ? "w" : ""); break;
   }
   if (schedule == CudaSchedule::kLinear || schedule == CudaSchedule::kLinearVectorized) {
     text += ":";
@@ -349,7 +362,8 @@ std::vector<int64_t> packCudaArguments(const ir::Kernel& kernel, const CudaSpeci
 int64_t cudaWorkItems(const ir::Kernel& kernel, const CudaSpecialization& specialization, const Geometry& geometry) {
   const int64_t numel = geometry.numel;
   if (specialization.schedule == CudaSchedule::kRows) {
-    return std::max<int64_t>(1, numel / std::max<int64_t>(1, geometry.sizes.back())) * kCudaBlockSize;
+    const int64_t rows = std::max<int64_t>(1, numel / std::max<int64_t>(1, geometry.sizes.back()));
+    return rows * (specialization.warp_rows ? 32 : kCudaBlockSize);
   }
   if (specialization.schedule != CudaSchedule::kLinearVectorized) return numel;
   return std::max<int64_t>(1, numel / cudaVectorWidth(kernel));
@@ -405,6 +419,7 @@ std::optional<CudaSpecialization> chooseCudaSpecialization(const ir::Kernel& ker
   }
   specialization.schedule = kernel.hasReductions() ? CudaSchedule::kRows : CudaSchedule::kStrided;
   specialization.rank = static_cast<int>(rank);
+  specialization.warp_rows = kernel.hasReductions() && geometry.sizes.back() <= kCudaWarpRowLength;
   return specialization;
 }
 
@@ -439,18 +454,8 @@ CudaSource emitCuda(const ir::Kernel& kernel, const CudaSpecialization& speciali
   const std::string index_type = specialization.index64 ? "long long" : "int";
   const std::string unsigned_index = specialization.index64 ? "unsigned long long" : "unsigned int";
   out << kernelHead(result.name, args, operands, index_type);
-  // Inputs no output depends on are never read (a tensor passed only for its dtype).
   const std::vector<bool> live = liveValues(kernel);
-  std::vector<bool> used(operands, true);
-  for (size_t k = 0; k < inputs; ++k) used[k] = false;
-  for (size_t k = 0; k < kernel.body.size(); ++k) {
-    if (live[k] && kernel.body[k].op == Op::kLoad) used[static_cast<size_t>(kernel.body[k].param)] = true;
-  }
-  for (size_t k = 0; k < operands; ++k) {
-    if (!used[k]) continue;
-    out << "  " << (k < inputs ? "const " : "") << memoryType(kernel.operandType(k)) << "* __restrict__ d" << k << " = ("
-        << (k < inputs ? "const " : "") << memoryType(kernel.operandType(k)) << "*)p.data[" << k << "];\n";
-  }
+  const std::vector<bool> used = operandPointers(kernel, live, out);
   out << "  const index_t n = (index_t)p.numel;\n"
       << "  const index_t step = (index_t)gridDim.x * blockDim.x;\n"
       << "  const index_t first = (index_t)blockIdx.x * blockDim.x + threadIdx.x;\n";
@@ -580,22 +585,24 @@ CudaSource emitRowsKernel(const ir::Kernel& kernel, const CudaSpecialization& sp
   out << "// kernel " << kernel.name << ", schedule " << specialization.toString() << "\n";
   out << kernelHead(result.name, cudaArgumentLayout(kernel, specialization), operands,
                     specialization.index64 ? "long long" : "int");
-  std::vector<bool> used(operands, true);
-  for (size_t k = 0; k < inputs; ++k) used[k] = false;
-  for (size_t k = 0; k < kernel.body.size(); ++k) {
-    if (live[k] && kernel.body[k].op == Op::kLoad) used[static_cast<size_t>(kernel.body[k].param)] = true;
-  }
-  for (size_t k = 0; k < operands; ++k) {
-    if (!used[k]) continue;
-    out << "  " << (k < inputs ? "const " : "") << memoryType(kernel.operandType(k)) << "* __restrict__ d" << k << " = ("
-        << (k < inputs ? "const " : "") << memoryType(kernel.operandType(k)) << "*)p.data[" << k << "];\n";
-  }
+  const std::vector<bool> used = operandPointers(kernel, live, out);
+  const bool warp = specialization.warp_rows;
   const std::string last = std::to_string(rank - 1);
   out << "  const index_t row_length = (index_t)p.sizes[" << last << "];\n"
-      << "  const index_t rows = (index_t)(p.numel / p.sizes[" << last << "]);\n"
-      << "  __shared__ double kiln_scratch[3 * 32 + 1];\n"
-      << "  for (index_t row = blockIdx.x; row < rows; row += gridDim.x) {\n"
-      << "    index_t rest = row;\n";
+      << "  const index_t rows = (index_t)(p.numel / p.sizes[" << last << "]);\n";
+  // Where a thread starts along the row and how far it steps (read from special registers each
+  // time: held in registers across the loops they cost spills).
+  const std::string first = warp ? "(index_t)(threadIdx.x & 31)" : "(index_t)threadIdx.x";
+  const std::string stride = warp ? "32" : "(index_t)blockDim.x";
+  if (warp) {
+    // A warp per row: lanes stride along it; the block's warps take consecutive rows.
+    out << "  for (index_t row = (index_t)blockIdx.x * (index_t)(blockDim.x >> 5) + (index_t)(threadIdx.x >> 5); row < rows;\n"
+        << "       row += (index_t)gridDim.x * (index_t)(blockDim.x >> 5)) {\n";
+  } else {
+    out << "  __shared__ double kiln_scratch[3 * 32 + 1];\n"
+        << "  for (index_t row = blockIdx.x; row < rows; row += gridDim.x) {\n";
+  }
+  out << "    index_t rest = row;\n";
   for (size_t k = 0; k < operands; ++k) {
     if (used[k]) out << "    index_t b" << k << " = 0;\n";
   }
@@ -646,7 +653,7 @@ CudaSource emitRowsKernel(const ir::Kernel& kernel, const CudaSpecialization& sp
         default: out << "    " << type << " a" << n << " = 0;\n";
       }
     }
-    out << "    for (index_t i = threadIdx.x; i < row_length; i += blockDim.x) {\n"
+    out << "    for (index_t i = " << first << "; i < row_length; i += " << stride << ") {\n"
         << bodyStatements(kernel, neededValues(kernel, operands_read, known), load, "      ", &unused);
     for (int r : reductions) {
       const Instr& instr = kernel.body[static_cast<size_t>(r)];
@@ -663,11 +670,13 @@ CudaSource emitRowsKernel(const ir::Kernel& kernel, const CudaSpecialization& sp
       const Instr& instr = kernel.body[static_cast<size_t>(r)];
       const std::string n = std::to_string(r);
       out << "    const " << cudaType(instr.type) << " v" << n << " = ";
+      const std::string scope = warp ? "kiln_warp_" : "kiln_block_";
+      const std::string scratch = warp ? ")" : ", kiln_scratch)";
       switch (instr.op) {
-        case Op::kReduceMax: out << "kiln_block_max(a" << n << ", kiln_scratch);\n"; break;
-        case Op::kReduceMin: out << "kiln_block_min(a" << n << ", kiln_scratch);\n"; break;
-        case Op::kReduceVar: out << "kiln_block_var(c" << n << ", m" << n << ", a" << n << ", kiln_scratch);\n"; break;
-        default: out << "kiln_block_sum(a" << n << ", kiln_scratch);\n";
+        case Op::kReduceMax: out << scope << "max(a" << n << scratch << ";\n"; break;
+        case Op::kReduceMin: out << scope << "min(a" << n << scratch << ";\n"; break;
+        case Op::kReduceVar: out << scope << "var(c" << n << ", m" << n << ", a" << n << scratch << ";\n"; break;
+        default: out << scope << "sum(a" << n << scratch << ";\n";
       }
       known[static_cast<size_t>(r)] = true;
     }
@@ -684,7 +693,7 @@ CudaSource emitRowsKernel(const ir::Kernel& kernel, const CudaSpecialization& sp
   }
   if (!row_outputs.empty()) {
     emitAtRowScope(row_outputs);
-    out << "    if (threadIdx.x == 0) {\n";
+    out << "    if (" << first << " == 0) {\n";
     for (size_t o = 0; o < kernel.outputs.size(); ++o) {
       if (!kernel.isRowOutput(o)) continue;
       const std::string k = std::to_string(inputs + o);
@@ -693,7 +702,7 @@ CudaSource emitRowsKernel(const ir::Kernel& kernel, const CudaSpecialization& sp
     out << "    }\n";
   }
   if (!element_outputs.empty()) {
-    out << "    for (index_t i = threadIdx.x; i < row_length; i += blockDim.x) {\n"
+    out << "    for (index_t i = " << first << "; i < row_length; i += " << stride << ") {\n"
         << bodyStatements(kernel, neededValues(kernel, element_outputs, known), load, "      ", &unused);
     for (size_t o = 0; o < kernel.outputs.size(); ++o) {
       if (kernel.isRowOutput(o)) continue;

@@ -26,6 +26,8 @@ namespace kiln {
 
 constexpr int kMaxCudaRank = 8;
 constexpr int kCudaBlockSize = 256;
+// The longest row a warp reduces alone in the rows schedule (32 elements per lane).
+constexpr int64_t kCudaWarpRowLength = 1024;
 // The most bytes an argument block may have (the launch parameter limit every architecture
 // accepts).
 constexpr size_t kMaxCudaArgumentBytes = 4096;
@@ -33,8 +35,9 @@ constexpr size_t kMaxCudaArgumentBytes = 4096;
 // kRows: a kernel with row reductions. One block per row (a grid-stride loop over rows), its
 // threads striding along the row; each stage's reductions are combined across the block (warp
 // shuffles, then shared memory), per-row values are computed by every thread, per-row outputs
-// stored by thread 0. Operands are addressed as in kStrided (sizes and strides per dimension,
-// the row innermost).
+// stored by thread 0. Rows of up to kCudaWarpRowLength take a warp each instead (warp_rows: 8
+// rows per block, shuffles only, no block synchronization). Operands are addressed as in
+// kStrided (sizes and strides per dimension, the row innermost).
 enum class CudaSchedule { kLinear, kLinearVectorized, kStrided, kRows };
 
 struct CudaSpecialization {
@@ -45,6 +48,7 @@ struct CudaSpecialization {
   // element e, kBroadcast element 0, kRow e % inner, kColumn e / inner (inner: a kernel argument).
   std::vector<Access> access;
   bool index64 = false;
+  bool warp_rows = false;        // kRows: a warp per row (short rows)
 
   // Whether some operand is read by row or by column (the kernel then takes `inner`).
   bool usesInner() const;

@@ -156,6 +156,16 @@ RowSchedule rowSchedule(const Kernel& kernel) {
   return schedule;
 }
 
+std::vector<bool> dependencies(const Kernel& kernel, const std::vector<int>& roots, const std::vector<bool>& stop) {
+  std::vector<bool> wanted(kernel.body.size(), false);
+  for (int root : roots) wanted[static_cast<size_t>(root)] = true;
+  for (size_t k = kernel.body.size(); k-- > 0;) {
+    if (!wanted[k] || stop[k]) continue;
+    for (int operand : kernel.body[k].operands) wanted[static_cast<size_t>(operand)] = true;
+  }
+  return wanted;
+}
+
 int Kernel::load(int input) {
   Instr instr;
   instr.op = Op::kLoad;

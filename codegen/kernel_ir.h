@@ -110,6 +110,10 @@ struct RowSchedule {
 };
 RowSchedule rowSchedule(const Kernel& kernel);
 
+// The body values `roots` depend on, up to (and not through) those where `stop` is set (roots and
+// stopping values included).
+std::vector<bool> dependencies(const Kernel& kernel, const std::vector<int>& roots, const std::vector<bool>& stop);
+
 
 // Stable text form; parse(print(k)) == k.
 std::string print(const Kernel& kernel);

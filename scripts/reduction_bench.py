@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Row-reduction patterns (bench/reduction_bench.cpp's) in one process: eager, torch.compile and
-kiln (libkiln's pass on the scripted function), with GB/s and % of a copy's bandwidth.
+"""The row-reduction patterns of bench/reduction_patterns.py (bench/reduction_bench.cpp runs them
+too) in one process: eager, torch.compile and kiln (libkiln's pass on the scripted function),
+with GB/s and % of a copy's bandwidth.
 
 Patterns: residual add + layer_norm, scale + softmax, scale + mask + softmax, rms_norm as T5 and
 LLaMA write it, log_softmax; shapes 1024x768, 8192x4096, 32x65536; float32 and bfloat16. Bytes
@@ -18,30 +19,13 @@ import warnings
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+from reduction_patterns import (add_layer_norm, log_softmax, rms_norm, scale_mask_softmax,  # noqa: E402
+                                scale_softmax)
+
 warnings.filterwarnings("ignore")
 
 SHAPES = ((1024, 768), (8192, 4096), (32, 65536))
-
-
-def add_layer_norm(x, y, w, b):
-    return torch.layer_norm(x + y, [x.shape[-1]], w, b, 1e-12)
-
-
-def scale_softmax(x, y, w, b):
-    return torch.softmax(x * 0.125, -1)
-
-
-def scale_mask_softmax(x, y, w, b):
-    return torch.softmax(x * 0.125 + y, -1)
-
-
-def rms_norm(x, y, w, b):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
-
-
-def log_softmax(x, y, w, b):
-    return torch.log_softmax(x + b, -1)
-
 
 PATTERNS = {  # name: (function, [rows, cols] tensors moved: inputs read + output written)
     "add_layer_norm": (add_layer_norm, 3),
@@ -50,14 +34,6 @@ PATTERNS = {  # name: (function, [rows, cols] tensors moved: inputs read + outpu
     "rms_norm": (rms_norm, 2),
     "log_softmax": (log_softmax, 2),
 }
-
-# TorchScript needs normalized_shape as a constant to fuse layer_norm: the scripted variant is
-# written per row length.
-SCRIPTED_LAYER_NORM = """
-def add_layer_norm(x, y, w, b):
-    return torch.layer_norm(x + y, [{cols}], w, b, 1e-12)
-"""
-
 
 def timer(device, repeats):
     def measure(fn):
@@ -78,13 +54,6 @@ def timer(device, repeats):
                 times.append(time.perf_counter() - begin)
         return statistics.median(times)
     return measure
-
-
-def scripted(name, function, cols):
-    if name == "add_layer_norm":
-        unit = torch.jit.CompilationUnit(SCRIPTED_LAYER_NORM.format(cols=cols))
-        return unit.add_layer_norm
-    return torch.jit.script(function)
 
 
 def main():
@@ -123,7 +92,7 @@ def main():
                     if not args.no_compile:
                         compiled = torch.compile(function, dynamic=False)
                         compiled_time = measure(lambda: compiled(*inputs))
-                    script = scripted(pattern, function, cols)
+                    script = torch.jit.script(function)
                     kiln_time = measure(lambda: script(*inputs))
                     expected = function(*inputs).float()
                     error = (script(*inputs).float() - expected).abs().max().item()

@@ -109,17 +109,22 @@ KILN_BLOCK_REDUCTION(kiln_block_max, kiln_warp_max, -__int_as_float(0x7f800000))
 KILN_BLOCK_REDUCTION(kiln_block_min, kiln_warp_min, __int_as_float(0x7f800000))
 #undef KILN_BLOCK_REDUCTION
 
+// a / b for Welford's counts (whole numbers, never 0 where divided): float takes the fast
+// division (2 ULP), whose IEEE form calls a slow path that saves registers on the stack.
+__device__ __forceinline__ float kiln_count_div(float a, float b) { return __fdividef(a, b); }
+__device__ __forceinline__ double kiln_count_div(double a, double b) { return a / b; }
+
 // Welford's running (count, mean, m2), and Chan et al.'s merge of two of them.
 template <typename T> __device__ __forceinline__ void kiln_welford_add(T& n, T& mean, T& m2, T x) {
   n += (T)1;
   const T delta = x - mean;
-  mean += delta / n;
+  mean += kiln_count_div(delta, n);
   m2 += delta * (x - mean);
 }
 template <typename T> __device__ __forceinline__ void kiln_welford_merge(T& n, T& mean, T& m2, T n_b, T mean_b, T m2_b) {
   const T count = n + n_b;
   if (count == (T)0) return;
-  const T share = n_b / count;
+  const T share = kiln_count_div(n_b, count);
   const T delta = mean_b - mean;
   mean += delta * share;
   m2 += m2_b + delta * delta * n * share;
@@ -155,4 +160,9 @@ template <typename T> __device__ __forceinline__ T kiln_block_var(T n, T mean, T
   const T result = (T)scratch[96];
   __syncthreads();
   return result;
+}
+// The population variance of a warp's values (m2 / n), to every lane (a warp per row).
+template <typename T> __device__ __forceinline__ T kiln_warp_var(T n, T mean, T m2) {
+  kiln_warp_welford(n, mean, m2);
+  return m2 / n;
 }
