@@ -5,8 +5,8 @@ Random weights; nothing is downloaded. Every model goes three routes, each compa
 fresh random inputs:
   a. traced (and scripted where the model scripts) and run in this process with libkiln loaded,
      5 calls (the profiling executor optimizes after its profiling run); the profiler shows that
-     kiln's kernels ran: kiln ops ran, no guard sent its group to the original ops and no kiln op
-     fell back to them;
+     kiln's kernels ran: kiln ops ran, no guard sent its group to the original ops, no kiln op
+     fell back to them, and no layer_norm, softmax, log_softmax or rms_norm ran on its own;
   b. saved, then loaded and run 5 times in a fresh process with libkiln loaded (one process
      for all the saved files), kiln's kernels running as in a;
   c. `kiln fuse IN.pt OUT.pt`, OUT.pt loaded in a fresh process (it must hold kiln::fusion_group)
@@ -92,6 +92,19 @@ KERNEL_CHILDREN = {"aten::empty", "aten::empty_strided", "aten::empty_like", "at
                    "aten::permute", "aten::transpose", "aten::t", "aten::select", "aten::slice", "aten::detach"}
 
 
+# Row ops kiln fuses with their neighbours (docs/reductions.md): none may run on its own.
+ROW_OPS = {"aten::layer_norm", "aten::softmax", "aten::log_softmax", "aten::rms_norm"}
+
+
+def under_kiln(event):
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in KILN_OPS:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def kiln_events(module, inputs):
     """Runs one call under the profiler; returns (output, counts): how often each kiln op ran,
     "fell back": kiln ops that ran the original ops instead of their kernel, "rejected": guards
@@ -100,6 +113,8 @@ def kiln_events(module, inputs):
         out = module(*inputs)
     counts, guards = {}, 0
     for event in prof.function_events:
+        if event.name in ROW_OPS and not under_kiln(event):
+            counts["unfused " + event.name] = counts.get("unfused " + event.name, 0) + 1
         if event.name in KILN_OPS:
             counts[event.name] = counts.get(event.name, 0) + 1
             if any(child.name not in KERNEL_CHILDREN for child in event.cpu_children):
@@ -117,6 +132,9 @@ def kiln_problem(events):
     ran = sum(events.get(op, 0) for op in KILN_OPS)
     if not ran:
         return f"outputs match eager, but no kiln op ran on call {CALLS} ({events_text(events)})"
+    unfused = {name: count for name, count in events.items() if name.startswith("unfused ")}
+    if unfused:
+        return f"outputs match eager, but on call {CALLS} row ops ran on their own ({events_text(unfused)})"
     if events.get("fell back") or events.get("rejected"):
         return (f"outputs match eager, but on call {CALLS} {events.get('rejected', 0)} guards sent their group "
                 f"to the original ops and {events.get('fell back', 0)} kiln ops fell back to them "
