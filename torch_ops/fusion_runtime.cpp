@@ -152,6 +152,7 @@ std::shared_ptr<PreparedLaunch> rejectCall(FusionProgram& program, const std::st
 // 0-dim tensor to the GPU: the fallback does).
 struct CallSignature {
   c10::Device device = c10::kCPU;
+  bool lower_for_cuda = false;
   std::vector<int64_t> key;
   std::vector<InputSignature> inputs;
 };
@@ -185,7 +186,8 @@ std::string readSignature(const FusionProgram& program, const std::vector<at::Te
   if (t != tensors.size() || f != floats.size() || i != ints.size()) return "argument count mismatch";
   const c10::Device device = signature->device;
   // Lowering follows eager's kernels on each device (a recording for a GPU lowers as for one).
-  signature->key.push_back(device.is_cuda() || recording_for_cuda ? 1 : 0);
+  signature->lower_for_cuda = device.is_cuda() || recording_for_cuda;
+  signature->key.push_back(signature->lower_for_cuda ? 1 : 0);
   std::string unavailable;
   if (device.is_cuda() && !cudaFusionAvailable(device.index(), &unavailable)) return unavailable;
   if (!device.is_cuda() && !device.is_cpu()) return "device " + device.str() + " has no kiln backend";
@@ -200,12 +202,13 @@ std::shared_ptr<SignatureEntry> loweredFor(FusionProgram& program, const CallSig
   slot = std::make_shared<SignatureEntry>();
   try {
     failIfInjected(FaultStage::kLower);
-    slot->lowered = lowerGroup(*program.graph, signature.inputs, &slot->why, signature.key.back() == 1);
+    slot->lowered = lowerGroup(*program.graph, signature.inputs, &slot->why, signature.lower_for_cuda);
     if (slot->lowered) {
       slot->family = std::make_unique<KernelFamily>(slot->lowered->kernel, program.options);
       slot->cpu_scratch = planCpuStash(slot->lowered->kernel).scratch_element_bytes;
+    } else {
+      log(LogLevel::kInfo, "group left to eager for this signature: " + slot->why);
     }
-    else log(LogLevel::kInfo, "group left to eager for this signature: " + slot->why);
   } catch (const std::exception& error) {
     slot->lowered.reset();
     slot->why = std::string("lowering failed: ") + error.what();
