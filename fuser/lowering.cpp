@@ -739,11 +739,15 @@ std::optional<LoweredGroup> lowerGroup(const torch::jit::Graph& subgraph,
     node_sources.erase(std::unique(node_sources.begin(), node_sources.end()), node_sources.end());
     sources[node->output()] = node_sources;
     operands[node->output()] = produced;
-    // Unfused, this op reads each tensor operand and writes its result once per element.
+    // Unfused, this op reads each tensor operand of the result's rank and writes its result once
+    // per element. An operand of lower rank (a bias, layer_norm's weight, batch_norm's [C]
+    // statistics) and a per-row result are small beside them: not counted.
     for (const Operand& arg : args) {
-      if (arg.is_tensor) lowered.unfused_bytes_per_element += c10::elementSize(arg.dtype);
+      if (arg.is_tensor && arg.sample.isTensor() && arg.sample.toTensor().dim() == out_dim) {
+        lowered.unfused_bytes_per_element += c10::elementSize(arg.dtype);
+      }
     }
-    lowered.unfused_bytes_per_element += c10::elementSize(out);
+    if (rows == OutputRows::kElements) lowered.unfused_bytes_per_element += c10::elementSize(out);
   }
   for (const Value* output : subgraph.outputs()) {
     auto found = operands.find(output);
