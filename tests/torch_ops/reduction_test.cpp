@@ -7,6 +7,8 @@
 #include <torch/csrc/jit/testing/file_check.h>
 #include <torch/jit.h>
 
+#include <thread>
+
 #include "support/graph_testing.h"
 #include "torch_ops/fusion_runtime.h"
 
@@ -201,6 +203,35 @@ TEST(Reduction, GroupsKeepEagersShapesAndRunTheFallbackWhereTheRowDiffers) {
   } catch (const std::exception& error) {
     EXPECT_NE(std::string(error.what()).find("normalized_shape"), std::string::npos) << error.what();
   }
+}
+
+TEST(Reduction, EightThreadsShareOneKernelAndKeepTheirOwnScratchRows) {
+  // bfloat16 softmax keeps exp(x - max) in a scratch row per task: threads must never share one.
+  std::shared_ptr<torch::jit::Graph> graph = graphOf("scale_mask_softmax");
+  fuse(graph, testOptions());
+  std::shared_ptr<torch::jit::Graph> original = graphOf("scale_mask_softmax");
+  std::vector<std::vector<c10::IValue>> inputs;
+  std::vector<at::Tensor> expected;
+  for (int t = 0; t < 8; ++t) {
+    inputs.push_back({randn({4, 3, 16, 200 + 7 * t}, at::kBFloat16) * 4, randn({4, 1, 1, 200 + 7 * t}, at::kBFloat16)});
+    expected.push_back(runGraph(original, inputs.back())[0].toTensor());
+  }
+  runGraph(graph, inputs[0]);  // compiled here, once
+  const int64_t compiled = kernelCompileCount();
+  std::vector<std::thread> threads;
+  std::vector<int> mismatches(8, 0);
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      torch::NoGradGuard guard;
+      for (int i = 0; i < 20; ++i) {
+        at::Tensor out = runGraph(graph, inputs[static_cast<size_t>(t)])[0].toTensor();
+        if (!sameTensor(out, expected[static_cast<size_t>(t)], 4.0)) mismatches[static_cast<size_t>(t)]++;
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  for (int t = 0; t < 8; ++t) EXPECT_EQ(mismatches[static_cast<size_t>(t)], 0) << "thread " << t;
+  EXPECT_EQ(kernelCompileCount(), compiled);
 }
 
 TEST(Reduction, NewBatchAndRowLengthsReuseTheKernel) {
