@@ -337,6 +337,9 @@ struct Emitter {
           case Op::kRowSize: value = splat(cast(row_size, DType::kInt64, instr.type, 1), lanes); break;
           case Op::kCast: value = cast(operand(0), operandType(0), instr.type, lanes); break;
           case Op::kSelect: value = builder.CreateSelect(operand(0), operand(1), operand(2)); break;
+          case Op::kFma:
+            value = builder.CreateIntrinsic(llvm::Intrinsic::fma, {operand(0)->getType()}, {operand(0), operand(1), operand(2)});
+            break;
           case Op::kReduceSum: case Op::kReduceMax: case Op::kReduceMin: case Op::kReduceVar:
             throw std::logic_error("kiln cpu: a reduction's result is needed before its row is read");
           default:

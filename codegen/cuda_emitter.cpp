@@ -217,6 +217,10 @@ std::string bodyStatements(const ir::Kernel& kernel, const std::vector<bool>& li
         break;
       case Op::kCast: expression = castExpression(operand(0), operandType(0), instr.type); break;
       case Op::kSelect: expression = "(" + operand(0) + " ? " + operand(1) + " : " + operand(2) + ")"; break;
+      case Op::kFma:
+        expression = std::string(instr.type == DType::kFloat64 ? "fma(" : "fmaf(") + operand(0) + ", " + operand(1) + ", " +
+                     operand(2) + ")";
+        break;
       case Op::kRowSize: expression = "(" + std::string(cudaType(instr.type)) + ")row_length"; break;
       default:
         expression = ir::opArity(instr.op) == 1 ? unaryExpression(instr.op, operandType(0), operand(0))

@@ -146,6 +146,11 @@ void evaluate(const Kernel& kernel, size_t k, std::vector<Value>& values, const 
     case Op::kNot: out.i = !operand(0).i; break;
     case Op::kIsNan: out.i = isFloating(operandType(0)) && std::isnan(operand(0).f); break;
     case Op::kSelect: out = operand(0).i ? operand(1) : operand(2); break;
+    case Op::kFma:
+      out.f = type == DType::kFloat32 ? static_cast<double>(std::fma(static_cast<float>(operand(0).f), static_cast<float>(operand(1).f),
+                                                                       static_cast<float>(operand(2).f)))
+                                      : std::fma(operand(0).f, operand(1).f, operand(2).f);
+      break;
     case Op::kAnd: out.i = operand(0).i && operand(1).i; break;
     case Op::kOr: out.i = operand(0).i || operand(1).i; break;
     case Op::kLt: case Op::kLe: case Op::kGt: case Op::kGe: case Op::kEq: case Op::kNe: {

@@ -28,7 +28,7 @@ constexpr OpInfo kOps[] = {
     {Op::kFmod, "fmod", 2},       {Op::kAnd, "and", 2},         {Op::kOr, "or", 2},
     {Op::kLt, "lt", 2},           {Op::kLe, "le", 2},           {Op::kGt, "gt", 2},
     {Op::kGe, "ge", 2},           {Op::kEq, "eq", 2},           {Op::kNe, "ne", 2},
-    {Op::kSelect, "select", 3},   {Op::kReduceSum, "reduce_sum", 1},
+    {Op::kSelect, "select", 3},   {Op::kFma, "fma", 3},         {Op::kReduceSum, "reduce_sum", 1},
     {Op::kReduceMax, "reduce_max", 1}, {Op::kReduceMin, "reduce_min", 1},
     {Op::kReduceVar, "reduce_var", 1}, {Op::kRowSize, "rowsize", 0},
 };
@@ -120,6 +120,15 @@ int Kernel::rowSize(DType type) {
   Instr instr;
   instr.op = Op::kRowSize;
   instr.type = type;
+  body.push_back(instr);
+  return static_cast<int>(body.size()) - 1;
+}
+
+int Kernel::fma(int a, int b, int c) {
+  Instr instr;
+  instr.op = Op::kFma;
+  instr.type = body.at(static_cast<size_t>(a)).type;
+  instr.operands = {a, b, c};
   body.push_back(instr);
   return static_cast<int>(body.size()) - 1;
 }
@@ -294,6 +303,12 @@ std::string verify(const Kernel& kernel) {
       case Op::kRowSize:
         if (instr.type != DType::kFloat32 && instr.type != DType::kFloat64 && instr.type != DType::kInt64) {
           problem(i, "rowsize must be f32, f64 or i64");
+        }
+        break;
+      case Op::kFma:
+        if (instr.type != DType::kFloat32 && instr.type != DType::kFloat64) problem(i, "fma is on f32 or f64");
+        for (size_t k = 0; k < 3; ++k) {
+          if (type_of(k) != instr.type) problem(i, "fma operand types differ from its result's");
         }
         break;
       case Op::kReduceSum: case Op::kReduceMax: case Op::kReduceMin: case Op::kReduceVar:

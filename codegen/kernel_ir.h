@@ -49,6 +49,9 @@ enum class Op {
   kLt, kLe, kGt, kGe, kEq, kNe,
   // ternary: operands[0] (bool) ? operands[1] : operands[2]
   kSelect,
+  // ternary, floating: operands[0] · operands[1] + operands[2] with one rounding (eager's
+  // vectorized add/sub with alpha)
+  kFma,
   // row reductions of a per-element f32/f64 operand (result of the same type, one per row)
   kReduceSum, kReduceMax, kReduceMin, kReduceVar,
   // leaf: the length of the reduced row, as `type` (f32, f64 or i64)
@@ -95,6 +98,7 @@ struct Kernel {
   int unary(Op op, int value);
   int binary(Op op, int lhs, int rhs);
   int select(int condition, int if_true, int if_false);
+  int fma(int a, int b, int c);
   int reduce(Op op, int value);
   int rowSize(DType type);
 

@@ -26,10 +26,14 @@ KILN_LOWER(binaryOp) { return L.binary(op, L.as(v[0], ct), L.as(v[1], ct)); }
 template <Op op>
 KILN_LOWER(compareOp) { return L.binary(op, L.as(v[0], ct), L.as(v[1], ct)); }
 
-// a ± alpha·b, alpha being input 2.
+// a ± alpha·b, alpha being input 2. In floating point with alpha ≠ 1, as eager's vectorized
+// CPU loop computes it: fma(b, ±alpha, a), one rounding (alpha·b may overflow where the sum does
+// not: 3e38 · -3.4e38 + inf is inf, not NaN).
 int addScaled(Lowerer& L, int a, int b, at::ScalarType ct, bool subtract) {
-  if (!L.argIsOne(2)) b = L.binary(Op::kMul, b, L.argConstant(2, 1, ct));
-  return L.binary(subtract ? Op::kSub : Op::kAdd, a, b);
+  if (L.argIsOne(2)) return L.binary(subtract ? Op::kSub : Op::kAdd, a, b);
+  int alpha = L.argConstant(2, 1, ct);
+  if (at::isFloatingType(ct) && !L.cuda) return L.kernel.fma(b, subtract ? L.unary(Op::kNeg, alpha) : alpha, a);
+  return L.binary(subtract ? Op::kSub : Op::kAdd, a, L.binary(Op::kMul, b, alpha));
 }
 KILN_LOWER(lowerAdd) { return addScaled(L, L.as(v[0], ct), L.as(v[1], ct), ct, false); }
 KILN_LOWER(lowerSub) { return addScaled(L, L.as(v[0], ct), L.as(v[1], ct), ct, true); }

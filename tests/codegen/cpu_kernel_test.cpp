@@ -242,6 +242,35 @@ TEST(CpuReduction, RowKernelsMatchInterpreterForEveryRowLength) {
   }
 }
 
+TEST(CpuKernel, FmaRoundsOnceAsEagersAddWithAlpha) {
+  // a + alpha·b where alpha·b overflows but the fused result does not: inf + (-huge) stays inf.
+  ir::Kernel k = ir::parse(R"(kernel add_alpha {
+  in0: f32
+  in1: f32
+  %0 = load in0 : f32
+  %1 = load in1 : f32
+  %2 = const -3.4028234663852886e+38 : f32
+  %3 = fma %1, %2, %0 : f32
+  out0 = %3
+})");
+  std::unique_ptr<CpuKernel> compiled = CpuKernel::compile(k, CpuLayout{{Access::kContiguous, Access::kContiguous, Access::kContiguous}});
+  const int64_t n = 37;
+  std::vector<float> a(n, INFINITY), b(n, 3e38f), out(n, 0.f), want(n, 0.f);
+  a[3] = 1.f;  // finite a: the product's overflow decides
+  b[5] = 0.5f;
+  std::vector<char*> data = {reinterpret_cast<char*>(a.data()), reinterpret_cast<char*>(b.data()),
+                             reinterpret_cast<char*>(out.data())};
+  std::vector<int64_t> strides = {4, 4, 4, 0, 0, 0};
+  compiled->function()(data.data(), strides.data(), n, 1, nullptr, nullptr);
+  ir::interpret(k, {{a.data(), 1}, {b.data(), 1}}, {}, {{want.data(), 1}}, n);
+  for (int64_t i = 0; i < n; ++i) {
+    const float expected = std::fma(b[static_cast<size_t>(i)], -3.4028234663852886e+38f, a[static_cast<size_t>(i)]);
+    EXPECT_EQ(out[static_cast<size_t>(i)], expected) << i;
+    EXPECT_EQ(want[static_cast<size_t>(i)], expected) << i;
+  }
+  EXPECT_EQ(out[0], INFINITY);
+}
+
 TEST(CpuReduction, ValuesOfEarlierReadsAreKeptNotComputedAgain) {
   // float32: softmax's exp(x - max) goes to its own output (same type); x = in0 + in1 is kept by
   // the first read for the later ones, in the norm's output. bfloat16 outputs cannot hold float32

@@ -45,7 +45,7 @@ bool accepts(Op op, DType compute) {
 // scalar argument and a second input read each way a schedule can read it.
 std::vector<ir::Kernel> everyOpKernel() {
   std::vector<ir::Kernel> kernels;
-  for (int o = static_cast<int>(Op::kCast) + 1; o <= static_cast<int>(Op::kSelect); ++o) {
+  for (int o = static_cast<int>(Op::kCast) + 1; o <= static_cast<int>(Op::kFma); ++o) {
     const Op op = static_cast<Op>(o);
     for (DType type : kAllTypes) {
       const DType compute = computeType(type);
@@ -60,6 +60,8 @@ std::vector<ir::Kernel> everyOpKernel() {
       int result;
       if (op == Op::kSelect) {
         result = k.select(k.binary(Op::kLt, a, b), a, b);
+      } else if (op == Op::kFma) {
+        result = k.fma(a, b, a);
       } else if (ir::opArity(op) == 1) {
         result = k.unary(op, a);
       } else {
