@@ -179,15 +179,15 @@ KILN_LOWER(lowerGelu) {
                          L.binary(Op::kAdd, x, L.binary(Op::kMul, L.constant(0.044715, ct), cube)));
     return L.binary(Op::kMul, L.binary(Op::kMul, half, x), L.binary(Op::kAdd, one, L.unary(Op::kTanh, inner)));
   }
-  // As eager's vectorized CPU loop (AVX2 and AVX-512 alike, any tensor of a vector or more):
-  // (x + x·erf(x/√2))·0.5. Its zeros are +0.0 (gelu(-0.0), and x far below zero where erf is
-  // -1), x beyond half of the type's largest value overflows to inf, and in float32 (half and
-  // bfloat16 compute in it) ±inf gives NaN: its vectorized float erf has no value at ±inf (on
-  // the CPU; CUDA's erf has).
-  // x/2·(1 + erf), eager's scalar loop, differs on all three.
+  // As eager computes it on a contiguous tensor. float32 (half and bfloat16 compute in it) on the
+  // CPU: (x·(1 + erf(x/√2)))·0.5 with NaN at ±inf (oneDNN's kernel: x past half of the largest
+  // float overflows to inf, zeros keep x's sign, its erf has no value at ±inf). float64 and CUDA:
+  // x·0.5·(1 + erf(x/√2)), ATen's own loop. Eager's scalar loop on the CPU (strided tensors)
+  // differs from oneDNN's at the extremes; kiln follows the contiguous case everywhere.
   int erf = L.unary(Op::kErf, L.binary(Op::kMul, x, L.constant(M_SQRT1_2, ct)));
-  int gelu = L.binary(Op::kMul, L.binary(Op::kAdd, x, L.binary(Op::kMul, x, erf)), half);
-  if (ct == at::kDouble || L.cuda) return gelu;
+  int one_plus_erf = L.binary(Op::kAdd, L.constant(1, ct), erf);
+  if (ct == at::kDouble || L.cuda) return L.binary(Op::kMul, L.binary(Op::kMul, x, half), one_plus_erf);
+  int gelu = L.binary(Op::kMul, L.binary(Op::kMul, x, one_plus_erf), half);
   int infinite = L.binary(Op::kEq, L.unary(Op::kAbs, x), L.constant(INFINITY, ct));
   return L.select(infinite, L.constant(NAN, ct), gelu);
 }

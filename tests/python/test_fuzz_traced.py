@@ -171,10 +171,13 @@ class ModuleSource:
 
     def text(self, twin):
         prefix = "T" if twin else ""
+        # The twin's gelu also takes eager's other path (see TwinGELU in PRELUDE).
+        alt = (lambda text: text.replace("torch.nn.GELU(", "TwinGELU(").replace("F.gelu(", "twin_gelu(")) if twin \
+            else (lambda text: text)
         lines = [f"class {prefix}{self.name}(torch.nn.Module):", "    def __init__(self):", "        super().__init__()"]
-        lines += [f"        self.{attr} = {ctor.format(prefix=prefix)}" for attr, ctor in self.init]
+        lines += [f"        self.{attr} = {alt(ctor.format(prefix=prefix))}" for attr, ctor in self.init]
         lines += ["", "    def forward(self, h, y):"]
-        lines += [f"        {var} = {f'P({expr})' if twin else expr}" for var, expr in self.body]
+        lines += [f"        {var} = {f'P({alt(expr)})' if twin else expr}" for var, expr in self.body]
         lines += [f"        return {self.returns}", ""]
         return "\n".join(lines)
 
@@ -262,7 +265,7 @@ def gen_module(g, depth, h, y, out):
 PRELUDE = '''import torch
 import torch.nn.functional as F
 
-NOISE = {"scale": 0.0, "gen": torch.Generator().manual_seed(0)}
+NOISE = {"scale": 0.0, "run": 0, "gen": torch.Generator().manual_seed(0)}
 
 
 def P(t):
@@ -271,6 +274,30 @@ def P(t):
         return t
     r = torch.rand(t.shape, generator=NOISE["gen"], dtype=t.dtype) * 2 - 1
     return t * (1 + NOISE["scale"] * torch.finfo(t.dtype).eps * r)
+
+
+def twin_gelu(t, approximate="none"):
+    """gelu as eager computes it elsewhere, in the twin's noisy runs. Eager's kernels for gelu
+    (oneDNN's for contiguous float32, ATen's vectorized and scalar loops) write the formula
+    differently, and so does the same kernel on another CPU: they disagree at the extremes
+    (gelu(±inf), gelu(3e38)) and on the sign of a zero result. The first noisy run takes ATen's
+    scalar loop (a strided view); the second a contiguous copy (oneDNN's kernel, where the tensor
+    was strided) and drops the zeros' signs. An element that depends on either is noisy."""
+    if NOISE["scale"] != 0.0 and t.is_floating_point() and t.dim() > 0:
+        if NOISE["run"] == 0:
+            return F.gelu(torch.stack([t, t], -1)[..., 0], approximate=approximate)
+        if NOISE["run"] == 1:
+            return F.gelu(t.contiguous(), approximate=approximate) + 0.0
+    return F.gelu(t, approximate=approximate)
+
+
+class TwinGELU(torch.nn.Module):
+    def __init__(self, approximate="none"):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, t):
+        return twin_gelu(t, self.approximate)
 
 
 '''
@@ -305,7 +332,8 @@ def noisy_elements(twin, inputs, expected):
     twin_module = sys.modules[type(twin).__module__]
     twin_module.NOISE["scale"] = NOISE_ULPS
     try:
-        for _ in range(NOISE_RUNS):
+        for run in range(NOISE_RUNS):
+            twin_module.NOISE["run"] = run
             with torch.no_grad():
                 noisy = flatten(twin(*inputs))
             for mask, n, e in zip(masks, noisy, expected):
