@@ -52,6 +52,16 @@ constexpr DTypeInfo kDTypes[] = {
     {DType::kFloat64, "f64", 8},
 };
 
+// Appends an instruction computing `type` from `operands` and returns its index.
+int append(Kernel& kernel, Op op, DType type, std::vector<int> operands) {
+  Instr instr;
+  instr.op = op;
+  instr.type = type;
+  instr.operands = std::move(operands);
+  kernel.body.push_back(instr);
+  return static_cast<int>(kernel.body.size()) - 1;
+}
+
 }  // namespace
 
 const char* dtypeName(DType type) {
@@ -107,31 +117,11 @@ bool isReduction(Op op) {
   return op == Op::kReduceSum || op == Op::kReduceMax || op == Op::kReduceMin || op == Op::kReduceVar;
 }
 
-int Kernel::reduce(Op op, int value) {
-  Instr instr;
-  instr.op = op;
-  instr.type = body.at(static_cast<size_t>(value)).type;
-  instr.operands = {value};
-  body.push_back(instr);
-  return static_cast<int>(body.size()) - 1;
-}
+int Kernel::reduce(Op op, int value) { return append(*this, op, body.at(static_cast<size_t>(value)).type, {value}); }
 
-int Kernel::rowSize(DType type) {
-  Instr instr;
-  instr.op = Op::kRowSize;
-  instr.type = type;
-  body.push_back(instr);
-  return static_cast<int>(body.size()) - 1;
-}
+int Kernel::rowSize(DType type) { return append(*this, Op::kRowSize, type, {}); }
 
-int Kernel::fma(int a, int b, int c) {
-  Instr instr;
-  instr.op = Op::kFma;
-  instr.type = body.at(static_cast<size_t>(a)).type;
-  instr.operands = {a, b, c};
-  body.push_back(instr);
-  return static_cast<int>(body.size()) - 1;
-}
+int Kernel::fma(int a, int b, int c) { return append(*this, Op::kFma, body.at(static_cast<size_t>(a)).type, {a, b, c}); }
 
 bool Kernel::hasReductions() const {
   for (const Instr& instr : body) {
@@ -223,39 +213,20 @@ int Kernel::integerConstant(DType type, int64_t value) {
 
 int Kernel::cast(int value, DType type) {
   if (body.at(static_cast<size_t>(value)).type == type) return value;
-  Instr instr;
-  instr.op = Op::kCast;
-  instr.type = type;
-  instr.operands = {value};
-  body.push_back(instr);
-  return static_cast<int>(body.size()) - 1;
+  return append(*this, Op::kCast, type, {value});
 }
 
 int Kernel::unary(Op op, int value) {
-  Instr instr;
-  instr.op = op;
-  instr.type = (op == Op::kIsNan || op == Op::kNot) ? DType::kBool : body.at(static_cast<size_t>(value)).type;
-  instr.operands = {value};
-  body.push_back(instr);
-  return static_cast<int>(body.size()) - 1;
+  return append(*this, op, (op == Op::kIsNan || op == Op::kNot) ? DType::kBool : body.at(static_cast<size_t>(value)).type,
+                {value});
 }
 
 int Kernel::binary(Op op, int lhs, int rhs) {
-  Instr instr;
-  instr.op = op;
-  instr.type = isComparison(op) ? DType::kBool : body.at(static_cast<size_t>(lhs)).type;
-  instr.operands = {lhs, rhs};
-  body.push_back(instr);
-  return static_cast<int>(body.size()) - 1;
+  return append(*this, op, isComparison(op) ? DType::kBool : body.at(static_cast<size_t>(lhs)).type, {lhs, rhs});
 }
 
 int Kernel::select(int condition, int if_true, int if_false) {
-  Instr instr;
-  instr.op = Op::kSelect;
-  instr.type = body.at(static_cast<size_t>(if_true)).type;
-  instr.operands = {condition, if_true, if_false};
-  body.push_back(instr);
-  return static_cast<int>(body.size()) - 1;
+  return append(*this, Op::kSelect, body.at(static_cast<size_t>(if_true)).type, {condition, if_true, if_false});
 }
 
 std::string verify(const Kernel& kernel) {
