@@ -24,31 +24,6 @@ using ir::DType;
 using ir::Instr;
 using ir::Op;
 
-// Names of the SLEEF functions for each math op. The 3.5-ULP variants are used where SLEEF has
-// one: several times faster than the 1-ULP ones (tanh: 0.65 vs 2.3 ns per float on AVX-512) and
-// far inside float32 comparison tolerances.
-const char* sleefBase(Op op, const char** ulp) {
-  *ulp = "_u10";
-  switch (op) {
-    case Op::kExp: return "exp";
-    case Op::kExp2: return "exp2";
-    case Op::kExpm1: return "expm1";
-    case Op::kLog: *ulp = "_u35"; return "log";
-    case Op::kLog2: *ulp = "_u35"; return "log2";
-    case Op::kLog10: return "log10";
-    case Op::kLog1p: return "log1p";
-    case Op::kSin: *ulp = "_u35"; return "sin";
-    case Op::kCos: *ulp = "_u35"; return "cos";
-    case Op::kTan: *ulp = "_u35"; return "tan";
-    case Op::kTanh: *ulp = "_u35"; return "tanh";
-    case Op::kErf: return "erf";
-    case Op::kErfc: *ulp = "_u15"; return "erfc";
-    case Op::kPow: return "pow";
-    case Op::kFmod: *ulp = ""; return "fmod";
-    default: return nullptr;
-  }
-}
-
 bool sleefHasWidth(bool is_double, int lanes, int vector_bits) {
   if (lanes == 1) return true;
   int bits = lanes * (is_double ? 64 : 32);

@@ -3,6 +3,36 @@
 
 namespace kiln {
 
+// Names of the SLEEF functions for each math op. The 3.5-ULP variants are used where SLEEF has
+// one: several times faster than the 1-ULP ones (tanh: 0.65 vs 2.3 ns per float on AVX-512) and
+// far inside float32 comparison tolerances.
+const char* sleefBase(ir::Op op, const char** ulp) {
+  *ulp = "_u10";
+  switch (op) {
+    case ir::Op::kExp: return "exp";
+    case ir::Op::kExp2: return "exp2";
+    case ir::Op::kExpm1: return "expm1";
+    case ir::Op::kLog: *ulp = "_u35"; return "log";
+    case ir::Op::kLog2: *ulp = "_u35"; return "log2";
+    case ir::Op::kLog10: return "log10";
+    case ir::Op::kLog1p: return "log1p";
+    case ir::Op::kSin: *ulp = "_u35"; return "sin";
+    case ir::Op::kCos: *ulp = "_u35"; return "cos";
+    case ir::Op::kTan: *ulp = "_u35"; return "tan";
+    case ir::Op::kTanh: *ulp = "_u35"; return "tanh";
+    case ir::Op::kErf: return "erf";
+    case ir::Op::kErfc: *ulp = "_u15"; return "erfc";
+    case ir::Op::kPow: return "pow";
+    case ir::Op::kFmod: *ulp = ""; return "fmod";
+    default: return nullptr;
+  }
+}
+
+bool isTranscendental(ir::Op op) {
+  const char* ulp = nullptr;
+  return sleefBase(op, &ulp) != nullptr || op == ir::Op::kSigmoid;
+}
+
 llvm::Value* multiplyAdd(llvm::IRBuilder<>& builder, llvm::Value* a, llvm::Value* b, llvm::Value* c) {
   return builder.CreateIntrinsic(llvm::Intrinsic::fmuladd, {a->getType()}, {a, b, c});
 }

@@ -6,7 +6,16 @@
 
 #include <llvm/IR/IRBuilder.h>
 
+#include "codegen/kernel_ir.h"
+
 namespace kiln {
+
+// The SLEEF function for a math op ("exp" for Sleef_expf16_u10) and, in *ulp, its accuracy
+// suffix; nullptr for an op SLEEF does not compute.
+const char* sleefBase(ir::Op op, const char** ulp);
+
+// Math that costs a SLEEF call or an inline polynomial (exp, log, tanh, erf, sigmoid, pow, …).
+bool isTranscendental(ir::Op op);
 
 // a·b + c, fused where the target has FMA (one rounding instead of two: never less accurate).
 llvm::Value* multiplyAdd(llvm::IRBuilder<>& builder, llvm::Value* a, llvm::Value* b, llvm::Value* c);

@@ -3,23 +3,9 @@
 #include <vector>
 
 #include "codegen/cpu_kernel.h"
+#include "codegen/cpu_math.h"
 
 namespace kiln {
-namespace {
-
-bool isTranscendental(ir::Op op) {
-  switch (op) {
-    case ir::Op::kExp: case ir::Op::kExp2: case ir::Op::kExpm1: case ir::Op::kLog: case ir::Op::kLog2:
-    case ir::Op::kLog10: case ir::Op::kLog1p: case ir::Op::kSin: case ir::Op::kCos: case ir::Op::kTan:
-    case ir::Op::kTanh: case ir::Op::kSigmoid: case ir::Op::kErf: case ir::Op::kErfc: case ir::Op::kPow:
-    case ir::Op::kFmod:
-      return true;
-    default:
-      return false;
-  }
-}
-
-}  // namespace
 
 CpuStashPlan planCpuStash(const ir::Kernel& kernel) {
   CpuStashPlan plan;

@@ -381,6 +381,7 @@ std::optional<CudaSpecialization> chooseCudaSpecialization(const ir::Kernel& ker
   const size_t operands = inputs + kernel.outputs.size();
   auto elementSize = [&](size_t k) { return ir::dtypeSize(kernel.operandType(k)); };
   const size_t rank = geometry.rank();
+  const bool rows = kernel.hasReductions();
   CudaSpecialization specialization;
   // 32-bit indices while every element offset (and the grid-stride loop's step past the end)
   // stays below 2^31.
@@ -393,7 +394,7 @@ std::optional<CudaSpecialization> chooseCudaSpecialization(const ir::Kernel& ker
   }
   specialization.index64 = index64;
   // Linear schedules: at most two dimensions, every operand read linearly (isLinearAccess).
-  bool linear = rank <= 2 && !kernel.hasReductions();
+  bool linear = rank <= 2 && !rows;
   for (size_t k = 0; linear && k < operands; ++k) linear = isLinearAccess(accesses[k]);
   if (linear) {
     specialization.schedule = CudaSchedule::kLinear;
@@ -421,9 +422,9 @@ std::optional<CudaSpecialization> chooseCudaSpecialization(const ir::Kernel& ker
       }
     }
   }
-  specialization.schedule = kernel.hasReductions() ? CudaSchedule::kRows : CudaSchedule::kStrided;
+  specialization.schedule = rows ? CudaSchedule::kRows : CudaSchedule::kStrided;
   specialization.rank = static_cast<int>(rank);
-  specialization.warp_rows = kernel.hasReductions() && geometry.sizes.back() <= kCudaWarpRowLength;
+  specialization.warp_rows = rows && geometry.sizes.back() <= kCudaWarpRowLength;
   return specialization;
 }
 

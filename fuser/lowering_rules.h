@@ -27,7 +27,7 @@ struct Operand {
   bool is_tensor = false;
   c10::IValue sample;       // a one-element stand-in used to ask ATen for dtypes
   OutputRows rows = OutputRows::kElements;  // per element, or per row (after a reduction)
-  int input = -1;           // the tensor input it is, if it is one
+  int input = -1;           // the group input it is, if it is one: its index among tensors or scalars
 };
 
 struct Lowerer;

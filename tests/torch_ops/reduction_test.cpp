@@ -92,6 +92,19 @@ void expectFusedMatchesEager(const std::string& name, const std::vector<c10::IVa
   }
 }
 
+// The fused `name` on inputs whose row is not normalized_shape raises eager's error (the
+// fallback's).
+void expectEagersNormalizedShapeError(const std::string& name, const std::vector<c10::IValue>& inputs) {
+  std::shared_ptr<torch::jit::Graph> graph = graphOf(name);
+  fuse(graph, testOptions());
+  try {
+    runGraph(graph, inputs);
+    ADD_FAILURE() << name << ": no error for a row that is not normalized_shape";
+  } catch (const std::exception& error) {
+    EXPECT_NE(std::string(error.what()).find("normalized_shape"), std::string::npos) << error.what();
+  }
+}
+
 at::Tensor randn(std::vector<int64_t> shape, at::ScalarType dtype = at::kFloat) {
   return torch::randn(shape, at::TensorOptions().dtype(dtype));
 }
@@ -117,14 +130,7 @@ TEST(Reduction, ResidualAddLayerNormIsOneKernel) {
 TEST(Reduction, NormalizedShapeBuiltAtRunTimeIsCheckedAgainstTheRow) {
   // [self.hidden_size] in a scripted module: the int is a group input.
   expectFusedMatchesEager("layer_norm_runtime_shape", {randn({5, 40}), randn({40}), int64_t{40}});
-  std::shared_ptr<torch::jit::Graph> graph = graphOf("layer_norm_runtime_shape");
-  fuse(graph, testOptions());
-  try {
-    runGraph(graph, {randn({5, 40}), randn({40}), int64_t{39}});
-    ADD_FAILURE() << "no error for normalized_shape [39] on rows of 40";
-  } catch (const std::exception& error) {
-    EXPECT_NE(std::string(error.what()).find("normalized_shape"), std::string::npos) << error.what();
-  }
+  expectEagersNormalizedShapeError("layer_norm_runtime_shape", {randn({5, 40}), randn({40}), int64_t{39}});
 }
 
 TEST(Reduction, RowsOfDifferentLengthsGoToDifferentGroups) {
@@ -195,14 +201,7 @@ TEST(Reduction, GroupsKeepEagersShapesAndRunTheFallbackWhereTheRowDiffers) {
   expectFusedMatchesEager("softmax_of_column", {randn({4, 6}), randn({4, 6})});
   expectFusedMatchesEager("softmax_of_column", {randn({4, 1}), randn({4, 6})}, /*fallback=*/true);
   // A row that is not normalized_shape: eager's error, through the fallback.
-  std::shared_ptr<torch::jit::Graph> norm = graphOf("layer_norm_plain");
-  fuse(norm, testOptions());
-  try {
-    runGraph(norm, {randn({3, 40}), randn({3, 40})});
-    ADD_FAILURE() << "no error for a row of 40";
-  } catch (const std::exception& error) {
-    EXPECT_NE(std::string(error.what()).find("normalized_shape"), std::string::npos) << error.what();
-  }
+  expectEagersNormalizedShapeError("layer_norm_plain", {randn({3, 40}), randn({3, 40})});
 }
 
 TEST(Reduction, EightThreadsShareOneKernelAndKeepTheirOwnScratchRows) {
