@@ -121,7 +121,9 @@ struct Emitter {
     if (from == DType::kFloat16 && !ir::isFloating(to)) {
       return cast(builder.CreateFPExt(value, valueType(DType::kFloat32, lanes)), DType::kFloat32, to, lanes);
     }
-    if (to == DType::kFloat16 && !ir::isFloating(from)) {
+    // Into half through float32, as eager converts (a double is rounded twice: c10::Half is made
+    // from a float).
+    if (to == DType::kFloat16 && from != DType::kFloat32) {
       return cast(cast(value, from, DType::kFloat32, lanes), DType::kFloat32, to, lanes);
     }
     llvm::Type* target = valueType(to, lanes);

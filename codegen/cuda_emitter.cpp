@@ -373,6 +373,10 @@ int64_t cudaWorkItems(const ir::Kernel& kernel, const CudaSpecialization& specia
   return std::max<int64_t>(1, numel / cudaVectorWidth(kernel));
 }
 
+int64_t cudaGridBlocks(int64_t work, int64_t resident_blocks) {
+  return std::clamp<int64_t>((work + kCudaBlockSize - 1) / kCudaBlockSize, 1, std::max<int64_t>(1, resident_blocks));
+}
+
 std::optional<CudaSpecialization> chooseCudaSpecialization(const ir::Kernel& kernel, const Geometry& geometry,
                                                            const std::vector<Access>& accesses,
                                                            const std::vector<uintptr_t>& addresses,

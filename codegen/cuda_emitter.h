@@ -100,6 +100,10 @@ std::vector<int64_t> packCudaArguments(const ir::Kernel& kernel, const CudaSpeci
 // row for kRows, elements otherwise.
 int64_t cudaWorkItems(const ir::Kernel& kernel, const CudaSpecialization& specialization, const Geometry& geometry);
 
+// The grid of a launch: one thread per grid-stride iteration (cudaWorkItems), in blocks of
+// kCudaBlockSize, up to `resident_blocks`, what the device holds at once.
+int64_t cudaGridBlocks(int64_t work, int64_t resident_blocks);
+
 // The schedule for one call: linear-vectorized, linear or strided (kRows for a kernel with
 // reductions), 32- or 64-bit indexing.
 // `addresses` holds where each input's data starts, or on a host standing in for a device, its

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "codegen/compile_pool.h"
+#include "codegen/cuda_emulator.h"
 #include "codegen/fault_injection.h"
 
 namespace kiln {
@@ -23,10 +24,14 @@ void makeCpuKernel(const KernelFamily& family, const CpuLayout& layout, Compiled
 }
 
 // CUDA: the binary from the disk cache, else compiled by NVRTC for the device's architecture;
-// loaded on the device by the runtime.
+// loaded on the device by the runtime. The emulated device compiles the same source for the host.
 void makeCudaKernel(const KernelFamily& family, const KernelCall& call, const CudaSpecialization& schedule,
                     const CudaLoader& load_cuda, CompiledKernel& out) {
   failIfInjected(FaultStage::kCompile);
+  if (call.cuda_arch == kEmulatedCudaArch) {
+    out.emulated = compileEmulatedCuda(emitCuda(family.kernel(), schedule));
+    return;
+  }
   const CudaKernelBinary binary = obtainCudaKernel(family.kernel(), schedule, call.cuda_arch, family.options().fast_math);
   out.cuda = load_cuda(binary, call.cuda_device);
 }

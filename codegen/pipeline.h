@@ -27,6 +27,7 @@
 namespace kiln {
 
 struct CudaFunction;  // a generated kernel loaded on one device (torch_ops/fusion_cuda.h)
+struct EmulatedCudaKernel;  // a generated CUDA kernel compiled for the host (codegen/cuda_emulator.h)
 
 // Loads a CUDA binary onto a device (the runtime's, which holds torch's device guard). Throws
 // on failure.
@@ -35,7 +36,8 @@ using CudaLoader = std::function<std::shared_ptr<const CudaFunction>(const CudaK
 // One call as the runtime sees it.
 struct KernelCall {
   int cuda_device = -1;       // -1: the host CPU
-  std::string cuda_arch;      // the device's architecture, e.g. "sm_90" (CUDA only)
+  std::string cuda_arch;      // the device's architecture, e.g. "sm_90" (CUDA only); kEmulatedCudaArch:
+                              // the host runs the CUDA kernel (codegen/cuda_emulator.h)
   std::vector<int64_t> shape;                 // the iteration space (eager's output shape)
   std::vector<std::vector<int64_t>> strides;  // per operand (inputs, then outputs) over `shape`, bytes
   std::vector<int64_t> element_sizes;         // per operand
@@ -53,6 +55,7 @@ struct KernelCall {
 struct CompiledKernel {
   std::shared_ptr<CpuKernel> cpu;                  // on the CPU
   std::shared_ptr<const CudaFunction> cuda;        // on a CUDA device
+  std::shared_ptr<const EmulatedCudaKernel> emulated;  // on the emulated CUDA device
   std::string error;                               // why there is neither
   std::atomic<bool> launch_failed{false};          // a launch threw: it is not used again
 };

@@ -131,8 +131,7 @@ void launchCudaFunction(const CudaFunction& function, int device, std::vector<in
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const cuda::DriverApi& api = enterDevice(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
-  // A grid-stride loop: one thread per iteration up to what the device holds at once.
-  const int64_t blocks = std::clamp<int64_t>((work + kCudaBlockSize - 1) / kCudaBlockSize, 1, function.resident_blocks);
+  const int64_t blocks = cudaGridBlocks(work, function.resident_blocks);
   void* parameters[] = {arguments.data()};
   cuda::checkDriver(api.cuLaunchKernel(function.function, static_cast<unsigned>(blocks), 1, 1, kCudaBlockSize, 1, 1, 0,
                                        reinterpret_cast<cuda::CUstream>(stream), parameters, nullptr),

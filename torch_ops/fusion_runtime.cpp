@@ -14,6 +14,7 @@
 #include "fuser/group_stats.h"
 #include "fuser/lowering.h"
 #include "kiln/options.h"
+#include "codegen/cuda_emulator.h"
 #include "torch_ops/fusion_cuda.h"
 
 namespace kiln {
@@ -60,6 +61,9 @@ namespace {
 std::mutex programs_mutex;
 thread_local KernelRecorder* active_recorder = nullptr;  // set by a KernelRecording
 thread_local bool recording_for_cuda = false;             // and lower as for a CUDA device
+std::atomic<int64_t> emulated_resident_blocks{0};         // > 0: a CudaEmulation is alive
+
+bool emulatingCuda(c10::Device device) { return device.is_cpu() && emulated_resident_blocks.load() > 0; }
 
 // Sends `program` to its fallback for good, saying why once.
 void giveUp(FusionProgram& program, const std::string& reason) {
@@ -186,8 +190,9 @@ std::string readSignature(const FusionProgram& program, const std::vector<at::Te
   if (t != tensors.size() || f != floats.size() || i != ints.size()) return "argument count mismatch";
   const c10::Device device = signature->device;
   // Lowering follows eager's kernels on each device (a recording for a GPU lowers as for one).
-  signature->lower_for_cuda = device.is_cuda() || recording_for_cuda;
-  signature->key.push_back(signature->lower_for_cuda ? 1 : 0);
+  const bool emulated = emulatingCuda(device);
+  signature->lower_for_cuda = device.is_cuda() || recording_for_cuda || emulated;
+  signature->key.push_back(emulated ? 2 : signature->lower_for_cuda ? 1 : 0);
   std::string unavailable;
   if (device.is_cuda() && !cudaFusionAvailable(device.index(), &unavailable)) return unavailable;
   if (!device.is_cuda() && !device.is_cpu()) return "device " + device.str() + " has no kiln backend";
@@ -330,7 +335,7 @@ KernelCall kernelCall(const LoweredGroup& lowered, const std::vector<at::Tensor>
     call.element_sizes.push_back(tensor.element_size());
     // On a device, the data pointer; on the CPU (a stand-in for kiln compile), the offset in its
     // allocation, which a GPU's caching allocator aligns as the CPU's allocator may not.
-    call.addresses.push_back(device.is_cuda() ? reinterpret_cast<uintptr_t>(tensor.const_data_ptr())
+    call.addresses.push_back(device.is_cuda() || emulatingCuda(device) ? reinterpret_cast<uintptr_t>(tensor.const_data_ptr())
                                               : static_cast<uintptr_t>(tensor.storage_offset() * tensor.element_size()));
   }
   for (size_t o = 0; o < lowered.output_dtypes.size(); ++o) {
@@ -353,6 +358,10 @@ KernelCall kernelCall(const LoweredGroup& lowered, const std::vector<at::Tensor>
     call.cuda_device = index;
     call.cuda_arch = cudaArch(index);
     call.may_compile = [index] { return !cudaCaptureUnderway(index); };
+  } else if (emulatingCuda(device)) {
+    call.cuda_device = 0;
+    call.cuda_arch = kEmulatedCudaArch;
+    call.background_compile = false;
   }
   return call;
 }
@@ -471,14 +480,18 @@ std::vector<at::Tensor> launch(const PreparedLaunch& prepared) {
   counters.bytes_fused = bytes_fused;
   counters.bytes_unfused = lowered.unfused_bytes_per_element * plan.geometry.numel;
   if (plan.geometry.numel == 0) return outputs;
-  if (prepared.device.is_cuda()) {
+  if (prepared.device.is_cuda() || plan.compiled->emulated) {
     std::vector<const void*> pointers;
     for (const at::Tensor& input : prepared.inputs) pointers.push_back(input.const_data_ptr());
     for (const at::Tensor& output : outputs) pointers.push_back(output.const_data_ptr());
     std::vector<int64_t> arguments = packCudaArguments(lowered.kernel, plan.cuda, plan.geometry, pointers,
                                                        prepared.float_args, prepared.int_args);
-    launchCudaFunction(*plan.compiled->cuda, prepared.device.index(), arguments,
-                       cudaWorkItems(lowered.kernel, plan.cuda, plan.geometry));
+    const int64_t work = cudaWorkItems(lowered.kernel, plan.cuda, plan.geometry);
+    if (plan.compiled->emulated) {
+      launchEmulatedCuda(*plan.compiled->emulated, cudaGridBlocks(work, emulated_resident_blocks.load()), arguments);
+    } else {
+      launchCudaFunction(*plan.compiled->cuda, prepared.device.index(), arguments, work);
+    }
     return outputs;
   }
 
@@ -556,5 +569,8 @@ KernelRecording::~KernelRecording() {
   active_recorder = nullptr;
   recording_for_cuda = false;
 }
+
+CudaEmulation::CudaEmulation(int64_t resident_blocks) { emulated_resident_blocks.store(std::max<int64_t>(1, resident_blocks)); }
+CudaEmulation::~CudaEmulation() { emulated_resident_blocks.store(0); }
 
 }  // namespace kiln

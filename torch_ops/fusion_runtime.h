@@ -71,4 +71,17 @@ class KernelRecording {
   KernelRecorder recorder_;
 };
 
+// While one is alive, every fusion group whose inputs are on the CPU runs as it would on a CUDA
+// device, lowered for CUDA and launched as the CUDA kernel, which the host compiles and runs
+// (codegen/cuda_emulator.h): a check of the generated CUDA without a GPU. `resident_blocks`
+// stands for what the device holds at once, so grids stay small and grid-stride loops turn.
+// Process-wide; for tests.
+class CudaEmulation {
+ public:
+  explicit CudaEmulation(int64_t resident_blocks = 3);
+  ~CudaEmulation();
+  CudaEmulation(const CudaEmulation&) = delete;
+  CudaEmulation& operator=(const CudaEmulation&) = delete;
+};
+
 }  // namespace kiln

@@ -1,28 +1,31 @@
 // Device helpers for kiln's generated CUDA kernels. This file is compiled by NVRTC as a prefix of
 // every generated kernel (it is turned into a string at build time), so it includes nothing and
 // depends on no toolkit header: half and bfloat16 are carried as their 16-bit patterns and
-// converted with PTX instructions, rounding exactly as ATen's conversions do.
+// converted with PTX instructions, rounding exactly as ATen's conversions do. The CUDA emulator
+// (codegen/cuda/kiln_emulator.h) compiles this file as host C++ with KILN_CUDA_EMULATION defined.
 #pragma once
 
 typedef unsigned short kiln_f16;   // IEEE half, as bits
 typedef unsigned short kiln_bf16;  // bfloat16, as bits
 
+#ifndef KILN_CUDA_EMULATION
 __device__ __forceinline__ float kiln_f16_to_f32(kiln_f16 h) {
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
   return f;
 }
-__device__ __forceinline__ double kiln_f16_to_f64(kiln_f16 h) { return (double)kiln_f16_to_f32(h); }
 __device__ __forceinline__ kiln_f16 kiln_f32_to_f16(float f) {
   kiln_f16 h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
 }
-__device__ __forceinline__ kiln_f16 kiln_f64_to_f16(double d) {
-  kiln_f16 h;
-  asm("cvt.rn.f16.f64 %0, %1;" : "=h"(h) : "d"(d));
-  return h;
-}
+#else  // on the host, in the CUDA emulator (codegen/cuda/kiln_emulator.h): the same roundings
+__device__ __forceinline__ float kiln_f16_to_f32(kiln_f16 h) { return kiln_emu_from_half(h); }
+__device__ __forceinline__ kiln_f16 kiln_f32_to_f16(float f) { return kiln_emu_to_half(f); }
+#endif
+__device__ __forceinline__ double kiln_f16_to_f64(kiln_f16 h) { return (double)kiln_f16_to_f32(h); }
+// Through float, as eager converts (c10::Half is made from a float): a double is rounded twice.
+__device__ __forceinline__ kiln_f16 kiln_f64_to_f16(double d) { return kiln_f32_to_f16((float)d); }
 __device__ __forceinline__ float kiln_bf16_to_f32(kiln_bf16 b) {
   return __uint_as_float(((unsigned)b) << 16);
 }
