@@ -403,6 +403,11 @@ std::optional<CudaSpecialization> chooseCudaSpecialization(const ir::Kernel& ker
   if (linear) {
     specialization.schedule = CudaSchedule::kLinear;
     specialization.access = accesses;
+    // One element (0-dim tensors): every operand reads as a broadcast; outputs are written as
+    // the contiguous tensors they are.
+    for (size_t k = inputs; k < operands; ++k) {
+      if (specialization.access[k] == Access::kBroadcast && geometry.numel == 1) specialization.access[k] = Access::kContiguous;
+    }
     // Vectorized: every operand read by vectors starts aligned to one, and a vector never
     // straddles two rows. Outputs come from torch's caching allocator (512-byte aligned).
     const int width = cudaVectorWidth(kernel);

@@ -92,6 +92,9 @@ TEST(EmulatedCudaFusion, EverySchedule) {
     // Contiguous and aligned (vectorized) with a 0-dim operand; a tail past the last whole vector
     // with a one-element operand.
     expectEmulatedKernelRan(kChain, {x, torch::randn({}, options)});
+    // 0-dim and one-element operands only: a one-element space, its output written as contiguous.
+    expectEmulatedKernelRan(kChain, {torch::randn({}, options), torch::randn({}, options)});
+    expectEmulatedKernelRan(kChain, {torch::randn({1, 1}, options), torch::randn({}, options)});
     expectEmulatedKernelRan(kChain, {torch::randn({10007}, options), torch::randn({1}, options)});
     // Unaligned: a view starting one element in (the scalar linear schedule).
     expectEmulatedKernelRan(kChain, {torch::randn({10008}, options).slice(0, 1), torch::randn({10007}, options)});
