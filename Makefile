@@ -9,7 +9,7 @@ export CUDA_HOME
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_NOHASHDIR := 1
 
-.PHONY: all setup configure build test demo bench sanitize format clean
+.PHONY: all setup configure build package test demo bench sanitize format clean
 
 all: build
 
@@ -24,6 +24,19 @@ configure: setup $(BUILD)/build.ninja
 
 build: configure
 	cmake --build $(BUILD) -j $(JOBS)
+	@$(MAKE) --no-print-directory package
+
+# The Python package `kiln` into .venv, with the libkiln.so just built (pyproject.toml); again only
+# when the library or the package changed. Not for sanitizer builds.
+package:
+ifeq ($(SANITIZE),OFF)
+	@stamp=.venv/.kiln-package-$(notdir $(BUILD)); \
+	if [ ! -f $$stamp ] || [ -n "$$(find -L $(BUILD)/lib/libkiln.so python/kiln pyproject.toml -newer $$stamp -print -quit)" ]; then \
+	  echo "kiln: installing the Python package into .venv"; \
+	  .venv/bin/pip install --no-build-isolation --no-deps -q . \
+	    -Ccmake.define.KILN_PREBUILT_LIBRARY=$(CURDIR)/$(BUILD)/lib/libkiln.so && touch $$stamp; \
+	fi
+endif
 
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)

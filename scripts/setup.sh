@@ -55,6 +55,16 @@ if [ ! -f "$zoo_stamp" ]; then
   touch "$zoo_stamp"
 fi
 
+# The Python package's build backend (pyproject.toml; `make build` installs the package into
+# .venv), pytest for its tests, matplotlib for the roofline plots (scripts/roofline.py).
+tools_stamp=.venv/.tools-scikit-build-core-pytest-matplotlib
+if [ ! -f "$tools_stamp" ]; then
+  echo "kiln setup: installing scikit-build-core, pytest and matplotlib into .venv" >&2
+  .venv/bin/pip install -q --progress-bar off "torch==$TORCH_VERSION" "scikit-build-core>=0.10" pytest matplotlib \
+    || fail "pip install scikit-build-core pytest matplotlib failed (is PyPI reachable?)"
+  touch "$tools_stamp"
+fi
+
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
   echo "kiln setup: no CUDA toolkit at $CUDA_HOME (set CUDA_HOME); building the CPU paths only" >&2

@@ -1,0 +1,204 @@
+"""kiln from Python: fuse TorchScript models ahead of time, or let the executor fuse them.
+
+Importing the package loads its own ``libkiln.so`` into torch (the ``torch.ops.kiln`` operators
+and the executor pass). Then::
+
+    import kiln
+    traced = torch.jit.trace(model.eval(), example)
+    fast = kiln.optimize(traced, example_inputs=example)   # frozen, fused, kernels compiled
+    print(kiln.report(fast))                                # what was fused, bytes moved
+    fast.save("model.kiln.pt")                              # loads wherever libkiln.so is loaded
+
+or ``kiln.enable()`` to have TorchScript's executor fuse every module it optimizes from then on.
+Everything runs through the operators of the C++ library (``torch.ops.kiln._optimize`` and kin),
+so the package is plain Python beside the library.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["optimize", "report", "enable", "disable", "enabled", "version", "library_path"]
+
+_LIBRARY_ENV = "KILN_LIBRARY"
+
+
+def _find_library() -> Path:
+    """The libkiln.so this package loads: $KILN_LIBRARY, else the one installed beside it."""
+    override = os.environ.get(_LIBRARY_ENV)
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise ImportError(f"kiln: {_LIBRARY_ENV}={override} is not a file")
+        return path
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "lib" / "libkiln.so", here / "libkiln.so"):
+        if candidate.is_file():
+            return candidate
+    raise ImportError(
+        f"kiln: libkiln.so is not installed beside {here} (reinstall with `pip install .` from the "
+        f"repository, or set {_LIBRARY_ENV} to a built libkiln.so)")
+
+
+def _already_loaded() -> Optional[str]:
+    """The path of a libkiln.so this process loaded before (by torch.ops.load_library), if any."""
+    try:
+        torch.ops.kiln.fusion_group  # noqa: B018 - resolves only when the library is registered
+    except (AttributeError, RuntimeError):
+        return None
+    for path in getattr(torch.ops, "loaded_libraries", set()):
+        if os.path.basename(path).startswith("libkiln"):
+            return path
+    return "(loaded by the host process)"
+
+
+def _load() -> str:
+    loaded = _already_loaded()
+    if loaded is not None:
+        return loaded
+    path = str(_find_library())
+    torch.ops.load_library(path)
+    return path
+
+
+_library = _load()
+
+
+def library_path() -> str:
+    """The path of the libkiln.so serving this process."""
+    return _library
+
+
+def version() -> str:
+    """kiln's version string, as the loaded library reports it."""
+    return torch.ops.kiln._version()
+
+
+def enable() -> None:
+    """Registers kiln's pass with TorchScript's executor (idempotent).
+
+    Graphs the executor optimizes from now on are fused; graphs it already optimized stay as they
+    are. The library enables itself when loaded unless KILN_DISABLE=1 is set.
+    """
+    torch.ops.kiln._enable()
+
+
+def disable() -> None:
+    """Unregisters the pass (idempotent); graphs already fused keep running fused."""
+    torch.ops.kiln._disable()
+
+
+def enabled() -> bool:
+    """Whether the executor pass is registered."""
+    return bool(torch.ops.kiln._enabled())
+
+
+Inputs = Union[torch.Tensor, Sequence[Any]]
+
+
+def _as_tuple(example_inputs: Inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise TypeError(
+        "kiln.optimize: example_inputs must be a tensor or a list/tuple of the forward's arguments, "
+        f"got {type(example_inputs).__name__}")
+
+
+def _script(module: Any, example: Optional[tuple]) -> torch.jit.ScriptModule:
+    if isinstance(module, torch.jit.ScriptModule):
+        return module
+    if isinstance(module, torch.nn.Module):
+        module = module.eval()
+        if example is None:
+            try:
+                return torch.jit.script(module)
+            except Exception as error:  # noqa: BLE001 - re-raised with what to do
+                raise TypeError(
+                    "kiln.optimize: this nn.Module does not script; pass example_inputs to trace it "
+                    f"instead ({type(error).__name__}: {str(error).splitlines()[0]})") from error
+        return torch.jit.trace(module, example)
+    raise TypeError(
+        f"kiln.optimize: expected a torch.jit.ScriptModule or torch.nn.Module, got {type(module).__name__}")
+
+
+def optimize(module: Union[torch.jit.ScriptModule, torch.nn.Module], example_inputs: Optional[Inputs] = None, *,
+             min_group_size: int = 2, fast_math: bool = False, cpu_parallel_grain: int = 32768,
+             check: bool = True) -> torch.jit.ScriptModule:
+    """Freezes an eval-mode copy of ``module``, fuses its graph and returns it, ready to save.
+
+    Args:
+        module: a scripted or traced module; a plain ``nn.Module`` is traced on ``example_inputs``
+            (or scripted when there are none).
+        example_inputs: the forward's arguments (a tensor, or a list/tuple). When given, the fused
+            module runs once on them, so kiln compiles its kernels now (or finds them in the disk
+            cache) instead of on the first call, and ``report`` can say how many bytes each group
+            moves.
+        min_group_size: the fewest fusible ops worth a kernel (default 2).
+        fast_math: approximate transcendental math in generated kernels.
+        cpu_parallel_grain: below this many elements a CPU kernel runs on the calling thread.
+        check: with example inputs, compare the fused module's outputs with the original's and
+            raise ``RuntimeError`` naming the first output that differs beyond the dtype's
+            tolerance.
+
+    Returns:
+        A ``torch.jit.ScriptModule``; the original module is left unchanged.
+    """
+    if not isinstance(min_group_size, int) or isinstance(min_group_size, bool) or min_group_size < 1:
+        raise ValueError(f"kiln.optimize: min_group_size must be an int >= 1, got {min_group_size!r}")
+    if not isinstance(cpu_parallel_grain, int) or isinstance(cpu_parallel_grain, bool) or cpu_parallel_grain < 1:
+        raise ValueError(f"kiln.optimize: cpu_parallel_grain must be an int >= 1, got {cpu_parallel_grain!r}")
+    example = None if example_inputs is None else _as_tuple(example_inputs)
+    scripted = _script(module, example)
+    fused = torch.jit._recursive.wrap_cpp_module(
+        torch.ops.kiln._optimize(scripted._c, min_group_size, bool(fast_math), cpu_parallel_grain))
+    if example is not None:
+        with torch.no_grad():
+            actual = fused(*example)
+            if check:
+                _check_outputs(actual, scripted(*example))
+    return fused
+
+
+def _flatten(value: Any, prefix: str = "output") -> list:
+    if isinstance(value, torch.Tensor):
+        return [(prefix, value)]
+    if isinstance(value, (list, tuple)):
+        return [item for i, v in enumerate(value) for item in _flatten(v, f"{prefix}[{i}]")]
+    if isinstance(value, dict):
+        return [item for k, v in value.items() for item in _flatten(v, f"{prefix}[{k!r}]")]
+    return []
+
+
+def _check_outputs(actual: Any, expected: Any) -> None:
+    for (name, a), (_, e) in zip(_flatten(actual), _flatten(expected)):
+        if a.shape != e.shape or a.dtype != e.dtype:
+            raise RuntimeError(f"kiln.optimize: {name} is {a.dtype}{list(a.shape)} fused, "
+                               f"{e.dtype}{list(e.shape)} unfused")
+        if a.is_floating_point():
+            tolerance = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-10}.get(a.dtype, 1e-4)
+            if not torch.allclose(a.double(), e.double(), rtol=tolerance, atol=tolerance, equal_nan=True):
+                error = (a.double() - e.double()).abs().nan_to_num(float("inf")).max().item()
+                raise RuntimeError(f"kiln.optimize: {name} differs from the unfused module's by {error:g} "
+                                   f"(tolerance {tolerance:g} for {a.dtype}); please report this model")
+        elif not torch.equal(a, e):
+            raise RuntimeError(f"kiln.optimize: {name} differs from the unfused module's ({a.dtype})")
+
+
+def report(module: torch.jit.ScriptModule) -> Dict[str, Any]:
+    """What kiln fused in ``module``'s forward, as a dict.
+
+    Keys: ``nodes_total``, ``nodes_fused`` and ``groups``, a list of dicts with ``name``, ``kind``
+    (``"elementwise"`` or ``"attention"``), ``ops``, ``inputs``, ``outputs``, ``bytes_fused`` and
+    ``bytes_unfused`` (per call, measured on the last run; -1 before any), ``calls`` and
+    ``fallbacks``. A module from ``optimize`` (or a fused file) is reported as it is; any other
+    module by the graph the executor last optimized for it (kiln enabled, run at least once).
+    """
+    if not isinstance(module, torch.jit.ScriptModule):
+        raise TypeError(f"kiln.report: expected a torch.jit.ScriptModule, got {type(module).__name__}")
+    return json.loads(torch.ops.kiln._report(module._c))
