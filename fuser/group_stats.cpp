@@ -48,6 +48,8 @@ GroupStats groupStats(const std::string& code) {
   stats.fallbacks = counters.fallbacks.load();
   stats.bytes_fused = counters.bytes_fused.load();
   stats.bytes_unfused = counters.bytes_unfused.load();
+  stats.timed_calls = counters.timed_calls.load();
+  stats.timed_ns = counters.timed_ns.load();
   return stats;
 }
 

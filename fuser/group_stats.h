@@ -23,6 +23,8 @@ struct GroupStats {
   int64_t fallbacks = 0;
   int64_t bytes_fused = -1;    // of the last fused call
   int64_t bytes_unfused = -1;  // of the last fused call
+  int64_t timed_calls = 0;     // fused calls on the CPU, each timed whole (outputs made, kernel run)
+  int64_t timed_ns = 0;        // their time in all
 };
 
 // Live counters of one group, updated by the runtime without locks. One object per group code
@@ -32,6 +34,8 @@ struct GroupCounters {
   std::atomic<int64_t> fallbacks{0};
   std::atomic<int64_t> bytes_fused{-1};
   std::atomic<int64_t> bytes_unfused{-1};
+  std::atomic<int64_t> timed_calls{0};
+  std::atomic<int64_t> timed_ns{0};
 };
 
 // What a group code holds: its ops (constants left out) and its arity.

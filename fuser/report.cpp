@@ -55,6 +55,7 @@ void collect(torch::jit::Block* block, Report& report) {
       group.bytes_unfused = stats.bytes_unfused;
       group.calls = stats.calls;
       group.fallbacks = stats.fallbacks;
+      if (stats.timed_calls > 0) group.ns_per_call = static_cast<double>(stats.timed_ns) / static_cast<double>(stats.timed_calls);
       report.nodes_fused += static_cast<int64_t>(group.ops.size());
       report.groups.push_back(std::move(group));
       continue;  // the fallback block under the guard holds the same ops again
@@ -102,7 +103,7 @@ std::string Report::toJson() const {
     out << "], \"inputs\": " << group.num_inputs << ", \"outputs\": " << group.num_outputs
         << ", \"bytes_fused\": " << group.bytes_fused
         << ", \"bytes_unfused\": " << group.bytes_unfused << ", \"calls\": " << group.calls
-        << ", \"fallbacks\": " << group.fallbacks << "}";
+        << ", \"fallbacks\": " << group.fallbacks << ", \"ns_per_call\": " << group.ns_per_call << "}";
   }
   out << "]}";
   return out.str();

@@ -14,7 +14,8 @@ TORCH_VERSION=2.11.0
 TORCHVISION_VERSION=0.26.0
 TRANSFORMERS_VERSION=4.53.3
 DEB_PACKAGES=(cmake ninja-build g++ python3-venv libgtest-dev libbenchmark-dev llvm-16-dev
-              libsleef-dev ccache zlib1g-dev libzstd-dev libedit-dev libxml2-dev)
+              libsleef-dev ccache zlib1g-dev libzstd-dev libedit-dev libxml2-dev
+              graphviz librsvg2-bin)  # the last two: kiln report --dot/--roofline pictures
 
 fail() { echo "kiln setup: $*" >&2; exit 1; }
 

@@ -38,6 +38,7 @@
 #include "kiln/kiln.h"
 #include "tools/cli_args.h"
 #include "tools/demo_model.h"
+#include "tools/roofline.h"
 
 namespace {
 
@@ -54,7 +55,9 @@ constexpr const char* kUsage =
     "usage: kiln VERB [ARGS]\n"
     "  env [--json]                                  versions, GPU, cache directory\n"
     "  demo [--device cpu|cuda] [--json] [--save FILE]  run the embedded BERT-style encoder layer\n"
-    "  report MODEL.pt [--input SHAPE:DTYPE...|--inputs FILE.pt] [--json] [--dot FILE]  what kiln fuses, bytes saved\n"
+    "  report MODEL.pt [--input SHAPE:DTYPE...|--inputs FILE.pt] [--json] [--dot FILE.dot|.svg|.png]\n"
+    "         [--roofline FILE.svg|.png]            what kiln fuses, bytes saved; each group's bandwidth\n"
+    "                                                against this CPU's copy bandwidth (needs inputs)\n"
     "  fuse IN.pt OUT.pt                             fuse ahead of time and save (needs libkiln to load)\n"
     "  run MODEL.pt --input SHAPE:DTYPE...|--inputs FILE.pt [--calls N] [--json]\n"
     "                                                load and run a model in this fresh process: time to\n"
@@ -369,6 +372,59 @@ int runRun(const Args& args) {
   return 0;
 }
 
+// Times each CPU group over 10 calls (after the call that measured bytes) and draws them against
+// the copy bandwidth measured for the same sizes. Identical groups share one code and one point.
+void writeRoofline(const std::string& path, const std::string& model, torch::jit::Module& fused,
+                   const std::shared_ptr<torch::jit::Graph>& graph, const std::vector<torch::jit::IValue>& inputs) {
+  const kiln::Report before = kiln::report(graph);
+  for (int call = 0; call < 10; ++call) fused.forward(inputs);
+  const kiln::Report after = kiln::report(graph);
+  std::vector<kiln::cli::RooflinePoint> points;
+  std::map<std::string, size_t> seen;  // a group's code-level statistics -> its point
+  double min_bytes = 1e300, max_bytes = 0;
+  for (size_t g = 0; g < after.groups.size() && g < before.groups.size(); ++g) {
+    const kiln::GroupReport& a = after.groups[g];
+    const kiln::GroupReport& b = before.groups[g];
+    const int64_t calls = a.calls - b.calls;
+    if (a.kind != "elementwise" || a.ns_per_call < 0 || calls <= 0 || a.bytes_fused <= 0) continue;
+    const double total_ns = a.ns_per_call * static_cast<double>(a.calls) -
+                            std::max(0.0, b.ns_per_call) * static_cast<double>(b.calls);
+    std::ostringstream key;
+    for (const std::string& op : a.ops) key << op << " ";
+    key << a.bytes_fused << " " << a.calls << " " << a.ns_per_call;
+    auto found = seen.find(key.str());
+    if (found != seen.end()) {
+      points[found->second].label += ", " + a.name.substr(a.name.rfind('_') + 1);
+      continue;
+    }
+    seen[key.str()] = points.size();
+    points.push_back({a.name, static_cast<double>(a.bytes_fused), total_ns / static_cast<double>(calls) / 1e9});
+    min_bytes = std::min(min_bytes, points.back().bytes);
+    max_bytes = std::max(max_bytes, points.back().bytes);
+  }
+  if (points.empty()) throw CliError("--roofline: no kiln group ran on the CPU for these inputs", 1);
+  const kiln::cli::RooflineCurve copy = kiln::cli::measureCopyBandwidth(min_bytes / 2, max_bytes * 2);
+  const std::string name = model.substr(model.find_last_of('/') + 1);
+  const std::string svg = kiln::cli::rooflineSvg(points, copy, "kiln groups in " + name + " against copy bandwidth, " +
+                                                                    kiln::cli::cpuDescription());
+  if (std::string error = kiln::cli::writeImage(path, svg); !error.empty()) throw CliError(error, 1);
+  std::cerr << "kiln report: wrote " << path << " (" << points.size() << " group points, copy measured from "
+            << static_cast<int64_t>(copy.bytes.front()) << " to " << static_cast<int64_t>(copy.bytes.back()) << " bytes)\n";
+}
+
+// The --dot graph as DOT text, or rendered by Graphviz's `dot` for .svg and .png.
+void writeDot(const std::string& path, const std::string& dot) {
+  const size_t period = path.rfind('.');
+  const std::string suffix = period == std::string::npos ? "" : path.substr(period + 1);
+  if (suffix != "svg" && suffix != "png") return writeOutput(path, dot);
+  if (std::system("command -v dot > /dev/null 2>&1") != 0) {
+    throw CliError("--dot " + path + ": rendering ." + suffix + " needs Graphviz (apt-get install graphviz); a .dot file needs nothing", 1);
+  }
+  std::string rendered;
+  if (std::string error = kiln::cli::runFilter("dot -T" + suffix, dot, &rendered); !error.empty()) throw CliError(error, 1);
+  writeOutput(path, rendered);
+}
+
 int runReport(const Args& args) {
   if (args.positional.size() != 1) throw UsageError("report takes one MODEL.pt");
   torch::jit::Module module = loadModel(args.positional[0]);
@@ -378,7 +434,14 @@ int runReport(const Args& args) {
   std::vector<torch::jit::IValue> inputs = exampleInputs(args);
   if (!inputs.empty()) fused.forward(inputs);  // measures each group's bytes on these shapes
   kiln::Report report = kiln::report(graph);
-  if (args.values.count("--dot")) writeOutput(args.value("--dot", ""), dotGraph(graph, report));
+  if (args.values.count("--roofline")) {
+    if (inputs.empty()) throw UsageError("--roofline needs the model's inputs (--input or --inputs)");
+    const std::string path = args.value("--roofline", "");
+    const std::string suffix = path.size() > 4 ? path.substr(path.size() - 4) : "";
+    if (suffix != ".svg" && suffix != ".png") throw UsageError("--roofline " + path + ": give a .svg or .png file");
+    writeRoofline(args.value("--roofline", ""), args.positional[0], fused, graph, inputs);
+  }
+  if (args.values.count("--dot")) writeDot(args.value("--dot", ""), dotGraph(graph, report));
   if (args.has("--json")) {
     std::cout << report.toJson() << "\n";
   } else {
@@ -602,7 +665,7 @@ int main(int argc, char** argv) {
       return runDemo(kiln::cli::parse(argc, argv, 2, {"--device", "--save"}, {"--json"}));
     }
     if (verb == "report") {
-      return runReport(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--dot"}, {"--json"}));
+      return runReport(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--dot", "--roofline"}, {"--json"}));
     }
     if (verb == "fuse") return runFuse(kiln::cli::parse(argc, argv, 2, {"--device"}, {}));
     if (verb == "compile") return runCompile(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--arch", "--jobs"}, {"--json"}));

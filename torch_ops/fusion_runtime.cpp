@@ -4,17 +4,18 @@
 #include <torch/csrc/jit/runtime/interpreter.h>
 
 #include <atomic>
+#include <chrono>
 #include <map>
 #include <set>
 #include <mutex>
 #include <unordered_map>
 
+#include "codegen/cuda_emulator.h"
 #include "codegen/fault_injection.h"
 #include "fuser/group_code.h"
 #include "fuser/group_stats.h"
 #include "fuser/lowering.h"
 #include "kiln/options.h"
-#include "codegen/cuda_emulator.h"
 #include "torch_ops/fusion_cuda.h"
 
 namespace kiln {
@@ -448,7 +449,14 @@ std::vector<at::Tensor> launchOrFallback(const std::shared_ptr<PreparedLaunch>& 
                                          const std::vector<int64_t>& ints) {
   if (prepared) {
     try {
-      return launch(*prepared);
+      if (prepared->device.is_cuda()) return launch(*prepared);
+      // On the CPU the call is synchronous: its wall time is the group's (kiln report, --roofline).
+      const auto start = std::chrono::steady_clock::now();
+      std::vector<at::Tensor> outputs = launch(*prepared);
+      GroupCounters& counters = *prepared->program->counters;
+      counters.timed_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+      counters.timed_calls++;
+      return outputs;
     } catch (const std::exception& error) {
       const std::shared_ptr<CompiledKernel>& compiled = prepared->plan.compiled;
       if (compiled && !compiled->launch_failed.exchange(true)) {

@@ -40,6 +40,9 @@ struct GroupReport {
   // Measured on the last run with concrete shapes; -1 when the group has not run yet.
   int64_t bytes_fused = -1;       // read inputs once + write outputs once
   int64_t bytes_unfused = -1;     // every op reads its operands and writes its result
+  // Mean wall time of a fused call on the CPU (outputs made and kernel run), over every timed
+  // call so far; -1 when none was timed (CUDA launches are asynchronous and are not timed).
+  double ns_per_call = -1;
   int64_t calls = 0;              // times the fused kernel ran
   int64_t fallbacks = 0;          // times the guard sent it to the original ops
 };
