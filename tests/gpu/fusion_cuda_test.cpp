@@ -54,40 +54,17 @@ TEST_P(GpuFuzz, RandomGraphsMatchEagerCuda) {
 
 INSTANTIATE_TEST_SUITE_P(Shards, GpuFuzz, ::testing::Range(0, 8));
 
-std::shared_ptr<torch::jit::Graph> fusedFunction(const std::string& source, int min_group_size = 2) {
-  auto unit = torch::jit::compile(source);
-  std::shared_ptr<torch::jit::Graph> graph = torch::jit::toGraphFunction(unit->get_function("f")).graph()->copy();
-  fuse(graph, testOptions(min_group_size));
-  return graph;
-}
-
-std::shared_ptr<torch::jit::Graph> plainFunction(const std::string& source) {
-  auto unit = torch::jit::compile(source);
-  return torch::jit::toGraphFunction(unit->get_function("f")).graph()->copy();
-}
-
 const char* kChain = "def f(x, b):\n    return torch.relu(torch.tanh(x * 0.5 + b) * 2 - 1)\n";
-
-// A group's counters are shared by every graph with the same group in this process: tests look
-// at how they change.
-struct Counts {
-  int64_t calls = 0, fallbacks = 0;
-};
-Counts counts(const std::shared_ptr<torch::jit::Graph>& graph) {
-  Report r = report(graph);
-  EXPECT_EQ(r.groups.size(), 1u);
-  return r.groups.empty() ? Counts{} : Counts{r.groups[0].calls, r.groups[0].fallbacks};
-}
 
 // Runs kChain fused and plain on (x, b); the kernel must have run, never the fallback.
 void expectChainRanKiln(const at::Tensor& x, const at::Tensor& b) {
   auto graph = fusedFunction(kChain);
-  const Counts before = counts(graph);
+  const GroupCounts before = groupCounts(graph);
   std::vector<c10::IValue> actual = runGraph(graph, {x, b});
   std::vector<c10::IValue> expected = runGraph(plainFunction(kChain), {x, b});
   EXPECT_TRUE(sameTensor(actual[0].toTensor(), expected[0].toTensor(), 2.0));
   EXPECT_EQ(actual[0].toTensor().device(), x.device());
-  const Counts after = counts(graph);
+  const GroupCounts after = groupCounts(graph);
   EXPECT_EQ(after.fallbacks, before.fallbacks);
   EXPECT_EQ(after.calls, before.calls + 1);
 }
@@ -118,14 +95,14 @@ TEST(GpuFusion, EverySchedule) {
 // rms_norm and per-row outputs, on short, long and one-element rows, strided and bf16/f16.
 void expectRowsRanKiln(const std::string& source, const std::vector<c10::IValue>& inputs) {
   auto graph = fusedFunction(source);
-  const Counts before = counts(graph);
+  const GroupCounts before = groupCounts(graph);
   std::vector<c10::IValue> actual = runGraph(graph, inputs);
   std::vector<c10::IValue> expected = runGraph(plainFunction(source), inputs);
   for (size_t i = 0; i < actual.size(); ++i) {
     EXPECT_EQ(actual[i].toTensor().sizes(), expected[i].toTensor().sizes());
     EXPECT_TRUE(sameTensor(actual[i].toTensor(), expected[i].toTensor(), 4.0)) << source;
   }
-  const Counts after = counts(graph);
+  const GroupCounts after = groupCounts(graph);
   EXPECT_EQ(after.fallbacks, before.fallbacks) << source;
   EXPECT_EQ(after.calls, before.calls + 1) << source;
 }
@@ -163,9 +140,9 @@ TEST(GpuFusion, SixtyFourBitIndexing) {
   at::Tensor x = torch::randn({n}, options);
   at::Tensor b = torch::randn({}, options);
   auto graph = fusedFunction(kChain);
-  const Counts before = counts(graph);
+  const GroupCounts before = groupCounts(graph);
   at::Tensor actual = runGraph(graph, {x, b})[0].toTensor();
-  EXPECT_EQ(counts(graph).fallbacks, before.fallbacks);
+  EXPECT_EQ(groupCounts(graph).fallbacks, before.fallbacks);
   at::Tensor expected = runGraph(plainFunction(kChain), {x, b})[0].toTensor();
   // Compare the head, the tail past 2^31, and a random sample in between.
   at::Tensor positions = torch::cat({torch::arange(0, 4096, at::TensorOptions().dtype(at::kLong).device(kCuda)),
@@ -179,17 +156,17 @@ TEST(GpuFusion, GuardsSendWhatKilnCannotRunToTheFallback) {
   auto options = at::TensorOptions().device(kCuda);
   auto graph = fusedFunction(kChain);
   auto plain = plainFunction(kChain);
-  const Counts before = counts(graph);
+  const GroupCounts before = groupCounts(graph);
   // A CPU 0-dim tensor beside a CUDA tensor: eager moves it; kiln takes the fallback.
   at::Tensor x = torch::randn({64, 64}, options);
   at::Tensor cpu_scalar = torch::randn({});
   EXPECT_TRUE(sameTensor(runGraph(graph, {x, cpu_scalar})[0].toTensor(), runGraph(plain, {x, cpu_scalar})[0].toTensor()));
-  EXPECT_EQ(counts(graph).fallbacks, before.fallbacks + 1);
+  EXPECT_EQ(groupCounts(graph).fallbacks, before.fallbacks + 1);
   // An input that needs its gradient: the fallback, so autograd sees the original ops.
   at::Tensor tracked = torch::randn({64, 64}, options).requires_grad_();
   at::Tensor out = runGraph(graph, {tracked, x})[0].toTensor();
   EXPECT_TRUE(out.requires_grad());
-  EXPECT_EQ(counts(graph).fallbacks, before.fallbacks + 2);
+  EXPECT_EQ(groupCounts(graph).fallbacks, before.fallbacks + 2);
   // Inputs that do not broadcast: the fallback raises eager's error.
   EXPECT_ANY_THROW(runGraph(graph, {torch::randn({3, 4}, options), torch::randn({5}, options)}));
 }
@@ -220,13 +197,13 @@ TEST(GpuFusion, LaunchesOnTheCurrentStreamAndCapturesIntoACudaGraph) {
   at::Tensor x = torch::randn({4096, 1024}, options);
   at::Tensor b = torch::randn({1024}, options);
   runGraph(graph, {x, b});  // compile and load outside the capture
-  const Counts before = counts(graph);
+  const GroupCounts before = groupCounts(graph);
   auto [cuda_graph, captured_out] = captureOnSideStream(graph, {x, b});
   x.copy_(torch::randn({4096, 1024}, options));
   cuda_graph->replay();
   torch::cuda::synchronize();
   EXPECT_TRUE(sameTensor(captured_out, runGraph(plain, {x, b})[0].toTensor()));
-  EXPECT_EQ(counts(graph).fallbacks, before.fallbacks);
+  EXPECT_EQ(groupCounts(graph).fallbacks, before.fallbacks);
 }
 
 // A kernel whose first use falls inside a capture is not compiled or loaded there: that call
@@ -238,14 +215,14 @@ TEST(GpuFusion, FirstUseInsideACaptureTakesTheFallback) {
   auto plain = plainFunction(source);
   auto options = at::TensorOptions().device(kCuda);
   at::Tensor x = torch::randn({1000, 1000}, options);
-  const Counts before = counts(graph);
+  const GroupCounts before = groupCounts(graph);
   auto [cuda_graph, captured_out] = captureOnSideStream(graph, {x});
-  EXPECT_EQ(counts(graph).fallbacks, before.fallbacks + 1);
+  EXPECT_EQ(groupCounts(graph).fallbacks, before.fallbacks + 1);
   cuda_graph->replay();
   torch::cuda::synchronize();
   EXPECT_TRUE(sameTensor(captured_out, runGraph(plain, {x})[0].toTensor()));
   runGraph(graph, {x});
-  EXPECT_EQ(counts(graph).calls, before.calls + 1);
+  EXPECT_EQ(groupCounts(graph).calls, before.calls + 1);
 }
 
 TEST(GpuFusion, EightThreadsOnTheirOwnStreamsShareOneCompile) {
@@ -253,7 +230,7 @@ TEST(GpuFusion, EightThreadsOnTheirOwnStreamsShareOneCompile) {
   const char* source = "def f(x, y):\n    return torch.sigmoid(x * y + 0.25) * torch.erf(y - x)\n";
   auto graph = fusedFunction(source);
   auto plain = plainFunction(source);
-  const Counts before = counts(graph);
+  const GroupCounts before = groupCounts(graph);
   const int64_t compiles_before = kernelCompileCount();
   std::vector<std::thread> threads;
   std::vector<int> mismatches(8, 0);
@@ -274,8 +251,8 @@ TEST(GpuFusion, EightThreadsOnTheirOwnStreamsShareOneCompile) {
   }
   for (std::thread& thread : threads) thread.join();
   for (int t = 0; t < 8; ++t) EXPECT_EQ(mismatches[static_cast<size_t>(t)], 0) << "thread " << t;
-  EXPECT_EQ(counts(graph).fallbacks, before.fallbacks);
-  EXPECT_EQ(counts(graph).calls, before.calls + 160);
+  EXPECT_EQ(groupCounts(graph).fallbacks, before.fallbacks);
+  EXPECT_EQ(groupCounts(graph).calls, before.calls + 160);
   EXPECT_LE(kernelCompileCount() - compiles_before, 1) << "one kernel for every thread and size";
 }
 
@@ -284,7 +261,7 @@ TEST(GpuFusion, EveryDeviceGetsItsOwnModule) {
   if (torch::cuda::device_count() < 2) GTEST_SKIP() << "one CUDA device";
   auto graph = fusedFunction(kChain);
   auto plain = plainFunction(kChain);
-  const Counts before = counts(graph);
+  const GroupCounts before = groupCounts(graph);
   for (int64_t d = 0; d < static_cast<int64_t>(torch::cuda::device_count()); ++d) {
     auto options = at::TensorOptions().device(c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(d)));
     at::Tensor x = torch::randn({1000, 300}, options), b = torch::randn({300}, options);
@@ -292,7 +269,7 @@ TEST(GpuFusion, EveryDeviceGetsItsOwnModule) {
     EXPECT_EQ(actual.device(), x.device());
     EXPECT_TRUE(sameTensor(actual, runGraph(plain, {x, b})[0].toTensor()));
   }
-  EXPECT_EQ(counts(graph).fallbacks, before.fallbacks);
+  EXPECT_EQ(groupCounts(graph).fallbacks, before.fallbacks);
 }
 
 }  // namespace

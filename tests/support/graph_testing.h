@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <torch/csrc/jit/ir/irparser.h>
 #include <torch/csrc/jit/runtime/interpreter.h>
+#include <torch/jit.h>
 #include <torch/script.h>
 
 #include <string>
@@ -37,6 +38,30 @@ inline Options testOptions(int min_group_size = 2) {
   options.disabled = false;
   options.min_group_size = min_group_size;
   return options;
+}
+
+// Function `f` of TorchScript `source` as a graph: fused by kiln, or as written.
+inline std::shared_ptr<torch::jit::Graph> fusedFunction(const std::string& source, int min_group_size = 2) {
+  auto unit = torch::jit::compile(source);
+  std::shared_ptr<torch::jit::Graph> graph = torch::jit::toGraphFunction(unit->get_function("f")).graph()->copy();
+  fuse(graph, testOptions(min_group_size));
+  return graph;
+}
+
+inline std::shared_ptr<torch::jit::Graph> plainFunction(const std::string& source) {
+  auto unit = torch::jit::compile(source);
+  return torch::jit::toGraphFunction(unit->get_function("f")).graph()->copy();
+}
+
+// The counters of a graph's one group. They are shared by every graph with the same group in
+// this process: tests look at how they change.
+struct GroupCounts {
+  int64_t calls = 0, fallbacks = 0;
+};
+inline GroupCounts groupCounts(const std::shared_ptr<torch::jit::Graph>& graph) {
+  Report r = report(graph);
+  EXPECT_EQ(r.groups.size(), 1u);
+  return r.groups.empty() ? GroupCounts{} : GroupCounts{r.groups[0].calls, r.groups[0].fallbacks};
 }
 
 inline std::pair<double, double> tolerances(at::ScalarType type) {

@@ -41,31 +41,10 @@ TEST_P(EmulatedCudaFuzz, RandomGraphsMatchEager) {
 
 INSTANTIATE_TEST_SUITE_P(Shards, EmulatedCudaFuzz, ::testing::Range(0, 2));
 
-std::shared_ptr<torch::jit::Graph> fusedFunction(const std::string& source, int min_group_size = 2) {
-  auto unit = torch::jit::compile(source);
-  std::shared_ptr<torch::jit::Graph> graph = torch::jit::toGraphFunction(unit->get_function("f")).graph()->copy();
-  fuse(graph, testOptions(min_group_size));
-  return graph;
-}
-
-std::shared_ptr<torch::jit::Graph> plainFunction(const std::string& source) {
-  auto unit = torch::jit::compile(source);
-  return torch::jit::toGraphFunction(unit->get_function("f")).graph()->copy();
-}
-
-struct Counts {
-  int64_t calls = 0, fallbacks = 0;
-};
-Counts counts(const std::shared_ptr<torch::jit::Graph>& graph) {
-  Report r = report(graph);
-  EXPECT_EQ(r.groups.size(), 1u);
-  return r.groups.empty() ? Counts{} : Counts{r.groups[0].calls, r.groups[0].fallbacks};
-}
-
 // Runs `source` fused (under emulation) and plain; the emulated kernel must have run.
 void expectEmulatedKernelRan(const std::string& source, const std::vector<c10::IValue>& inputs, double tolerance = 2.0) {
   auto graph = fusedFunction(source);
-  const Counts before = counts(graph);
+  const GroupCounts before = groupCounts(graph);
   std::vector<c10::IValue> actual;
   {
     CudaEmulation emulate;
@@ -77,7 +56,7 @@ void expectEmulatedKernelRan(const std::string& source, const std::vector<c10::I
     EXPECT_EQ(actual[i].toTensor().sizes(), expected[i].toTensor().sizes());
     EXPECT_TRUE(sameTensor(actual[i].toTensor(), expected[i].toTensor(), tolerance)) << source;
   }
-  const Counts after = counts(graph);
+  const GroupCounts after = groupCounts(graph);
   EXPECT_EQ(after.fallbacks, before.fallbacks) << source;
   EXPECT_EQ(after.calls, before.calls + 1) << source;
 }
