@@ -37,6 +37,7 @@
 #include "fuser/fusion_pass.h"
 #include "kiln/kiln.h"
 #include "tools/cli_args.h"
+#include "tools/bench_command.h"
 #include "tools/demo_model.h"
 #include "tools/roofline.h"
 
@@ -65,6 +66,9 @@ constexpr const char* kUsage =
     "  compile MODEL.pt --input SHAPE:DTYPE...|--inputs FILE.pt --arch host|sm_90 [--jobs N] [--json]\n"
     "                                                compile every kernel the model needs for this CPU or\n"
     "                                                a GPU into the disk cache, in parallel (no GPU needed)\n"
+    "  bench MODEL.pt --input SHAPE:DTYPE...|--inputs FILE.pt [--rounds N] [--json]\n"
+    "                                                TorchScript, freeze + optimize_for_inference, oneDNN\n"
+    "                                                Graph, kiln's pass and kiln::optimize side by side\n"
     "  cache info|clear [--json]                     the disk cache: where, how full; empty it\n";
 
 bool cudaAvailable() { return torch::cuda::is_available(); }
@@ -641,6 +645,18 @@ int runCache(const Args& args) {
   return 0;
 }
 
+// kiln bench: every route a TorchScript user has, side by side (tools/bench_command.h).
+int runBench(const Args& args) {
+  if (args.positional.size() != 1) throw UsageError("bench takes one MODEL.pt");
+  std::vector<torch::jit::IValue> inputs = exampleInputs(args);
+  if (inputs.empty()) throw UsageError("bench needs the model's inputs (--input or --inputs)");
+  kiln::cli::BenchSettings settings;
+  settings.rounds = static_cast<int>(args.intValue("--rounds", 5, 1, 1000));
+  settings.json = args.has("--json");
+  settings.progress = !settings.json && isatty(STDERR_FILENO);
+  return kiln::cli::benchModel(args.positional[0], loadModel(args.positional[0]), inputs, settings);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -670,6 +686,7 @@ int main(int argc, char** argv) {
     if (verb == "fuse") return runFuse(kiln::cli::parse(argc, argv, 2, {"--device"}, {}));
     if (verb == "compile") return runCompile(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--arch", "--jobs"}, {"--json"}));
     if (verb == "run") return runRun(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--calls"}, {"--json"}));
+    if (verb == "bench") return runBench(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--rounds"}, {"--json"}));
     if (verb == "cache") return runCache(kiln::cli::parse(argc, argv, 2, {}, {"--json"}));
     throw UsageError("unknown verb '" + verb + "'");
   } catch (const UsageError& error) {
