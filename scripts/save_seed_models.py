@@ -9,7 +9,9 @@ OUT_DIR/NAME.inputs.pt (its example inputs: a list of tensors saved with torch.s
 
 Models: bert_base_seed, the BERT-base configuration of the TorchScript deployment guide
 (vocabulary 32000, 12 layers, hidden 768, 12 heads, FFN 3072) on its 14 tokens with segment
-ids, batch 1; here random token ids of those shapes.
+ids, batch 1 (random token ids of those shapes); bert_base_b8_s128, the same at batch 8 x 128;
+resnet18_b1 and resnet18_b16, torchvision's ResNet-18 on 224 x 224 images. `--only NAME` saves
+one. Measure each with `kiln bench OUT_DIR/NAME.pt --inputs OUT_DIR/NAME.inputs.pt`.
 """
 import argparse
 import os
@@ -22,7 +24,7 @@ import torch
 warnings.filterwarnings("ignore")
 
 
-def bert_base_seed():
+def bert_base(batch, tokens):
     import transformers
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -30,23 +32,45 @@ def bert_base_seed():
                                      num_attention_heads=12, intermediate_size=3072, torchscript=True)
     model = transformers.BertModel(config).eval()
     generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, 32000, (1, 14), generator=generator)
-    token_type_ids = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], dim=1)
+    input_ids = torch.randint(0, 32000, (batch, tokens), generator=generator)
+    half = tokens // 2
+    token_type_ids = torch.cat([torch.zeros(batch, half, dtype=torch.long),
+                                torch.ones(batch, tokens - half, dtype=torch.long)], dim=1)
     # BertModel.forward(input_ids, attention_mask, token_type_ids): the mask is all ones.
-    inputs = [input_ids, torch.ones(1, 14, dtype=torch.long), token_type_ids]
+    inputs = [input_ids, torch.ones(batch, tokens, dtype=torch.long), token_type_ids]
     return model, inputs
 
 
-MODELS = {"bert_base_seed": bert_base_seed}
+def bert_base_seed():
+    """The deployment guide's 14 tokens, batch 1."""
+    return bert_base(1, 14)
+
+
+def bert_base_b8_s128():
+    return bert_base(8, 128)
+
+
+def resnet18(batch):
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    return model, [torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))]
+
+
+MODELS = {"bert_base_seed": bert_base_seed, "bert_base_b8_s128": bert_base_b8_s128,
+          "resnet18_b1": lambda: resnet18(1), "resnet18_b16": lambda: resnet18(16)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
+    parser.add_argument("--only", choices=sorted(MODELS), help="save this model only")
     parser.add_argument("--kiln", default=os.path.join(os.path.dirname(__file__), "..", "build", "bin", "kiln"))
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     for name, build in MODELS.items():
+        if args.only and name != args.only:
+            continue
         model, inputs = build()
         with torch.no_grad():
             traced = torch.jit.trace(model, tuple(inputs), check_trace=False)
