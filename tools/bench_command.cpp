@@ -217,15 +217,38 @@ int benchModel(const std::string& model_path, const torch::jit::Module& module,
                 &variant == &list[0] ? "reference" : error, variant.ms.size());
   }
   if (!groups.groups.empty()) {
-    std::printf("kiln groups (kiln::optimize): %zu\n", groups.groups.size());
+    // Groups with one code share their counters: one line for each, with how often it occurs.
+    struct Line {
+      const GroupReport* group;
+      std::string ops;
+      int count = 0;
+    };
+    std::vector<Line> lines;
+    double group_ns = 0;
     for (const GroupReport& group : groups.groups) {
       std::string ops;
       for (const std::string& op : group.ops) ops += (ops.empty() ? "" : " ") + op.substr(op.find("::") + 2);
+      if (group.ns_per_call > 0) group_ns += group.ns_per_call;
+      auto same = std::find_if(lines.begin(), lines.end(), [&](const Line& line) {
+        return line.ops == ops && line.group->kind == group.kind && line.group->bytes_fused == group.bytes_fused &&
+               line.group->ns_per_call == group.ns_per_call;
+      });
+      if (same != lines.end()) {
+        same->count++;
+      } else {
+        lines.push_back({&group, ops, 1});
+      }
+    }
+    std::printf("kiln groups (kiln::optimize): %zu; %.3f ms of a call in elementwise and reduction groups\n",
+                groups.groups.size(), group_ns / 1e6);
+    for (const Line& line : lines) {
+      const GroupReport& group = *line.group;
+      const std::string name = group.name + (line.count > 1 ? " x" + std::to_string(line.count) : "");
       if (group.ns_per_call > 0 && group.bytes_fused > 0) {
-        std::printf("  %-18s %-44s %9.3f ms/call %9.2f MB %7.1f GB/s\n", group.name.c_str(), oneLine(ops).c_str(),
+        std::printf("  %-22s %-40s %9.3f ms/call %9.2f MB %7.1f GB/s\n", name.c_str(), oneLine(line.ops).c_str(),
                     group.ns_per_call / 1e6, group.bytes_fused / 1e6, group.bytes_fused / group.ns_per_call);
       } else {
-        std::printf("  %-18s %-44s %s\n", group.name.c_str(), oneLine(ops).c_str(),
+        std::printf("  %-22s %-40s %s\n", name.c_str(), oneLine(line.ops).c_str(),
                     group.kind == "attention" ? "(attention kernel, not timed per group)" : "(not run)");
       }
     }
