@@ -158,6 +158,7 @@ std::shared_ptr<PreparedLaunch> rejectCall(FusionProgram& program, const std::st
 struct CallSignature {
   c10::Device device = c10::kCPU;
   bool lower_for_cuda = false;
+  bool emulated_cuda = false;  // CPU tensors run as on a CUDA device (CudaEmulation), read once per call
   std::vector<int64_t> key;
   std::vector<InputSignature> inputs;
 };
@@ -191,9 +192,9 @@ std::string readSignature(const FusionProgram& program, const std::vector<at::Te
   if (t != tensors.size() || f != floats.size() || i != ints.size()) return "argument count mismatch";
   const c10::Device device = signature->device;
   // Lowering follows eager's kernels on each device (a recording for a GPU lowers as for one).
-  const bool emulated = emulatingCuda(device);
-  signature->lower_for_cuda = device.is_cuda() || recording_for_cuda || emulated;
-  signature->key.push_back(emulated ? 2 : signature->lower_for_cuda ? 1 : 0);
+  signature->emulated_cuda = emulatingCuda(device);
+  signature->lower_for_cuda = device.is_cuda() || recording_for_cuda || signature->emulated_cuda;
+  signature->key.push_back(signature->emulated_cuda ? 2 : signature->lower_for_cuda ? 1 : 0);
   std::string unavailable;
   if (device.is_cuda() && !cudaFusionAvailable(device.index(), &unavailable)) return unavailable;
   if (!device.is_cuda() && !device.is_cpu()) return "device " + device.str() + " has no kiln backend";
@@ -320,7 +321,7 @@ std::vector<int64_t> outputShape(const LoweredGroup& lowered, size_t o, const st
 // The call as the pipeline sees it: byte strides over the iteration shape (0 where broadcast),
 // inputs then (fresh, contiguous) outputs; where each input starts.
 KernelCall kernelCall(const LoweredGroup& lowered, const std::vector<at::Tensor>& inputs, const std::vector<int64_t>& shape,
-                      const std::vector<bool>& shaped, c10::Device device) {
+                      const std::vector<bool>& shaped, c10::Device device, bool emulated_cuda) {
   KernelCall call;
   const size_t rank = shape.size();
   call.shape = shape;
@@ -334,9 +335,10 @@ KernelCall kernelCall(const LoweredGroup& lowered, const std::vector<at::Tensor>
     }
     call.strides.push_back(std::move(strides));
     call.element_sizes.push_back(tensor.element_size());
-    // On a device, the data pointer; on the CPU (a stand-in for kiln compile), the offset in its
-    // allocation, which a GPU's caching allocator aligns as the CPU's allocator may not.
-    call.addresses.push_back(device.is_cuda() || emulatingCuda(device) ? reinterpret_cast<uintptr_t>(tensor.const_data_ptr())
+    // On a device (or the emulated one, which reads this memory), the data pointer; on the CPU (a
+    // stand-in for kiln compile), the offset in its allocation, which a GPU's caching allocator
+    // aligns as the CPU's allocator may not.
+    call.addresses.push_back(device.is_cuda() || emulated_cuda ? reinterpret_cast<uintptr_t>(tensor.const_data_ptr())
                                               : static_cast<uintptr_t>(tensor.storage_offset() * tensor.element_size()));
   }
   for (size_t o = 0; o < lowered.output_dtypes.size(); ++o) {
@@ -359,7 +361,7 @@ KernelCall kernelCall(const LoweredGroup& lowered, const std::vector<at::Tensor>
     call.cuda_device = index;
     call.cuda_arch = cudaArch(index);
     call.may_compile = [index] { return !cudaCaptureUnderway(index); };
-  } else if (emulatingCuda(device)) {
+  } else if (emulated_cuda) {
     call.cuda_device = 0;
     call.cuda_arch = kEmulatedCudaArch;
     call.background_compile = false;
@@ -392,7 +394,7 @@ std::shared_ptr<PreparedLaunch> prepareLaunch(const std::shared_ptr<FusionProgra
     return reject(reason);
   }
   if (std::string reason = checkRows(lowered, launch->inputs, launch->shape, group_ints); !reason.empty()) return reject(reason);
-  const KernelCall call = kernelCall(lowered, launch->inputs, launch->shape, shaped, signature.device);
+  const KernelCall call = kernelCall(lowered, launch->inputs, launch->shape, shaped, signature.device, signature.emulated_cuda);
   std::string not_planned;
   if (!planLaunch(*entry->family, call, loadCudaFunction, &launch->plan, &not_planned)) return reject(not_planned);
   return launch;
