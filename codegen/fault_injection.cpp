@@ -9,7 +9,7 @@
 namespace kiln {
 namespace {
 
-constexpr const char* kNames[] = {"none", "decode", "lower", "guard", "compile", "load", "launch"};
+constexpr const char* kNames[] = {"none", "decode", "lower", "guard", "compile", "load", "launch", "library"};
 
 std::atomic<FaultStage>& current() {
   static std::atomic<FaultStage> stage = [] {

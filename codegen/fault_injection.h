@@ -9,7 +9,8 @@
 namespace kiln {
 
 // The stages of a group's life, in order; each has one injection point.
-enum class FaultStage { kNone, kDecode, kLower, kGuard, kCompile, kLoad, kLaunch };
+// kLibrary: a library call of kiln::linear / kiln::conv2d (oneDNN, a transposed weight).
+enum class FaultStage { kNone, kDecode, kLower, kGuard, kCompile, kLoad, kLaunch, kLibrary };
 
 const char* faultStageName(FaultStage stage);  // "decode", "lower", ...
 std::optional<FaultStage> parseFaultStage(const std::string& name);

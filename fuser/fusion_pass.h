@@ -27,6 +27,11 @@ int fuseElementwise(std::shared_ptr<torch::jit::Graph>& graph, const Options& op
 // fuseElementwise, which would otherwise take the scaling and masking ops. Returns the count.
 int fuseAttention(std::shared_ptr<torch::jit::Graph>& graph, const Options& options);
 
+// The GEMM / convolution pattern (library_fusion.cpp): in a frozen graph, replaces each linear and
+// 2-D convolution over constant weights, with its epilogue, by kiln::linear / kiln::conv2d
+// (library_calls.h). Runs before the other two passes. Returns the count.
+int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& options);
+
 // True for the prim::If either pass builds: block0 runs kiln, block1 keeps the original ops.
 bool isKilnFallback(const torch::jit::Node* node);
 

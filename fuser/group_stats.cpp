@@ -50,7 +50,18 @@ GroupStats groupStats(const std::string& code) {
   stats.bytes_unfused = counters.bytes_unfused.load();
   stats.timed_calls = counters.timed_calls.load();
   stats.timed_ns = counters.timed_ns.load();
+  if (const char* choice = counters.choice.load()) stats.choice = choice;
   return stats;
 }
+
+namespace {
+std::string libraryKey(const c10::TensorImpl* weight) {
+  return "library call with weight " + std::to_string(reinterpret_cast<uintptr_t>(weight));
+}
+}  // namespace
+
+GroupCounters& libraryCounters(const c10::TensorImpl* weight) { return groupCounters(libraryKey(weight)); }
+
+GroupStats libraryStats(const c10::TensorImpl* weight) { return groupStats(libraryKey(weight)); }
 
 }  // namespace kiln

@@ -25,6 +25,7 @@ struct GroupStats {
   int64_t bytes_unfused = -1;  // of the last fused call
   int64_t timed_calls = 0;     // fused calls on the CPU, each timed whole (outputs made, kernel run)
   int64_t timed_ns = 0;        // their time in all
+  std::string choice;          // library calls: how the last call ran ("onednn", "aten", ...)
 };
 
 // Live counters of one group, updated by the runtime without locks. One object per group code
@@ -36,6 +37,7 @@ struct GroupCounters {
   std::atomic<int64_t> bytes_unfused{-1};
   std::atomic<int64_t> timed_calls{0};
   std::atomic<int64_t> timed_ns{0};
+  std::atomic<const char*> choice{nullptr};  // a string literal, or none
 };
 
 // What a group code holds: its ops (constants left out) and its arity.
@@ -50,6 +52,9 @@ std::string groupCode(const torch::jit::Node* group);
 GroupShape groupShape(const std::string& code);
 
 GroupCounters& groupCounters(const std::string& code);
+// A library call (kiln::linear, kiln::conv2d) is counted under its weight, a graph constant.
+GroupCounters& libraryCounters(const c10::TensorImpl* weight);
+GroupStats libraryStats(const c10::TensorImpl* weight);
 GroupStats groupStats(const std::string& code);
 
 }  // namespace kiln

@@ -6,6 +6,7 @@
 // can still fuse them afterwards. The two never claim the same node.
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
 #include <torch/csrc/jit/passes/freeze_module.h>
+#include <torch/csrc/jit/passes/frozen_graph_optimizations.h>
 #include <torch/csrc/jit/passes/frozen_linear_transpose.h>
 #include <torch/csrc/jit/passes/pass_manager.h>
 
@@ -71,11 +72,14 @@ torch::jit::Module optimize(const torch::jit::Module& module, const Options& opt
   torch::jit::Module frozen = torch::jit::freeze_module(copy);
   for (torch::jit::Method method : frozen.get_methods()) {
     std::shared_ptr<torch::jit::Graph> graph = method.graph();
-    // Linear layers over their weight transposed once, as optimize_for_inference does (torch's
-    // FrozenLinearTranspose: matmul over a [K, N] constant, then the bias add, which kiln may
-    // fuse into what follows). With few rows the layout decides the GEMM's speed (BERT-base at
-    // 1 x 14 tokens: 41.7 -> 28.8 ms frozen); at 8 x 128 and in ResNet-18 it changes nothing
-    // measurable (docs/benchmarks-cpu.md).
+    // What torch.jit.freeze does after freezing: dropout removed, linears on one input
+    // concatenated, batch_norm and constant add/mul folded into convolutions and linears.
+    torch::jit::OptimizeFrozenGraph(graph, /*optimize_numerics=*/true);
+    // GEMMs and convolutions over constant weights, with their epilogues: one library call each,
+    // the fastest way measured per shape class (library_calls.h).
+    if (!options.disabled) fuseLibraryCalls(graph, options);
+    // Any linear left (a weight computed at run time) runs over its weight transposed once, as
+    // optimize_for_inference does.
     torch::jit::FrozenLinearTranspose(graph);
     fuse(graph, options);
   }

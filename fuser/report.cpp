@@ -5,6 +5,7 @@
 #include "codegen/json.h"
 #include "fuser/fusion_pass.h"
 #include "fuser/group_stats.h"
+#include "fuser/library_calls.h"
 #include "kiln/kiln.h"
 
 namespace kiln {
@@ -34,8 +35,42 @@ GroupReport attentionGroup(const torch::jit::Node* if_node, size_t index) {
   return group;
 }
 
+// A GEMM or convolution with its epilogue: the ops it replaced, read back from the epilogue.
+GroupReport libraryGroup(const torch::jit::Node* node, size_t index) {
+  GroupReport group;
+  const bool linear = node->kind().toQualString() == std::string(kLinearOp);
+  group.kind = linear ? "linear" : "conv2d";
+  group.name = group.kind + "_" + std::to_string(index);
+  group.ops.push_back(linear ? "aten::linear" : "aten::conv2d");
+  std::optional<c10::IValue> text = torch::jit::toIValue(node->inputs().back());
+  std::optional<Epilogue> epilogue = text && text->isString() ? Epilogue::parse(text->toStringRef()) : std::nullopt;
+  if (epilogue && epilogue->add != Epilogue::Add::kNone)
+    group.ops.push_back(epilogue->add == Epilogue::Add::kInPlace ? "aten::add_" : "aten::add");
+  if (epilogue && epilogue->activation != Activation::kNone) {
+    const std::string name = activationName(epilogue->activation);
+    group.ops.push_back("aten::" + (name == "gelu_tanh" ? std::string("gelu") : name));
+  }
+  group.num_inputs = node->input(3)->mustBeNone() ? 1 : 2;
+  group.num_outputs = 1;
+  std::optional<c10::IValue> weight = torch::jit::toIValue(node->input(1));
+  if (weight && weight->isTensor()) {
+    GroupStats stats = libraryStats(weight->toTensor().unsafeGetTensorImpl());
+    group.calls = stats.calls;
+    group.choice = stats.choice;
+    if (stats.timed_calls > 0) group.ns_per_call = static_cast<double>(stats.timed_ns) / static_cast<double>(stats.timed_calls);
+  }
+  return group;
+}
+
 void collect(torch::jit::Block* block, Report& report) {
   for (torch::jit::Node* node : block->nodes()) {
+    const std::string kind = node->kind().toQualString();
+    if (kind == kLinearOp || kind == kConv2dOp) {
+      GroupReport group = libraryGroup(node, report.groups.size());
+      report.nodes_fused += static_cast<int64_t>(group.ops.size());
+      report.groups.push_back(std::move(group));
+      continue;
+    }
     if (node->kind().toQualString() == std::string(kFusionGroupOp)) {
       GroupReport group;
       group.name = "fusion_group_" + std::to_string(report.groups.size());
@@ -103,7 +138,8 @@ std::string Report::toJson() const {
     out << "], \"inputs\": " << group.num_inputs << ", \"outputs\": " << group.num_outputs
         << ", \"bytes_fused\": " << group.bytes_fused
         << ", \"bytes_unfused\": " << group.bytes_unfused << ", \"calls\": " << group.calls
-        << ", \"fallbacks\": " << group.fallbacks << ", \"ns_per_call\": " << group.ns_per_call << "}";
+        << ", \"fallbacks\": " << group.fallbacks << ", \"ns_per_call\": " << group.ns_per_call
+        << ", \"choice\": " << jsonQuote(group.choice) << "}";
   }
   out << "]}";
   return out.str();
@@ -117,6 +153,7 @@ std::string Report::toText() const {
     out << "  " << group.name << " (" << group.kind << ", " << group.num_inputs << " in, "
         << group.num_outputs << " out): ";
     for (size_t j = 0; j < group.ops.size(); ++j) out << (j ? " " : "") << group.ops[j];
+    if (!group.choice.empty()) out << "  [" << group.choice << ", " << group.calls << " calls]";
     out << "\n";
     if (group.bytes_fused >= 0) {
       out << "      bytes moved: " << group.bytes_fused << " fused vs " << group.bytes_unfused

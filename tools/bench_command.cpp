@@ -51,8 +51,8 @@ void tensorsOf(const c10::IValue& value, std::vector<at::Tensor>& out) {
   }
 }
 
-// The largest absolute difference between two outputs; infinity where their structure, shapes
-// or NaNs differ.
+}  // namespace
+
 double maxDifference(const c10::IValue& reference, const c10::IValue& output) {
   std::vector<at::Tensor> a, b;
   tensorsOf(reference, a);
@@ -68,6 +68,8 @@ double maxDifference(const c10::IValue& reference, const c10::IValue& output) {
   }
   return worst;
 }
+
+namespace {
 
 double median(std::vector<double> values) {
   if (values.empty()) return NAN;
@@ -231,7 +233,7 @@ int benchModel(const std::string& model_path, const torch::jit::Module& module,
       if (group.ns_per_call > 0) group_ns += group.ns_per_call;
       auto same = std::find_if(lines.begin(), lines.end(), [&](const Line& line) {
         return line.ops == ops && line.group->kind == group.kind && line.group->bytes_fused == group.bytes_fused &&
-               line.group->ns_per_call == group.ns_per_call;
+               line.group->ns_per_call == group.ns_per_call && line.group->choice == group.choice;
       });
       if (same != lines.end()) {
         same->count++;
@@ -239,14 +241,18 @@ int benchModel(const std::string& model_path, const torch::jit::Module& module,
         lines.push_back({&group, ops, 1});
       }
     }
-    std::printf("kiln groups (kiln::optimize): %zu; %.3f ms of a call in elementwise and reduction groups\n",
+    std::printf("kiln groups (kiln::optimize): %zu; %.3f ms of a call in kiln groups\n",
                 groups.groups.size(), group_ns / 1e6);
     for (const Line& line : lines) {
       const GroupReport& group = *line.group;
       const std::string name = group.name + (line.count > 1 ? " x" + std::to_string(line.count) : "");
       if (group.ns_per_call > 0 && group.bytes_fused > 0) {
-        std::printf("  %-22s %-40s %9.3f ms/call %9.2f MB %7.1f GB/s\n", name.c_str(), oneLine(line.ops).c_str(),
-                    group.ns_per_call / 1e6, group.bytes_fused / 1e6, group.bytes_fused / group.ns_per_call);
+        std::printf("  %-22s %-40s %9.3f ms/call %9.2f MB %7.1f GB/s  %s\n", name.c_str(), oneLine(line.ops).c_str(),
+                    group.ns_per_call / 1e6, group.bytes_fused / 1e6, group.bytes_fused / group.ns_per_call,
+                    group.choice.c_str());
+      } else if (group.ns_per_call > 0 && !group.choice.empty()) {
+        std::printf("  %-22s %-40s %9.3f ms/call  %s\n", name.c_str(), oneLine(line.ops).c_str(),
+                    group.ns_per_call / 1e6, group.choice.c_str());
       } else {
         std::printf("  %-22s %-40s %s\n", name.c_str(), oneLine(line.ops).c_str(),
                     group.kind == "attention" ? "(attention kernel, not timed per group)" : "(not run)");

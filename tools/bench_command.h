@@ -19,6 +19,10 @@ struct BenchSettings {
   bool progress = false;     // "round i of N: variant" on stderr (a terminal, without --json)
 };
 
+// The largest absolute difference between two outputs (every tensor in them, in order); infinity
+// where their structure, shapes or NaNs differ.
+double maxDifference(const c10::IValue& reference, const c10::IValue& output);
+
 // Runs the benchmark on `inputs` and prints the table (or one JSON object). Returns the exit code.
 int benchModel(const std::string& model_path, const torch::jit::Module& module,
                const std::vector<torch::jit::IValue>& inputs, const BenchSettings& settings);

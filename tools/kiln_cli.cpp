@@ -59,7 +59,10 @@ constexpr const char* kUsage =
     "  report MODEL.pt [--input SHAPE:DTYPE...|--inputs FILE.pt] [--json] [--dot FILE.dot|.svg|.png]\n"
     "         [--roofline FILE.svg|.png]            what kiln fuses, bytes saved; each group's bandwidth\n"
     "                                                against this CPU's copy bandwidth (needs inputs)\n"
-    "  fuse IN.pt OUT.pt                             fuse ahead of time and save (needs libkiln to load)\n"
+    "  fuse IN.pt OUT.pt [--input SHAPE:DTYPE...|--inputs FILE.pt]\n"
+    "                                                fuse ahead of time and save (needs libkiln to load);\n"
+    "                                                with inputs, measure the library calls' ways on them\n"
+    "                                                and check the outputs\n"
     "  run MODEL.pt --input SHAPE:DTYPE...|--inputs FILE.pt [--calls N] [--json]\n"
     "                                                load and run a model in this fresh process: time to\n"
     "                                                first result, then each call\n"
@@ -455,13 +458,32 @@ int runReport(const Args& args) {
   return 0;
 }
 
+// With example inputs, the fused module runs them before it is saved: every library call measures
+// its ways on these shapes (the choices go to the disk cache, so this machine's later runs start
+// with them) and the outputs are compared with the model's own.
 int runFuse(const Args& args) {
   if (args.positional.size() != 2) throw UsageError("fuse takes IN.pt OUT.pt");
   torch::jit::Module module = loadModel(args.positional[0]);
+  std::vector<torch::jit::IValue> inputs = exampleInputs(args);
   torch::jit::Module fused = kiln::optimize(module);
+  std::string checked;
+  if (!inputs.empty()) {
+    torch::NoGradGuard no_grad;
+    c10::IValue expected, actual;
+    try {
+      module.eval();
+      expected = module.forward(inputs);
+    } catch (const c10::Error& error) {
+      throw UsageError("the model rejects these inputs: " + errorLine(error.what_without_backtrace()));
+    }
+    for (int call = 0; call < 2; ++call) actual = fused.forward(inputs);
+    char text[96];
+    std::snprintf(text, sizeof text, "; max |diff| from the model on the inputs %.3g", kiln::cli::maxDifference(expected, actual));
+    checked = text;
+  }
   saveModel(fused, args.positional[1]);
   kiln::Report report = kiln::report(fused.get_method("forward").graph());
-  std::cerr << "kiln fuse: " << report.groups.size() << " groups; wrote " << args.positional[1] << "\n";
+  std::cerr << "kiln fuse: " << report.groups.size() << " groups" << checked << "; wrote " << args.positional[1] << "\n";
   return 0;
 }
 
@@ -683,7 +705,7 @@ int main(int argc, char** argv) {
     if (verb == "report") {
       return runReport(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--dot", "--roofline"}, {"--json"}));
     }
-    if (verb == "fuse") return runFuse(kiln::cli::parse(argc, argv, 2, {"--device"}, {}));
+    if (verb == "fuse") return runFuse(kiln::cli::parse(argc, argv, 2, {"--device", "--input", "--inputs"}, {}));
     if (verb == "compile") return runCompile(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--arch", "--jobs"}, {"--json"}));
     if (verb == "run") return runRun(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--calls"}, {"--json"}));
     if (verb == "bench") return runBench(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--rounds"}, {"--json"}));

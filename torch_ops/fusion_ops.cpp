@@ -65,7 +65,7 @@ void fusionGroup(const c10::OperatorHandle&, torch::jit::Stack* stack) {
 void injectFaultOp(const std::string& stage) {
   std::optional<FaultStage> parsed = parseFaultStage(stage);
   TORCH_CHECK(parsed, "kiln::_inject_fault: unknown stage '", stage,
-              "' (none, decode, lower, guard, compile, load or launch)");
+              "' (none, decode, lower, guard, compile, load, launch or library)");
   injectFault(*parsed);
 }
 

@@ -32,7 +32,7 @@ torch::jit::Module optimize(const torch::jit::Module& module,
 // One fused group: the ops it replaced and the memory traffic it saves.
 struct GroupReport {
   std::string name;               // e.g. "fusion_group_0"
-  std::string kind;               // "elementwise" or "attention"
+  std::string kind;               // "elementwise", "attention", "linear" or "conv2d"
   std::vector<std::string> ops;   // the aten ops inside, in graph order
   // Attention groups run hand-written kernels: their byte counts and call counts stay -1 and 0.
   int64_t num_inputs = 0;
@@ -45,6 +45,9 @@ struct GroupReport {
   double ns_per_call = -1;
   int64_t calls = 0;              // times the fused kernel ran
   int64_t fallbacks = 0;          // times the guard sent it to the original ops
+  // Linear and conv2d groups: how the last call ran ("onednn", "aten_transposed", "aten", ...),
+  // chosen by measurement; "" before the first call.
+  std::string choice;
 };
 
 struct Report {

@@ -59,8 +59,11 @@ with tempfile.TemporaryDirectory() as tmp:
             args += ["--input", spec]
         report = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
         assert report["groups"], (name, report)
-        ran = [g for g in report["groups"] if g["calls"] > 0]
+        ran = [g for g in report["groups"] if g["calls"] > 0 and g["kind"] == "elementwise"]
         assert ran and all(g["bytes_fused"] < g["bytes_unfused"] for g in ran), report
+        # GEMMs and convolutions ran as library calls, each the way it measured fastest.
+        library = [g for g in report["groups"] if g["kind"] in ("linear", "conv2d")]
+        assert all(g["calls"] > 0 and g["choice"] for g in library), report
         assert "cluster_g0" in open(f"{tmp}/{name}.dot").read()
         subprocess.run([kiln_cli, "fuse", path, fused_path], check=True, capture_output=True)
         expected = module(*inputs)

@@ -1,0 +1,354 @@
+// The GEMM / convolution pattern (see library_calls.h): in a frozen graph, each aten::linear and
+// each 2-D convolution over a constant weight, with the epilogue that follows it, becomes one kiln
+// op that runs it as one library call (oneDNN with fused post-ops on CPUs, chosen by measuring).
+//
+//   linear(x, W, b) | conv2d(x, W, b, ...) | _convolution(x, W, b, ..., transposed=False, ...)
+//   [dropout(·, p, train=False)]...        identity in eval mode
+//   [add(·, other) | add(other, ·) | add_(·, other)]     alpha 1, other a tensor, not feeding a
+//                                                        row op (layer_norm, softmax, ...)
+//   [relu | gelu | tanh | sigmoid | silu | hardswish] (or their in-place forms)
+//
+// Each value in the chain has one use, so no one else sees a value the kiln op no longer makes.
+//
+// oneDNN's convolutions write channels-last tensors. Eager ops that follow a layout (relu, add,
+// pooling, ...) carry it along; any other consumer of such a value (a view, a graph output, an
+// unknown op, control flow) gets aten::contiguous in front of it, so strides it could observe are
+// as before the rewrite.
+#include <torch/csrc/jit/ir/alias_analysis.h>
+
+#include <algorithm>
+#include <unordered_set>
+
+#include "fuser/fusion_pass.h"
+#include "fuser/library_calls.h"
+
+namespace kiln {
+namespace {
+
+using torch::jit::Node;
+using torch::jit::Value;
+
+struct ActivationName {
+  Activation activation;
+  const char* name;
+};
+
+constexpr ActivationName kActivations[] = {
+    {Activation::kRelu, "relu"},       {Activation::kGelu, "gelu"},   {Activation::kGeluTanh, "gelu_tanh"},
+    {Activation::kTanh, "tanh"},       {Activation::kSigmoid, "sigmoid"}, {Activation::kSilu, "silu"},
+    {Activation::kHardswish, "hardswish"},
+};
+
+bool isKind(const Node* node, const char* name) { return node->kind() == c10::Symbol::fromQualString(name); }
+
+std::optional<c10::IValue> constant(Value* value) { return torch::jit::toIValue(value); }
+
+bool isConstantTensor(Value* value, int64_t dim) {
+  std::optional<c10::IValue> known = constant(value);
+  return known && known->isTensor() && known->toTensor().dim() == dim && known->toTensor().layout() == at::kStrided;
+}
+
+bool isNoneOrConstantTensor(Value* value, int64_t dim) { return value->mustBeNone() || isConstantTensor(value, dim); }
+
+bool isIntList(Value* value, size_t size) {
+  std::optional<c10::IValue> known = constant(value);
+  return known && known->isIntList() && known->toIntList().size() == size;
+}
+
+bool isInt(Value* value) {
+  std::optional<c10::IValue> known = constant(value);
+  return known && known->isInt();
+}
+
+bool isBool(Value* value, bool expected) {
+  std::optional<c10::IValue> known = constant(value);
+  return known && known->isBool() && known->toBool() == expected;
+}
+
+bool isOne(Value* value) {
+  std::optional<c10::IValue> known = constant(value);
+  return known && ((known->isInt() && known->toInt() == 1) || (known->isDouble() && known->toDouble() == 1.0));
+}
+
+// The activation `node` applies to its first input, if it is one the library can fuse.
+std::optional<Activation> activationOf(const Node* node) {
+  const std::string kind = node->kind().toQualString();
+  std::string base = kind.rfind("aten::", 0) == 0 ? kind.substr(6) : "";
+  if (!base.empty() && base.back() == '_') base.pop_back();
+  if (base == "gelu") {
+    if (node->inputs().size() != 2) return std::nullopt;
+    std::optional<c10::IValue> approximate = constant(node->input(1));
+    if (!approximate || !approximate->isString()) return std::nullopt;
+    if (approximate->toStringRef() == "none") return Activation::kGelu;
+    if (approximate->toStringRef() == "tanh") return Activation::kGeluTanh;
+    return std::nullopt;
+  }
+  if (node->inputs().size() != 1) return std::nullopt;
+  for (const ActivationName& entry : kActivations) {
+    if (entry.activation != Activation::kGelu && entry.activation != Activation::kGeluTanh && base == entry.name)
+      return entry.activation;
+  }
+  return std::nullopt;
+}
+
+bool isTensorAdd(const Node* node) {
+  return node->matches("aten::add.Tensor(Tensor self, Tensor other, *, Scalar alpha=1) -> Tensor") ||
+         node->matches("aten::add_.Tensor(Tensor(a!) self, Tensor other, *, Scalar alpha=1) -> Tensor(a!)");
+}
+
+bool isRowOp(const Node* node) {
+  return isKind(node, "aten::layer_norm") || isKind(node, "aten::softmax") || isKind(node, "aten::log_softmax") ||
+         isKind(node, "aten::rms_norm");
+}
+
+// The single node that uses `value`, or nullptr.
+Node* onlyUser(Value* value) { return value->uses().size() == 1 ? value->uses()[0].user : nullptr; }
+
+// A GEMM or convolution the library can run: its weight and bias are constants.
+bool isLibraryRoot(const Node* node) {
+  if (node->matches("aten::linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor"))
+    return isConstantTensor(node->input(1), 2) && isNoneOrConstantTensor(node->input(2), 1);
+  if (node->matches("aten::conv2d(Tensor input, Tensor weight, Tensor? bias=None, SymInt[2] stride=1, "
+                    "SymInt[2] padding=0, SymInt[2] dilation=1, SymInt groups=1) -> Tensor")) {
+    return isConstantTensor(node->input(1), 4) && isNoneOrConstantTensor(node->input(2), 1) &&
+           isIntList(node->input(3), 2) && isIntList(node->input(4), 2) && isIntList(node->input(5), 2) &&
+           isInt(node->input(6));
+  }
+  if (isKind(node, "aten::_convolution") && node->inputs().size() == 13) {
+    return isConstantTensor(node->input(1), 4) && isNoneOrConstantTensor(node->input(2), 1) &&
+           isIntList(node->input(3), 2) && isIntList(node->input(4), 2) && isIntList(node->input(5), 2) &&
+           isBool(node->input(6), false) && isInt(node->input(8));
+  }
+  return false;
+}
+
+struct Chain {
+  Node* root = nullptr;
+  std::vector<Node*> nodes;  // after the root, in order
+  Value* other = nullptr;
+  Epilogue epilogue;
+  Value* result() const { return nodes.empty() ? root->output() : nodes.back()->output(); }
+};
+
+Chain chainFrom(Node* root) {
+  Chain chain;
+  chain.root = root;
+  Value* current = root->output();
+  while (Node* user = onlyUser(current)) {
+    if (user->owningBlock() != root->owningBlock()) break;
+    if (isKind(user, "aten::dropout") && user->inputs().size() == 3 && user->input(0) == current &&
+        isBool(user->input(2), false)) {
+      chain.nodes.push_back(user);
+      current = user->output();
+      continue;
+    }
+    if (chain.epilogue.add == Epilogue::Add::kNone && chain.epilogue.activation == Activation::kNone &&
+        isTensorAdd(user) && isOne(user->input(2)) && user->input(0) != user->input(1)) {
+      // A residual add that feeds a row op (BERT's add + layer_norm) stays for the elementwise
+      // pass, which fuses it into the row kernel: the same bytes, and no row op on its own.
+      const auto& add_uses = user->output()->uses();
+      if (std::any_of(add_uses.begin(), add_uses.end(), [](const torch::jit::Use& use) { return isRowOp(use.user); })) break;
+      const bool in_place = user->kind().toQualString() == std::string("aten::add_");
+      if (in_place && user->input(0) != current) break;  // would write into `other`
+      chain.other = user->input(0) == current ? user->input(1) : user->input(0);
+      chain.epilogue.add = in_place ? Epilogue::Add::kInPlace : Epilogue::Add::kOutOfPlace;
+      chain.nodes.push_back(user);
+      current = user->output();
+      continue;
+    }
+    if (chain.epilogue.activation == Activation::kNone && user->input(0) == current) {
+      if (std::optional<Activation> activation = activationOf(user)) {
+        chain.epilogue.activation = *activation;
+        chain.nodes.push_back(user);
+        current = user->output();
+      }
+    }
+    break;
+  }
+  // Dropouts after the epilogue stay where they are.
+  while (!chain.nodes.empty() && isKind(chain.nodes.back(), "aten::dropout")) chain.nodes.pop_back();
+  return chain;
+}
+
+// True when the convolution may write its result into `other`'s memory: `other` is made in the same
+// block by an op that returns fresh memory or a view of it, nothing that may alias it is a graph
+// input or read after `last` (the end of the chain), and the input does not alias it either.
+bool otherIsDeadAfter(torch::jit::AliasDb& alias_db, const Chain& chain, Node* last) {
+  Value* other = chain.other;
+  if (other == nullptr || other->node()->kind() == torch::jit::prim::Constant) return false;
+  if (other->node()->owningBlock() != last->owningBlock()) return false;
+  if (other->type()->kind() != c10::TypeKind::TensorType) return false;
+  torch::jit::Graph& graph = *last->owningGraph();
+  std::vector<Value*> inputs(graph.inputs().begin(), graph.inputs().end());
+  if (alias_db.mayContainAlias(other, inputs)) return false;
+  if (alias_db.mayAlias(other, chain.root->input(0))) return false;
+  // Everything after the chain in this block (nested blocks included) and the block's outputs.
+  std::vector<Node*> pending;
+  for (Node* node = last->next(); node != last->owningBlock()->return_node(); node = node->next()) pending.push_back(node);
+  pending.push_back(last->owningBlock()->return_node());
+  while (!pending.empty()) {
+    Node* node = pending.back();
+    pending.pop_back();
+    for (Value* input : node->inputs()) {
+      if (alias_db.mayAlias(input, other)) return false;
+    }
+    for (torch::jit::Block* block : node->blocks()) {
+      for (Node* inner : block->nodes()) pending.push_back(inner);
+      pending.push_back(block->return_node());
+    }
+  }
+  return true;
+}
+
+Node* replaceChain(torch::jit::Graph& graph, const Chain& chain) {
+  Node* root = chain.root;
+  Node* last = chain.nodes.empty() ? root : chain.nodes.back();
+  torch::jit::WithInsertPoint here(last);
+  Value* other = chain.other != nullptr ? chain.other : graph.insertConstant(c10::IValue());
+  Value* epilogue = graph.insertConstant(chain.epilogue.text());
+  Node* call = nullptr;
+  if (isKind(root, "aten::linear")) {
+    call = graph.create(c10::Symbol::fromQualString(kLinearOp),
+                        {root->input(0), root->input(1), root->input(2), other, epilogue});
+  } else {
+    const size_t groups = isKind(root, "aten::_convolution") ? 8 : 6;
+    call = graph.create(c10::Symbol::fromQualString(kConv2dOp),
+                        {root->input(0), root->input(1), root->input(2), other, root->input(3), root->input(4),
+                         root->input(5), root->input(groups), epilogue});
+  }
+  graph.insertNode(call);
+  call->output()->setType(chain.result()->type());
+  call->setSourceRange(root->sourceRange());
+  if (root->scope()) call->setScope(root->scope());
+  chain.result()->replaceAllUsesWith(call->output());
+  for (auto it = chain.nodes.rbegin(); it != chain.nodes.rend(); ++it) (*it)->destroy();
+  root->destroy();
+  return call;
+}
+
+void collectRoots(torch::jit::Block* block, std::vector<Node*>& roots) {
+  for (Node* node : block->nodes()) {
+    if (isLibraryRoot(node)) roots.push_back(node);
+    for (torch::jit::Block* inner : node->blocks()) collectRoots(inner, roots);
+  }
+}
+
+// Ops whose output takes its input's memory format (so a channels-last input gives a
+// channels-last output) and that accept any strides.
+bool followsLayout(const Node* node) {
+  static const std::unordered_set<std::string> kinds = {
+      "aten::relu", "aten::relu_", "aten::add", "aten::add_", "aten::sub", "aten::mul", "aten::mul_",
+      "aten::div", "aten::sigmoid", "aten::sigmoid_", "aten::hardswish", "aten::hardswish_",
+      "aten::hardtanh", "aten::hardtanh_", "aten::clamp", "aten::clamp_", "aten::silu", "aten::silu_",
+      "aten::gelu", "aten::tanh", "aten::dropout", "aten::max_pool2d", "aten::avg_pool2d",
+      "aten::adaptive_avg_pool2d", "aten::adaptive_max_pool2d", "aten::batch_norm", "aten::flatten",
+      "aten::reshape", "aten::detach"};
+  return kinds.count(node->kind().toQualString()) != 0;
+}
+
+// Ops that read any strides and whose outputs carry no layout from this input.
+bool ignoresLayout(const Node* node, size_t input_index) {
+  const std::string kind = node->kind().toQualString();
+  if (kind == kConv2dOp || kind == kLinearOp) return true;
+  if (kind == "aten::size" || kind == "aten::dim" || kind == "aten::contiguous" || kind == "aten::numel")
+    return true;
+  // Another operand of a layout-following op: the output follows its first input.
+  return input_index > 0 && followsLayout(node);
+}
+
+// Puts aten::contiguous in front of every consumer that could see the channels-last strides of a
+// kiln::conv2d result (directly or through layout-following ops).
+void containChannelsLast(torch::jit::Graph& graph, const std::vector<Node*>& convolutions) {
+  std::vector<Value*> pending;
+  std::unordered_set<Value*> seen;
+  for (Node* conv : convolutions) pending.push_back(conv->output());
+  std::vector<std::pair<Value*, Node*>> guarded_uses;
+  while (!pending.empty()) {
+    Value* value = pending.back();
+    pending.pop_back();
+    if (!seen.insert(value).second) continue;
+    for (const torch::jit::Use& use : value->uses()) {
+      Node* user = use.user;
+      if (ignoresLayout(user, use.offset)) continue;
+      if (use.offset == 0 && followsLayout(user)) {
+        for (Value* output : user->outputs()) {
+          if (output->type()->kind() == c10::TypeKind::TensorType) pending.push_back(output);
+        }
+        continue;
+      }
+      guarded_uses.emplace_back(value, user);
+    }
+  }
+  for (const auto& [value, user] : guarded_uses) {
+    torch::jit::WithInsertPoint here(user);
+    Value* contiguous = graph.insert(c10::Symbol::fromQualString("aten::contiguous"), {value});
+    contiguous->setType(value->type());
+    user->replaceInputWith(value, contiguous);
+  }
+}
+
+}  // namespace
+
+const char* activationName(Activation activation) {
+  for (const ActivationName& entry : kActivations) {
+    if (entry.activation == activation) return entry.name;
+  }
+  return "";
+}
+
+std::string Epilogue::text() const {
+  std::string text = add == Add::kOutOfPlace ? "add" : add == Add::kInPlace ? "add_" : "";
+  if (add != Add::kNone && into_other) text += "@other";
+  if (activation != Activation::kNone) text += (text.empty() ? "" : "+") + std::string(activationName(activation));
+  return text;
+}
+
+std::optional<Epilogue> Epilogue::parse(const std::string& text) {
+  Epilogue epilogue;
+  std::string rest = text;
+  const size_t plus = rest.find('+');
+  std::string first = rest.substr(0, plus);
+  const std::string suffix = "@other";
+  if (first.size() > suffix.size() && first.compare(first.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    epilogue.into_other = true;
+    first.resize(first.size() - suffix.size());
+    if (first != "add" && first != "add_") return std::nullopt;
+  }
+  if (first == "add" || first == "add_") {
+    epilogue.add = first == "add" ? Add::kOutOfPlace : Add::kInPlace;
+    rest = plus == std::string::npos ? "" : rest.substr(plus + 1);
+  } else if (plus != std::string::npos) {
+    return std::nullopt;
+  }
+  if (rest.empty()) return epilogue;
+  for (const ActivationName& entry : kActivations) {
+    if (rest == entry.name) {
+      epilogue.activation = entry.activation;
+      return epilogue;
+    }
+  }
+  return std::nullopt;
+}
+
+int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& options) {
+  if (options.disabled) return 0;
+  std::vector<Node*> roots;
+  collectRoots(graph->block(), roots);
+  std::vector<Node*> convolutions;
+  for (Node* root : roots) {
+    Chain chain = chainFrom(root);
+    // A residual add whose other operand dies here is accumulated into that operand (oneDNN's sum
+    // post-op): no output to allocate, no copy of `other`. The AliasDb is made for each chain: the
+    // graph changed with the last one.
+    if (chain.epilogue.add != Epilogue::Add::kNone && !isKind(root, "aten::linear")) {
+      torch::jit::AliasDb alias_db(graph);
+      if (otherIsDeadAfter(alias_db, chain, chain.nodes.back())) chain.epilogue.into_other = true;
+    }
+    Node* call = replaceChain(*graph, chain);
+    if (call->kind() == c10::Symbol::fromQualString(kConv2dOp)) convolutions.push_back(call);
+  }
+  containChannelsLast(*graph, convolutions);
+  return static_cast<int>(roots.size());
+}
+
+}  // namespace kiln

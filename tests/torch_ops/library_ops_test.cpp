@@ -1,0 +1,346 @@
+// GEMMs and convolutions with their epilogues (fuser/library_calls.h): what kiln::optimize makes of
+// linear and conv2d chains, and that every way kiln::linear / kiln::conv2d can run them (ATen,
+// ATen over a transposed weight, oneDNN with post-ops, oneDNN on channels-last input) gives eager's
+// results, on fresh random inputs, in fp32 and bf16; that a residual is written in place only
+// where no one can see it; that the strides a module returns stay as eager's; that autograd,
+// saving, failures and the measured choice behave.
+#include <gtest/gtest.h>
+#include <torch/csrc/jit/testing/file_check.h>
+#include <torch/script.h>
+
+#include <filesystem>
+
+#include "support/graph_testing.h"
+#include "torch_ops/measured_choice.h"
+
+namespace kiln {
+namespace {
+
+using testing::closeTo;
+
+// Forces every library call to run one way while alive ("" measures).
+struct ForcedChoice {
+  explicit ForcedChoice(const std::string& choice) { forceChoice(choice); }
+  ~ForcedChoice() { forceChoice(""); }
+};
+
+struct InjectedFault {
+  explicit InjectedFault(const std::string& stage) { call(stage); }
+  ~InjectedFault() { call("none"); }
+  static void call(const std::string& stage) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("kiln::_inject_fault", "");
+    torch::jit::Stack stack{stage};
+    op.callBoxed(&stack);
+  }
+};
+
+// A module whose forward is `body`, with parameters w [n, k], b [n], and its eager twin: the same
+// module not optimized. Each test defines its own class name: scripted modules of one class share
+// their compiled methods.
+torch::jit::Module linearModule(const std::string& name, const std::string& body, int64_t k, int64_t n,
+                                at::ScalarType dtype = at::kFloat) {
+  torch::jit::Module m(name);
+  m.register_parameter("w", (torch::randn({n, k}) / std::sqrt(static_cast<double>(k))).to(dtype), false);
+  m.register_parameter("b", torch::randn({n}).to(dtype), false);
+  m.define(body);
+  m.eval();
+  return m;
+}
+
+at::Tensor forward(torch::jit::Module& m, std::vector<c10::IValue> inputs) { return m.forward(std::move(inputs)).toTensor(); }
+
+std::string graphText(torch::jit::Module& m) { return m.get_method("forward").graph()->toString(); }
+
+void expectClose(const at::Tensor& actual, const at::Tensor& expected, double scale, const std::string& what) {
+  ASSERT_EQ(actual.sizes(), expected.sizes()) << what;
+  ASSERT_EQ(actual.scalar_type(), expected.scalar_type()) << what;
+  EXPECT_TRUE(closeTo(actual, expected, scale).all().item<bool>())
+      << what << ": max diff " << (actual.to(at::kDouble) - expected.to(at::kDouble)).abs().max().item<double>();
+}
+
+const char* const kLinearWays[] = {"aten", "aten_transposed", "onednn", ""};
+const char* const kConvWays[] = {"aten", "onednn", "onednn_channels_last", ""};
+
+struct EpilogueCase {
+  const char* expression;  // of y = linear(x, w, b) and r, the residual
+  const char* epilogue;    // what the fuser writes
+};
+
+const EpilogueCase kLinearEpilogues[] = {
+    {"y", ""},
+    {"torch.relu(y)", "relu"},
+    {"torch.gelu(y)", "gelu"},
+    {"torch.gelu(y, approximate='tanh')", "gelu_tanh"},
+    {"torch.tanh(y)", "tanh"},
+    {"torch.sigmoid(y)", "sigmoid"},
+    {"torch.silu(y)", "silu"},
+    {"torch.hardswish(y)", "hardswish"},
+    {"y + r", "add"},
+    {"r + y", "add"},
+    {"torch.relu(y + r)", "add+relu"},
+    {"torch.gelu(y + r)", "add+gelu"},
+};
+
+TEST(LibraryCalls, LinearEpiloguesMatchEagerEveryWayInFp32AndBf16) {
+  torch::NoGradGuard no_grad;
+  int index = 0;
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    for (const EpilogueCase& c : kLinearEpilogues) {
+      const std::string body = std::string("def forward(self, x, r):\n  y = torch.linear(x, self.w, self.b)\n  return ") +
+                               c.expression + "\n";
+      torch::jit::Module eager = linearModule("LinearEpilogue" + std::to_string(index++), body, 48, 40, dtype);
+      torch::jit::Module fused = optimize(eager);
+      const std::string text = graphText(fused);
+      torch::jit::testing::FileCheck()
+          .check("kiln::linear")
+          ->check_not("aten::linear")
+          ->run(text);
+      EXPECT_NE(text.find(std::string("value=\"") + c.epilogue + "\""), std::string::npos) << c.expression << "\n" << text;
+      for (const char* way : kLinearWays) {
+        ForcedChoice forced(way);
+        for (std::vector<int64_t> rows : {std::vector<int64_t>{3, 5}, std::vector<int64_t>{1, 64}}) {
+          std::vector<int64_t> in_sizes = rows, out_sizes = rows;
+          in_sizes.push_back(48);
+          out_sizes.push_back(40);
+          at::Tensor x = torch::randn(in_sizes).to(dtype), r = torch::randn(out_sizes).to(dtype);
+          at::Tensor expected = forward(eager, {x, r});
+          expectClose(forward(fused, {x, r}), expected, 4, std::string(c.expression) + " " + c10::toString(dtype) + " way '" + way + "'");
+        }
+        Report rep = report(fused.get_method("forward").graph());
+        ASSERT_EQ(rep.groups.size(), 1u);
+        EXPECT_EQ(rep.groups[0].kind, "linear");
+        if (*way != '\0') {
+          EXPECT_EQ(rep.groups[0].choice, way) << c.expression;
+        }
+      }
+    }
+  }
+}
+
+TEST(LibraryCalls, LinearAddKeepsEagerPromotionAndBroadcasting) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module eager = linearModule(
+      "LinearPromotion", "def forward(self, x, r, s):\n  y = torch.linear(x, self.w, self.b)\n  z = y + r\n  return z + s\n",
+      16, 8);
+  torch::jit::Module fused = optimize(eager);
+  for (const char* way : kLinearWays) {
+    ForcedChoice forced(way);
+    // A float64 residual promotes; a [4, 3, 8] one broadcasts the [3, 8] result.
+    at::Tensor x = torch::randn({3, 16});
+    at::Tensor r = torch::randn({3, 8}, at::kDouble), s = torch::randn({4, 3, 8}, at::kDouble);
+    at::Tensor expected = forward(eager, {x, r, s});
+    at::Tensor actual = forward(fused, {x, r, s});
+    EXPECT_EQ(actual.scalar_type(), at::kDouble);
+    expectClose(actual.to(at::kFloat), expected.to(at::kFloat), 4, way);
+    at::Tensor rb = torch::randn({2, 3, 8}), sb = torch::randn({2, 3, 8}, at::kDouble);
+    expectClose(forward(fused, {x, rb, sb}), forward(eager, {x, rb, sb}), 4, way);
+  }
+}
+
+torch::jit::Module convModule(const std::string& name, const std::string& body, int64_t channels, int64_t out,
+                              at::ScalarType dtype = at::kFloat) {
+  torch::jit::Module m(name);
+  m.register_parameter("w", (torch::randn({out, channels, 3, 3}) / std::sqrt(9.0 * channels)).to(dtype), false);
+  m.register_parameter("b", torch::randn({out}).to(dtype), false);
+  m.register_buffer("mean", torch::randn({out}).to(dtype));
+  m.register_buffer("var", (torch::rand({out}) + 0.5).to(dtype));
+  m.register_parameter("gamma", torch::randn({out}).to(dtype), false);
+  m.register_parameter("beta", torch::randn({out}).to(dtype), false);
+  m.register_parameter("w2", (torch::randn({out, out, 3, 3}) / std::sqrt(9.0 * out)).to(dtype), false);
+  m.define(body);
+  m.eval();
+  return m;
+}
+
+TEST(LibraryCalls, ConvBatchNormReluAndResidualMatchEagerEveryWay) {
+  torch::NoGradGuard no_grad;
+  // conv + relu; conv + batch_norm (folded) + relu; then a third conv whose residual add_ + relu_
+  // are fused and accumulate into the first conv's result, which no one reads afterwards (as in a
+  // ResNet block, whose input is the residual).
+  const std::string body = R"(
+def forward(self, x):
+  h = torch.relu(torch.conv2d(x, self.w2, self.b, 1, 1))
+  y = torch.conv2d(h, self.w, self.b, 1, 1)
+  y = torch.batch_norm(y, self.gamma, self.beta, self.mean, self.var, False, 0.1, 1e-5, False)
+  y = torch.relu(y)
+  z = torch.conv2d(y, self.w2, None, 1, 1)
+  z += h
+  return torch.relu_(z)
+)";
+  int index = 0;
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    torch::jit::Module eager = convModule("ConvResidual" + std::to_string(index++), body, 8, 8, dtype);
+    torch::jit::Module fused = optimize(eager);
+    const std::string text = graphText(fused);
+    torch::jit::testing::FileCheck().check_count("kiln::conv2d(", 3, /*exactly=*/true)->run(text);
+    EXPECT_NE(text.find("value=\"add_@other+relu\""), std::string::npos) << text;
+    EXPECT_EQ(text.find("aten::batch_norm"), std::string::npos) << text;
+    // The channels-last result is returned with eager's strides.
+    EXPECT_NE(text.find("aten::contiguous"), std::string::npos) << text;
+    for (const char* way : kConvWays) {
+      ForcedChoice forced(way);
+      for (int64_t batch : {1, 3}) {
+        at::Tensor x = torch::randn({batch, 8, 10, 9}).to(dtype);
+        at::Tensor expected = forward(eager, {x});
+        at::Tensor actual = forward(fused, {x});
+        expectClose(actual, expected, dtype == at::kBFloat16 ? 16 : 8, std::string("way '") + way + "' " + c10::toString(dtype));
+        EXPECT_TRUE(actual.is_contiguous()) << way;
+      }
+      // Every convolution can run these two ways: none fell back.
+      if (std::string(way) == "aten" || std::string(way) == "onednn") {
+        for (const GroupReport& group : report(fused.get_method("forward").graph()).groups) EXPECT_EQ(group.choice, way);
+      }
+    }
+  }
+}
+
+TEST(LibraryCalls, StridedConvAndChannelsLastInputsMatchEager) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module eager = convModule("ConvStrided", R"(
+def forward(self, x):
+  y = torch.conv2d(x, self.w, self.b, [2, 1], [0, 2], [1, 2], 1)
+  return torch.hardswish(y)
+)", 6, 10);
+  torch::jit::Module fused = optimize(eager);
+  for (const char* way : kConvWays) {
+    ForcedChoice forced(way);
+    for (bool channels_last : {false, true}) {
+      at::Tensor x = torch::randn({2, 6, 11, 13});
+      if (channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+      expectClose(forward(fused, {x}), forward(eager, {x}), 8, way);
+    }
+  }
+}
+
+TEST(LibraryCalls, ResidualIsNotOverwrittenWhereSomeoneReadsIt) {
+  torch::NoGradGuard no_grad;
+  // The residual is the module's input (the caller's tensor) in one, and is read again after the
+  // add in the other: neither may be written in place.
+  torch::jit::Module from_input = convModule("ResidualInput", R"(
+def forward(self, x):
+  y = torch.conv2d(x, self.w, self.b, 1, 1)
+  return torch.relu(y + x)
+)", 4, 4);
+  torch::jit::Module read_later = convModule("ResidualReadLater", R"(
+def forward(self, x):
+  r = torch.relu(x)
+  y = torch.conv2d(x, self.w, self.b, 1, 1)
+  y += r
+  return y * r
+)", 4, 4);
+  for (torch::jit::Module* eager : {&from_input, &read_later}) {
+    torch::jit::Module fused = optimize(*eager);
+    const std::string text = graphText(fused);
+    EXPECT_NE(text.find("kiln::conv2d"), std::string::npos) << text;
+    EXPECT_EQ(text.find("@other"), std::string::npos) << text;
+    for (const char* way : kConvWays) {
+      ForcedChoice forced(way);
+      at::Tensor x = torch::randn({2, 4, 7, 7});
+      at::Tensor before = x.clone();
+      at::Tensor expected = forward(*eager, {x});
+      expectClose(forward(fused, {x}), expected, 8, way);
+      EXPECT_TRUE(x.equal(before)) << "the caller's input changed, way " << way;
+    }
+  }
+}
+
+TEST(LibraryCalls, ViewsOfConvolutionResultsSeeEagerStrides) {
+  torch::NoGradGuard no_grad;
+  // view() needs the strides eager gives; oneDNN's results are channels-last until a
+  // contiguous() the pass puts in front of the view.
+  torch::jit::Module eager = convModule("ConvView", R"(
+def forward(self, x):
+  y = torch.relu(torch.conv2d(x, self.w, self.b, 1, 1))
+  p = torch.max_pool2d(y, [2, 2])
+  return p.view(p.size(0), -1)
+)", 3, 5);
+  torch::jit::Module fused = optimize(eager);
+  torch::jit::testing::FileCheck().check("kiln::conv2d")->check("aten::max_pool2d")->check("aten::contiguous")->check("aten::view")->run(graphText(fused));
+  for (const char* way : kConvWays) {
+    ForcedChoice forced(way);
+    at::Tensor x = torch::randn({2, 3, 8, 8});
+    expectClose(forward(fused, {x}), forward(eager, {x}), 8, way);
+  }
+}
+
+TEST(LibraryCalls, AutogradRecordsThroughAtenOps) {
+  torch::jit::Module eager = linearModule("LinearGrad", "def forward(self, x):\n  return torch.relu(torch.linear(x, self.w, self.b))\n", 12, 6);
+  torch::jit::Module fused = optimize(eager);
+  at::Tensor x = torch::randn({4, 12}, torch::requires_grad());
+  at::Tensor y = forward(fused, {x});
+  ASSERT_TRUE(y.requires_grad());
+  y.sum().backward();
+  at::Tensor x2 = x.detach().clone().requires_grad_(true);
+  forward(eager, {x2}).sum().backward();
+  expectClose(x.grad(), x2.grad(), 4, "input gradient");
+}
+
+TEST(LibraryCalls, SavedModuleRunsAfterLoad) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module eager = convModule("ConvSaved", R"(
+def forward(self, x):
+  y = torch.relu(torch.conv2d(x, self.w, self.b, 1, 1))
+  return torch.adaptive_avg_pool2d(y, [1, 1]).flatten(1)
+)", 3, 6);
+  torch::jit::Module fused = optimize(eager);
+  const std::string path = ::testing::TempDir() + "kiln_library_calls.pt";
+  fused.save(path);
+  torch::jit::Module loaded = torch::jit::load(path);
+  EXPECT_NE(graphText(loaded).find("kiln::conv2d"), std::string::npos);
+  at::Tensor x = torch::randn({2, 3, 9, 9});
+  expectClose(forward(loaded, {x}), forward(eager, {x}), 8, "loaded");
+  std::filesystem::remove(path);
+}
+
+TEST(LibraryCalls, FailingLibraryCallRunsAtenOps) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module eager = linearModule("LinearFault", "def forward(self, x):\n  return torch.gelu(torch.linear(x, self.w, self.b))\n", 20, 12);
+  torch::jit::Module fused = optimize(eager);
+  InjectedFault fault("library");
+  for (const char* way : kLinearWays) {
+    ForcedChoice forced(way);
+    at::Tensor x = torch::randn({5, 20});
+    expectClose(forward(fused, {x}), forward(eager, {x}), 4, way);
+    EXPECT_EQ(report(fused.get_method("forward").graph()).groups[0].choice, "aten") << way;
+  }
+}
+
+TEST(LibraryCalls, BadInputRaisesEagersError) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module eager = linearModule("LinearBadInput", "def forward(self, x):\n  return torch.relu(torch.linear(x, self.w, self.b))\n", 8, 4);
+  torch::jit::Module fused = optimize(eager);
+  at::Tensor wrong = torch::randn({3, 7});
+  auto message = [](torch::jit::Module& m, const at::Tensor& x) -> std::string {
+    try {
+      forward(m, {x});
+    } catch (const std::exception& error) {
+      return error.what();
+    }
+    return "no error";
+  };
+  const std::string eager_error = message(eager, wrong), fused_error = message(fused, wrong);
+  EXPECT_NE(eager_error.find("cannot be multiplied"), std::string::npos) << eager_error;
+  EXPECT_NE(fused_error.find("cannot be multiplied"), std::string::npos) << fused_error;
+  at::Tensor empty = torch::randn({0, 8});
+  EXPECT_EQ(forward(fused, {empty}).sizes(), forward(eager, {empty}).sizes());
+}
+
+TEST(LibraryCalls, MeasuredChoiceIsRemembered) {
+  torch::NoGradGuard no_grad;
+  // A shape class no other test uses: K = 72, N = 56.
+  torch::jit::Module eager = linearModule("LinearMeasured", "def forward(self, x):\n  return torch.tanh(torch.linear(x, self.w, self.b))\n", 72, 56);
+  torch::jit::Module fused = optimize(eager);
+  at::Tensor x = torch::randn({9, 72});
+  expectClose(forward(fused, {x}), forward(eager, {x}), 4, "measured");
+  const std::string key = "linear Float rows<=16 K=72 N=56 bias epilogue=tanh input contiguous";
+  std::optional<std::string> remembered = rememberedChoice(key);
+  ASSERT_TRUE(remembered.has_value());
+  EXPECT_EQ(report(fused.get_method("forward").graph()).groups[0].choice, *remembered);
+  // Another shape in the class runs the remembered way without measuring again.
+  at::Tensor x2 = torch::randn({13, 72});
+  expectClose(forward(fused, {x2}), forward(eager, {x2}), 4, "remembered");
+  EXPECT_EQ(report(fused.get_method("forward").graph()).groups[0].choice, *remembered);
+}
+
+}  // namespace
+}  // namespace kiln

@@ -1,0 +1,489 @@
+// kiln::linear and kiln::conv2d (fuser/library_calls.h): a GEMM or convolution with its epilogue,
+// run the fastest of the ways this machine offers, by measurement:
+//
+//   linear:  "aten"            at::linear over the weight as given, then the epilogue's ATen ops
+//            "aten_transposed" addmm over the weight transposed once ([K, N], as torch's
+//                              FrozenLinearTranspose lays it out), then the epilogue
+//            "onednn"          mkldnn::_linear_pointwise on a weight prepacked once, the
+//                              activation or the add fused as a post-op
+//   conv2d:  "aten"            at::conv2d, then the epilogue
+//            "onednn"          mkldnn::_convolution_pointwise on a prepacked weight, add and
+//                              activation fused; its outputs are channels-last
+//            "onednn_channels_last"  the same on the input made channels-last first
+//
+// The first call of a shape class (dtype, rows rounded up to a power of two, the weight's shape,
+// the epilogue, the layouts) times every way that can run it, checks each result against ATen's,
+// and remembers the fastest (torch_ops/measured_choice.h); later calls, in this process or
+// another on the same machine, run it directly. "aten" is the fallback of every call: a library
+// path that cannot take the inputs (a CUDA tensor, a dtype oneDNN lacks, autograd), or that fails
+// or disagrees, is never chosen, and a failure is logged once.
+//
+// Registered as CompositeImplicitAutograd: when autograd needs the result, the ATen ops run above
+// the autograd layer and record the graph as eager would.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <chrono>
+#include <functional>
+#include <limits>
+#include <mutex>
+#include <unordered_map>
+
+#include "codegen/fault_injection.h"
+#include "fuser/group_stats.h"
+#include "fuser/library_calls.h"
+#include "kiln/options.h"
+#include "torch_ops/measured_choice.h"
+
+namespace kiln {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr const char* kAten = "aten";
+constexpr const char* kAtenTransposed = "aten_transposed";
+constexpr const char* kOneDnn = "onednn";
+constexpr const char* kOneDnnChannelsLast = "onednn_channels_last";
+
+// One way to run the call. `other` is the call's, or during measurement a copy of it when the
+// epilogue writes into it.
+struct Candidate {
+  const char* name;
+  std::function<at::Tensor(const std::optional<at::Tensor>& other)> run;
+};
+
+// ---- The epilogue in ATen ops ----------------------------------------------------------------
+
+at::Tensor activate(at::Tensor y, Activation activation, bool in_place) {
+  switch (activation) {
+    case Activation::kNone: return y;
+    case Activation::kRelu: return in_place ? y.relu_() : at::relu(y);
+    case Activation::kGelu: return in_place ? at::gelu_(y, "none") : at::gelu(y, "none");
+    case Activation::kGeluTanh: return in_place ? at::gelu_(y, "tanh") : at::gelu(y, "tanh");
+    case Activation::kTanh: return in_place ? y.tanh_() : at::tanh(y);
+    case Activation::kSigmoid: return in_place ? y.sigmoid_() : at::sigmoid(y);
+    case Activation::kSilu: return in_place ? at::silu_(y) : at::silu(y);
+    case Activation::kHardswish: return in_place ? at::hardswish_(y) : at::hardswish(y);
+  }
+  return y;
+}
+
+// Whether this call may write the sum into `other` (the fuser proved no one reads it afterwards):
+// the values are the same as the add's only when shapes and dtypes already agree.
+bool writesIntoOther(const Epilogue& epilogue, const std::optional<at::Tensor>& other, at::IntArrayRef out_sizes,
+                     at::ScalarType dtype, const at::Tensor& input, bool grad) {
+  return epilogue.into_other && !grad && other && other->sizes() == out_sizes && other->scalar_type() == dtype &&
+         other->layout() == at::kStrided && other->is_non_overlapping_and_dense() && !other->is_alias_of(input);
+}
+
+// `y` is the fresh result of the GEMM or convolution; `grad` says autograd is recording;
+// `into_other`: writesIntoOther() said yes.
+at::Tensor atenEpilogue(at::Tensor y, const Epilogue& epilogue, const std::optional<at::Tensor>& other, bool grad,
+                        bool into_other = false) {
+  if (epilogue.add != Epilogue::Add::kNone && into_other) return activate(other->add_(y), epilogue.activation, true);
+  if (epilogue.add == Epilogue::Add::kOutOfPlace) y = at::add(y, *other);
+  if (epilogue.add == Epilogue::Add::kInPlace) y = grad ? at::add(y, *other).to(y.scalar_type()) : y.add_(*other);
+  return activate(y, epilogue.activation, !grad);
+}
+
+// ---- oneDNN through ATen's mkldnn operators --------------------------------------------------
+
+c10::IValue callBoxed(const char* name, const char* overload, torch::jit::Stack stack) {
+  const c10::OperatorHandle& op = c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
+  op.callBoxed(&stack);
+  return stack.front();
+}
+
+bool onednnTakesDtype(at::ScalarType dtype) {
+  if (dtype == at::kFloat) return true;
+  if (dtype != at::kBFloat16) return false;
+  static const bool bf16 = callBoxed("mkldnn::_is_mkldnn_bf16_supported", "", {}).toBool();
+  return bf16;
+}
+
+// oneDNN's post-op name and algorithm for an activation.
+std::pair<std::string, std::optional<std::string>> onednnActivation(Activation activation) {
+  switch (activation) {
+    case Activation::kNone: return {"none", std::nullopt};
+    case Activation::kGelu: return {"gelu", "none"};
+    case Activation::kGeluTanh: return {"gelu", "tanh"};
+    case Activation::kSilu: return {"swish", std::nullopt};
+    default: return {activationName(activation), std::nullopt};
+  }
+}
+
+c10::IValue optionalString(const std::optional<std::string>& text) {
+  return text ? c10::IValue(*text) : c10::IValue();
+}
+
+// The add fuses as oneDNN's binary post-op when it changes neither the shape nor the dtype.
+bool addFuses(const Epilogue& epilogue, const std::optional<at::Tensor>& other, at::IntArrayRef out_sizes,
+              at::ScalarType dtype) {
+  if (epilogue.add == Epilogue::Add::kNone) return true;
+  return other && other->sizes() == out_sizes && other->scalar_type() == dtype && other->device().is_cpu() &&
+         other->layout() == at::kStrided && other->is_contiguous(other->suggest_memory_format());
+}
+
+bool plainCpuTensor(const at::Tensor& tensor) {
+  return tensor.device().is_cpu() && tensor.layout() == at::kStrided && !tensor.is_quantized() &&
+         !tensor.is_conj() && !tensor.is_neg();
+}
+
+bool gradRecorded(std::initializer_list<const at::Tensor*> tensors) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* tensor : tensors) {
+    if (tensor != nullptr && tensor->defined() && tensor->requires_grad()) return true;
+  }
+  return false;
+}
+
+// ---- Weights prepared once -------------------------------------------------------------------
+
+// What kiln made of one weight: transposed, prepacked. Keyed by the weight's TensorImpl and the
+// parameters the packing depends on; rebuilt if the weight is freed or written to.
+struct Prepared {
+  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> owner;
+  uint32_t version = 0;
+  at::Tensor tensor;
+};
+
+std::mutex prepared_mutex;
+std::unordered_map<std::string, Prepared>& preparedTable() {
+  static auto* table = new std::unordered_map<std::string, Prepared>();
+  return *table;
+}
+
+at::Tensor prepared(const at::Tensor& weight, const std::string& what, const std::function<at::Tensor()>& make) {
+  const std::string key = std::to_string(reinterpret_cast<uintptr_t>(weight.unsafeGetTensorImpl())) + " " + what;
+  {
+    std::lock_guard<std::mutex> lock(prepared_mutex);
+    auto found = preparedTable().find(key);
+    if (found != preparedTable().end()) {
+      c10::intrusive_ptr<c10::TensorImpl> owner = found->second.owner->lock();
+      if (owner.get() == weight.unsafeGetTensorImpl() && found->second.version == weight._version())
+        return found->second.tensor;
+    }
+  }
+  at::NoGradGuard no_grad;
+  Prepared entry;
+  entry.owner.emplace(weight.getIntrusivePtr());
+  entry.version = weight._version();
+  entry.tensor = make();
+  std::lock_guard<std::mutex> lock(prepared_mutex);
+  auto& table = preparedTable();
+  for (auto it = table.begin(); it != table.end();) it = it->second.owner->expired() ? table.erase(it) : std::next(it);
+  table[key] = entry;
+  return entry.tensor;
+}
+
+// ---- Measuring -------------------------------------------------------------------------------
+
+int64_t powerOfTwoAtLeast(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
+std::string layoutName(const at::Tensor& tensor) {
+  if (tensor.is_contiguous()) return "contiguous";
+  if (tensor.dim() == 4 && tensor.is_contiguous(at::MemoryFormat::ChannelsLast)) return "channels_last";
+  return "strided";
+}
+
+// Agreement with ATen's result, to the tolerance of the dtype: a GEMM's sums in another order.
+bool agrees(const at::Tensor& result, const at::Tensor& reference) {
+  if (result.sizes() != reference.sizes() || result.scalar_type() != reference.scalar_type()) return false;
+  if (reference.numel() == 0) return true;
+  const double tolerance = reference.scalar_type() == at::kFloat || reference.scalar_type() == at::kDouble ? 1e-3 : 5e-2;
+  const at::Tensor a = result.to(at::kFloat), b = reference.to(at::kFloat);
+  const double scale = b.abs().max().item<double>();
+  const double error = (a - b).abs().max().item<double>();
+  return error <= tolerance * (scale + 1e-6) || (std::isnan(error) && a.isnan().equal(b.isnan()));
+}
+
+void logOnce(const std::string& key, const std::string& message) {
+  static std::mutex mutex;
+  static auto* seen = new std::unordered_map<std::string, bool>();
+  std::lock_guard<std::mutex> lock(mutex);
+  if ((*seen)[key]) return;
+  (*seen)[key] = true;
+  log(LogLevel::kWarning, message);
+}
+
+// Runs the call the chosen way; on the first call of a shape class, times every candidate.
+// candidates[0] is ATen's way, the reference and the fallback.
+// Runs one candidate; every way but ATen's is a library call that a test can make fail.
+at::Tensor runCandidate(const Candidate& candidate, const std::optional<at::Tensor>& other) {
+  if (std::string(candidate.name) != kAten) failIfInjected(FaultStage::kLibrary);
+  return candidate.run(other);
+}
+
+// `mutates_other`: the candidates write into `other`, so each measured run gets a fresh copy.
+at::Tensor runChosen(const std::string& key, const std::vector<Candidate>& candidates, GroupCounters& counters,
+                     const std::optional<at::Tensor>& other = std::nullopt, bool mutates_other = false) {
+  const auto start = Clock::now();
+  // A call that measured is counted but not timed: its time is the candidates'.
+  auto finish = [&](at::Tensor result, const char* name, bool timed = true) {
+    counters.calls++;
+    if (timed) {
+      counters.timed_calls++;
+      counters.timed_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count();
+    }
+    counters.choice = name;
+    return result;
+  };
+  auto runNamed = [&](const std::string& name) -> std::optional<at::Tensor> {
+    for (const Candidate& candidate : candidates) {
+      if (name != candidate.name) continue;
+      try {
+        // A library call fails before it writes (oneDNN checks and creates its primitive first),
+        // so `other` is as it was for the ATen ops that follow.
+        return finish(runCandidate(candidate, other), candidate.name);
+      } catch (const std::exception& error) {
+        logOnce(key + name, std::string("kiln: ") + candidate.name + " failed for " + key + ", running ATen's ops: " +
+                                error.what());
+      }
+    }
+    return std::nullopt;
+  };
+  if (candidates.size() == 1) return finish(candidates[0].run(other), kAten);
+  const std::string forced = forcedChoice();
+  if (!forced.empty()) {
+    if (std::optional<at::Tensor> result = runNamed(forced)) return *result;
+    return finish(candidates[0].run(other), kAten);
+  }
+  if (std::optional<std::string> remembered = rememberedChoice(key)) {
+    if (std::optional<at::Tensor> result = runNamed(*remembered)) return *result;
+    return finish(candidates[0].run(other), kAten);
+  }
+  if (!claimMeasurement(key)) return finish(candidates[0].run(other), kAten);
+  struct Claim {
+    const std::string& key;
+    ~Claim() { endMeasurement(key); }
+  } claim{key};
+  // Each candidate once to warm up (its result checked against ATen's), then timed runs: at least
+  // three, more while they take under 20 ms in all; the best, since what only slows a run down is
+  // noise.
+  auto scratch = [&]() -> std::optional<at::Tensor> {
+    if (!mutates_other || !other) return other;
+    return other->clone(at::MemoryFormat::Preserve);
+  };
+  at::Tensor reference = candidates[0].run(scratch());
+  at::Tensor best_result = reference;
+  const char* best_name = kAten;
+  double best_ns = std::numeric_limits<double>::infinity();
+  for (const Candidate& candidate : candidates) {
+    try {
+      const auto warm_start = Clock::now();
+      at::Tensor result = runCandidate(candidate, scratch());
+      const double warm_ns = std::chrono::duration<double, std::nano>(Clock::now() - warm_start).count();
+      if (&candidate != &candidates[0] && !agrees(result, reference)) {
+        logOnce(key + candidate.name, std::string("kiln: ") + candidate.name + " disagrees with ATen for " + key +
+                                          "; not used");
+        continue;
+      }
+      double fastest = std::numeric_limits<double>::infinity();
+      const int rounds = static_cast<int>(std::clamp(20e6 / std::max(warm_ns, 1.0), 3.0, 20.0));
+      for (int round = 0; round < rounds; ++round) {
+        std::optional<at::Tensor> operand = scratch();
+        const auto begin = Clock::now();
+        result = runCandidate(candidate, operand);
+        fastest = std::min<double>(fastest, std::chrono::duration<double, std::nano>(Clock::now() - begin).count());
+      }
+      if (fastest < best_ns) {
+        best_ns = fastest;
+        best_name = candidate.name;
+        best_result = result;
+      }
+    } catch (const std::exception& error) {
+      logOnce(key + candidate.name,
+              std::string("kiln: ") + candidate.name + " failed for " + key + "; not used: " + error.what());
+    }
+  }
+  rememberChoice(key, best_name);
+  log(LogLevel::kInfo, "kiln: " + key + " runs " + best_name);
+  return finish(best_result, best_name, /*timed=*/false);
+}
+
+// The bytes the call moves (its operands read once, its result written once) and what the
+// unfused ops moved besides: each epilogue op read and wrote the result again.
+at::Tensor counted(at::Tensor result, GroupCounters& counters, const Epilogue& epilogue,
+                   std::initializer_list<const at::Tensor*> operands) {
+  int64_t bytes = static_cast<int64_t>(result.nbytes());
+  for (const at::Tensor* operand : operands) {
+    if (operand != nullptr && operand->defined()) bytes += static_cast<int64_t>(operand->nbytes());
+  }
+  const int64_t epilogue_ops = (epilogue.add != Epilogue::Add::kNone) + (epilogue.activation != Activation::kNone);
+  counters.bytes_fused = bytes;
+  counters.bytes_unfused = bytes + epilogue_ops * 2 * static_cast<int64_t>(result.nbytes());
+  return result;
+}
+
+// ---- kiln::linear ----------------------------------------------------------------------------
+
+Epilogue epilogueFrom(const std::string& text) {
+  std::optional<Epilogue> epilogue = Epilogue::parse(text);
+  TORCH_CHECK(epilogue, "kiln: unknown epilogue '", text, "' (made by a newer kiln?)");
+  return *epilogue;
+}
+
+at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& other, const std::string& epilogue_text) {
+  const Epilogue epilogue = epilogueFrom(epilogue_text);
+  const bool grad = gradRecorded({&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
+  std::vector<Candidate> candidates;
+  candidates.push_back({kAten, [&](const std::optional<at::Tensor>& operand) {
+    return atenEpilogue(at::linear(input, weight, bias), epilogue, operand, grad);
+  }});
+  GroupCounters& counters = libraryCounters(weight.unsafeGetTensorImpl());
+  const bool two_dim_weight = weight.dim() == 2 && input.dim() >= 2 && input.size(-1) == weight.size(1);
+  if (grad || !two_dim_weight) return runChosen("", candidates, counters, other);
+  const int64_t k = weight.size(1), n = weight.size(0);
+  const int64_t rows = k == 0 ? 0 : input.numel() / k;
+  std::vector<int64_t> out_sizes = input.sizes().vec();
+  out_sizes.back() = n;
+  const bool same_kind = !bias || (bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == input.scalar_type() &&
+                                   bias->device() == input.device());
+  if (rows == 0 || !same_kind || weight.scalar_type() != input.scalar_type() || weight.device() != input.device() ||
+      !at::isFloatingType(input.scalar_type())) {
+    return runChosen("", candidates, counters, other);
+  }
+  candidates.push_back({kAtenTransposed, [&](const std::optional<at::Tensor>& operand) {
+    at::Tensor transposed = prepared(weight, "transposed", [&] { return weight.t().contiguous(); });
+    at::Tensor flat = input.reshape({rows, k});
+    at::Tensor y = bias ? at::addmm(*bias, flat, transposed) : at::mm(flat, transposed);
+    return atenEpilogue(y.view(out_sizes), epilogue, operand, false);
+  }});
+  const bool onednn = plainCpuTensor(input) && plainCpuTensor(weight) && onednnTakesDtype(input.scalar_type()) &&
+                      (!bias || plainCpuTensor(*bias));
+  if (onednn) {
+    const bool fuse_add = addFuses(epilogue, other, out_sizes, input.scalar_type());
+    candidates.push_back({kOneDnn, [&, fuse_add](const std::optional<at::Tensor>& operand) {
+      at::Tensor packed = prepared(weight, "onednn linear", [&] {
+        return callBoxed("mkldnn::_reorder_linear_weight", "", {weight, c10::IValue()}).toTensor();
+      });
+      const c10::IValue b = bias ? c10::IValue(*bias) : c10::IValue();
+      if (epilogue.add != Epilogue::Add::kNone && fuse_add) {
+        at::Tensor y = callBoxed("mkldnn::_linear_pointwise", "binary", {input, *operand, packed, b, "add"}).toTensor();
+        return activate(y, epilogue.activation, true);
+      }
+      const Activation fused = epilogue.add == Epilogue::Add::kNone ? epilogue.activation : Activation::kNone;
+      const auto [attr, algorithm] = onednnActivation(fused);
+      at::Tensor y = callBoxed("mkldnn::_linear_pointwise", "",
+                               {input, packed, b, attr, c10::List<std::optional<at::Scalar>>(), optionalString(algorithm)})
+                         .toTensor();
+      return epilogue.add == Epilogue::Add::kNone ? y : atenEpilogue(y, epilogue, operand, false);
+    }});
+  }
+  const std::string key = "linear " + std::string(c10::toString(input.scalar_type())) + " rows<=" +
+                          std::to_string(powerOfTwoAtLeast(rows)) + " K=" + std::to_string(k) + " N=" +
+                          std::to_string(n) + (bias ? " bias" : "") + " epilogue=" + epilogue_text + " input " +
+                          layoutName(input) + (other ? " other " + layoutName(*other) + " " + c10::toString(other->scalar_type()) : "");
+  return counted(runChosen(key, candidates, counters, other), counters, epilogue,
+                 {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
+}
+
+// ---- kiln::conv2d ----------------------------------------------------------------------------
+
+std::string joined(at::IntArrayRef values) {
+  std::string text;
+  for (int64_t value : values) text += (text.empty() ? "" : ",") + std::to_string(value);
+  return text;
+}
+
+at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& other, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                  std::vector<int64_t> dilation, int64_t groups, const std::string& epilogue_text) {
+  const Epilogue epilogue = epilogueFrom(epilogue_text);
+  const bool grad = gradRecorded({&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
+  std::vector<Candidate> candidates;
+  candidates.push_back({kAten, [&](const std::optional<at::Tensor>& operand) {
+    at::Tensor y = at::conv2d(input, weight, bias, stride, padding, dilation, groups);
+    return atenEpilogue(y, epilogue, operand, grad,
+                        writesIntoOther(epilogue, operand, y.sizes(), y.scalar_type(), input, grad));
+  }});
+  GroupCounters& counters = libraryCounters(weight.unsafeGetTensorImpl());
+  const bool onednn = !grad && input.dim() == 4 && weight.dim() == 4 && input.numel() > 0 && plainCpuTensor(input) &&
+                      plainCpuTensor(weight) && onednnTakesDtype(input.scalar_type()) &&
+                      weight.scalar_type() == input.scalar_type() && groups > 0 && stride.size() == 2 &&
+                      padding.size() == 2 && dilation.size() == 2 && input.size(1) == weight.size(1) * groups &&
+                      weight.size(0) % groups == 0 &&
+                      (!bias || (plainCpuTensor(*bias) && bias->scalar_type() == input.scalar_type() &&
+                                 bias->dim() == 1 && bias->size(0) == weight.size(0)));
+  if (!onednn) return runChosen("", candidates, counters, other, epilogue.into_other);
+  std::vector<int64_t> out_sizes = {input.size(0), weight.size(0)};
+  for (int d = 0; d < 2; ++d) {
+    const int64_t extent = dilation[d] * (weight.size(2 + d) - 1) + 1;
+    out_sizes.push_back(stride[d] > 0 ? (input.size(2 + d) + 2 * padding[d] - extent) / stride[d] + 1 : 0);
+  }
+  if (out_sizes[2] <= 0 || out_sizes[3] <= 0) return runChosen("", candidates, counters, other, epilogue.into_other);
+  const bool into_other = writesIntoOther(epilogue, other, out_sizes, input.scalar_type(), input, grad);
+  const bool fuse_add = addFuses(epilogue, other, out_sizes, input.scalar_type());
+  const std::string params = joined(stride) + "/" + joined(padding) + "/" + joined(dilation) + "/" + std::to_string(groups);
+  auto runOneDnn = [&, fuse_add, into_other](const at::Tensor& x, const std::optional<at::Tensor>& operand) {
+    at::Tensor packed = prepared(weight, "onednn conv2d " + params, [&] {
+      return callBoxed("mkldnn::_reorder_convolution_weight", "",
+                       {weight, padding, stride, dilation, groups, input.sizes().vec()})
+          .toTensor();
+    });
+    const c10::IValue b = bias ? c10::IValue(*bias) : c10::IValue();
+    const auto no_scalars = c10::List<std::optional<at::Scalar>>();
+    if (epilogue.add != Epilogue::Add::kNone && into_other &&
+        (epilogue.activation == Activation::kNone || epilogue.activation == Activation::kRelu)) {
+      // oneDNN's sum post-op: the convolution accumulates into `other` (then relu), in place.
+      const c10::IValue relu = epilogue.activation == Activation::kRelu ? c10::IValue("relu") : c10::IValue();
+      return callBoxed("mkldnn::_convolution_pointwise_", "binary",
+                       {*operand, x, packed, b, padding, stride, dilation, groups, "add", at::Scalar(1.0), relu,
+                        no_scalars, c10::IValue()})
+          .toTensor();
+    }
+    const auto [attr, algorithm] = onednnActivation(epilogue.activation);
+    if (epilogue.add != Epilogue::Add::kNone && fuse_add) {
+      return callBoxed("mkldnn::_convolution_pointwise", "binary",
+                       {x, *operand, packed, b, padding, stride, dilation, groups, "add", at::Scalar(1.0),
+                        epilogue.activation == Activation::kNone ? c10::IValue() : c10::IValue(attr), no_scalars,
+                        optionalString(algorithm)})
+          .toTensor();
+    }
+    if (epilogue.add == Epilogue::Add::kNone) {
+      return callBoxed("mkldnn::_convolution_pointwise", "",
+                       {x, packed, b, padding, stride, dilation, groups, attr, no_scalars, optionalString(algorithm)})
+          .toTensor();
+    }
+    at::Tensor y = callBoxed("mkldnn::_convolution_pointwise", "",
+                             {x, packed, b, padding, stride, dilation, groups, "none", no_scalars, c10::IValue()})
+                       .toTensor();
+    return atenEpilogue(y, epilogue, operand, false, into_other);
+  };
+  candidates.push_back({kOneDnn, [&](const std::optional<at::Tensor>& operand) { return runOneDnn(input, operand); }});
+  if (!input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    candidates.push_back({kOneDnnChannelsLast, [&](const std::optional<at::Tensor>& operand) {
+      return runOneDnn(input.contiguous(at::MemoryFormat::ChannelsLast), operand);
+    }});
+  }
+  const std::string key = "conv2d " + std::string(c10::toString(input.scalar_type())) + " batch<=" +
+                          std::to_string(powerOfTwoAtLeast(input.size(0))) + " input " + joined(input.sizes().slice(1)) +
+                          " weight " + joined(weight.sizes()) + " " + params + (bias ? " bias" : "") +
+                          " epilogue=" + epilogue_text + (into_other ? " into other" : "") + " " + layoutName(input) +
+                          (other ? " other " + layoutName(*other) + " " + c10::toString(other->scalar_type()) : "");
+  return counted(runChosen(key, candidates, counters, other, into_other), counters, epilogue,
+                 {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kiln, m) {
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias, Tensor? other, str epilogue) -> Tensor");
+  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor? other, int[] stride, int[] padding, "
+        "int[] dilation, int groups, str epilogue) -> Tensor");
+  // Tests only: every library call runs this way where it can ("" measures again).
+  m.def("_force_library_choice(str choice) -> ()", [](const std::string& choice) { forceChoice(choice); });
+}
+
+TORCH_LIBRARY_IMPL(kiln, CompositeImplicitAutograd, m) {
+  m.impl("linear", &linear);
+  m.impl("conv2d", &conv2d);
+}
+
+}  // namespace kiln
