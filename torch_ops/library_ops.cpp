@@ -241,7 +241,7 @@ at::Tensor runChosen(const std::string& key, const std::vector<Candidate>& candi
         // so `other` is as it was for the ATen ops that follow.
         return finish(runCandidate(candidate, other), candidate.name);
       } catch (const std::exception& error) {
-        logOnce(key + name, std::string("kiln: ") + candidate.name + " failed for " + key + ", running ATen's ops: " +
+        logOnce(key + name, std::string(candidate.name) + " failed for " + key + ", running ATen's ops: " +
                                 error.what());
       }
     }
@@ -279,7 +279,7 @@ at::Tensor runChosen(const std::string& key, const std::vector<Candidate>& candi
       at::Tensor result = runCandidate(candidate, scratch());
       const double warm_ns = std::chrono::duration<double, std::nano>(Clock::now() - warm_start).count();
       if (&candidate != &candidates[0] && !agrees(result, reference)) {
-        logOnce(key + candidate.name, std::string("kiln: ") + candidate.name + " disagrees with ATen for " + key +
+        logOnce(key + candidate.name, std::string(candidate.name) + " disagrees with ATen for " + key +
                                           "; not used");
         continue;
       }
@@ -298,11 +298,11 @@ at::Tensor runChosen(const std::string& key, const std::vector<Candidate>& candi
       }
     } catch (const std::exception& error) {
       logOnce(key + candidate.name,
-              std::string("kiln: ") + candidate.name + " failed for " + key + "; not used: " + error.what());
+              std::string(candidate.name) + " failed for " + key + "; not used: " + error.what());
     }
   }
   rememberChoice(key, best_name);
-  log(LogLevel::kInfo, "kiln: " + key + " runs " + best_name);
+  log(LogLevel::kInfo, key + " runs " + best_name);
   return finish(best_result, best_name, /*timed=*/false);
 }
 

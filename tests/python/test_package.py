@@ -161,3 +161,29 @@ def test_a_library_loaded_before_is_not_loaded_twice():
                       KILN_LIBRARY="")
     assert done.returncode == 0, done.stderr
     assert os.path.samefile(done.stdout.strip(), library)
+
+
+MEASURE_ONCE = """
+import sys, torch, kiln
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(40, 56), torch.nn.ReLU(), torch.nn.Linear(56, 24)).eval()
+fast = kiln.optimize(torch.jit.trace(model, torch.randn(6, 40)))
+with torch.no_grad():
+    x = torch.randn(6, 40)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+print(sorted(g["choice"] for g in kiln.report(fast)["groups"]))
+"""
+
+
+def test_library_calls_measure_once_per_machine(tmp_path):
+    """The first process measures each GEMM's ways and stores the choice in the cache directory;
+    the next process on the same machine reads it and measures nothing."""
+    env = dict(os.environ, KILN_CACHE_DIR=str(tmp_path / "cache"), KILN_LOG="info")
+    runs = [subprocess.run([sys.executable, "-c", MEASURE_ONCE], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    measured = [line for line in runs[0].stderr.splitlines() if line.startswith("kiln info: linear") and " runs " in line]
+    assert len(measured) == 2, runs[0].stderr
+    assert not [line for line in runs[1].stderr.splitlines() if " runs " in line], runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout

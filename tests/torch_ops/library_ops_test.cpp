@@ -9,6 +9,7 @@
 #include <torch/script.h>
 
 #include <filesystem>
+#include <thread>
 
 #include "support/graph_testing.h"
 #include "torch_ops/measured_choice.h"
@@ -340,6 +341,38 @@ TEST(LibraryCalls, MeasuredChoiceIsRemembered) {
   at::Tensor x2 = torch::randn({13, 72});
   expectClose(forward(fused, {x2}), forward(eager, {x2}), 4, "remembered");
   EXPECT_EQ(report(fused.get_method("forward").graph()).groups[0].choice, *remembered);
+}
+
+TEST(LibraryCalls, ThreadsShareOneModuleWhileItMeasures) {
+  // A shape class no other test uses: the first calls of eight threads race to measure it; one
+  // measures, the others run ATen's ops meanwhile, and every result is eager's.
+  torch::jit::Module eager = convModule("ConvThreads", R"(
+def forward(self, x):
+  y = torch.relu(torch.conv2d(x, self.w, self.b, 1, 1))
+  return torch.sigmoid(torch.conv2d(y, self.w2, None, 1, 1) + y)
+)", 5, 5);
+  torch::jit::Module fused = optimize(eager);
+  std::vector<at::Tensor> inputs, expected;
+  {
+    torch::NoGradGuard no_grad;
+    for (int t = 0; t < 8; ++t) {
+      inputs.push_back(torch::randn({3, 5, 13, 11}));
+      expected.push_back(forward(eager, {inputs.back()}));
+    }
+  }
+  std::vector<int> mismatches(8, 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      torch::NoGradGuard no_grad;
+      for (int call = 0; call < 5; ++call) {
+        at::Tensor actual = forward(fused, {inputs[static_cast<size_t>(t)]});
+        if (!closeTo(actual, expected[static_cast<size_t>(t)], 8).all().item<bool>()) mismatches[static_cast<size_t>(t)]++;
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  for (int t = 0; t < 8; ++t) EXPECT_EQ(mismatches[static_cast<size_t>(t)], 0) << "thread " << t;
 }
 
 }  // namespace
