@@ -14,8 +14,8 @@ inline at::Tensor kilnAttention(const at::Tensor& q, const at::Tensor& k, const 
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("kiln::attention", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, std::optional<double>, bool)>();
-  return op.call(q, k, v, std::nullopt, std::nullopt, causal);
+                            const std::optional<at::Tensor>&, std::optional<double>, bool, bool)>();
+  return op.call(q, k, v, std::nullopt, std::nullopt, causal, false);
 }
 
 }  // namespace kiln::bench

@@ -406,10 +406,31 @@ Value* optional(Graph& graph, Value* value) {
   return value != nullptr ? value : graph.insertNode(graph.createNone())->output();
 }
 
+// True when `value`'s only use swaps dims 1 and 2 of a 4-D tensor (transpose(1, 2), or
+// permute([0, 2, 1, 3])): attention may then store its [B, H, S, D] result heads-last, as
+// [B, S, H, D], and the transpose's result is contiguous (the reshape after it copies nothing).
+bool onlyUseSwapsHeadsAndSequence(Value* value) {
+  if (value->uses().size() != 1) return false;
+  Node* user = value->uses()[0].user;
+  if (isOp(user, "aten::transpose") && user->inputs().size() == 3) {
+    std::optional<c10::IValue> a = torch::jit::toIValue(user->input(1));
+    std::optional<c10::IValue> b = torch::jit::toIValue(user->input(2));
+    if (!a || !b || !a->isInt() || !b->isInt()) return false;
+    const int64_t low = std::min(a->toInt(), b->toInt()), high = std::max(a->toInt(), b->toInt());
+    return (low == 1 && high == 2) || (low == -3 && high == -2);
+  }
+  if (isOp(user, "aten::permute") && user->inputs().size() == 2) {
+    std::optional<c10::IValue> dims = torch::jit::toIValue(user->input(1));
+    return dims && dims->isIntList() && dims->toIntVector() == std::vector<int64_t>{0, 2, 1, 3};
+  }
+  return false;
+}
+
 // Builds guard + If(fused, fallback) before match.last and moves the original ops into the
 // fallback.
 void replace(Graph& graph, const Match& match) {
   Node* last = match.last;
+  const bool heads_last = onlyUseSwapsHeadsAndSequence(last->output());
   torch::jit::WithInsertPoint insert_point(last);
   const bool sdpa = match.sdpa != nullptr;
   Value* key = sdpa ? match.key : untransposed(match.key_transposed);
@@ -445,14 +466,16 @@ void replace(Graph& graph, const Match& match) {
     if (sdpa) {
       Node* node = match.sdpa;
       result = graph.insert(op(kAttentionOp),
-                            {node->input(0), node->input(1), node->input(2), mask, node->input(6), node->input(5)});
+                            {node->input(0), node->input(1), node->input(2), mask, node->input(6), node->input(5),
+                             constant(graph, heads_last)});
     } else {
       Value* keep = keep_given;
       if (match.keep != nullptr && match.keep_inverted)
         keep = graph.insert(op("aten::logical_not"), {match.keep});
       Value* scale = product(graph, Scalar{1.0, nullptr}, match.factors);
       result = graph.insert(op(kAttentionExplicitOp), {match.query, key, match.value, mask, keep, scale, fill,
-                                                        constant(graph, match.fill_adds_mask)});
+                                                        constant(graph, match.fill_adds_mask),
+                                                        constant(graph, heads_last)});
     }
     fused->registerOutput(result);
   }

@@ -51,7 +51,9 @@ struct AttentionProblem {
   // A query whose every score is -inf: 0 as scaled_dot_product_attention gives (false), or NaN as
   // softmax gives in the explicit form (true).
   bool empty_rows_nan = false;
-  void* output = nullptr;  // contiguous [batch, query_len, value_dim]
+  void* output = nullptr;  // [batch, query_len, value_dim] at these offsets and row stride:
+  std::vector<int64_t> output_offsets;  // elements, one per flattened batch index; empty: contiguous
+  int64_t output_row_stride = 0;        // 0: value_dim (columns are always adjacent)
 };
 
 // The instruction sets the kernel is compiled for (torch_ops/cpu/attention_kernel.cpp is built

@@ -140,14 +140,14 @@ at::Tensor runCuda(AttentionOperands operands) {
 
 at::Tensor attentionCuda(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                          const std::optional<at::Tensor>& mask, std::optional<double> scale,
-                         bool causal) {
+                         bool causal, bool /*heads_last: a permission; the CUDA kernel writes [B, H, S, D]*/) {
   return runCuda(checkAttention(query, key, value, mask, scale, causal));
 }
 
 at::Tensor attentionExplicitCuda(const at::Tensor& query, const at::Tensor& key,
                                  const at::Tensor& value, const std::optional<at::Tensor>& mask,
                                  const std::optional<at::Tensor>& keep, double scale, double fill,
-                                 bool fill_adds_mask) {
+                                 bool fill_adds_mask, bool /*heads_last*/) {
   return runCuda(
       checkAttentionExplicit(query, key, value, mask, keep, scale, fill, fill_adds_mask));
 }

@@ -118,13 +118,26 @@ cpu::AttentionProblem cpuProblem(const AttentionOperands& operands) {
   problem.scale = operands.scale;
   problem.empty_rows_nan = operands.empty_rows_nan;
   problem.output = operands.output.data_ptr();
+  problem.output_offsets = batchOffsets(operands.output, batch_rank);
+  problem.output_row_stride = operands.output.stride(-2);
   return problem;
+}
+
+// heads_last: a [B, H, S, D] result is stored as [B, S, H, D] (the attention pass asks for it when
+// the result's only use is transpose(1, 2), whose result is then contiguous). Same sizes, same
+// values; other ranks keep the usual layout.
+void storeHeadsLast(AttentionOperands& operands, bool heads_last) {
+  const at::Tensor& output = operands.output;
+  if (!heads_last || output.dim() != 4) return;
+  operands.output = at::empty({output.size(0), output.size(2), output.size(1), output.size(3)}, output.options())
+                        .permute({0, 2, 1, 3});
 }
 
 at::Tensor attentionCpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                         const std::optional<at::Tensor>& mask, std::optional<double> scale,
-                        bool causal) {
+                        bool causal, bool heads_last) {
   AttentionOperands operands = checkAttention(query, key, value, mask, scale, causal);
+  storeHeadsLast(operands, heads_last);
   cpu::attentionForward(cpuProblem(operands));
   return operands.output;
 }
@@ -132,9 +145,10 @@ at::Tensor attentionCpu(const at::Tensor& query, const at::Tensor& key, const at
 at::Tensor attentionExplicitCpu(const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const std::optional<at::Tensor>& mask,
                                 const std::optional<at::Tensor>& keep, double scale, double fill,
-                                bool fill_adds_mask) {
+                                bool fill_adds_mask, bool heads_last) {
   AttentionOperands operands =
       checkAttentionExplicit(query, key, value, mask, keep, scale, fill, fill_adds_mask);
+  storeHeadsLast(operands, heads_last);
   cpu::attentionForward(cpuProblem(operands));
   return operands.output;
 }
@@ -326,11 +340,11 @@ AttentionOperands checkAttentionExplicit(const at::Tensor& query, const at::Tens
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? mask=None, float? scale=None, "
-      "bool causal=False) -> Tensor");
+      "bool causal=False, bool heads_last=False) -> Tensor");
   // What the fuser puts in place of the explicit matmul/softmax form (see attentionExplicitCpu).
   m.def(
       "attention_explicit(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? keep, float scale, "
-      "float fill, bool fill_adds_mask) -> Tensor");
+      "float fill, bool fill_adds_mask, bool heads_last=False) -> Tensor");
   // Reads metadata only, so one kernel serves every device.
   m.def(
       "attention_guard(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? keep, float fill, "

@@ -6,6 +6,7 @@
 
 #include <limits>
 
+#include "fuser/fusion_pass.h"
 #include "support/attention_ops.h"
 #include "support/graph_testing.h"
 #include "tools/demo_model.h"
@@ -379,6 +380,48 @@ TEST(AttentionPattern, ScaledDotProductAttentionBecomesKilnAttention) {
   expectFusedMatches(kSdpa, {heads(2, 4, 40, 64), heads(2, 4, 40, 64), heads(2, 4, 40, 64), bool_mask, false});
   expectFusedMatches(kSdpa, {heads(2, 4, 40, 64), heads(2, 4, 40, 64), heads(2, 4, 40, 64),
                              torch::randn({2, 1, 40, 40}), false});
+}
+
+// BERT's context layer: the attention result goes through transpose(1, 2) and a reshape to
+// [B, S, H*D]; the op is told to store it heads-last, so the reshape copies nothing. A result used
+// any other way keeps the usual layout.
+TEST(AttentionPattern, ResultReadThroughTransposeIsStoredHeadsLast) {
+  const std::string merged = R"IR(
+graph(%q : Tensor, %k : Tensor, %v : Tensor, %mask : Tensor, %scale : float):
+  %none : NoneType = prim::Constant()
+  %false : bool = prim::Constant[value=0]()
+  %one : int = prim::Constant[value=1]()
+  %two : int = prim::Constant[value=2]()
+  %zero : float = prim::Constant[value=0.]()
+  %out : Tensor = aten::scaled_dot_product_attention(%q, %k, %v, %mask, %zero, %false, %none, %false)
+  %t : Tensor = aten::transpose(%out, %one, %two)
+  %seq : int = prim::Constant[value=24]()
+  %m : int = prim::Constant[value=-1]()
+  %sizes : int[] = prim::ListConstruct(%two, %seq, %m)
+  %merged : Tensor = aten::reshape(%t, %sizes)
+  return (%merged))IR";
+  auto graph = fused(merged);
+  FileCheck().check("kiln::attention(")->run(*graph);
+  bool heads_last = false;
+  for (torch::jit::Node* node : graph->nodes()) {
+    if (!isKilnFallback(node)) continue;
+    for (torch::jit::Node* inner : node->blocks()[0]->nodes()) {
+      if (inner->kind().toQualString() == std::string(kAttentionOp)) heads_last = torch::jit::toIValue(inner->inputs().back())->toBool();
+    }
+  }
+  EXPECT_TRUE(heads_last) << *graph;
+  at::Tensor mask = torch::randn({2, 1, 1, 24});
+  expectFusedMatches(merged, {heads(2, 3, 24, 16), heads(2, 3, 24, 16), heads(2, 3, 24, 16), mask, 0.25});
+  // The plain SDPA graph returns the result itself: usual layout.
+  auto plain = fused(kSdpa);
+  for (torch::jit::Node* node : plain->nodes()) {
+    if (!isKilnFallback(node)) continue;
+    for (torch::jit::Node* inner : node->blocks()[0]->nodes()) {
+      if (inner->kind().toQualString() == std::string(kAttentionOp)) {
+        EXPECT_FALSE(torch::jit::toIValue(inner->inputs().back())->toBool());
+      }
+    }
+  }
 }
 
 // Forms the pass must leave alone: the graph comes out as it went in.

@@ -187,3 +187,22 @@ def test_library_calls_measure_once_per_machine(tmp_path):
     assert len(measured) == 2, runs[0].stderr
     assert not [line for line in runs[1].stderr.splitlines() if " runs " in line], runs[1].stderr
     assert runs[0].stdout == runs[1].stdout
+
+
+def test_attention_calls_written_before_heads_last_still_run(tmp_path):
+    """A module saved before kiln::attention took heads_last calls it with six arguments; the
+    argument's default keeps such a file loading and running."""
+
+    @torch.jit.script
+    def old_call(q, k, v, mask):
+        return torch.ops.kiln.attention(q, k, v, mask, 0.125, True)
+
+    path = str(tmp_path / "old_call.pt")
+    old_call.save(path)
+    loaded = torch.jit.load(path)
+    q, k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 11, 16), torch.randn(1, 2, 11, 16)
+    mask = torch.rand(1, 1, 1, 11) < 0.9
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask & torch.ones(9, 11, dtype=torch.bool).tril(), scale=0.125)
+    out = loaded(q, k, v, mask)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous()

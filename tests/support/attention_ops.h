@@ -13,26 +13,27 @@ namespace kiln::testing {
 
 inline at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const std::optional<at::Tensor>& mask = std::nullopt,
-                            std::optional<double> scale = std::nullopt, bool causal = false) {
+                            std::optional<double> scale = std::nullopt, bool causal = false,
+                            bool heads_last = false) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("kiln::attention", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, std::optional<double>, bool)>();
-  return op.call(query, key, value, mask, scale, causal);
+                            const std::optional<at::Tensor>&, std::optional<double>, bool, bool)>();
+  return op.call(query, key, value, mask, scale, causal, heads_last);
 }
 
 inline at::Tensor attentionExplicit(const at::Tensor& query, const at::Tensor& key,
                                     const at::Tensor& value, const std::optional<at::Tensor>& mask,
                                     const std::optional<at::Tensor>& keep, double scale, double fill,
-                                    bool fill_adds_mask) {
+                                    bool fill_adds_mask, bool heads_last = false) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("kiln::attention_explicit", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                            double, double, bool)>();
-  return op.call(query, key, value, mask, keep, scale, fill, fill_adds_mask);
+                            double, double, bool, bool)>();
+  return op.call(query, key, value, mask, keep, scale, fill, fill_adds_mask, heads_last);
 }
 
 // softmax(q k^T * scale + mask) v in float64, with scaled_dot_product_attention's conventions:

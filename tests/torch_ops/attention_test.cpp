@@ -19,6 +19,7 @@
 namespace {
 
 using kiln::testing::attention;
+using kiln::testing::attentionExplicit;
 using kiln::testing::attentionReference;  // SDPA's conventions, in float64
 
 double tolerance(at::ScalarType dtype) {
@@ -284,7 +285,8 @@ TEST(AttentionOp, RunsInAScriptedGraph) {
     graph(%q : Tensor, %k : Tensor, %v : Tensor, %mask : Tensor):
       %scale : float = prim::Constant[value=0.125]()
       %causal : bool = prim::Constant[value=1]()
-      %out : Tensor = kiln::attention(%q, %k, %v, %mask, %scale, %causal)
+      %heads_last : bool = prim::Constant[value=1]()
+      %out : Tensor = kiln::attention(%q, %k, %v, %mask, %scale, %causal, %heads_last)
       return (%out))IR");
   at::Tensor q = randn({2, 4, 50, 64}, at::kFloat);
   at::Tensor k = randn({2, 4, 80, 64}, at::kFloat);
@@ -292,16 +294,38 @@ TEST(AttentionOp, RunsInAScriptedGraph) {
   at::Tensor mask = torch::rand({2, 1, 1, 80}) < 0.9;
   auto outputs = kiln::testing::runGraph(graph, {q, k, v, mask});
   ASSERT_EQ(outputs.size(), 1u);
-  EXPECT_TRUE(close(outputs[0].toTensor(), attentionReference(q, k, v, mask, 0.125, true), at::kFloat));
+  at::Tensor out = outputs[0].toTensor();
+  EXPECT_TRUE(close(out, attentionReference(q, k, v, mask, 0.125, true), at::kFloat));
+  // Stored heads-last: [B, S, H, D] in memory, so its transpose(1, 2) is contiguous.
+  EXPECT_TRUE(out.transpose(1, 2).is_contiguous());
+}
+
+TEST(AttentionOp, HeadsLastKeepsValuesForEveryDtypeAndRank) {
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    at::Tensor q = randn({2, 3, 37, 32}, dtype), k = randn({2, 3, 41, 32}, dtype), v = randn({2, 3, 41, 16}, dtype);
+    at::Tensor usual = attention(q, k, v, std::nullopt, std::nullopt, false, false);
+    at::Tensor heads_last = attention(q, k, v, std::nullopt, std::nullopt, false, true);
+    EXPECT_TRUE(usual.is_contiguous());
+    EXPECT_TRUE(heads_last.transpose(1, 2).is_contiguous()) << dtype;
+    EXPECT_TRUE(at::equal(usual, heads_last)) << dtype;
+    at::Tensor scale_keep = torch::rand({2, 1, 37, 41}) < 0.8;
+    EXPECT_TRUE(at::equal(attentionExplicit(q, k, v, std::nullopt, scale_keep, 0.2, -1e4, false, true),
+                          attentionExplicit(q, k, v, std::nullopt, scale_keep, 0.2, -1e4, false, false)))
+        << dtype;
+  }
+  // Other ranks keep the usual layout.
+  at::Tensor q3 = randn({3, 20, 16}, at::kFloat);
+  EXPECT_TRUE(attention(q3, q3, q3, std::nullopt, std::nullopt, false, true).is_contiguous());
 }
 
 TEST(AttentionOp, SchemaDefaults) {
   const auto& schema =
       c10::Dispatcher::singleton().findSchemaOrThrow("kiln::attention", "").schema();
-  ASSERT_EQ(schema.arguments().size(), 6u);
+  ASSERT_EQ(schema.arguments().size(), 7u);
   EXPECT_TRUE(schema.arguments()[3].default_value()->isNone());
   EXPECT_TRUE(schema.arguments()[4].default_value()->isNone());
   EXPECT_FALSE(schema.arguments()[5].default_value()->toBool());
+  EXPECT_FALSE(schema.arguments()[6].default_value()->toBool());  // heads_last
 }
 
 void expectError(const std::function<void()>& call, const std::string& expected) {

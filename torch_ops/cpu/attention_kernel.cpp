@@ -469,16 +469,21 @@ void attendQueryBlock(const AttentionProblem& problem, int64_t batch_index, int6
       acc_t* lanes = out_t + c * kBlock + v * kWidth;
       (Vec::loadu(lanes) * Vec::loadu(inverse_sum + v * kWidth)).store(lanes);
     }
-  scalar_t* output = static_cast<scalar_t*>(problem.output) +
-                     (batch_index * problem.query_len + query0) * value_dim;
+  // Rows go out at the output's row stride: [B, H, S, D] results may be stored heads-last, as
+  // [B, S, H, D] (kiln::attention's heads_last), which a transpose + reshape then reads for free.
+  const int64_t out_stride = problem.output_row_stride > 0 ? problem.output_row_stride : value_dim;
+  const int64_t out_base = problem.output_offsets.empty() ? batch_index * problem.query_len * value_dim
+                                                          : problem.output_offsets[batch_index];
+  scalar_t* output = static_cast<scalar_t*>(problem.output) + out_base + query0 * out_stride;
   if constexpr (kSameType) {
-    at::vec::transpose_mxn<acc_t>(out_t, kBlock, output, value_dim, static_cast<int>(value_dim),
+    at::vec::transpose_mxn<acc_t>(out_t, kBlock, output, out_stride, static_cast<int>(value_dim),
                                   static_cast<int>(query_count));
   } else {
     acc_t* rows = scratch.staging.data();
     at::vec::transpose_mxn<acc_t>(out_t, kBlock, rows, value_dim, static_cast<int>(value_dim),
                                   static_cast<int>(query_count));
-    at::vec::convert(rows, output, query_count * value_dim);
+    for (int64_t row = 0; row < query_count; ++row)
+      at::vec::convert(rows + row * value_dim, output + row * out_stride, value_dim);
   }
 }
 
