@@ -80,4 +80,26 @@ void log(LogLevel level, const std::string& message) {
   std::fprintf(stderr, "kiln %s: %s\n", names[static_cast<int>(level)], message.c_str());
 }
 
+const char* precisionName(Precision precision) {
+  switch (precision) {
+    case Precision::kFloat32: return "fp32";
+    case Precision::kBFloat16: return "bf16";
+    case Precision::kFloat16: return "fp16";
+  }
+  return "fp32";
+}
+
+bool parsePrecision(const std::string& text, Precision* out) {
+  if (text == "fp32" || text == "float32") {
+    *out = Precision::kFloat32;
+  } else if (text == "bf16" || text == "bfloat16") {
+    *out = Precision::kBFloat16;
+  } else if (text == "fp16" || text == "float16") {
+    *out = Precision::kFloat16;
+  } else {
+    return false;
+  }
+  return true;
+}
+
 }  // namespace kiln

@@ -32,6 +32,11 @@ int fuseAttention(std::shared_ptr<torch::jit::Graph>& graph, const Options& opti
 // (library_calls.h). Runs before the other two passes. Returns the count.
 int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& options);
 
+// Reduced precision (precision.cpp): converts a frozen graph's float32 constants to bfloat16 or
+// float16 and casts its floating inputs, its library calls' operands and its outputs. Run after
+// fuseLibraryCalls. Returns the number of boundary casts inserted.
+int convertPrecision(std::shared_ptr<torch::jit::Graph>& graph, Precision precision);
+
 // True for the prim::If either pass builds: block0 runs kiln, block1 keeps the original ops.
 bool isKilnFallback(const torch::jit::Node* node);
 

@@ -19,6 +19,9 @@ namespace kiln {
 
 constexpr const char* kLinearOp = "kiln::linear";
 constexpr const char* kConv2dOp = "kiln::conv2d";
+// kiln::cast_floating(Tensor x, int from, int to): x converted to dtype `to` when its dtype is
+// `from`, else x itself (reduced precision's casts, fuser/precision.cpp).
+constexpr const char* kCastFloatingOp = "kiln::cast_floating";
 
 enum class Activation { kNone, kRelu, kGelu, kGeluTanh, kTanh, kSigmoid, kSilu, kHardswish };
 

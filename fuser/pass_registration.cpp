@@ -78,6 +78,9 @@ torch::jit::Module optimize(const torch::jit::Module& module, const Options& opt
     // GEMMs and convolutions over constant weights, with their epilogues: one library call each,
     // the fastest way measured per shape class (library_calls.h).
     if (!options.disabled) fuseLibraryCalls(graph, options);
+    // Reduced precision, when asked for: float32 weights converted once, casts at the boundary
+    // and before each library call (docs/precision.md).
+    convertPrecision(graph, options.precision);
     // Any linear left (a weight computed at run time) runs over its weight transposed once, as
     // optimize_for_inference does.
     torch::jit::FrozenLinearTranspose(graph);

@@ -28,6 +28,7 @@ struct Variant {
   bool kiln_pass = false;  // kiln's executor pass registered while it warms up
   bool onednn = false;     // the oneDNN Graph fuser registered while it warms up
   torch::jit::Module module;
+  bool low_inputs = false;  // runs on the inputs converted to the reduced precision
   std::string failure;     // empty: it ran
   int calls_per_round = 1;
   std::vector<double> ms;  // every timed call
@@ -52,6 +53,28 @@ void tensorsOf(const c10::IValue& value, std::vector<at::Tensor>& out) {
 }
 
 }  // namespace
+
+std::vector<OutputAccuracy> outputAccuracy(const c10::IValue& expected, const c10::IValue& actual) {
+  std::vector<at::Tensor> a, b;
+  tensorsOf(expected, a);
+  tensorsOf(actual, b);
+  std::vector<OutputAccuracy> result;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    if (!a[i].is_floating_point() || a[i].sizes() != b[i].sizes()) continue;
+    const at::Tensor x = a[i].to(at::kDouble).flatten(), y = b[i].to(at::kDouble).flatten();
+    OutputAccuracy accuracy;
+    accuracy.name = "output " + std::to_string(i);
+    if (x.numel() > 0) {
+      accuracy.max_abs = (x - y).abs().max().item<double>();
+      const double scale = x.abs().max().item<double>();
+      accuracy.max_rel = scale > 0 ? accuracy.max_abs / scale : accuracy.max_abs;
+      const double norms = x.norm().item<double>() * y.norm().item<double>();
+      accuracy.cosine = norms > 0 ? x.dot(y).item<double>() / norms : (accuracy.max_abs == 0 ? 1.0 : 0.0);
+    }
+    result.push_back(accuracy);
+  }
+  return result;
+}
 
 double maxDifference(const c10::IValue& reference, const c10::IValue& output) {
   std::vector<at::Tensor> a, b;
@@ -94,8 +117,22 @@ torch::jit::Module evalCopy(const torch::jit::Module& m) {
   return copy;
 }
 
+at::ScalarType lowDtype(Precision precision) {
+  return precision == Precision::kFloat16 ? at::kHalf : at::kBFloat16;
+}
+
+std::vector<torch::jit::IValue> lowInputs(const std::vector<torch::jit::IValue>& inputs, at::ScalarType low) {
+  std::vector<torch::jit::IValue> converted;
+  for (const torch::jit::IValue& input : inputs) {
+    converted.push_back(input.isTensor() && input.toTensor().scalar_type() == at::kFloat
+                            ? torch::jit::IValue(input.toTensor().to(low))
+                            : input);
+  }
+  return converted;
+}
+
 // The routes, the default executor first: it is the reference for speed and outputs.
-std::vector<Variant> variants() {
+std::vector<Variant> variants(Precision precision) {
   std::vector<Variant> list;
   list.push_back(variant("torchscript", "TorchScript (default executor)", evalCopy));
   list.push_back(variant("freeze_optimize_for_inference", "freeze + optimize_for_inference", [](const torch::jit::Module& m) {
@@ -105,7 +142,25 @@ std::vector<Variant> variants() {
   list.push_back(variant("onednn_graph", "oneDNN Graph fuser (frozen)",
                          [](const torch::jit::Module& m) { return torch::jit::freeze(evalCopy(m)); }, false, true));
   list.push_back(variant("kiln_executor", "kiln executor pass", evalCopy, true));
-  list.push_back(variant("kiln_optimize", "kiln::optimize", [](const torch::jit::Module& m) { return optimize(m); }, true));
+  if (precision == Precision::kFloat32) {
+    list.push_back(variant("kiln_optimize", "kiln::optimize", [](const torch::jit::Module& m) { return optimize(m); }, true));
+    return list;
+  }
+  const at::ScalarType low = lowDtype(precision);
+  const std::string low_title = std::string("TorchScript, module.to(") + c10::toString(low) + ")";
+  const std::string kiln_title = std::string("kiln::optimize, ") + precisionName(precision);
+  Variant converted = variant("torchscript_low_precision", low_title.c_str(), [low](const torch::jit::Module& m) {
+    torch::jit::Module copy = evalCopy(m);
+    copy.to(low);
+    return copy;
+  });
+  converted.low_inputs = true;
+  list.push_back(converted);
+  list.push_back(variant("kiln_optimize", kiln_title.c_str(), [precision](const torch::jit::Module& m) {
+    Options options = Options::global();
+    options.precision = precision;
+    return optimize(m, options);
+  }, true));
   return list;
 }
 
@@ -131,7 +186,8 @@ int benchModel(const std::string& model_path, const torch::jit::Module& module,
                const std::vector<torch::jit::IValue>& inputs, const BenchSettings& settings) {
   torch::NoGradGuard no_grad;
   const bool kiln_was_enabled = enabled();
-  std::vector<Variant> list = variants();
+  std::vector<Variant> list = variants(settings.precision);
+  const std::vector<torch::jit::IValue> low_inputs = lowInputs(inputs, lowDtype(settings.precision));
   Progress progress(settings.progress);
   c10::IValue reference;
   // Make and warm up each variant under its own executor passes (the executor optimizes a graph
@@ -147,7 +203,7 @@ int benchModel(const std::string& model_path, const torch::jit::Module& module,
       double seconds = 0;
       for (int call = 0; call < 3; ++call) {
         const auto start = Clock::now();
-        output = variant.module.forward(inputs);
+        output = variant.module.forward(variant.low_inputs ? low_inputs : inputs);
         seconds = std::chrono::duration<double>(Clock::now() - start).count();
       }
       if (v == 0) reference = output;
@@ -171,7 +227,7 @@ int benchModel(const std::string& model_path, const torch::jit::Module& module,
       progress.say("round " + std::to_string(round + 1) + " of " + std::to_string(settings.rounds) + ": " + variant.title);
       for (int call = 0; call < variant.calls_per_round; ++call) {
         const auto start = Clock::now();
-        variant.module.forward(inputs);
+        variant.module.forward(variant.low_inputs ? low_inputs : inputs);
         variant.ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - start).count());
       }
     }

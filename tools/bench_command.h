@@ -7,6 +7,8 @@
 
 #include <torch/script.h>
 
+#include "kiln/options.h"
+
 #include <string>
 #include <vector>
 
@@ -17,7 +19,19 @@ struct BenchSettings {
   double round_seconds = 0.3;  // each variant's share of a round, from which calls are worked out
   bool json = false;
   bool progress = false;     // "round i of N: variant" on stderr (a terminal, without --json)
+  // Not fp32: kiln::optimize runs in this precision, and one more route runs TorchScript's
+  // default executor on the module with its weights and inputs converted (module.to(dtype)).
+  Precision precision = Precision::kFloat32;
 };
+
+// How far one output of a reduced-precision module is from the float32 module's.
+struct OutputAccuracy {
+  std::string name;        // "output 0", "output 1.2" (inside tuples and lists)
+  double max_abs = 0;      // largest absolute difference
+  double max_rel = 0;      // max_abs / the largest magnitude of the float32 output
+  double cosine = 1;       // of the two outputs flattened
+};
+std::vector<OutputAccuracy> outputAccuracy(const c10::IValue& expected, const c10::IValue& actual);
 
 // The largest absolute difference between two outputs (every tensor in them, in order); infinity
 // where their structure, shapes or NaNs differ.

@@ -59,17 +59,20 @@ constexpr const char* kUsage =
     "  report MODEL.pt [--input SHAPE:DTYPE...|--inputs FILE.pt] [--json] [--dot FILE.dot|.svg|.png]\n"
     "         [--roofline FILE.svg|.png]            what kiln fuses, bytes saved; each group's bandwidth\n"
     "                                                against this CPU's copy bandwidth (needs inputs)\n"
-    "  fuse IN.pt OUT.pt [--input SHAPE:DTYPE...|--inputs FILE.pt]\n"
+    "  fuse IN.pt OUT.pt [--input SHAPE:DTYPE...|--inputs FILE.pt] [--precision fp32|bf16|fp16]\n"
+    "       [--max-error REL]\n"
     "                                                fuse ahead of time and save (needs libkiln to load);\n"
     "                                                with inputs, measure the library calls' ways on them\n"
-    "                                                and check the outputs\n"
+    "                                                and check the outputs; with --precision, report\n"
+    "                                                each output's error against fp32 and refuse to\n"
+    "                                                save past --max-error\n"
     "  run MODEL.pt --input SHAPE:DTYPE...|--inputs FILE.pt [--calls N] [--json]\n"
     "                                                load and run a model in this fresh process: time to\n"
     "                                                first result, then each call\n"
     "  compile MODEL.pt --input SHAPE:DTYPE...|--inputs FILE.pt --arch host|sm_90 [--jobs N] [--json]\n"
     "                                                compile every kernel the model needs for this CPU or\n"
     "                                                a GPU into the disk cache, in parallel (no GPU needed)\n"
-    "  bench MODEL.pt --input SHAPE:DTYPE...|--inputs FILE.pt [--rounds N] [--json]\n"
+    "  bench MODEL.pt --input SHAPE:DTYPE...|--inputs FILE.pt [--rounds N] [--precision P] [--json]\n"
     "                                                TorchScript, freeze + optimize_for_inference, oneDNN\n"
     "                                                Graph, kiln's pass and kiln::optimize side by side\n"
     "  cache info|clear [--json]                     the disk cache: where, how full; empty it\n";
@@ -458,6 +461,13 @@ int runReport(const Args& args) {
   return 0;
 }
 
+kiln::Precision precisionArgument(const Args& args) {
+  kiln::Precision precision = kiln::Precision::kFloat32;
+  const std::string text = args.value("--precision", "fp32");
+  if (!kiln::parsePrecision(text, &precision)) throw UsageError("--precision takes fp32, bf16 or fp16, not '" + text + "'");
+  return precision;
+}
+
 // With example inputs, the fused module runs them before it is saved: every library call measures
 // its ways on these shapes (the choices go to the disk cache, so this machine's later runs start
 // with them) and the outputs are compared with the model's own.
@@ -465,7 +475,22 @@ int runFuse(const Args& args) {
   if (args.positional.size() != 2) throw UsageError("fuse takes IN.pt OUT.pt");
   torch::jit::Module module = loadModel(args.positional[0]);
   std::vector<torch::jit::IValue> inputs = exampleInputs(args);
-  torch::jit::Module fused = kiln::optimize(module);
+  kiln::Options options = kiln::Options::global();
+  options.precision = precisionArgument(args);
+  const bool reduced = options.precision != kiln::Precision::kFloat32;
+  std::optional<double> max_error;
+  if (args.values.count("--max-error")) {
+    const std::string text = args.value("--max-error", "");
+    char* end = nullptr;
+    const double value = std::strtod(text.c_str(), &end);
+    if (text.empty() || *end != '\0' || !(value >= 0)) throw UsageError("--max-error takes a number >= 0, not '" + text + "'");
+    max_error = value;
+  }
+  if (reduced && inputs.empty())
+    throw UsageError("--precision " + std::string(kiln::precisionName(options.precision)) +
+                     " needs example inputs (--input or --inputs) to report the accuracy");
+  if (max_error && !reduced) throw UsageError("--max-error goes with --precision bf16 or fp16");
+  torch::jit::Module fused = kiln::optimize(module, options);
   std::string checked;
   if (!inputs.empty()) {
     torch::NoGradGuard no_grad;
@@ -480,6 +505,21 @@ int runFuse(const Args& args) {
     char text[96];
     std::snprintf(text, sizeof text, "; max |diff| from the model on the inputs %.3g", kiln::cli::maxDifference(expected, actual));
     checked = text;
+    if (reduced) {
+      // The accuracy report: every floating output against the float32 model's.
+      const kiln::cli::OutputAccuracy* worst = nullptr;
+      for (const kiln::cli::OutputAccuracy& output : kiln::cli::outputAccuracy(expected, actual)) {
+        std::fprintf(stderr, "kiln fuse: %s in %s: max abs error %.3g, max rel error %.3g (of the output's largest magnitude), cosine %.6f\n",
+                     output.name.c_str(), kiln::precisionName(options.precision), output.max_abs, output.max_rel, output.cosine);
+        if (!worst || output.max_rel > worst->max_rel) worst = &output;
+      }
+      if (max_error && worst && !(worst->max_rel <= *max_error)) {
+        char refusal[160];
+        std::snprintf(refusal, sizeof refusal, "%s's relative error %.3g exceeds --max-error %g; %s not written",
+                      worst->name.c_str(), worst->max_rel, *max_error, args.positional[1].c_str());
+        throw CliError(refusal, 1);
+      }
+    }
   }
   saveModel(fused, args.positional[1]);
   kiln::Report report = kiln::report(fused.get_method("forward").graph());
@@ -676,6 +716,7 @@ int runBench(const Args& args) {
   settings.rounds = static_cast<int>(args.intValue("--rounds", 5, 1, 1000));
   settings.json = args.has("--json");
   settings.progress = !settings.json && isatty(STDERR_FILENO);
+  settings.precision = precisionArgument(args);
   return kiln::cli::benchModel(args.positional[0], loadModel(args.positional[0]), inputs, settings);
 }
 
@@ -705,10 +746,14 @@ int main(int argc, char** argv) {
     if (verb == "report") {
       return runReport(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--dot", "--roofline"}, {"--json"}));
     }
-    if (verb == "fuse") return runFuse(kiln::cli::parse(argc, argv, 2, {"--device", "--input", "--inputs"}, {}));
+    if (verb == "fuse") {
+      return runFuse(kiln::cli::parse(argc, argv, 2, {"--device", "--input", "--inputs", "--precision", "--max-error"}, {}));
+    }
     if (verb == "compile") return runCompile(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--arch", "--jobs"}, {"--json"}));
     if (verb == "run") return runRun(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--calls"}, {"--json"}));
-    if (verb == "bench") return runBench(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--rounds"}, {"--json"}));
+    if (verb == "bench") {
+      return runBench(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--rounds", "--precision"}, {"--json"}));
+    }
     if (verb == "cache") return runCache(kiln::cli::parse(argc, argv, 2, {}, {"--json"}));
     throw UsageError("unknown verb '" + verb + "'");
   } catch (const UsageError& error) {

@@ -471,12 +471,18 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
                  {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
 }
 
+at::Tensor castFloating(const at::Tensor& x, int64_t from, int64_t to) {
+  if (x.scalar_type() != static_cast<at::ScalarType>(from)) return x;
+  return x.to(static_cast<at::ScalarType>(to));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
   m.def("linear(Tensor input, Tensor weight, Tensor? bias, Tensor? other, str epilogue) -> Tensor");
   m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor? other, int[] stride, int[] padding, "
         "int[] dilation, int groups, str epilogue) -> Tensor");
+  m.def("cast_floating(Tensor x, int from, int to) -> Tensor");
   // Tests only: every library call runs this way where it can ("" measures again).
   m.def("_force_library_choice(str choice) -> ()", [](const std::string& choice) { forceChoice(choice); });
 }
@@ -484,6 +490,7 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
 TORCH_LIBRARY_IMPL(kiln, CompositeImplicitAutograd, m) {
   m.impl("linear", &linear);
   m.impl("conv2d", &conv2d);
+  m.impl("cast_floating", &castFloating);
 }
 
 }  // namespace kiln

@@ -16,7 +16,7 @@ torch::jit::Module moduleArgument(const c10::IValue& value, const char* op) {
   return torch::jit::Module(value.toObject());
 }
 
-Options optionsFrom(int64_t min_group_size, bool fast_math, int64_t cpu_parallel_grain) {
+Options optionsFrom(int64_t min_group_size, bool fast_math, int64_t cpu_parallel_grain, const std::string& precision) {
   TORCH_CHECK(min_group_size >= 1, "kiln::_optimize: min_group_size must be at least 1, got ", min_group_size);
   TORCH_CHECK(cpu_parallel_grain >= 1, "kiln::_optimize: cpu_parallel_grain must be at least 1, got ",
               cpu_parallel_grain);
@@ -24,11 +24,15 @@ Options optionsFrom(int64_t min_group_size, bool fast_math, int64_t cpu_parallel
   options.min_group_size = static_cast<int>(min_group_size);
   options.fast_math = fast_math;
   options.cpu_parallel_grain = cpu_parallel_grain;
+  TORCH_CHECK(parsePrecision(precision, &options.precision), "kiln::_optimize: precision must be fp32, bf16 or fp16, got '",
+              precision, "'");
   return options;
 }
 
-c10::IValue optimizeOp(const c10::IValue& module, int64_t min_group_size, bool fast_math, int64_t cpu_parallel_grain) {
-  return optimize(moduleArgument(module, "_optimize"), optionsFrom(min_group_size, fast_math, cpu_parallel_grain))._ivalue();
+c10::IValue optimizeOp(const c10::IValue& module, int64_t min_group_size, bool fast_math, int64_t cpu_parallel_grain,
+                       const std::string& precision) {
+  return optimize(moduleArgument(module, "_optimize"), optionsFrom(min_group_size, fast_math, cpu_parallel_grain, precision))
+      ._ivalue();
 }
 
 // The report of a module's forward: its own graph when kiln fused it ahead of time (optimize, a
@@ -55,7 +59,8 @@ std::string reportOp(const c10::IValue& value) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
-  m.def("_optimize(Any module, int min_group_size, bool fast_math, int cpu_parallel_grain) -> Any", &optimizeOp);
+  m.def("_optimize(Any module, int min_group_size, bool fast_math, int cpu_parallel_grain, str precision=\"fp32\") -> Any",
+        &optimizeOp);
   m.def("_report(Any module) -> str", &reportOp);
   m.def("_enable() -> ()", [] { enable(); });
   m.def("_disable() -> ()", [] { disable(); });

@@ -10,6 +10,14 @@ namespace kiln {
 
 enum class LogLevel { kWarning = 0, kInfo = 1, kDebug = 2 };
 
+// The precision kiln::optimize runs a float32 model in (docs/precision.md). kFloat32 changes
+// nothing; kBFloat16 / kFloat16 convert the weights once and run the activations in that dtype,
+// the module's inputs and outputs keeping their own.
+enum class Precision { kFloat32, kBFloat16, kFloat16 };
+const char* precisionName(Precision precision);  // "fp32", "bf16", "fp16"
+// "fp32"/"float32", "bf16"/"bfloat16", "fp16"/"float16" into *out; false for anything else.
+bool parsePrecision(const std::string& text, Precision* out);
+
 struct Options {
   bool disabled = false;           // KILN_DISABLE=1: the pass leaves graphs untouched
   std::string cache_dir;           // KILN_CACHE_DIR, default ~/.cache/kiln
@@ -20,6 +28,7 @@ struct Options {
   // CPU kernels: below this many elements a group runs on the calling thread only.
   int64_t cpu_parallel_grain = 32768;
   bool fast_math = false;          // KILN_FAST_MATH=1: approximate math in generated kernels
+  Precision precision = Precision::kFloat32;  // kiln::optimize only; set by the caller
   // KILN_BACKGROUND_COMPILE=1: a CPU kernel not yet made is compiled (or loaded from the disk
   // cache) on a worker thread while its group runs its original ops; cold starts then compile
   // in parallel across cores, and the first calls run unfused.

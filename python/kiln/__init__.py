@@ -129,7 +129,8 @@ def _script(module: Any, example: Optional[tuple]) -> torch.jit.ScriptModule:
 
 def optimize(module: Union[torch.jit.ScriptModule, torch.nn.Module], example_inputs: Optional[Inputs] = None, *,
              min_group_size: int = 2, fast_math: bool = False, cpu_parallel_grain: int = 32768,
-             check: bool = True) -> torch.jit.ScriptModule:
+             check: bool = True, precision: str = "fp32",
+             max_error: Optional[float] = None) -> torch.jit.ScriptModule:
     """Freezes an eval-mode copy of ``module``, fuses its graph and returns it, ready to save.
 
     Args:
@@ -144,7 +145,13 @@ def optimize(module: Union[torch.jit.ScriptModule, torch.nn.Module], example_inp
         cpu_parallel_grain: below this many elements a CPU kernel runs on the calling thread.
         check: with example inputs, compare the fused module's outputs with the original's and
             raise ``RuntimeError`` naming the first output that differs beyond the dtype's
-            tolerance.
+            tolerance (in fp32; see ``precision`` for the others).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: weights converted once, the
+            activations in that dtype, the module's inputs and outputs in their own
+            (docs/precision.md). Needs ``example_inputs``; ``accuracy(...)`` of the result is
+            then stored as the module's ``kiln_accuracy`` attribute.
+        max_error: with a reduced ``precision``, raise ``RuntimeError`` naming the output whose
+            relative error (max abs error over the output's largest magnitude) exceeds it.
 
     Returns:
         A ``torch.jit.ScriptModule``; the original module is left unchanged.
@@ -153,16 +160,46 @@ def optimize(module: Union[torch.jit.ScriptModule, torch.nn.Module], example_inp
         raise ValueError(f"kiln.optimize: min_group_size must be an int >= 1, got {min_group_size!r}")
     if not isinstance(cpu_parallel_grain, int) or isinstance(cpu_parallel_grain, bool) or cpu_parallel_grain < 1:
         raise ValueError(f"kiln.optimize: cpu_parallel_grain must be an int >= 1, got {cpu_parallel_grain!r}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"kiln.optimize: precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    reduced = precision != "fp32"
+    if reduced and example_inputs is None:
+        raise ValueError(f"kiln.optimize: precision={precision!r} needs example_inputs, to report the accuracy")
+    if max_error is not None and not reduced:
+        raise ValueError("kiln.optimize: max_error goes with precision='bf16' or 'fp16'")
     example = None if example_inputs is None else _as_tuple(example_inputs)
     scripted = _script(module, example)
     fused = torch.jit._recursive.wrap_cpp_module(
-        torch.ops.kiln._optimize(scripted._c, min_group_size, bool(fast_math), cpu_parallel_grain))
+        torch.ops.kiln._optimize(scripted._c, min_group_size, bool(fast_math), cpu_parallel_grain, precision))
     if example is not None:
         with torch.no_grad():
             actual = fused(*example)
-            if check:
-                _check_outputs(actual, scripted(*example))
+            expected = scripted(*example)
+        if reduced:
+            fused.kiln_accuracy = _accuracy(actual, expected)
+            worst = max(fused.kiln_accuracy, key=lambda entry: entry["max_rel"], default=None)
+            if max_error is not None and worst is not None and not worst["max_rel"] <= max_error:
+                raise RuntimeError(f"kiln.optimize: {worst['output']}'s relative error {worst['max_rel']:.3g} in "
+                                   f"{precision} exceeds max_error {max_error:g}")
+        elif check:
+            _check_outputs(actual, expected)
     return fused
+
+
+def _accuracy(actual: Any, expected: Any) -> list:
+    """Per floating output: max abs error, max rel error (over the output's largest magnitude)
+    and cosine similarity of the reduced-precision output against the float32 one."""
+    result = []
+    for (name, a), (_, e) in zip(_flatten(actual), _flatten(expected)):
+        if not e.is_floating_point() or a.shape != e.shape:
+            continue
+        a, e = a.double().flatten(), e.double().flatten()
+        max_abs = (a - e).abs().max().item() if e.numel() else 0.0
+        scale = e.abs().max().item() if e.numel() else 0.0
+        norms = (a.norm() * e.norm()).item()
+        result.append({"output": name, "max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else max_abs,
+                       "cosine": (a.dot(e).item() / norms) if norms > 0 else float(max_abs == 0)})
+    return result
 
 
 def _flatten(value: Any, prefix: str = "output") -> list:

@@ -206,3 +206,19 @@ def test_attention_calls_written_before_heads_last_still_run(tmp_path):
     out = loaded(q, k, v, mask)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert out.is_contiguous()
+
+
+def test_reduced_precision_reports_accuracy_and_refuses_past_max_error():
+    model = Block().eval()
+    x = fresh_input()
+    low = kiln.optimize(model, example_inputs=(x,), precision="bf16", max_error=0.05)
+    assert low.kiln_accuracy and all(entry["cosine"] > 0.999 for entry in low.kiln_accuracy), low.kiln_accuracy
+    with torch.no_grad():
+        out = low(fresh_input())
+    assert out.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="output's relative error .* exceeds max_error"):
+        kiln.optimize(model, example_inputs=(x,), precision="bf16", max_error=1e-9)
+    with pytest.raises(ValueError, match="needs example_inputs"):
+        kiln.optimize(model, precision="bf16")
+    with pytest.raises(ValueError, match="precision must be"):
+        kiln.optimize(model, example_inputs=(x,), precision="int8")

@@ -4,7 +4,9 @@ the time to first result and each call; a second process on the same cache loads
 kernel and compiles none; KILN_BACKGROUND_COMPILE=1 gives the same results; `kiln report` and
 `kiln compile --arch host` take --inputs, and compile shows its progress (kernel i of N) on a
 terminal only, never with --json or into a pipe; a missing or malformed inputs file, --input with
---inputs, and --calls 0 are one-line usage errors (exit 2)."""
+--inputs, and --calls 0 are one-line usage errors (exit 2); `kiln fuse --precision bf16` reports
+each output's accuracy and --max-error refuses to write a model past it; `kiln bench --precision`
+adds the converted-weights route."""
 import json
 import os
 import pty
@@ -102,5 +104,28 @@ with tempfile.TemporaryDirectory() as scratch:
     one_line(run("run", fused, "--inputs", inputs, "--input", "4,14:int64", env=env, code=2), "not both")
     one_line(run("run", fused, "--inputs", inputs, "--calls", "0", env=env, code=2), "--calls")
     one_line(run("run", fused, env=env, code=2), "--inputs")
+
+    # Reduced precision: an accuracy line per floating output; --max-error refuses to write.
+    low = os.path.join(scratch, "tagger.bf16.pt")
+    result = run("fuse", path, low, "--inputs", inputs, "--precision", "bf16", "--max-error", "0.1", env=env)
+    lines = [line for line in result.stderr.splitlines() if "in bf16: max abs error" in line]
+    assert len(lines) == 1 and "cosine 0.99" in lines[0], result.stderr
+    loaded_low = torch.jit.load(low)
+    ids, scale = torch.load(inputs)
+    with torch.no_grad():
+        out = loaded_low(ids, scale)
+        assert out.dtype == torch.float32 and torch.nn.functional.cosine_similarity(
+            out.flatten(), model(ids, scale).flatten(), dim=0) > 0.999
+    strict = os.path.join(scratch, "tagger.strict.pt")
+    refused = run("fuse", path, strict, "--inputs", inputs, "--precision", "bf16", "--max-error", "1e-9", env=env, code=1)
+    assert "output 0's relative error" in refused.stderr and "exceeds --max-error" in refused.stderr, refused.stderr
+    assert not os.path.exists(strict)
+    one_line(run("fuse", path, strict, "--inputs", inputs, "--precision", "int8", env=env, code=2), "--precision")
+    one_line(run("fuse", path, strict, "--precision", "bf16", env=env, code=2), "needs example inputs")
+    one_line(run("fuse", path, strict, "--inputs", inputs, "--max-error", "0.1", env=env, code=2), "--max-error")
+    bench = json.loads(run("bench", path, "--inputs", inputs, "--rounds", "1", "--precision", "bf16", "--json", env=env).stdout)
+    names = [v["name"] for v in bench["variants"]]
+    assert "torchscript_low_precision" in names and names[-1] == "kiln_optimize", names
+    assert all(v["ok"] for v in bench["variants"]), bench
 
 print("ok")
