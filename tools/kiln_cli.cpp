@@ -507,8 +507,9 @@ int runFuse(const Args& args) {
     checked = text;
     if (reduced) {
       // The accuracy report: every floating output against the float32 model's.
+      const std::vector<kiln::cli::OutputAccuracy> accuracy = kiln::cli::outputAccuracy(expected, actual);
       const kiln::cli::OutputAccuracy* worst = nullptr;
-      for (const kiln::cli::OutputAccuracy& output : kiln::cli::outputAccuracy(expected, actual)) {
+      for (const kiln::cli::OutputAccuracy& output : accuracy) {
         std::fprintf(stderr, "kiln fuse: %s in %s: max abs error %.3g, max rel error %.3g (of the output's largest magnitude), cosine %.6f\n",
                      output.name.c_str(), kiln::precisionName(options.precision), output.max_abs, output.max_rel, output.cosine);
         if (!worst || output.max_rel > worst->max_rel) worst = &output;

@@ -110,6 +110,7 @@ with tempfile.TemporaryDirectory() as scratch:
     result = run("fuse", path, low, "--inputs", inputs, "--precision", "bf16", "--max-error", "0.1", env=env)
     lines = [line for line in result.stderr.splitlines() if "in bf16: max abs error" in line]
     assert len(lines) == 1 and "cosine 0.99" in lines[0], result.stderr
+    torch.ops.load_library(os.path.join(os.path.dirname(kiln), "..", "lib", "libkiln.so"))
     loaded_low = torch.jit.load(low)
     ids, scale = torch.load(inputs)
     with torch.no_grad():
