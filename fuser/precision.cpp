@@ -1,14 +1,20 @@
 // Reduced precision (docs/precision.md): a frozen float32 graph made to run in bfloat16 or float16.
 //
-// - Every float32 constant (weights, biases, norm parameters, buffers) is converted once.
+// - Every float32 constant (weights, biases, norm parameters, buffers) is converted once; float
+//   constants beyond the low dtype's range (finfo(float32).min as a mask's fill) become its
+//   largest finite value.
 // - Each floating input is cast on entry, and each tensor output (also inside a returned tuple) is
 //   cast back to float32, by kiln::cast_floating(x, from, to), which converts only tensors of
 //   dtype `from`: token ids, masks of bool and float64 tensors pass unchanged.
+// - Every dtype argument naming float32 (factories, `to`, softmax's dtype) names the low dtype,
+//   as if the model had been traced after `model.bfloat16()`.
 // - The input and the residual of every GEMM / convolution library call are cast to the low
-//   dtype (a no-op when they already are): an op the model wrote in float32 on purpose (an
-//   explicit upcast, say T5's norm) stays float32 until the next GEMM, whose weight is low.
+//   dtype (a no-op when they already are).
 // - Everything else runs as eager runs it on these dtypes, as `model.bfloat16()` would: softmax,
 //   layer_norm and kiln's row kernels accumulate in float32 internally.
+#include <cmath>
+#include <limits>
+
 #include "fuser/fusion_pass.h"
 #include "fuser/library_calls.h"
 
@@ -29,18 +35,64 @@ Value* castFloating(Graph& graph, Value* value, at::ScalarType from, at::ScalarT
 
 bool isTensor(const Value* value) { return value->type()->kind() == c10::TypeKind::TensorType; }
 
+double largestFinite(at::ScalarType low) {
+  return low == at::kBFloat16 ? static_cast<double>(std::numeric_limits<c10::BFloat16>::max())
+                              : static_cast<double>(std::numeric_limits<c10::Half>::max());
+}
+
+// float32's extremes (a mask's fill, finfo(float32).min) become the low dtype's: what the model
+// would have traced after model.bfloat16(); converted as they are they overflow (an error in
+// masked_fill, -inf in a tensor).
+at::Tensor toLow(const at::Tensor& tensor, at::ScalarType low) {
+  const double limit = largestFinite(low);
+  return at::where(tensor.isfinite(), tensor.clamp(-limit, limit), tensor).to(low);
+}
+
 void convertConstants(Graph& graph, torch::jit::Block* block, at::ScalarType low) {
   for (auto it = block->nodes().begin(); it != block->nodes().end(); ++it) {
     Node* node = *it;
     for (torch::jit::Block* inner : node->blocks()) convertConstants(graph, inner, low);
-    if (node->kind() != torch::jit::prim::Constant || !isTensor(node->output())) continue;
+    if (node->kind() != torch::jit::prim::Constant) continue;
     std::optional<c10::IValue> value = torch::jit::toIValue(node->output());
-    if (!value || !value->isTensor() || value->toTensor().scalar_type() != at::kFloat) continue;
+    if (value && value->isDouble() && std::isfinite(value->toDouble()) &&
+        std::abs(value->toDouble()) > largestFinite(low)) {
+      torch::jit::WithInsertPoint here(node);
+      node->output()->replaceAllUsesWith(graph.insertConstant(std::copysign(largestFinite(low), value->toDouble())));
+      continue;
+    }
+    if (!isTensor(node->output()) || !value || !value->isTensor() || value->toTensor().scalar_type() != at::kFloat) continue;
     torch::jit::WithInsertPoint here(node);
-    Value* converted = graph.insertConstant(value->toTensor().to(low));
+    const at::Tensor low_value = toLow(value->toTensor(), low);
+    Value* converted = graph.insertConstant(low_value);
     converted->copyMetadata(node->output());
-    converted->setType(c10::TensorType::create(value->toTensor().to(low)));
+    converted->setType(c10::TensorType::create(low_value));
     node->output()->replaceAllUsesWith(converted);
+  }
+}
+
+// A dtype argument that names float32 (a factory's `dtype=`, `to(float32)`, softmax's upcast):
+// the model's own float32, which `model.bfloat16()` would have traced as the low dtype. Made low,
+// so that the tensors it makes meet the converted weights in one dtype (GPT-2's mask fill, T5's
+// norm) rather than failing on a mixed-dtype matmul or layer_norm.
+bool isDtypeArgument(const c10::Argument& argument) {
+  c10::TypePtr type = argument.type();
+  if (auto optional = type->cast<c10::OptionalType>()) type = optional->getElementType();
+  return type->kind() == c10::TypeKind::ScalarTypeType ||
+         (argument.name() == "dtype" && type->kind() == c10::TypeKind::IntType);
+}
+
+void convertDtypeArguments(Graph& graph, torch::jit::Block* block, at::ScalarType low) {
+  for (Node* node : block->nodes()) {
+    for (torch::jit::Block* inner : node->blocks()) convertDtypeArguments(graph, inner, low);
+    const c10::FunctionSchema* schema = node->maybeSchema();
+    if (schema == nullptr) continue;
+    for (size_t i = 0; i < node->inputs().size() && i < schema->arguments().size(); ++i) {
+      if (!isDtypeArgument(schema->arguments()[i])) continue;
+      std::optional<c10::IValue> value = torch::jit::toIValue(node->input(i));
+      if (!value || !value->isInt() || value->toInt() != static_cast<int64_t>(at::kFloat)) continue;
+      torch::jit::WithInsertPoint here(node);
+      node->replaceInput(i, graph.insertConstant(static_cast<int64_t>(low)));
+    }
   }
 }
 
@@ -61,6 +113,7 @@ int convertPrecision(std::shared_ptr<Graph>& graph, Precision precision) {
   if (precision == Precision::kFloat32) return 0;
   const at::ScalarType low = precision == Precision::kBFloat16 ? at::kBFloat16 : at::kHalf;
   convertConstants(*graph, graph->block(), low);
+  convertDtypeArguments(*graph, graph->block(), low);
   castLibraryOperands(*graph, graph->block(), low);
   int casts = 0;
   // Inputs: cast once, where the graph starts.

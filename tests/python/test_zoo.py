@@ -11,6 +11,8 @@ fresh random inputs:
      for all the saved files), kiln's kernels running as in a;
   c. `kiln fuse IN.pt OUT.pt`, OUT.pt loaded in a fresh process (it must hold kiln ops: fusion
      groups, attention, library calls) and run, kiln's kernels running as in a.
+  d. kiln::optimize in bf16 (docs/precision.md), in this process: output dtypes kept, integer
+     outputs exact, cosine similarity to float32 >= BF16_COSINE.
   (The CNNs' scripted variants go route a only.)
 Per model it prints each route's max error and the share of ops kiln fuses (`kiln report`), then
 a summary table. A failing route is reported (model, route, error) and the other models still
@@ -51,6 +53,9 @@ KILN_OPS = ("kiln::fusion_group", "kiln::attention", "kiln::attention_explicit",
 # ways, so their children say nothing about a fallback; their report says which way ran.
 LIBRARY_OPS = ("kiln::linear", "kiln::conv2d")
 SUBPROCESS_TIMEOUT = 600
+# Route d (bf16): the least cosine similarity to float32 an output may have. docs/precision.md
+# lists each model's; EfficientNet-B0's depthwise stack is the lowest (0.9977), the others >= 0.9996.
+BF16_COSINE = 0.995
 
 
 def flatten(value):
@@ -540,6 +545,30 @@ def route_a_and_files(spec, kiln_cli, tmp, failures, jobs):
         except Exception as error:
             row.fail(route, error)
 
+        # Route d: reduced precision (kiln::optimize in bf16, docs/precision.md) in this process,
+        # on the first variant: outputs keep their dtypes, integer outputs are exact, and every
+        # floating output stays close to float32's.
+        if how == next(iter(variants)):
+            route = f"d.{how}.bf16"
+            try:
+                low = torch.jit._recursive.wrap_cpp_module(torch.ops.kiln._optimize(module._c, 2, False, 32768, "bf16"))
+                fresh = spec["inputs"](gen)
+                with torch.no_grad():
+                    expected, actual = flatten(module(*as_tuple(fresh))), flatten(low(*as_tuple(fresh)))
+                assert len(expected) == len(actual), "the outputs differ in number"
+                worst = 1.0
+                for e, a in zip(expected, actual):
+                    assert a.dtype == e.dtype and a.shape == e.shape, f"{a.dtype}{list(a.shape)} for {e.dtype}{list(e.shape)}"
+                    if e.is_floating_point():
+                        worst = min(worst, torch.nn.functional.cosine_similarity(
+                            a.double().flatten(), e.double().flatten(), dim=0).item())
+                    else:
+                        assert torch.equal(a, e), "an integer output changed"
+                assert worst >= BF16_COSINE, f"cosine {worst:.6f} to float32 (bound {BF16_COSINE})"
+                row.ok(route, 0.0, f"; worst cosine to float32 {worst:.6f}")
+            except Exception as error:
+                row.fail(route, error)
+
         if how not in spec.get("files", ("traced", "scripted")):
             continue
         stem = f"{tmp}/{name}.{how}"
@@ -622,7 +651,7 @@ def main():
                     row.ok(route, result["max_err"], f"{extra}; call {CALLS}: {events_text(result['events'])}")
             print(f"  ({time.time() - batch_start:.0f} s)", flush=True)
 
-    print("\nmodel                 routes (a: in process, b: saved, c: kiln fuse)        max |err|   ops kiln fuses")
+    print("\nmodel                 routes (a: in process, b: saved, c: kiln fuse, d: bf16)max |err|   ops kiln fuses")
     for row in rows.values():
         routes = " ".join(f"{route}:{state}" for route, state in row.routes.items())
         print(f"{row.name:<21} {routes:<53} {row.max_err:<11.3g} {row.fused}")
