@@ -15,7 +15,9 @@
 #include <vector>
 
 #include "kiln/options.h"
+#include "fuser/group_stats.h"
 #include "torch_ops/attention_cpu.h"
+#include "torch_ops/measured_choice.h"
 #include "torch_ops/attention_operands.h"
 
 namespace kiln {
@@ -136,10 +138,38 @@ void storeHeadsLast(AttentionOperands& operands, bool heads_last) {
 at::Tensor attentionCpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                         const std::optional<at::Tensor>& mask, std::optional<double> scale,
                         bool causal, bool heads_last) {
-  AttentionOperands operands = checkAttention(query, key, value, mask, scale, causal);
-  storeHeadsLast(operands, heads_last);
-  cpu::attentionForward(cpuProblem(operands));
-  return operands.output;
+  auto kiln_kernel = [&](const std::optional<at::Tensor>&) {
+    AttentionOperands operands = checkAttention(query, key, value, mask, scale, causal);
+    storeHeadsLast(operands, heads_last);
+    cpu::attentionForward(cpuProblem(operands));
+    return operands.output;
+  };
+  // In bfloat16 and float16, ATen's own attention (oneDNN's brgemm, AMX where present) may beat
+  // kiln's kernel, which computes in float32: measured once per shape class, as the library
+  // calls are (torch_ops/measured_choice.h), with kiln's kernel as the reference.
+  const bool reduced = query.scalar_type() == at::kBFloat16 || query.scalar_type() == at::kHalf;
+  if (!reduced || at::GradMode::is_enabled()) return kiln_kernel(std::nullopt);
+  static GroupCounters& counters = groupCounters("kiln::attention on the CPU");
+  std::vector<MeasuredWay> ways;
+  ways.push_back({"kiln", kiln_kernel});
+  ways.push_back({"aten_sdpa", [&](const std::optional<at::Tensor>&) {
+    return at::scaled_dot_product_attention(query, key, value, mask, 0.0, causal, scale);
+  }});
+  std::string shape_class = "attention " + std::string(c10::toString(query.scalar_type()));
+  for (const at::Tensor* tensor : {&query, &key, &value}) {
+    shape_class += " [";
+    for (int64_t d = 0; d < tensor->dim(); ++d) {
+      const int64_t size = tensor->size(d);
+      // The batch rounded up to a power of two; the other sizes as they are.
+      int64_t rounded = 1;
+      while (d == 0 && rounded < size) rounded *= 2;
+      shape_class += (d ? "," : "") + std::to_string(d == 0 ? rounded : size);
+    }
+    shape_class += "]";
+  }
+  shape_class += mask ? std::string(" mask ") + c10::toString(mask->scalar_type()) : std::string(" no mask");
+  shape_class += causal ? " causal" : "";
+  return runFastest(shape_class, ways, counters);
 }
 
 at::Tensor attentionExplicitCpu(const at::Tensor& query, const at::Tensor& key,

@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <chrono>
+#include <cmath>
 #include <functional>
 #include <limits>
 #include <mutex>
@@ -46,12 +47,6 @@ constexpr const char* kAtenTransposed = "aten_transposed";
 constexpr const char* kOneDnn = "onednn";
 constexpr const char* kOneDnnChannelsLast = "onednn_channels_last";
 
-// One way to run the call. `other` is the call's, or during measurement a copy of it when the
-// epilogue writes into it.
-struct Candidate {
-  const char* name;
-  std::function<at::Tensor(const std::optional<at::Tensor>& other)> run;
-};
 
 // ---- The epilogue in ATen ops ----------------------------------------------------------------
 
@@ -191,121 +186,6 @@ std::string layoutName(const at::Tensor& tensor) {
   return "strided";
 }
 
-// Agreement with ATen's result, to the tolerance of the dtype: a GEMM's sums in another order.
-bool agrees(const at::Tensor& result, const at::Tensor& reference) {
-  if (result.sizes() != reference.sizes() || result.scalar_type() != reference.scalar_type()) return false;
-  if (reference.numel() == 0) return true;
-  const double tolerance = reference.scalar_type() == at::kFloat || reference.scalar_type() == at::kDouble ? 1e-3 : 5e-2;
-  const at::Tensor a = result.to(at::kFloat), b = reference.to(at::kFloat);
-  const double scale = b.abs().max().item<double>();
-  const double error = (a - b).abs().max().item<double>();
-  return error <= tolerance * (scale + 1e-6) || (std::isnan(error) && a.isnan().equal(b.isnan()));
-}
-
-void logOnce(const std::string& key, const std::string& message) {
-  static std::mutex mutex;
-  static auto* seen = new std::unordered_map<std::string, bool>();
-  std::lock_guard<std::mutex> lock(mutex);
-  if ((*seen)[key]) return;
-  (*seen)[key] = true;
-  log(LogLevel::kWarning, message);
-}
-
-// Runs the call the chosen way; on the first call of a shape class, times every candidate.
-// candidates[0] is ATen's way, the reference and the fallback.
-// Runs one candidate; every way but ATen's is a library call that a test can make fail.
-at::Tensor runCandidate(const Candidate& candidate, const std::optional<at::Tensor>& other) {
-  if (std::string(candidate.name) != kAten) failIfInjected(FaultStage::kLibrary);
-  return candidate.run(other);
-}
-
-// `mutates_other`: the candidates write into `other`, so each measured run gets a fresh copy.
-at::Tensor runChosen(const std::string& key, const std::vector<Candidate>& candidates, GroupCounters& counters,
-                     const std::optional<at::Tensor>& other = std::nullopt, bool mutates_other = false) {
-  const auto start = Clock::now();
-  // A call that measured is counted but not timed: its time is the candidates'.
-  auto finish = [&](at::Tensor result, const char* name, bool timed = true) {
-    counters.calls++;
-    if (timed) {
-      counters.timed_calls++;
-      counters.timed_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count();
-    }
-    counters.choice = name;
-    return result;
-  };
-  auto runNamed = [&](const std::string& name) -> std::optional<at::Tensor> {
-    for (const Candidate& candidate : candidates) {
-      if (name != candidate.name) continue;
-      try {
-        // A library call fails before it writes (oneDNN checks and creates its primitive first),
-        // so `other` is as it was for the ATen ops that follow.
-        return finish(runCandidate(candidate, other), candidate.name);
-      } catch (const std::exception& error) {
-        logOnce(key + name, std::string(candidate.name) + " failed for " + key + ", running ATen's ops: " +
-                                error.what());
-      }
-    }
-    return std::nullopt;
-  };
-  if (candidates.size() == 1) return finish(candidates[0].run(other), kAten);
-  const std::string forced = forcedChoice();
-  if (!forced.empty()) {
-    if (std::optional<at::Tensor> result = runNamed(forced)) return *result;
-    return finish(candidates[0].run(other), kAten);
-  }
-  if (std::optional<std::string> remembered = rememberedChoice(key)) {
-    if (std::optional<at::Tensor> result = runNamed(*remembered)) return *result;
-    return finish(candidates[0].run(other), kAten);
-  }
-  if (!claimMeasurement(key)) return finish(candidates[0].run(other), kAten);
-  struct Claim {
-    const std::string& key;
-    ~Claim() { endMeasurement(key); }
-  } claim{key};
-  // Each candidate once to warm up (its result checked against ATen's), then timed runs: at least
-  // three, more while they take under 20 ms in all; the best, since what only slows a run down is
-  // noise.
-  auto scratch = [&]() -> std::optional<at::Tensor> {
-    if (!mutates_other || !other) return other;
-    return other->clone(at::MemoryFormat::Preserve);
-  };
-  at::Tensor reference = candidates[0].run(scratch());
-  at::Tensor best_result = reference;
-  const char* best_name = kAten;
-  double best_ns = std::numeric_limits<double>::infinity();
-  for (const Candidate& candidate : candidates) {
-    try {
-      const auto warm_start = Clock::now();
-      at::Tensor result = runCandidate(candidate, scratch());
-      const double warm_ns = std::chrono::duration<double, std::nano>(Clock::now() - warm_start).count();
-      if (&candidate != &candidates[0] && !agrees(result, reference)) {
-        logOnce(key + candidate.name, std::string(candidate.name) + " disagrees with ATen for " + key +
-                                          "; not used");
-        continue;
-      }
-      double fastest = std::numeric_limits<double>::infinity();
-      const int rounds = static_cast<int>(std::clamp(20e6 / std::max(warm_ns, 1.0), 3.0, 20.0));
-      for (int round = 0; round < rounds; ++round) {
-        std::optional<at::Tensor> operand = scratch();
-        const auto begin = Clock::now();
-        result = runCandidate(candidate, operand);
-        fastest = std::min<double>(fastest, std::chrono::duration<double, std::nano>(Clock::now() - begin).count());
-      }
-      if (fastest < best_ns) {
-        best_ns = fastest;
-        best_name = candidate.name;
-        best_result = result;
-      }
-    } catch (const std::exception& error) {
-      logOnce(key + candidate.name,
-              std::string(candidate.name) + " failed for " + key + "; not used: " + error.what());
-    }
-  }
-  rememberChoice(key, best_name);
-  log(LogLevel::kInfo, key + " runs " + best_name);
-  return finish(best_result, best_name, /*timed=*/false);
-}
-
 // The bytes the call moves (its operands read once, its result written once) and what the
 // unfused ops moved besides: each epilogue op read and wrote the result again.
 at::Tensor counted(at::Tensor result, GroupCounters& counters, const Epilogue& epilogue,
@@ -332,13 +212,13 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
                   const std::optional<at::Tensor>& other, const std::string& epilogue_text) {
   const Epilogue epilogue = epilogueFrom(epilogue_text);
   const bool grad = gradRecorded({&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
-  std::vector<Candidate> candidates;
+  std::vector<MeasuredWay> candidates;
   candidates.push_back({kAten, [&](const std::optional<at::Tensor>& operand) {
     return atenEpilogue(at::linear(input, weight, bias), epilogue, operand, grad);
   }});
   GroupCounters& counters = libraryCounters(weight.unsafeGetTensorImpl());
   const bool two_dim_weight = weight.dim() == 2 && input.dim() >= 2 && input.size(-1) == weight.size(1);
-  if (grad || !two_dim_weight) return runChosen("", candidates, counters, other);
+  if (grad || !two_dim_weight) return runFastest("", candidates, counters, other);
   const int64_t k = weight.size(1), n = weight.size(0);
   const int64_t rows = k == 0 ? 0 : input.numel() / k;
   std::vector<int64_t> out_sizes = input.sizes().vec();
@@ -347,7 +227,7 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
                                    bias->device() == input.device());
   if (rows == 0 || !same_kind || weight.scalar_type() != input.scalar_type() || weight.device() != input.device() ||
       !at::isFloatingType(input.scalar_type())) {
-    return runChosen("", candidates, counters, other);
+    return runFastest("", candidates, counters, other);
   }
   candidates.push_back({kAtenTransposed, [&](const std::optional<at::Tensor>& operand) {
     at::Tensor transposed = prepared(weight, "transposed", [&] { return weight.t().contiguous(); });
@@ -380,7 +260,7 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
                           std::to_string(powerOfTwoAtLeast(rows)) + " K=" + std::to_string(k) + " N=" +
                           std::to_string(n) + (bias ? " bias" : "") + " epilogue=" + epilogue_text + " input " +
                           layoutName(input) + (other ? " other " + layoutName(*other) + " " + c10::toString(other->scalar_type()) : "");
-  return counted(runChosen(key, candidates, counters, other), counters, epilogue,
+  return counted(runFastest(key, candidates, counters, other), counters, epilogue,
                  {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
 }
 
@@ -397,7 +277,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
                   std::vector<int64_t> dilation, int64_t groups, const std::string& epilogue_text) {
   const Epilogue epilogue = epilogueFrom(epilogue_text);
   const bool grad = gradRecorded({&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
-  std::vector<Candidate> candidates;
+  std::vector<MeasuredWay> candidates;
   candidates.push_back({kAten, [&](const std::optional<at::Tensor>& operand) {
     at::Tensor y = at::conv2d(input, weight, bias, stride, padding, dilation, groups);
     return atenEpilogue(y, epilogue, operand, grad,
@@ -411,13 +291,13 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
                       weight.size(0) % groups == 0 &&
                       (!bias || (plainCpuTensor(*bias) && bias->scalar_type() == input.scalar_type() &&
                                  bias->dim() == 1 && bias->size(0) == weight.size(0)));
-  if (!onednn) return runChosen("", candidates, counters, other, epilogue.into_other);
+  if (!onednn) return runFastest("", candidates, counters, other, epilogue.into_other);
   std::vector<int64_t> out_sizes = {input.size(0), weight.size(0)};
   for (int d = 0; d < 2; ++d) {
     const int64_t extent = dilation[d] * (weight.size(2 + d) - 1) + 1;
     out_sizes.push_back(stride[d] > 0 ? (input.size(2 + d) + 2 * padding[d] - extent) / stride[d] + 1 : 0);
   }
-  if (out_sizes[2] <= 0 || out_sizes[3] <= 0) return runChosen("", candidates, counters, other, epilogue.into_other);
+  if (out_sizes[2] <= 0 || out_sizes[3] <= 0) return runFastest("", candidates, counters, other, epilogue.into_other);
   const bool into_other = writesIntoOther(epilogue, other, out_sizes, input.scalar_type(), input, grad);
   const bool fuse_add = addFuses(epilogue, other, out_sizes, input.scalar_type());
   const std::string params = joined(stride) + "/" + joined(padding) + "/" + joined(dilation) + "/" + std::to_string(groups);
@@ -467,7 +347,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
                           " weight " + joined(weight.sizes()) + " " + params + (bias ? " bias" : "") +
                           " epilogue=" + epilogue_text + (into_other ? " into other" : "") + " " + layoutName(input) +
                           (other ? " other " + layoutName(*other) + " " + c10::toString(other->scalar_type()) : "");
-  return counted(runChosen(key, candidates, counters, other, into_other), counters, epilogue,
+  return counted(runFastest(key, candidates, counters, other, into_other), counters, epilogue,
                  {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
 }
 

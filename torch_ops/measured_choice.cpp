@@ -3,12 +3,18 @@
 #include <ATen/Parallel.h>
 #include <torch/version.h>
 
+#include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <fstream>
+#include <limits>
 #include <mutex>
 #include <unordered_map>
 #include <unordered_set>
 
+#include "codegen/fault_injection.h"
 #include "codegen/kernel_cache.h"
+#include "kiln/options.h"
 
 namespace kiln {
 namespace {
@@ -93,6 +99,138 @@ void forceChoice(const std::string& choice) {
 std::string forcedChoice() {
   std::lock_guard<std::mutex> lock(choices_mutex);
   return forced();
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Agreement with ATen's result, to the tolerance of the dtype: a GEMM's sums in another order.
+bool agrees(const at::Tensor& result, const at::Tensor& reference) {
+  if (result.sizes() != reference.sizes() || result.scalar_type() != reference.scalar_type()) return false;
+  if (reference.numel() == 0) return true;
+  const double tolerance = reference.scalar_type() == at::kFloat || reference.scalar_type() == at::kDouble ? 1e-3 : 5e-2;
+  const at::Tensor a = result.to(at::kFloat), b = reference.to(at::kFloat);
+  const double scale = b.abs().max().item<double>();
+  const double error = (a - b).abs().max().item<double>();
+  return error <= tolerance * (scale + 1e-6) || (std::isnan(error) && a.isnan().equal(b.isnan()));
+}
+
+void logOnce(const std::string& key, const std::string& message) {
+  static std::mutex mutex;
+  static auto* seen = new std::unordered_map<std::string, bool>();
+  std::lock_guard<std::mutex> lock(mutex);
+  if ((*seen)[key]) return;
+  (*seen)[key] = true;
+  log(LogLevel::kWarning, message);
+}
+
+// Runs one way; every way but the first (the reference) is a library call a test can make fail.
+at::Tensor runWay(const MeasuredWay& way, const MeasuredWay& reference, const std::optional<at::Tensor>& other) {
+  if (&way != &reference) failIfInjected(FaultStage::kLibrary);
+  return way.run(other);
+}
+
+}  // namespace
+
+at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& candidates, GroupCounters& counters,
+                      const std::optional<at::Tensor>& other, bool mutates_other) {
+  const char* const kAten = candidates[0].name;
+  const auto start = Clock::now();
+  // A call that measured is counted but not timed: its time is the candidates'.
+  auto finish = [&](at::Tensor result, const char* name, bool timed = true) {
+    counters.calls++;
+    if (timed) {
+      counters.timed_calls++;
+      counters.timed_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count();
+    }
+    counters.choice = name;
+    return result;
+  };
+  auto runNamed = [&](const std::string& name) -> std::optional<at::Tensor> {
+    for (const MeasuredWay& candidate : candidates) {
+      if (name != candidate.name) continue;
+      try {
+        // A library call fails before it writes (oneDNN checks and creates its primitive first),
+        // so `other` is as it was for the ATen ops that follow.
+        return finish(runWay(candidate, candidates[0], other), candidate.name);
+      } catch (const std::exception& error) {
+        logOnce(key + name, std::string(candidate.name) + " failed for " + key + ", running ATen's ops: " +
+                                error.what());
+      }
+    }
+    return std::nullopt;
+  };
+  if (candidates.size() == 1) return finish(candidates[0].run(other), kAten);
+  const std::string forced = forcedChoice();
+  if (!forced.empty()) {
+    if (std::optional<at::Tensor> result = runNamed(forced)) return *result;
+    return finish(candidates[0].run(other), kAten);
+  }
+  if (std::optional<std::string> remembered = rememberedChoice(key)) {
+    if (std::optional<at::Tensor> result = runNamed(*remembered)) return *result;
+    return finish(candidates[0].run(other), kAten);
+  }
+  if (!claimMeasurement(key)) return finish(candidates[0].run(other), kAten);
+  struct Claim {
+    const std::string& key;
+    ~Claim() { endMeasurement(key); }
+  } claim{key};
+  // Each candidate once to warm up (its result checked against ATen's); then rounds in which
+  // every candidate runs once in turn, so that the machine's drift falls on all of them alike: at
+  // least three, more while a round takes under 10 ms; each candidate's best run, since what only
+  // slows a run down is noise.
+  auto scratch = [&]() -> std::optional<at::Tensor> {
+    if (!mutates_other || !other) return other;
+    return other->clone(at::MemoryFormat::Preserve);
+  };
+  at::Tensor reference = candidates[0].run(scratch());
+  std::vector<const MeasuredWay*> usable;
+  double round_ns = 0;
+  for (const MeasuredWay& candidate : candidates) {
+    try {
+      const auto warm_start = Clock::now();
+      at::Tensor result = runWay(candidate, candidates[0], scratch());
+      round_ns += std::chrono::duration<double, std::nano>(Clock::now() - warm_start).count();
+      if (&candidate != &candidates[0] && !agrees(result, reference)) {
+        logOnce(key + candidate.name, std::string(candidate.name) + " disagrees with ATen for " + key + "; not used");
+        continue;
+      }
+      usable.push_back(&candidate);
+    } catch (const std::exception& error) {
+      logOnce(key + candidate.name, std::string(candidate.name) + " failed for " + key + "; not used: " + error.what());
+    }
+  }
+  std::vector<double> fastest(usable.size(), std::numeric_limits<double>::infinity());
+  std::vector<at::Tensor> results(usable.size());
+  const int rounds = static_cast<int>(std::clamp(10e6 / std::max(round_ns, 1.0), 3.0, 20.0));
+  for (int round = 0; round < rounds; ++round) {
+    for (size_t i = 0; i < usable.size(); ++i) {
+      if (!std::isfinite(fastest[i]) && round > 0) continue;  // it failed in an earlier round
+      try {
+        std::optional<at::Tensor> operand = scratch();
+        const auto begin = Clock::now();
+        results[i] = runWay(*usable[i], candidates[0], operand);
+        fastest[i] = std::min<double>(fastest[i], std::chrono::duration<double, std::nano>(Clock::now() - begin).count());
+      } catch (const std::exception& error) {
+        logOnce(key + usable[i]->name, std::string(usable[i]->name) + " failed for " + key + "; not used: " + error.what());
+        fastest[i] = std::numeric_limits<double>::infinity();
+      }
+    }
+  }
+  at::Tensor best_result = reference;
+  const char* best_name = kAten;
+  double best_ns = std::numeric_limits<double>::infinity();
+  for (size_t i = 0; i < usable.size(); ++i) {
+    if (fastest[i] < best_ns) {
+      best_ns = fastest[i];
+      best_name = usable[i]->name;
+      best_result = results[i];
+    }
+  }
+  rememberChoice(key, best_name);
+  log(LogLevel::kInfo, key + " runs " + best_name);
+  return finish(best_result, best_name, /*timed=*/false);
 }
 
 }  // namespace kiln

@@ -4,10 +4,33 @@
 // remembers the answer in memory and in the kernel cache on disk.
 #pragma once
 
+#include <ATen/ATen.h>
+
+#include <functional>
 #include <optional>
 #include <string>
+#include <vector>
+
+#include "fuser/group_stats.h"
 
 namespace kiln {
+
+// One way to run a call. `other` is the call's, or during measurement a copy of it when the way
+// writes into it.
+struct MeasuredWay {
+  const char* name;
+  std::function<at::Tensor(const std::optional<at::Tensor>& other)> run;
+};
+
+// Runs the call the fastest way. ways[0] is the reference and the fallback (ATen's ops): the
+// first call of a shape class `key` (empty: no measuring, ways[0] runs) runs each way once, checks
+// its result against ways[0]'s (a way that disagrees beyond the dtype's tolerance or throws is not
+// used, with one warning), then times them in interleaved rounds and remembers the fastest; later
+// calls run the remembered way (ways[0] if it fails). While one thread measures a key, others run
+// ways[0]. `mutates_other`: the ways write into `other`, so each measured run gets a copy.
+// Counts the call, its time (not of a measuring call) and the way in `counters`.
+at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& ways, GroupCounters& counters,
+                      const std::optional<at::Tensor>& other = std::nullopt, bool mutates_other = false);
 
 // The machine a choice was measured on: CPU model and the thread count torch uses.
 std::string hostSignature();
