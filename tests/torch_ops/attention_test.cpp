@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "support/attention_ops.h"
+#include "torch_ops/measured_choice.h"
 #include "support/graph_testing.h"
 #include "torch_ops/attention_cpu.h"
 
@@ -298,6 +299,28 @@ TEST(AttentionOp, RunsInAScriptedGraph) {
   EXPECT_TRUE(close(out, attentionReference(q, k, v, mask, 0.125, true), at::kFloat));
   // Stored heads-last: [B, S, H, D] in memory, so its transpose(1, 2) is contiguous.
   EXPECT_TRUE(out.transpose(1, 2).is_contiguous());
+}
+
+// In bfloat16 and float16 the op measures ATen's SDPA against its own kernel; either way gives
+// the reference's values, and an input ATen cannot take (a float32 mask on bfloat16 queries)
+// runs kiln's kernel even when ATen's way is forced.
+TEST(AttentionOp, ReducedPrecisionRunsTheFasterWayWithTheSameValues) {
+  for (const char* way : {"kiln", "aten_sdpa", ""}) {
+    kiln::forceChoice(way);
+    for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+      at::Tensor q = randn({2, 3, 40, 32}, dtype), k = randn({2, 3, 56, 32}, dtype), v = randn({2, 3, 56, 32}, dtype);
+      at::Tensor keep = torch::rand({2, 1, 1, 56}) < 0.8;
+      EXPECT_TRUE(close(attention(q, k, v, keep), attentionReference(q, k, v, keep), dtype)) << way;
+      at::Tensor additive = torch::randn({2, 1, 40, 56});
+      EXPECT_TRUE(close(attention(q, k, v, additive), attentionReference(q, k, v, additive), dtype)) << way;
+      EXPECT_TRUE(close(attention(q, k, v, additive.to(dtype)), attentionReference(q, k, v, additive.to(dtype)), dtype))
+          << way;
+      EXPECT_TRUE(close(attention(q, k, v, std::nullopt, 0.3, true), attentionReference(q, k, v, std::nullopt, 0.3, true),
+                        dtype))
+          << way;
+    }
+  }
+  kiln::forceChoice("");
 }
 
 TEST(AttentionOp, HeadsLastKeepsValuesForEveryDtypeAndRank) {
