@@ -21,17 +21,12 @@
 // Registered as CompositeImplicitAutograd: when autograd needs the result, the ATen ops run above
 // the autograd layer and record the graph as eager would.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <chrono>
-#include <cmath>
 #include <functional>
-#include <limits>
 #include <mutex>
 #include <unordered_map>
 
-#include "codegen/fault_injection.h"
 #include "fuser/group_stats.h"
 #include "fuser/library_calls.h"
 #include "kiln/options.h"
@@ -40,13 +35,10 @@
 namespace kiln {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
 constexpr const char* kAten = "aten";
 constexpr const char* kAtenTransposed = "aten_transposed";
 constexpr const char* kOneDnn = "onednn";
 constexpr const char* kOneDnnChannelsLast = "onednn_channels_last";
-
 
 // ---- The epilogue in ATen ops ----------------------------------------------------------------
 
