@@ -173,10 +173,23 @@ Chain chainFrom(Node* root) {
 // True when the convolution may write its result into `other`'s memory: `other` is made in the same
 // block by an op that returns fresh memory or a view of it, nothing that may alias it is a graph
 // input or read after `last` (the end of the chain), and the input does not alias it either.
+// Ops whose output is memory of their own (never a view of an operand or of a constant).
+bool makesFreshTensor(const Node* node) {
+  static const std::unordered_set<std::string> kinds = {
+      kConv2dOp, kLinearOp, "aten::relu", "aten::add", "aten::sub", "aten::mul", "aten::max_pool2d",
+      "aten::avg_pool2d", "aten::adaptive_avg_pool2d", "aten::sigmoid", "aten::hardswish", "aten::silu",
+      "aten::gelu", "aten::batch_norm"};
+  return kinds.count(node->kind().toQualString()) != 0;
+}
+
 bool otherIsDeadAfter(torch::jit::AliasDb& alias_db, const Chain& chain, Node* last) {
   Value* other = chain.other;
-  if (other == nullptr || other->node()->kind() == torch::jit::prim::Constant) return false;
-  if (other->node()->owningBlock() != last->owningBlock()) return false;
+  if (other == nullptr) return false;
+  // Made by an op of fresh memory, in the graph's own block (not a loop's or a branch's, whose
+  // values may be carried or read outside).
+  torch::jit::Block* top = last->owningGraph()->block();
+  if (!makesFreshTensor(other->node()) || other->node()->owningBlock() != top || last->owningBlock() != top)
+    return false;
   if (other->type()->kind() != c10::TypeKind::TensorType) return false;
   torch::jit::Graph& graph = *last->owningGraph();
   std::vector<Value*> inputs(graph.inputs().begin(), graph.inputs().end());
@@ -200,6 +213,21 @@ bool otherIsDeadAfter(torch::jit::AliasDb& alias_db, const Chain& chain, Node* l
   return true;
 }
 
+// True when the call may run where the chain ends instead of where the GEMM / convolution was: no
+// node in between writes memory its operands may share (an in-place op on the input, another
+// call accumulating into the residual).
+bool safeToMoveToEnd(torch::jit::AliasDb& alias_db, const Chain& chain) {
+  if (chain.nodes.empty()) return true;
+  std::vector<Value*> operands = {chain.root->input(0)};
+  if (chain.other != nullptr) operands.push_back(chain.other);
+  torch::jit::ValueSet read(operands.begin(), operands.end());
+  std::unordered_set<const Node*> in_chain(chain.nodes.begin(), chain.nodes.end());
+  for (Node* node = chain.root->next(); node != chain.nodes.back(); node = node->next()) {
+    if (in_chain.count(node) == 0 && alias_db.writesToAlias(node, read)) return false;
+  }
+  return true;
+}
+
 Node* replaceChain(torch::jit::Graph& graph, const Chain& chain) {
   Node* root = chain.root;
   Node* last = chain.nodes.empty() ? root : chain.nodes.back();
@@ -212,7 +240,8 @@ Node* replaceChain(torch::jit::Graph& graph, const Chain& chain) {
                         {root->input(0), root->input(1), root->input(2), other, epilogue});
   } else {
     const size_t groups = isKind(root, "aten::_convolution") ? 8 : 6;
-    call = graph.create(c10::Symbol::fromQualString(kConv2dOp),
+    // Writing into `other` is declared (Tensor(a!)) so that later passes see the write.
+    call = graph.create(c10::Symbol::fromQualString(chain.epilogue.into_other ? kConv2dIntoOtherOp : kConv2dOp),
                         {root->input(0), root->input(1), root->input(2), other, root->input(3), root->input(4),
                          root->input(5), root->input(groups), epilogue});
   }
@@ -249,11 +278,10 @@ bool followsLayout(const Node* node) {
 // Ops that read any strides and whose outputs carry no layout from this input.
 bool ignoresLayout(const Node* node, size_t input_index) {
   const std::string kind = node->kind().toQualString();
-  if (kind == kConv2dOp || kind == kLinearOp) return true;
+  if (kind == kConv2dOp || kind == kConv2dIntoOtherOp || kind == kLinearOp) return true;
   if (kind == "aten::size" || kind == "aten::dim" || kind == "aten::contiguous" || kind == "aten::numel")
     return true;
-  // Another operand of a layout-following op: the output follows its first input.
-  return input_index > 0 && followsLayout(node);
+  return false;
 }
 
 // Puts aten::contiguous in front of every consumer that could see the channels-last strides of a
@@ -270,7 +298,9 @@ void containChannelsLast(torch::jit::Graph& graph, const std::vector<Node*>& con
     for (const torch::jit::Use& use : value->uses()) {
       Node* user = use.user;
       if (ignoresLayout(user, use.offset)) continue;
-      if (use.offset == 0 && followsLayout(user)) {
+      // Any operand of a layout-following op: a broadcast first operand ([N, C, 1, 1] times a
+      // convolution's result) leaves the layout to the others.
+      if (followsLayout(user)) {
         for (Value* output : user->outputs()) {
           if (output->type()->kind() == c10::TypeKind::TensorType) pending.push_back(output);
         }
@@ -279,7 +309,21 @@ void containChannelsLast(torch::jit::Graph& graph, const std::vector<Node*>& con
       guarded_uses.emplace_back(value, user);
     }
   }
+  // A value something writes in place (div_, a write through a view) is made contiguous once
+  // where it is produced, so every reader and writer shares one tensor; the others get a
+  // contiguous copy at the consumer that needs it.
+  torch::jit::AliasDb alias_db(graph.shared_from_this());
+  std::unordered_set<Value*> at_producer;
   for (const auto& [value, user] : guarded_uses) {
+    if (at_producer.count(value)) continue;
+    if (alias_db.hasWriters(value)) {
+      at_producer.insert(value);
+      torch::jit::WithInsertPoint after(value->node()->next());
+      Value* contiguous = graph.insert(c10::Symbol::fromQualString("aten::contiguous"), {value});
+      contiguous->setType(value->type());
+      value->replaceAllUsesAfterNodeWith(contiguous->node(), contiguous);
+      continue;
+    }
     torch::jit::WithInsertPoint here(user);
     Value* contiguous = graph.insert(c10::Symbol::fromQualString("aten::contiguous"), {value});
     contiguous->setType(value->type());
@@ -337,15 +381,17 @@ int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& o
   std::vector<Node*> convolutions;
   for (Node* root : roots) {
     Chain chain = chainFrom(root);
+    // The AliasDb is made for each chain: the graph changed with the last one.
+    torch::jit::AliasDb alias_db(graph);
+    if (!safeToMoveToEnd(alias_db, chain)) chain = Chain{root, {}, nullptr, Epilogue{}};
     // A residual add whose other operand dies here is accumulated into that operand (oneDNN's sum
-    // post-op): no output to allocate, no copy of `other`. The AliasDb is made for each chain: the
-    // graph changed with the last one.
-    if (chain.epilogue.add != Epilogue::Add::kNone && !isKind(root, "aten::linear")) {
-      torch::jit::AliasDb alias_db(graph);
-      if (otherIsDeadAfter(alias_db, chain, chain.nodes.back())) chain.epilogue.into_other = true;
+    // post-op): no output to allocate, no copy of `other`.
+    if (chain.epilogue.add != Epilogue::Add::kNone && !isKind(root, "aten::linear") &&
+        otherIsDeadAfter(alias_db, chain, chain.nodes.back())) {
+      chain.epilogue.into_other = true;
     }
     Node* call = replaceChain(*graph, chain);
-    if (call->kind() == c10::Symbol::fromQualString(kConv2dOp)) convolutions.push_back(call);
+    if (!isKind(call, kLinearOp)) convolutions.push_back(call);
   }
   containChannelsLast(*graph, convolutions);
   return static_cast<int>(roots.size());

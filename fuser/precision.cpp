@@ -40,12 +40,16 @@ double largestFinite(at::ScalarType low) {
                               : static_cast<double>(std::numeric_limits<c10::Half>::max());
 }
 
-// float32's extremes (a mask's fill, finfo(float32).min) become the low dtype's: what the model
-// would have traced after model.bfloat16(); converted as they are they overflow (an error in
-// masked_fill, -inf in a tensor).
+// float32's extremes (finfo(float32).min/max, ~3.4e38, as a mask's fill) become the low dtype's
+// largest finite value: what the model would have traced after model.bfloat16(); converted as
+// they are they overflow (an error in masked_fill, -inf in a tensor). Other large values are left
+// as they are (a divisor of 1e5 in float16 stays 1e5).
+bool nearFloat32Extreme(double value) { return std::abs(value) >= 1e38; }
+
 at::Tensor toLow(const at::Tensor& tensor, at::ScalarType low) {
   const double limit = largestFinite(low);
-  return at::where(tensor.isfinite(), tensor.clamp(-limit, limit), tensor).to(low);
+  const at::Tensor extreme = tensor.isfinite() & (tensor.abs() >= 1e38);
+  return at::where(extreme, tensor.sign() * limit, tensor).to(low);
 }
 
 void convertConstants(Graph& graph, torch::jit::Block* block, at::ScalarType low) {
@@ -54,8 +58,7 @@ void convertConstants(Graph& graph, torch::jit::Block* block, at::ScalarType low
     for (torch::jit::Block* inner : node->blocks()) convertConstants(graph, inner, low);
     if (node->kind() != torch::jit::prim::Constant) continue;
     std::optional<c10::IValue> value = torch::jit::toIValue(node->output());
-    if (value && value->isDouble() && std::isfinite(value->toDouble()) &&
-        std::abs(value->toDouble()) > largestFinite(low)) {
+    if (value && value->isDouble() && std::isfinite(value->toDouble()) && nearFloat32Extreme(value->toDouble())) {
       torch::jit::WithInsertPoint here(node);
       node->output()->replaceAllUsesWith(graph.insertConstant(std::copysign(largestFinite(low), value->toDouble())));
       continue;
@@ -100,7 +103,7 @@ void castLibraryOperands(Graph& graph, torch::jit::Block* block, at::ScalarType 
   for (Node* node : block->nodes()) {
     for (torch::jit::Block* inner : node->blocks()) castLibraryOperands(graph, inner, low);
     const std::string kind = node->kind().toQualString();
-    if (kind != kLinearOp && kind != kConv2dOp) continue;
+    if (kind != kLinearOp && kind != kConv2dOp && kind != kConv2dIntoOtherOp) continue;
     torch::jit::WithInsertPoint here(node);
     node->replaceInput(0, castFloating(graph, node->input(0), at::kFloat, low));
     if (!node->input(3)->mustBeNone()) node->replaceInput(3, castFloating(graph, node->input(3), at::kFloat, low));

@@ -65,7 +65,7 @@ GroupReport libraryGroup(const torch::jit::Node* node, size_t index) {
 void collect(torch::jit::Block* block, Report& report) {
   for (torch::jit::Node* node : block->nodes()) {
     const std::string kind = node->kind().toQualString();
-    if (kind == kLinearOp || kind == kConv2dOp) {
+    if (kind == kLinearOp || kind == kConv2dOp || kind == kConv2dIntoOtherOp) {
       GroupReport group = libraryGroup(node, report.groups.size());
       report.nodes_fused += static_cast<int64_t>(group.ops.size());
       report.groups.push_back(std::move(group));

@@ -60,7 +60,9 @@ at::Tensor activate(at::Tensor y, Activation activation, bool in_place) {
 // the values are the same as the add's only when shapes and dtypes already agree.
 bool writesIntoOther(const Epilogue& epilogue, const std::optional<at::Tensor>& other, at::IntArrayRef out_sizes,
                      at::ScalarType dtype, const at::Tensor& input, bool grad) {
-  return epilogue.into_other && !grad && other && other->sizes() == out_sizes && other->scalar_type() == dtype &&
+  // Not while autograd records at all: an earlier op may have saved `other` for its backward.
+  return epilogue.into_other && !grad && !at::GradMode::is_enabled() && other && other->sizes() == out_sizes &&
+         other->scalar_type() == dtype &&
          other->layout() == at::kStrided && other->is_non_overlapping_and_dense() && !other->is_alias_of(input);
 }
 
@@ -85,7 +87,18 @@ c10::IValue callBoxed(const char* name, const char* overload, torch::jit::Stack 
 bool onednnTakesDtype(at::ScalarType dtype) {
   if (dtype == at::kFloat) return true;
   if (dtype != at::kBFloat16) return false;
-  static const bool bf16 = callBoxed("mkldnn::_is_mkldnn_bf16_supported", "", {}).toBool();
+  static const bool bf16 = [] {
+    // Registered only in builds of torch with oneDNN.
+    std::optional<c10::OperatorHandle> op = c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
+    if (!op) return false;
+    try {
+      torch::jit::Stack stack;
+      op->callBoxed(&stack);
+      return stack.front().toBool();
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
   return bf16;
 }
 
@@ -343,6 +356,13 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
                  {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
 }
 
+at::Tensor conv2dIntoOther(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           at::Tensor& other, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                           std::vector<int64_t> dilation, int64_t groups, const std::string& epilogue_text) {
+  return conv2d(input, weight, bias, other, std::move(stride), std::move(padding), std::move(dilation), groups,
+                epilogue_text);
+}
+
 at::Tensor castFloating(const at::Tensor& x, int64_t from, int64_t to) {
   if (x.scalar_type() != static_cast<at::ScalarType>(from)) return x;
   return x.to(static_cast<at::ScalarType>(to));
@@ -354,7 +374,11 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
   m.def("linear(Tensor input, Tensor weight, Tensor? bias, Tensor? other, str epilogue) -> Tensor");
   m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor? other, int[] stride, int[] padding, "
         "int[] dilation, int groups, str epilogue) -> Tensor");
-  m.def("cast_floating(Tensor x, int from, int to) -> Tensor");
+  // The "@other" form: the sum may be written into `other` (the fuser proved no one reads it).
+  m.def("conv2d_into_other(Tensor input, Tensor weight, Tensor? bias, Tensor(a!) other, int[] stride, "
+        "int[] padding, int[] dilation, int groups, str epilogue) -> Tensor(a!)");
+  // Returns x itself when it is not of dtype `from`.
+  m.def("cast_floating(Tensor(a) x, int from, int to) -> Tensor(a)");
   // Tests only: every library call runs this way where it can ("" measures again).
   m.def("_force_library_choice(str choice) -> ()", [](const std::string& choice) { forceChoice(choice); });
 }
@@ -362,6 +386,7 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
 TORCH_LIBRARY_IMPL(kiln, CompositeImplicitAutograd, m) {
   m.impl("linear", &linear);
   m.impl("conv2d", &conv2d);
+  m.impl("conv2d_into_other", &conv2dIntoOther);
   m.impl("cast_floating", &castFloating);
 }
 

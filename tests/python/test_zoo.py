@@ -48,10 +48,11 @@ import torch  # noqa: E402
 RTOL = 1e-4
 ATOL = 1e-4
 CALLS = 5
-KILN_OPS = ("kiln::fusion_group", "kiln::attention", "kiln::attention_explicit", "kiln::linear", "kiln::conv2d")
+KILN_OPS = ("kiln::fusion_group", "kiln::attention", "kiln::attention_explicit", "kiln::linear", "kiln::conv2d",
+            "kiln::conv2d_into_other")
 # Library calls (GEMM / convolution with its epilogue) run ATen's ops as one of their measured
 # ways, so their children say nothing about a fallback; their report says which way ran.
-LIBRARY_OPS = ("kiln::linear", "kiln::conv2d")
+LIBRARY_OPS = ("kiln::linear", "kiln::conv2d", "kiln::conv2d_into_other")
 SUBPROCESS_TIMEOUT = 600
 # Route d (bf16): the least cosine similarity to float32 an output may have. docs/precision.md
 # lists each model's; EfficientNet-B0's depthwise stack is the lowest (0.9977), the others >= 0.9996.
@@ -179,7 +180,7 @@ def run_job(model_path, data_path, mode):
             graph = str(module.inlined_graph)
             result["graph_fusion_groups"] = graph.count("kiln::fusion_group(")
             result["graph_attention"] = graph.count("kiln::attention(") + graph.count("kiln::attention_explicit(")
-            result["graph_library_calls"] = graph.count("kiln::linear(") + graph.count("kiln::conv2d(")
+            result["graph_library_calls"] = graph.count("kiln::linear(") + graph.count("kiln::conv2d(") + graph.count("kiln::conv2d_into_other(")
             assert any(op + "(" in graph for op in KILN_OPS), "the fused file's graph holds no kiln op"
         with torch.no_grad():
             for call, (inputs, expected) in enumerate(zip(data["inputs"], data["outputs"])):
