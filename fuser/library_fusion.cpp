@@ -173,10 +173,11 @@ Chain chainFrom(Node* root) {
 // True when the convolution may write its result into `other`'s memory: `other` is made in the same
 // block by an op that returns fresh memory or a view of it, nothing that may alias it is a graph
 // input or read after `last` (the end of the chain), and the input does not alias it either.
-// Ops whose output is memory of their own (never a view of an operand or of a constant).
+// Ops whose output is memory of their own (never a view of an operand or of a constant);
+// kiln::conv2d_into_other returns its residual's memory, itself fresh by this rule.
 bool makesFreshTensor(const Node* node) {
   static const std::unordered_set<std::string> kinds = {
-      kConv2dOp, kLinearOp, "aten::relu", "aten::add", "aten::sub", "aten::mul", "aten::max_pool2d",
+      kConv2dOp, kConv2dIntoOtherOp, kLinearOp, "aten::conv2d", "aten::_convolution", "aten::linear", "aten::relu", "aten::add", "aten::sub", "aten::mul", "aten::max_pool2d",
       "aten::avg_pool2d", "aten::adaptive_avg_pool2d", "aten::sigmoid", "aten::hardswish", "aten::silu",
       "aten::gelu", "aten::batch_norm"};
   return kinds.count(node->kind().toQualString()) != 0;
