@@ -231,10 +231,11 @@ def report(module: torch.jit.ScriptModule) -> Dict[str, Any]:
     """What kiln fused in ``module``'s forward, as a dict.
 
     Keys: ``nodes_total``, ``nodes_fused`` and ``groups``, a list of dicts with ``name``, ``kind``
-    (``"elementwise"`` or ``"attention"``), ``ops``, ``inputs``, ``outputs``, ``bytes_fused`` and
-    ``bytes_unfused`` (per call, measured on the last run; -1 before any), ``calls``,
-    ``fallbacks`` and ``ns_per_call`` (mean wall time of a fused call on the CPU; -1 when none
-    was timed, as on CUDA). A module from ``optimize`` (or a fused file) is reported as it is; any other
+    (``"elementwise"``, ``"attention"``, ``"linear"`` or ``"conv2d"``), ``ops``, ``inputs``,
+    ``outputs``, ``bytes_fused`` and ``bytes_unfused`` (per call, measured on the last run; -1
+    before any), ``calls``, ``fallbacks``, ``ns_per_call`` (mean wall time of a fused call on the
+    CPU; -1 when none was timed, as on CUDA) and ``choice`` (linear and conv2d: the way the last
+    call ran, measured fastest: ``"onednn"``, ``"aten_transposed"``, ``"aten"``, ...). A module from ``optimize`` (or a fused file) is reported as it is; any other
     module by the graph the executor last optimized for it (kiln enabled, run at least once;
     run it under ``torch.no_grad()``: with autograd on, the executor may keep the ops in
     differentiable subgraphs that the report does not look into).
