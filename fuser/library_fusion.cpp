@@ -382,14 +382,17 @@ int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& o
   std::vector<Node*> convolutions;
   for (Node* root : roots) {
     Chain chain = chainFrom(root);
-    // The AliasDb is made for each chain: the graph changed with the last one.
-    torch::jit::AliasDb alias_db(graph);
-    if (!safeToMoveToEnd(alias_db, chain)) chain = Chain{root, {}, nullptr, Epilogue{}};
-    // A residual add whose other operand dies here is accumulated into that operand (oneDNN's sum
-    // post-op): no output to allocate, no copy of `other`.
-    if (chain.epilogue.add != Epilogue::Add::kNone && !isKind(root, "aten::linear") &&
-        otherIsDeadAfter(alias_db, chain, chain.nodes.back())) {
-      chain.epilogue.into_other = true;
+    // Only a chain with an epilogue needs alias analysis; its AliasDb is made for it alone (the
+    // graph changed with the last chain).
+    if (!chain.nodes.empty()) {
+      torch::jit::AliasDb alias_db(graph);
+      if (!safeToMoveToEnd(alias_db, chain)) chain = Chain{root, {}, nullptr, Epilogue{}};
+      // A residual add whose other operand dies here is accumulated into that operand (oneDNN's
+      // sum post-op): no output to allocate, no copy of `other`.
+      if (chain.epilogue.add != Epilogue::Add::kNone && !isKind(root, "aten::linear") &&
+          otherIsDeadAfter(alias_db, chain, chain.nodes.back())) {
+        chain.epilogue.into_other = true;
+      }
     }
     Node* call = replaceChain(*graph, chain);
     if (!isKind(call, kLinearOp)) convolutions.push_back(call);

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
 #include <c10/core/GradMode.h>
+#include <c10/util/StringUtil.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -157,15 +158,10 @@ at::Tensor attentionCpu(const at::Tensor& query, const at::Tensor& key, const at
   }});
   std::string shape_class = "attention " + std::string(c10::toString(query.scalar_type()));
   for (const at::Tensor* tensor : {&query, &key, &value}) {
-    shape_class += " [";
-    for (int64_t d = 0; d < tensor->dim(); ++d) {
-      const int64_t size = tensor->size(d);
-      // The batch rounded up to a power of two; the other sizes as they are.
-      int64_t rounded = 1;
-      while (d == 0 && rounded < size) rounded *= 2;
-      shape_class += (d ? "," : "") + std::to_string(d == 0 ? rounded : size);
-    }
-    shape_class += "]";
+    // The batch rounded up to a power of two; the other sizes as they are.
+    std::vector<int64_t> sizes = tensor->sizes().vec();
+    if (!sizes.empty()) sizes[0] = powerOfTwoAtLeast(sizes[0]);
+    shape_class += " [" + c10::Join(",", sizes) + "]";
   }
   shape_class += mask ? std::string(" mask ") + c10::toString(mask->scalar_type()) : std::string(" no mask");
   shape_class += causal ? " causal" : "";

@@ -21,6 +21,7 @@
 // Registered as CompositeImplicitAutograd: when autograd needs the result, the ATen ops run above
 // the autograd layer and record the graph as eager would.
 #include <ATen/ATen.h>
+#include <c10/util/StringUtil.h>
 #include <torch/library.h>
 
 #include <functional>
@@ -78,11 +79,32 @@ at::Tensor atenEpilogue(at::Tensor y, const Epilogue& epilogue, const std::optio
 
 // ---- oneDNN through ATen's mkldnn operators --------------------------------------------------
 
-c10::IValue callBoxed(const char* name, const char* overload, torch::jit::Stack stack) {
-  const c10::OperatorHandle& op = c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
-  op.callBoxed(&stack);
-  return stack.front();
-}
+// One of ATen's mkldnn operators, looked up in the dispatcher on its first call only (the calls
+// are on every GEMM's path). A failed lookup throws, is caught with the way's other failures and
+// is tried again on the next call.
+class MkldnnOp {
+ public:
+  MkldnnOp(const char* name, const char* overload) : name_(name), overload_(overload) {}
+  c10::IValue call(torch::jit::Stack stack) const {
+    std::call_once(found_, [this] { handle_ = c10::Dispatcher::singleton().findSchemaOrThrow(name_, overload_); });
+    handle_->callBoxed(&stack);
+    return stack.front();
+  }
+
+ private:
+  const char* name_;
+  const char* overload_;
+  mutable std::once_flag found_;
+  mutable std::optional<c10::OperatorHandle> handle_;
+};
+
+const MkldnnOp kReorderLinearWeight("mkldnn::_reorder_linear_weight", "");
+const MkldnnOp kLinearPointwise("mkldnn::_linear_pointwise", "");
+const MkldnnOp kLinearPointwiseBinary("mkldnn::_linear_pointwise", "binary");
+const MkldnnOp kReorderConvolutionWeight("mkldnn::_reorder_convolution_weight", "");
+const MkldnnOp kConvolutionPointwise("mkldnn::_convolution_pointwise", "");
+const MkldnnOp kConvolutionPointwiseBinary("mkldnn::_convolution_pointwise", "binary");
+const MkldnnOp kConvolutionPointwiseBinaryInPlace("mkldnn::_convolution_pointwise_", "binary");
 
 bool onednnTakesDtype(at::ScalarType dtype) {
   if (dtype == at::kFloat) return true;
@@ -179,12 +201,6 @@ at::Tensor prepared(const at::Tensor& weight, const std::string& what, const std
 
 // ---- Measuring -------------------------------------------------------------------------------
 
-int64_t powerOfTwoAtLeast(int64_t n) {
-  int64_t p = 1;
-  while (p < n) p *= 2;
-  return p;
-}
-
 std::string layoutName(const at::Tensor& tensor) {
   if (tensor.is_contiguous()) return "contiguous";
   if (tensor.dim() == 4 && tensor.is_contiguous(at::MemoryFormat::ChannelsLast)) return "channels_last";
@@ -246,16 +262,16 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
     const bool fuse_add = addFuses(epilogue, other, out_sizes, input.scalar_type());
     candidates.push_back({kOneDnn, [&, fuse_add](const std::optional<at::Tensor>& operand) {
       at::Tensor packed = prepared(weight, "onednn linear", [&] {
-        return callBoxed("mkldnn::_reorder_linear_weight", "", {weight, c10::IValue()}).toTensor();
+        return kReorderLinearWeight.call({weight, c10::IValue()}).toTensor();
       });
       const c10::IValue b = bias ? c10::IValue(*bias) : c10::IValue();
       if (epilogue.add != Epilogue::Add::kNone && fuse_add) {
-        at::Tensor y = callBoxed("mkldnn::_linear_pointwise", "binary", {input, *operand, packed, b, "add"}).toTensor();
+        at::Tensor y = kLinearPointwiseBinary.call({input, *operand, packed, b, "add"}).toTensor();
         return activate(y, epilogue.activation, true);
       }
       const Activation fused = epilogue.add == Epilogue::Add::kNone ? epilogue.activation : Activation::kNone;
       const auto [attr, algorithm] = onednnActivation(fused);
-      at::Tensor y = callBoxed("mkldnn::_linear_pointwise", "",
+      at::Tensor y = kLinearPointwise.call(
                                {input, packed, b, attr, c10::List<std::optional<at::Scalar>>(), optionalString(algorithm)})
                          .toTensor();
       return epilogue.add == Epilogue::Add::kNone ? y : atenEpilogue(y, epilogue, operand, false);
@@ -270,12 +286,6 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
 }
 
 // ---- kiln::conv2d ----------------------------------------------------------------------------
-
-std::string joined(at::IntArrayRef values) {
-  std::string text;
-  for (int64_t value : values) text += (text.empty() ? "" : ",") + std::to_string(value);
-  return text;
-}
 
 at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& other, std::vector<int64_t> stride, std::vector<int64_t> padding,
@@ -305,10 +315,10 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
   if (out_sizes[2] <= 0 || out_sizes[3] <= 0) return runFastest("", candidates, counters, other, epilogue.into_other);
   const bool into_other = writesIntoOther(epilogue, other, out_sizes, input.scalar_type(), input, grad);
   const bool fuse_add = addFuses(epilogue, other, out_sizes, input.scalar_type());
-  const std::string params = joined(stride) + "/" + joined(padding) + "/" + joined(dilation) + "/" + std::to_string(groups);
+  const std::string params = c10::Join(",", stride) + "/" + c10::Join(",", padding) + "/" + c10::Join(",", dilation) + "/" + std::to_string(groups);
   auto runOneDnn = [&, fuse_add, into_other](const at::Tensor& x, const std::optional<at::Tensor>& operand) {
     at::Tensor packed = prepared(weight, "onednn conv2d " + params, [&] {
-      return callBoxed("mkldnn::_reorder_convolution_weight", "",
+      return kReorderConvolutionWeight.call(
                        {weight, padding, stride, dilation, groups, input.sizes().vec()})
           .toTensor();
     });
@@ -318,25 +328,25 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
         (epilogue.activation == Activation::kNone || epilogue.activation == Activation::kRelu)) {
       // oneDNN's sum post-op: the convolution accumulates into `other` (then relu), in place.
       const c10::IValue relu = epilogue.activation == Activation::kRelu ? c10::IValue("relu") : c10::IValue();
-      return callBoxed("mkldnn::_convolution_pointwise_", "binary",
+      return kConvolutionPointwiseBinaryInPlace.call(
                        {*operand, x, packed, b, padding, stride, dilation, groups, "add", at::Scalar(1.0), relu,
                         no_scalars, c10::IValue()})
           .toTensor();
     }
     const auto [attr, algorithm] = onednnActivation(epilogue.activation);
     if (epilogue.add != Epilogue::Add::kNone && fuse_add) {
-      return callBoxed("mkldnn::_convolution_pointwise", "binary",
+      return kConvolutionPointwiseBinary.call(
                        {x, *operand, packed, b, padding, stride, dilation, groups, "add", at::Scalar(1.0),
                         epilogue.activation == Activation::kNone ? c10::IValue() : c10::IValue(attr), no_scalars,
                         optionalString(algorithm)})
           .toTensor();
     }
     if (epilogue.add == Epilogue::Add::kNone) {
-      return callBoxed("mkldnn::_convolution_pointwise", "",
+      return kConvolutionPointwise.call(
                        {x, packed, b, padding, stride, dilation, groups, attr, no_scalars, optionalString(algorithm)})
           .toTensor();
     }
-    at::Tensor y = callBoxed("mkldnn::_convolution_pointwise", "",
+    at::Tensor y = kConvolutionPointwise.call(
                              {x, packed, b, padding, stride, dilation, groups, "none", no_scalars, c10::IValue()})
                        .toTensor();
     return atenEpilogue(y, epilogue, operand, false, into_other);
@@ -348,8 +358,8 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
     }});
   }
   const std::string key = "conv2d " + std::string(c10::toString(input.scalar_type())) + " batch<=" +
-                          std::to_string(powerOfTwoAtLeast(input.size(0))) + " input " + joined(input.sizes().slice(1)) +
-                          " weight " + joined(weight.sizes()) + " " + params + (bias ? " bias" : "") +
+                          std::to_string(powerOfTwoAtLeast(input.size(0))) + " input " + c10::Join(",", input.sizes().slice(1)) +
+                          " weight " + c10::Join(",", weight.sizes()) + " " + params + (bias ? " bias" : "") +
                           " epilogue=" + epilogue_text + (into_other ? " into other" : "") + " " + layoutName(input) +
                           (other ? " other " + layoutName(*other) + " " + c10::toString(other->scalar_type()) : "");
   return counted(runFastest(key, candidates, counters, other, into_other), counters, epilogue,

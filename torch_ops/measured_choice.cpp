@@ -55,6 +55,12 @@ KernelCacheKey diskKey(const std::string& key) {
 
 }  // namespace
 
+int64_t powerOfTwoAtLeast(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
 std::string hostSignature() {
   static const std::string model = cpuModel();
   return model + ", " + std::to_string(at::get_num_threads()) + " threads";

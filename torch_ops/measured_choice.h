@@ -32,6 +32,9 @@ struct MeasuredWay {
 at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& ways, GroupCounters& counters,
                       const std::optional<at::Tensor>& other = std::nullopt, bool mutates_other = false);
 
+// The smallest power of two >= n: a batch or row count's shape class.
+int64_t powerOfTwoAtLeast(int64_t n);
+
 // The machine a choice was measured on: CPU model and the thread count torch uses.
 std::string hostSignature();
 
