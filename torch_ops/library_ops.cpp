@@ -6,6 +6,9 @@
 //                              FrozenLinearTranspose lays it out), then the epilogue
 //            "onednn"          mkldnn::_linear_pointwise on a weight prepacked once, the
 //                              activation or the add fused as a post-op
+//            "onednn_m1"       the same on the weight prepacked for a one-row input: oneDNN then
+//                              picks another blocked layout, on AMX faster for some bf16 shapes
+//                              even with a thousand rows (BERT's 768 -> 768 and 3072 -> 768)
 //   conv2d:  "aten"            at::conv2d, then the epilogue
 //            "onednn"          mkldnn::_convolution_pointwise on a prepacked weight, add and
 //                              activation fused; its outputs are channels-last
@@ -25,8 +28,6 @@
 #include <torch/library.h>
 
 #include <functional>
-#include <mutex>
-#include <unordered_map>
 
 #include "fuser/group_stats.h"
 #include "fuser/library_calls.h"
@@ -39,7 +40,12 @@ namespace {
 constexpr const char* kAten = "aten";
 constexpr const char* kAtenTransposed = "aten_transposed";
 constexpr const char* kOneDnn = "onednn";
+constexpr const char* kOneDnnM1 = "onednn_m1";
 constexpr const char* kOneDnnChannelsLast = "onednn_channels_last";
+// What the ways make of a linear's weight (keys of prepared()).
+constexpr const char* kPreparedTransposed = "transposed";
+constexpr const char* kPreparedOneDnn = "onednn linear";
+constexpr const char* kPreparedOneDnnM1 = "onednn linear, one row";
 
 // ---- The epilogue in ATen ops ----------------------------------------------------------------
 
@@ -160,45 +166,6 @@ bool gradRecorded(std::initializer_list<const at::Tensor*> tensors) {
   return false;
 }
 
-// ---- Weights prepared once -------------------------------------------------------------------
-
-// What kiln made of one weight: transposed, prepacked. Keyed by the weight's TensorImpl and the
-// parameters the packing depends on; rebuilt if the weight is freed or written to.
-struct Prepared {
-  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> owner;
-  uint32_t version = 0;
-  at::Tensor tensor;
-};
-
-std::mutex prepared_mutex;
-std::unordered_map<std::string, Prepared>& preparedTable() {
-  static auto* table = new std::unordered_map<std::string, Prepared>();
-  return *table;
-}
-
-at::Tensor prepared(const at::Tensor& weight, const std::string& what, const std::function<at::Tensor()>& make) {
-  const std::string key = std::to_string(reinterpret_cast<uintptr_t>(weight.unsafeGetTensorImpl())) + " " + what;
-  {
-    std::lock_guard<std::mutex> lock(prepared_mutex);
-    auto found = preparedTable().find(key);
-    if (found != preparedTable().end()) {
-      c10::intrusive_ptr<c10::TensorImpl> owner = found->second.owner->lock();
-      if (owner.get() == weight.unsafeGetTensorImpl() && found->second.version == weight._version())
-        return found->second.tensor;
-    }
-  }
-  at::NoGradGuard no_grad;
-  Prepared entry;
-  entry.owner.emplace(weight.getIntrusivePtr());
-  entry.version = weight._version();
-  entry.tensor = make();
-  std::lock_guard<std::mutex> lock(prepared_mutex);
-  auto& table = preparedTable();
-  for (auto it = table.begin(); it != table.end();) it = it->second.owner->expired() ? table.erase(it) : std::next(it);
-  table[key] = entry;
-  return entry.tensor;
-}
-
 // ---- Measuring -------------------------------------------------------------------------------
 
 std::string layoutName(const at::Tensor& tensor) {
@@ -251,31 +218,36 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
     return runFastest("", candidates, counters, other);
   }
   candidates.push_back({kAtenTransposed, [&](const std::optional<at::Tensor>& operand) {
-    at::Tensor transposed = prepared(weight, "transposed", [&] { return weight.t().contiguous(); });
+    at::Tensor transposed = preparedWeight(weight, kPreparedTransposed, [&] { return weight.t().contiguous(); });
     at::Tensor flat = input.reshape({rows, k});
     at::Tensor y = bias ? at::addmm(*bias, flat, transposed) : at::mm(flat, transposed);
     return atenEpilogue(y.view(out_sizes), epilogue, operand, false);
-  }});
+  }, kPreparedTransposed, [&] { forgetPreparedWeight(weight.unsafeGetTensorImpl(), kPreparedTransposed); }});
   const bool onednn = plainCpuTensor(input) && plainCpuTensor(weight) && onednnTakesDtype(input.scalar_type()) &&
                       (!bias || plainCpuTensor(*bias));
+  const bool fuse_add = onednn && addFuses(epilogue, other, out_sizes, input.scalar_type());
+  // mkldnn::_linear_pointwise on the weight prepacked for `rows_hint` rows (none: oneDNN's default).
+  auto runOneDnn = [&, fuse_add](const char* what, const c10::IValue& rows_hint, const std::optional<at::Tensor>& operand) {
+    at::Tensor packed = preparedWeight(weight, what, [&] { return kReorderLinearWeight.call({weight, rows_hint}).toTensor(); });
+    const c10::IValue b = bias ? c10::IValue(*bias) : c10::IValue();
+    if (epilogue.add != Epilogue::Add::kNone && fuse_add) {
+      at::Tensor y = kLinearPointwiseBinary.call({input, *operand, packed, b, "add"}).toTensor();
+      return activate(y, epilogue.activation, true);
+    }
+    const Activation fused = epilogue.add == Epilogue::Add::kNone ? epilogue.activation : Activation::kNone;
+    const auto [attr, algorithm] = onednnActivation(fused);
+    at::Tensor y =
+        kLinearPointwise.call({input, packed, b, attr, c10::List<std::optional<at::Scalar>>(), optionalString(algorithm)})
+            .toTensor();
+    return epilogue.add == Epilogue::Add::kNone ? y : atenEpilogue(y, epilogue, operand, false);
+  };
   if (onednn) {
-    const bool fuse_add = addFuses(epilogue, other, out_sizes, input.scalar_type());
-    candidates.push_back({kOneDnn, [&, fuse_add](const std::optional<at::Tensor>& operand) {
-      at::Tensor packed = prepared(weight, "onednn linear", [&] {
-        return kReorderLinearWeight.call({weight, c10::IValue()}).toTensor();
-      });
-      const c10::IValue b = bias ? c10::IValue(*bias) : c10::IValue();
-      if (epilogue.add != Epilogue::Add::kNone && fuse_add) {
-        at::Tensor y = kLinearPointwiseBinary.call({input, *operand, packed, b, "add"}).toTensor();
-        return activate(y, epilogue.activation, true);
-      }
-      const Activation fused = epilogue.add == Epilogue::Add::kNone ? epilogue.activation : Activation::kNone;
-      const auto [attr, algorithm] = onednnActivation(fused);
-      at::Tensor y = kLinearPointwise.call(
-                               {input, packed, b, attr, c10::List<std::optional<at::Scalar>>(), optionalString(algorithm)})
-                         .toTensor();
-      return epilogue.add == Epilogue::Add::kNone ? y : atenEpilogue(y, epilogue, operand, false);
-    }});
+    candidates.push_back({kOneDnn, [&](const std::optional<at::Tensor>& operand) {
+      return runOneDnn(kPreparedOneDnn, c10::IValue(), operand);
+    }, kPreparedOneDnn, [&] { forgetPreparedWeight(weight.unsafeGetTensorImpl(), kPreparedOneDnn); }});
+    candidates.push_back({kOneDnnM1, [&](const std::optional<at::Tensor>& operand) {
+      return runOneDnn(kPreparedOneDnnM1, c10::IValue(int64_t{1}), operand);
+    }, kPreparedOneDnnM1, [&] { forgetPreparedWeight(weight.unsafeGetTensorImpl(), kPreparedOneDnnM1); }});
   }
   const std::string key = "linear " + std::string(c10::toString(input.scalar_type())) + " rows<=" +
                           std::to_string(powerOfTwoAtLeast(rows)) + " K=" + std::to_string(k) + " N=" +
@@ -316,8 +288,10 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
   const bool into_other = writesIntoOther(epilogue, other, out_sizes, input.scalar_type(), input, grad);
   const bool fuse_add = addFuses(epilogue, other, out_sizes, input.scalar_type());
   const std::string params = c10::Join(",", stride) + "/" + c10::Join(",", padding) + "/" + c10::Join(",", dilation) + "/" + std::to_string(groups);
+  const std::string prepared_conv = "onednn conv2d " + params;
+  auto releaseConv = [&] { forgetPreparedWeight(weight.unsafeGetTensorImpl(), prepared_conv); };
   auto runOneDnn = [&, fuse_add, into_other](const at::Tensor& x, const std::optional<at::Tensor>& operand) {
-    at::Tensor packed = prepared(weight, "onednn conv2d " + params, [&] {
+    at::Tensor packed = preparedWeight(weight, prepared_conv, [&] {
       return kReorderConvolutionWeight.call(
                        {weight, padding, stride, dilation, groups, input.sizes().vec()})
           .toTensor();
@@ -351,11 +325,12 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
                        .toTensor();
     return atenEpilogue(y, epilogue, operand, false, into_other);
   };
-  candidates.push_back({kOneDnn, [&](const std::optional<at::Tensor>& operand) { return runOneDnn(input, operand); }});
+  candidates.push_back({kOneDnn, [&](const std::optional<at::Tensor>& operand) { return runOneDnn(input, operand); },
+                        prepared_conv.c_str(), releaseConv});
   if (!input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     candidates.push_back({kOneDnnChannelsLast, [&](const std::optional<at::Tensor>& operand) {
       return runOneDnn(input.contiguous(at::MemoryFormat::ChannelsLast), operand);
-    }});
+    }, prepared_conv.c_str(), releaseConv});
   }
   const std::string key = "conv2d " + std::string(c10::toString(input.scalar_type())) + " batch<=" +
                           std::to_string(powerOfTwoAtLeast(input.size(0))) + " input " + c10::Join(",", input.sizes().slice(1)) +

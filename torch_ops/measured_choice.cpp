@@ -1,6 +1,7 @@
 #include "torch_ops/measured_choice.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/intrusive_ptr.h>
 #include <torch/version.h>
 
 #include <algorithm>
@@ -105,6 +106,66 @@ void forceChoice(const std::string& choice) {
 std::string forcedChoice() {
   std::lock_guard<std::mutex> lock(choices_mutex);
   return forced();
+}
+
+// ---- Weights prepared once ----
+
+namespace {
+
+struct Prepared {
+  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> owner;
+  uint32_t version = 0;
+  at::Tensor tensor;
+};
+
+std::mutex prepared_mutex;
+std::unordered_map<std::string, Prepared>& preparedTable() {
+  static auto* table = new std::unordered_map<std::string, Prepared>();
+  return *table;
+}
+
+std::string preparedKey(const at::TensorImpl* weight, const std::string& what) {
+  return std::to_string(reinterpret_cast<uintptr_t>(weight)) + " " + what;
+}
+
+void dropFreed(std::unordered_map<std::string, Prepared>& table) {
+  for (auto it = table.begin(); it != table.end();) it = it->second.owner->expired() ? table.erase(it) : std::next(it);
+}
+
+}  // namespace
+
+at::Tensor preparedWeight(const at::Tensor& weight, const std::string& what, const std::function<at::Tensor()>& make) {
+  const std::string key = preparedKey(weight.unsafeGetTensorImpl(), what);
+  {
+    std::lock_guard<std::mutex> lock(prepared_mutex);
+    auto found = preparedTable().find(key);
+    if (found != preparedTable().end()) {
+      c10::intrusive_ptr<c10::TensorImpl> owner = found->second.owner->lock();
+      if (owner.get() == weight.unsafeGetTensorImpl() && found->second.version == weight._version())
+        return found->second.tensor;
+    }
+  }
+  at::NoGradGuard no_grad;
+  Prepared entry;
+  entry.owner.emplace(weight.getIntrusivePtr());
+  entry.version = weight._version();
+  entry.tensor = make();
+  std::lock_guard<std::mutex> lock(prepared_mutex);
+  auto& table = preparedTable();
+  dropFreed(table);
+  table[key] = entry;
+  return entry.tensor;
+}
+
+void forgetPreparedWeight(const at::TensorImpl* weight, const std::string& what) {
+  std::lock_guard<std::mutex> lock(prepared_mutex);
+  preparedTable().erase(preparedKey(weight, what));
+}
+
+int64_t preparedWeightCount() {
+  std::lock_guard<std::mutex> lock(prepared_mutex);
+  dropFreed(preparedTable());
+  return static_cast<int64_t>(preparedTable().size());
 }
 
 namespace {
@@ -233,6 +294,14 @@ at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& ca
       best_name = usable[i]->name;
       best_result = results[i];
     }
+  }
+  const char* best_keeps = nullptr;
+  for (const MeasuredWay& candidate : candidates) {
+    if (candidate.name == best_name) best_keeps = candidate.keeps;
+  }
+  for (const MeasuredWay& candidate : candidates) {
+    if (candidate.name == best_name || candidate.keeps == nullptr || !candidate.release) continue;
+    if (best_keeps == nullptr || std::string(best_keeps) != candidate.keeps) candidate.release();
   }
   rememberChoice(key, best_name);
   log(LogLevel::kInfo, key + " runs " + best_name);
