@@ -4,6 +4,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -15,6 +18,25 @@ void attentionKernel_DEFAULT(const AttentionProblem& problem);
 #if defined(KILN_ATTENTION_X86_KERNELS)
 void attentionKernel_AVX2(const AttentionProblem& problem);
 void attentionKernel_AVX512(const AttentionProblem& problem);
+void attentionKernel_AMX(const AttentionProblem& problem);
+
+namespace {
+
+// AMX's tile data is a state Linux hands out per process on request (arch_prctl); without it the
+// first tile instruction faults. oneDNN asks the same way; asking twice is harmless.
+bool amxGranted() {
+  static const bool granted = [] {
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16") ||
+        !__builtin_cpu_supports("avx512bf16"))
+      return false;
+    constexpr int kArchRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+    constexpr int kTileData = 18;                   // XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kArchRequestPermission, kTileData) == 0;
+  }();
+  return granted;
+}
+
+}  // namespace
 #endif
 
 bool cpuIsaSupported(CpuIsa isa) {
@@ -27,6 +49,8 @@ bool cpuIsaSupported(CpuIsa isa) {
     case CpuIsa::kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case CpuIsa::kAmx:
+      return cpuIsaSupported(CpuIsa::kAvx512) && amxGranted();
 #endif
     default:
       return false;
@@ -39,6 +63,8 @@ const char* cpuIsaName(CpuIsa isa) {
       return "avx2";
     case CpuIsa::kAvx512:
       return "avx512";
+    case CpuIsa::kAmx:
+      return "amx";
     default:
       return "default";
   }
@@ -53,6 +79,7 @@ CpuIsa bestCpuIsa() {
     if (limit != "default" && cpuIsaSupported(CpuIsa::kAvx2)) isa = CpuIsa::kAvx2;
     if (limit != "default" && limit != "avx2" && cpuIsaSupported(CpuIsa::kAvx512))
       isa = CpuIsa::kAvx512;
+    if (limit.empty() && cpuIsaSupported(CpuIsa::kAmx)) isa = CpuIsa::kAmx;
     return isa;
   }();
   return best;
@@ -79,6 +106,9 @@ void attentionForward(const AttentionProblem& problem, CpuIsa isa) {
               " kernel");
   switch (isa) {
 #if defined(KILN_ATTENTION_X86_KERNELS)
+    case CpuIsa::kAmx:
+      if (problem.dtype == c10::ScalarType::BFloat16) return attentionKernel_AMX(problem);
+      return attentionKernel_AVX512(problem);
     case CpuIsa::kAvx512:
       return attentionKernel_AVX512(problem);
     case CpuIsa::kAvx2:

@@ -57,10 +57,12 @@ struct AttentionProblem {
 };
 
 // The instruction sets the kernel is compiled for (torch_ops/cpu/attention_kernel.cpp is built
-// once per set, as ATen builds its CPU kernels).
-enum class CpuIsa { kDefault, kAvx2, kAvx512 };
+// once per set, as ATen builds its CPU kernels). kAmx: bfloat16 runs on AMX tiles
+// (torch_ops/cpu/attention_amx.cpp), every other dtype as kAvx512.
+enum class CpuIsa { kDefault, kAvx2, kAvx512, kAmx };
 
 // The best set this CPU runs, capped by ATEN_CPU_CAPABILITY (default|avx2|avx512) like ATen.
+// AMX also needs the kernel's leave to use the tile registers, asked for once per process.
 CpuIsa bestCpuIsa();
 bool cpuIsaSupported(CpuIsa isa);
 const char* cpuIsaName(CpuIsa isa);

@@ -63,14 +63,19 @@ at::Tensor randn(at::IntArrayRef shape, at::ScalarType dtype) {
   return torch::randn(shape, torch::dtype(at::kFloat)).to(dtype);
 }
 
-// Runs each test body once per instruction-set build this CPU supports.
+// Runs each test body once per instruction-set build this CPU supports, always on kiln's kernel
+// (in bf16 and fp16 kiln::attention may otherwise run ATen's where it measured faster).
 class AttentionKernel : public ::testing::TestWithParam<kiln::cpu::CpuIsa> {
  protected:
   void SetUp() override {
     if (!kiln::cpu::cpuIsaSupported(GetParam())) GTEST_SKIP() << "CPU lacks this instruction set";
     kiln::cpu::overrideCpuIsa(GetParam());
+    kiln::forceChoice("kiln");
   }
-  void TearDown() override { kiln::cpu::overrideCpuIsa(std::nullopt); }
+  void TearDown() override {
+    kiln::forceChoice("");
+    kiln::cpu::overrideCpuIsa(std::nullopt);
+  }
 };
 
 std::string isaName(const ::testing::TestParamInfo<kiln::cpu::CpuIsa>& info) {
@@ -79,7 +84,7 @@ std::string isaName(const ::testing::TestParamInfo<kiln::cpu::CpuIsa>& info) {
 
 INSTANTIATE_TEST_SUITE_P(Attention, AttentionKernel,
                          ::testing::Values(kiln::cpu::CpuIsa::kDefault, kiln::cpu::CpuIsa::kAvx2,
-                                           kiln::cpu::CpuIsa::kAvx512),
+                                           kiln::cpu::CpuIsa::kAvx512, kiln::cpu::CpuIsa::kAmx),
                          isaName);
 
 TEST_P(AttentionKernel, HeadDimsAndSequenceLengths) {

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "torch_ops/attention_cpu.h"
+#include "torch_ops/cpu/attention_masks.h"
 
 #define KILN_CONCAT_IMPL(a, b) a##b
 #define KILN_CONCAT(a, b) KILN_CONCAT_IMPL(a, b)
@@ -184,103 +185,6 @@ void packRows(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64
   }
 }
 
-// Calls f with a null pointer of the C++ type of a mask dtype (bool or a floating type).
-template <typename F>
-void withMaskType(c10::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case c10::ScalarType::Bool:
-      return f(static_cast<const bool*>(nullptr));
-    case c10::ScalarType::Float:
-      return f(static_cast<const float*>(nullptr));
-    case c10::ScalarType::Double:
-      return f(static_cast<const double*>(nullptr));
-    case c10::ScalarType::BFloat16:
-      return f(static_cast<const c10::BFloat16*>(nullptr));
-    case c10::ScalarType::Half:
-      return f(static_cast<const c10::Half*>(nullptr));
-    default:
-      TORCH_INTERNAL_ASSERT(false, "kiln::attention: unexpected mask dtype ", dtype);
-  }
-}
-
-// scores_t[j][i] (+)= mask[query0 + i][key0 + j] for the block's valid queries and keys.
-template <typename mask_t, typename acc_t>
-void applyMask(const AttentionProblem& problem, int64_t batch_index, int64_t query0,
-               int64_t query_count, int64_t key0, int64_t key_count, acc_t* scores_t,
-               int64_t score_stride) {
-  const StridedMatrices& mask = problem.mask;
-  const mask_t* base = static_cast<const mask_t*>(mask.data) + mask.batch_offsets[batch_index] +
-                       query0 * mask.row_stride + key0 * mask.col_stride;
-  constexpr acc_t kMinusInfinity = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t i = 0; i < query_count; ++i) {
-    const mask_t* row = base + i * mask.row_stride;
-    acc_t* column = scores_t + i;
-    if constexpr (std::is_same_v<mask_t, bool>) {
-      for (int64_t j = 0; j < key_count; ++j)
-        if (!row[j * mask.col_stride]) column[j * score_stride] = kMinusInfinity;
-    } else {
-      for (int64_t j = 0; j < key_count; ++j)
-        column[j * score_stride] += static_cast<acc_t>(row[j * mask.col_stride]);
-    }
-  }
-}
-
-template <typename acc_t>
-void applyMask(const AttentionProblem& problem, int64_t batch_index, int64_t query0,
-               int64_t query_count, int64_t key0, int64_t key_count, acc_t* scores_t,
-               int64_t score_stride) {
-  if (problem.mask_kind == MaskKind::kNone) return;
-  const auto apply = [&](auto typed_null) {
-    using mask_t = std::remove_const_t<std::remove_pointer_t<decltype(typed_null)>>;
-    applyMask<mask_t, acc_t>(problem, batch_index, query0, query_count, key0, key_count, scores_t,
-                             score_stride);
-  };
-  withMaskType(problem.mask_dtype, apply);
-}
-
-// Where fill_keep is false the score becomes the fill, plus the additive mask when the original
-// graph added the mask after masked_fill/where.
-template <typename mask_t, typename acc_t>
-void applyFill(const AttentionProblem& problem, int64_t batch_index, int64_t query0,
-               int64_t query_count, int64_t key0, int64_t key_count, acc_t* scores_t,
-               int64_t score_stride) {
-  const StridedMatrices& keep = problem.fill_keep;
-  const bool* keep_base = static_cast<const bool*>(keep.data) + keep.batch_offsets[batch_index] +
-                          query0 * keep.row_stride + key0 * keep.col_stride;
-  const StridedMatrices& mask = problem.mask;
-  const mask_t* mask_base = nullptr;
-  if (problem.fill_adds_mask)
-    mask_base = static_cast<const mask_t*>(mask.data) + mask.batch_offsets[batch_index] +
-                query0 * mask.row_stride + key0 * mask.col_stride;
-  const acc_t fill = static_cast<acc_t>(problem.fill);
-  for (int64_t i = 0; i < query_count; ++i) {
-    const bool* keep_row = keep_base + i * keep.row_stride;
-    acc_t* column = scores_t + i;
-    for (int64_t j = 0; j < key_count; ++j) {
-      if (keep_row[j * keep.col_stride]) continue;
-      acc_t value = fill;
-      if (mask_base != nullptr)
-        value += static_cast<acc_t>(mask_base[i * mask.row_stride + j * mask.col_stride]);
-      column[j * score_stride] = value;
-    }
-  }
-}
-
-template <typename acc_t>
-void applyMasks(const AttentionProblem& problem, int64_t batch_index, int64_t query0,
-                int64_t query_count, int64_t key0, int64_t key_count, acc_t* scores_t,
-                int64_t score_stride) {
-  applyMask(problem, batch_index, query0, query_count, key0, key_count, scores_t, score_stride);
-  if (!problem.has_fill_keep) return;
-  const auto apply = [&](auto typed_null) {
-    using mask_t = std::remove_const_t<std::remove_pointer_t<decltype(typed_null)>>;
-    applyFill<mask_t, acc_t>(problem, batch_index, query0, query_count, key0, key_count, scores_t,
-                             score_stride);
-  };
-  // The additive mask's dtype matters only when the fill adds it (an additive mask is never bool).
-  withMaskType(problem.fill_adds_mask ? problem.mask_dtype : c10::ScalarType::Float, apply);
-}
-
 template <typename acc_t>
 struct Scratch {
   Scratch(const AttentionProblem& problem, int64_t query_block)
@@ -400,7 +304,7 @@ void attendQueryBlock(const AttentionProblem& problem, int64_t batch_index, int6
     const bool causal_diagonal = problem.causal && key0 + key_count - 1 > query0;
     const bool rescan_max =
         problem.mask_kind != MaskKind::kNone || problem.has_fill_keep || causal_diagonal;
-    applyMasks(problem, batch_index, query0, query_count, key0, key_count, scores_t, kBlock);
+    applyMasks(problem, batch_index, query0, query_count, key0, key_count, scores_t, 1, kBlock);
     if (causal_diagonal) {
       for (int64_t j = 0; j < key_count; ++j) {
         const int64_t first_seen_by = std::min(key0 + j - query0, query_count);
