@@ -32,6 +32,11 @@ int fuseAttention(std::shared_ptr<torch::jit::Graph>& graph, const Options& opti
 // (library_calls.h). Runs before the other two passes. Returns the count.
 int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& options);
 
+// Sibling linears (linear_siblings.cpp): kiln::linear calls reading one input with one epilogue
+// become one call over their stacked weights, each result a slice of its result. Run by
+// fuseLibraryCalls. Returns the number of linears joined.
+int joinSiblingLinears(std::shared_ptr<torch::jit::Graph>& graph);
+
 // Reduced precision (precision.cpp): converts a frozen graph's float32 constants to bfloat16 or
 // float16 and casts its floating inputs, its library calls' operands and its outputs. Run after
 // fuseLibraryCalls. Returns the number of boundary casts inserted.

@@ -10,10 +10,18 @@
 // result, as aten::add_; either with "@other": where shapes and dtypes allow, the sum may be
 // written into `other`'s memory, which the fuser proved no one reads afterwards), then one
 // activation. Either part may be absent; "" is none.
+//
+//   %y = kiln::linear(%x, %W, %b, None, "gelu;pieces=768,768,768")
+//
+// is sibling linears over one input concatenated (linear_siblings.cpp): W and b are theirs stacked
+// by rows, y their results side by side, which the graph slices apart; the pieces let the run
+// time still run them as separate GEMMs when that measures faster.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace kiln {
 
@@ -31,6 +39,7 @@ struct Epilogue {
   enum class Add { kNone, kOutOfPlace, kInPlace } add = Add::kNone;
   bool into_other = false;
   Activation activation = Activation::kNone;
+  std::vector<int64_t> pieces;  // output columns of each concatenated linear; empty: one linear
 
   std::string text() const;
   // nullopt for text this kiln does not know (a newer kiln's).

@@ -16,7 +16,10 @@
 // as before the rewrite.
 #include <torch/csrc/jit/ir/alias_analysis.h>
 
+#include <c10/util/StringUtil.h>
+
 #include <algorithm>
+#include <sstream>
 #include <unordered_set>
 
 #include "fuser/fusion_pass.h"
@@ -345,12 +348,27 @@ std::string Epilogue::text() const {
   std::string text = add == Add::kOutOfPlace ? "add" : add == Add::kInPlace ? "add_" : "";
   if (add != Add::kNone && into_other) text += "@other";
   if (activation != Activation::kNone) text += (text.empty() ? "" : "+") + std::string(activationName(activation));
+  if (!pieces.empty()) text += ";pieces=" + c10::Join(",", pieces);
   return text;
 }
 
 std::optional<Epilogue> Epilogue::parse(const std::string& text) {
   Epilogue epilogue;
   std::string rest = text;
+  const size_t semicolon = rest.find(';');
+  if (semicolon != std::string::npos) {
+    const std::string prefix = "pieces=";
+    const std::string list = rest.substr(semicolon + 1);
+    if (list.rfind(prefix, 0) != 0) return std::nullopt;
+    std::stringstream widths(list.substr(prefix.size()));
+    std::string width;
+    while (std::getline(widths, width, ',')) {
+      if (width.empty() || width.find_first_not_of("0123456789") != std::string::npos || width.size() > 12) return std::nullopt;
+      epilogue.pieces.push_back(std::stoll(width));
+    }
+    if (epilogue.pieces.size() < 2) return std::nullopt;
+    rest.resize(semicolon);
+  }
   const size_t plus = rest.find('+');
   std::string first = rest.substr(0, plus);
   const std::string suffix = "@other";
@@ -398,6 +416,7 @@ int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& o
     if (!isKind(call, kLinearOp)) convolutions.push_back(call);
   }
   containChannelsLast(*graph, convolutions);
+  joinSiblingLinears(graph);
   return static_cast<int>(roots.size());
 }
 

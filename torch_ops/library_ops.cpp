@@ -6,6 +6,8 @@
 //                              FrozenLinearTranspose lays it out), then the epilogue
 //            "onednn"          mkldnn::_linear_pointwise on a weight prepacked once, the
 //                              activation or the add fused as a post-op
+//            "aten_pieces"     sibling linears joined into one call (fuser/linear_siblings.cpp) run
+//                              as their own GEMMs again, each into its columns of the result
 //            "onednn_m1"       the same on the weight prepacked for a one-row input: oneDNN then
 //                              picks another blocked layout, on AMX faster for some bf16 shapes
 //                              even with a thousand rows (BERT's 768 -> 768 and 3072 -> 768)
@@ -28,6 +30,7 @@
 #include <torch/library.h>
 
 #include <functional>
+#include <numeric>
 
 #include "fuser/group_stats.h"
 #include "fuser/library_calls.h"
@@ -41,6 +44,7 @@ constexpr const char* kAten = "aten";
 constexpr const char* kAtenTransposed = "aten_transposed";
 constexpr const char* kOneDnn = "onednn";
 constexpr const char* kOneDnnM1 = "onednn_m1";
+constexpr const char* kAtenPieces = "aten_pieces";
 constexpr const char* kOneDnnChannelsLast = "onednn_channels_last";
 // What the ways make of a linear's weight (keys of prepared()).
 constexpr const char* kPreparedTransposed = "transposed";
@@ -199,6 +203,11 @@ Epilogue epilogueFrom(const std::string& text) {
 at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& other, const std::string& epilogue_text) {
   const Epilogue epilogue = epilogueFrom(epilogue_text);
+  if (!epilogue.pieces.empty()) {
+    const int64_t rows = std::accumulate(epilogue.pieces.begin(), epilogue.pieces.end(), int64_t{0});
+    TORCH_CHECK(weight.dim() == 2 && rows == weight.size(0), "kiln::linear: the pieces of '", epilogue_text,
+                "' add up to ", rows, " rows, the weight has ", weight.sizes());
+  }
   const bool grad = gradRecorded({&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
   std::vector<MeasuredWay> candidates;
   candidates.push_back({kAten, [&](const std::optional<at::Tensor>& operand) {
@@ -223,6 +232,24 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
     at::Tensor y = bias ? at::addmm(*bias, flat, transposed) : at::mm(flat, transposed);
     return atenEpilogue(y.view(out_sizes), epilogue, operand, false);
   }, kPreparedTransposed, [&] { forgetPreparedWeight(weight.unsafeGetTensorImpl(), kPreparedTransposed); }});
+  if (epilogue.pieces.size() > 1 && epilogue.add == Epilogue::Add::kNone) {
+    candidates.push_back({kAtenPieces, [&](const std::optional<at::Tensor>&) {
+      at::Tensor flat = input.reshape({rows, k});
+      at::Tensor out = at::empty({rows, n}, input.options());
+      int64_t start = 0;
+      for (int64_t width : epilogue.pieces) {
+        at::Tensor columns = out.narrow(1, start, width);
+        at::Tensor piece = weight.narrow(0, start, width).t();
+        if (bias) {
+          at::addmm_out(columns, bias->narrow(0, start, width), flat, piece);
+        } else {
+          at::mm_out(columns, flat, piece);
+        }
+        start += width;
+      }
+      return activate(out.view(out_sizes), epilogue.activation, true);
+    }});
+  }
   const bool onednn = plainCpuTensor(input) && plainCpuTensor(weight) && onednnTakesDtype(input.scalar_type()) &&
                       (!bias || plainCpuTensor(*bias));
   const bool fuse_add = onednn && addFuses(epilogue, other, out_sizes, input.scalar_type());

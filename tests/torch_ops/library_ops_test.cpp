@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "support/graph_testing.h"
+#include "fuser/library_calls.h"
 #include "torch_ops/measured_choice.h"
 
 namespace kiln {
@@ -62,6 +63,8 @@ void expectClose(const at::Tensor& actual, const at::Tensor& expected, double sc
 }
 
 const char* const kLinearWays[] = {"aten", "aten_transposed", "onednn", "onednn_m1", ""};
+// Sibling linears joined into one call also run as separate GEMMs again.
+const char* const kJoinedLinearWays[] = {"aten", "aten_transposed", "aten_pieces", "onednn", "onednn_m1", ""};
 const char* const kConvWays[] = {"aten", "onednn", "onednn_channels_last", ""};
 
 struct EpilogueCase {
@@ -385,6 +388,118 @@ TEST(LibraryCalls, BadInputRaisesEagersError) {
   EXPECT_NE(fused_error.find("cannot be multiplied"), std::string::npos) << fused_error;
   at::Tensor empty = torch::randn({0, 8});
   EXPECT_EQ(forward(fused, {empty}).sizes(), forward(eager, {empty}).sizes());
+}
+
+int64_t occurrences(const std::string& text, const std::string& what) {
+  int64_t count = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++count;
+  return count;
+}
+
+// A module of sibling linears over x [.., 24]: wq, wk, wu, wg1, wg2 with biases, wv without.
+torch::jit::Module siblingsModule(const std::string& name, const std::string& body, at::ScalarType dtype) {
+  torch::jit::Module m(name);
+  for (const char* weight : {"wq", "wk", "wv", "wu", "wg1", "wg2"}) {
+    m.register_parameter(weight, (torch::randn({32, 24}) / std::sqrt(24.0)).to(dtype), false);
+    if (std::string(weight) != "wv") m.register_parameter(std::string("b") + (weight + 1), torch::randn({32}).to(dtype), false);
+  }
+  m.define(body);
+  m.eval();
+  return m;
+}
+
+void expectEachWayMatchesEager(torch::jit::Module& eager, torch::jit::Module& fused, at::ScalarType dtype,
+                               const std::string& what) {
+  for (const char* way : kJoinedLinearWays) {
+    ForcedChoice forced(way);
+    for (int64_t batch : {1, 3}) {
+      at::Tensor x = torch::randn({batch, 5, 24}).to(dtype);
+      // The tuples are held here: the loops below read their elements.
+      const c10::IValue eager_result = eager.forward({x.clone()}), fused_result = fused.forward({x.clone()});
+      std::vector<at::Tensor> expected, actual;
+      for (const c10::IValue& value : eager_result.toTupleRef().elements()) expected.push_back(value.toTensor());
+      for (const c10::IValue& value : fused_result.toTupleRef().elements()) actual.push_back(value.toTensor());
+      ASSERT_EQ(actual.size(), expected.size());
+      for (size_t i = 0; i < actual.size(); ++i)
+        expectClose(actual[i], expected[i], dtype == at::kBFloat16 ? 16 : 4, what + " output " + std::to_string(i) + " way '" + way + "'");
+    }
+  }
+}
+
+TEST(LibraryCalls, SiblingLinearsBecomeOneCallSlicedApart) {
+  torch::NoGradGuard no_grad;
+  // Query, key and value projections split into heads, as BERT's; the value has no bias.
+  const std::string body = R"(
+def forward(self, x):
+  q = torch.linear(x, self.wq, self.bq).view(x.size(0), x.size(1), 4, 8).permute(0, 2, 1, 3)
+  k = torch.linear(x, self.wk, self.bk).view(x.size(0), x.size(1), 4, 8).permute(0, 2, 3, 1)
+  v = torch.linear(x, self.wv).view(x.size(0), x.size(1), 4, 8).permute(0, 2, 1, 3)
+  g = torch.gelu(torch.linear(x, self.wg1, self.bg1)) * torch.gelu(torch.linear(x, self.wg2, self.bg2))
+  return (torch.matmul(torch.softmax(torch.matmul(q, k), -1), v), g)
+)";
+  int index = 0;
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    torch::jit::Module eager = siblingsModule("Siblings" + std::to_string(index++), body, dtype);
+    torch::jit::Module fused = optimize(eager);
+    const std::string text = graphText(fused);
+    // q, k, v: one call of 96 rows; the two gelu linears another; nothing else.
+    EXPECT_EQ(occurrences(text, "kiln::linear("), 2) << text;
+    EXPECT_EQ(occurrences(text, "aten::slice("), 5) << text;
+    EXPECT_EQ(occurrences(text, "aten::linear("), 0) << text;
+    EXPECT_NE(text.find("value=\";pieces=32,32,32\""), std::string::npos) << text;
+    EXPECT_NE(text.find("value=\"gelu;pieces=32,32\""), std::string::npos) << text;
+    expectEachWayMatchesEager(eager, fused, dtype, c10::toString(dtype));
+    ForcedChoice forced("aten_pieces");
+    fused.forward({torch::randn({2, 5, 24}).to(dtype)});
+    for (const GroupReport& group : report(fused.get_method("forward").graph()).groups) {
+      if (group.kind == "linear") {
+        EXPECT_EQ(group.choice, "aten_pieces");
+      }
+    }
+  }
+}
+
+TEST(LibraryCalls, SiblingsThatNeedTheirOwnMemoryStayApart) {
+  torch::NoGradGuard no_grad;
+  // q is viewed flat (a slice cannot be), k is written in place, v is returned: each keeps its
+  // own call. u and g1 (no epilogue) join; g2 has another epilogue (relu) and stays alone.
+  const std::string body = R"(
+def forward(self, x):
+  q = torch.linear(x, self.wq, self.bq)
+  k = torch.linear(x, self.wk, self.bk)
+  v = torch.linear(x, self.wv)
+  u = torch.linear(x, self.wu, self.bu)
+  g1 = torch.linear(x, self.wg1, self.bg1)
+  g2 = torch.relu(torch.linear(x, self.wg2, self.bg2))
+  k.add_(1.0)
+  return (q.view(-1), k, v, u * g1, g2)
+)";
+  torch::jit::Module eager = siblingsModule("SiblingsApart", body, at::kFloat);
+  torch::jit::Module fused = optimize(eager);
+  const std::string text = graphText(fused);
+  EXPECT_EQ(occurrences(text, "kiln::linear("), 5) << text;
+  EXPECT_EQ(occurrences(text, "aten::slice("), 2) << text;
+  EXPECT_NE(text.find("value=\";pieces=32,32\""), std::string::npos) << text;
+  expectEachWayMatchesEager(eager, fused, at::kFloat, "apart");
+}
+
+TEST(LibraryCalls, PiecesAreReadBackAndChecked) {
+  std::optional<Epilogue> epilogue = Epilogue::parse("gelu;pieces=8,16");
+  ASSERT_TRUE(epilogue.has_value());
+  EXPECT_EQ(epilogue->activation, Activation::kGelu);
+  EXPECT_EQ(epilogue->pieces, (std::vector<int64_t>{8, 16}));
+  EXPECT_EQ(epilogue->text(), "gelu;pieces=8,16");
+  for (const char* bad : {"gelu;pieces=8", "gelu;pieces=8,x", ";widths=8,8", "relu;pieces=", "add;pieces=-1,2"})
+    EXPECT_FALSE(Epilogue::parse(bad).has_value()) << bad;
+  // Pieces that do not cover the weight's rows are a clear error, not a wrong answer.
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("kiln::linear", "");
+  torch::jit::Stack stack{torch::randn({2, 4}), torch::randn({8, 4}), c10::IValue(), c10::IValue(), std::string("relu;pieces=3,3")};
+  try {
+    op.callBoxed(&stack);
+    ADD_FAILURE() << "no error";
+  } catch (const std::exception& error) {
+    EXPECT_NE(std::string(error.what()).find("add up to 6 rows"), std::string::npos) << error.what();
+  }
 }
 
 TEST(LibraryCalls, MeasuredChoiceIsRemembered) {
