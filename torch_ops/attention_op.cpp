@@ -145,11 +145,13 @@ at::Tensor attentionCpu(const at::Tensor& query, const at::Tensor& key, const at
     cpu::attentionForward(cpuProblem(operands));
     return operands.output;
   };
-  // In bfloat16 and float16, ATen's own attention (oneDNN's brgemm, AMX where present) may beat
-  // kiln's kernel, which computes in float32: measured once per shape class, as the library
-  // calls are (torch_ops/measured_choice.h), with kiln's kernel as the reference.
-  const bool reduced = query.scalar_type() == at::kBFloat16 || query.scalar_type() == at::kHalf;
-  if (!reduced || at::GradMode::is_enabled()) return kiln_kernel(std::nullopt);
+  // ATen's own attention (its flash kernel; oneDNN's brgemm in bf16) may beat kiln's kernel for
+  // some shapes and dtypes (float16 and, without AMX, bfloat16 compute in float32; float32 at head
+  // dim 128 and long sequences): measured once per shape class, as the library calls are
+  // (torch_ops/measured_choice.h), with kiln's kernel as the reference. float64 runs kiln's.
+  const bool measured = query.scalar_type() == at::kBFloat16 || query.scalar_type() == at::kHalf ||
+                        query.scalar_type() == at::kFloat;
+  if (!measured || at::GradMode::is_enabled()) return kiln_kernel(std::nullopt);
   static GroupCounters& counters = groupCounters("kiln::attention on the CPU");
   std::vector<MeasuredWay> ways;
   ways.push_back({"kiln", kiln_kernel});
