@@ -24,7 +24,9 @@ namespace {
 using torch::jit::Node;
 using torch::jit::Value;
 
-bool isKind(const Node* node, const char* name) { return node->kind() == c10::Symbol::fromQualString(name); }
+bool isKind(const Node* node, const char* name) {
+  return node->kind() == c10::Symbol::fromQualString(name);
+}
 
 // Whether an op only computes from its input `index`: it neither returns a view of it nor writes
 // into it (so the input's strides are its own business).
@@ -48,7 +50,8 @@ bool splitsLastDimOnly(const Value* sizes, int64_t width) {
   } else if (sizes->node()->kind() == torch::jit::prim::ListConstruct) {
     for (const Value* item : sizes->node()->inputs()) {
       std::optional<c10::IValue> size = torch::jit::toIValue(item);
-      entries.push_back(size && size->isInt() ? std::optional<int64_t>(size->toInt()) : std::nullopt);
+      entries.push_back(size && size->isInt() ? std::optional<int64_t>(size->toInt())
+                                              : std::nullopt);
     }
   } else {
     return false;
@@ -68,7 +71,8 @@ bool readersTakeAnyStrides(const Value* value, int64_t width, bool split) {
     const Node* user = use.user;
     if (user->owningBlock() != value->node()->owningBlock()) return false;
     if ((isKind(user, "aten::view") || isKind(user, "aten::reshape")) && use.offset == 0) {
-      if (split || !splitsLastDimOnly(user->input(1), width) || !readersTakeAnyStrides(user->output(), width, true))
+      if (split || !splitsLastDimOnly(user->input(1), width) ||
+          !readersTakeAnyStrides(user->output(), width, true))
         return false;
       continue;
     }
@@ -96,8 +100,8 @@ bool mayJoin(const Node* node) {
   if (!weight || weight->dim() != 2 || weight->layout() != at::kStrided) return false;
   if (!node->input(2)->mustBeNone()) {
     std::optional<at::Tensor> bias = constantTensor(node->input(2));
-    if (!bias || bias->dim() != 1 || bias->size(0) != weight->size(0) || bias->scalar_type() != weight->scalar_type() ||
-        bias->device() != weight->device())
+    if (!bias || bias->dim() != 1 || bias->size(0) != weight->size(0) ||
+        bias->scalar_type() != weight->scalar_type() || bias->device() != weight->device())
       return false;
   }
   std::optional<c10::IValue> text = torch::jit::toIValue(node->input(4));
@@ -133,7 +137,8 @@ void joinSiblings(torch::jit::Graph& graph, const std::vector<Node*>& siblings) 
   Node* first = siblings.front();
   torch::jit::WithInsertPoint before_first(first);
   Value* weight = graph.insertConstant(at::cat(weights, 0));
-  Value* bias = any_bias ? graph.insertConstant(at::cat(biases, 0)) : graph.insertConstant(c10::IValue());
+  Value* bias =
+      any_bias ? graph.insertConstant(at::cat(biases, 0)) : graph.insertConstant(c10::IValue());
   Node* call = graph.create(c10::Symbol::fromQualString(kLinearOp),
                             {first->input(0), weight, bias, graph.insertConstant(c10::IValue()),
                              graph.insertConstant(epilogue.text())});
@@ -143,7 +148,8 @@ void joinSiblings(torch::jit::Graph& graph, const std::vector<Node*>& siblings) 
   for (size_t i = 0; i < siblings.size(); ++i) {
     const int64_t width = epilogue.pieces[i];
     torch::jit::WithInsertPoint before_node(siblings[i]);
-    Value* slice = graph.insert(torch::jit::aten::slice, {call->output(), -1, start, start + width, 1});
+    Value* slice =
+        graph.insert(torch::jit::aten::slice, {call->output(), -1, start, start + width, 1});
     // Not the linear's contiguous strides: the result's rows apart.
     slice->setType(c10::TensorType::get());
     siblings[i]->output()->replaceAllUsesWith(slice);

@@ -33,10 +33,10 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int64_t kTileRows = 16;   // rows of every tile
-constexpr int64_t kTaskRows = 32;   // queries per task: two A tiles
-constexpr int64_t kPairCols = 16;   // columns of a B tile (keys of K^T, value columns of V)
-constexpr int64_t kDepth = 32;      // bf16 of the K dimension per tile product
+constexpr int64_t kTileRows = 16;  // rows of every tile
+constexpr int64_t kTaskRows = 32;  // queries per task: two A tiles
+constexpr int64_t kPairCols = 16;  // columns of a B tile (keys of K^T, value columns of V)
+constexpr int64_t kDepth = 32;     // bf16 of the K dimension per tile product
 constexpr int64_t kTileElements = kTileRows * kPairCols * 2;  // bf16 in one 1 KB tile
 // Keys per online-softmax block: the block's fp32 scores (16 KB) and bf16 probabilities stay in
 // L1 beside the query tile; S <= 256 takes one block, so no rescaling at all.
@@ -73,8 +73,8 @@ __m256i asIntegers(__m256bh value) { return (__m256i)value; }
 
 // keys [key_len][head_dim] -> [key chunk of 16][depth step of 32][pair r][key n] of 4-byte pairs
 // (K[n][2r], K[n][2r + 1]): the B operand of Q x K^T.
-void packKeys(const c10::BFloat16* keys, const StridedMatrices& matrix, int64_t key_len, int64_t head_dim,
-              int64_t depth_steps, uint16_t* packed) {
+void packKeys(const c10::BFloat16* keys, const StridedMatrices& matrix, int64_t key_len,
+              int64_t head_dim, int64_t depth_steps, uint16_t* packed) {
   const int64_t chunks = roundUp(key_len, kPairCols) / kPairCols;
   // Pairs of adjacent bf16 as 4-byte units: the packing is then a 16 x 16 transpose of those,
   // done by ATen's AVX-512 float transpose (shuffles only; the bits are never read as floats).
@@ -88,9 +88,10 @@ void packKeys(const c10::BFloat16* keys, const StridedMatrices& matrix, int64_t 
         const int rows = static_cast<int>(std::min(kPairCols, key_len - c * kPairCols));
         const int cols = static_cast<int>(std::min(kTileRows, (head_dim - s * kDepth) / 2));
         if (rows <= 0 || cols <= 0) continue;  // all padding: stays zero
-        at::vec::transpose_mxn<float>(units + c * kPairCols * units_per_row + s * (kDepth / 2), units_per_row,
-                                      reinterpret_cast<float*>(packed + (c * depth_steps + s) * kTileElements),
-                                      kPairCols, rows, cols);
+        at::vec::transpose_mxn<float>(
+            units + c * kPairCols * units_per_row + s * (kDepth / 2), units_per_row,
+            reinterpret_cast<float*>(packed + (c * depth_steps + s) * kTileElements), kPairCols,
+            rows, cols);
       }
     return;
   }
@@ -103,7 +104,9 @@ void packKeys(const c10::BFloat16* keys, const StridedMatrices& matrix, int64_t 
           for (int64_t half = 0; half < 2; ++half) {
             const int64_t d = s * kDepth + 2 * r + half;
             tile[(r * kPairCols + n) * 2 + half] =
-                key < key_len && d < head_dim ? bits(keys[key * matrix.row_stride + d * matrix.col_stride]) : 0;
+                key < key_len && d < head_dim
+                    ? bits(keys[key * matrix.row_stride + d * matrix.col_stride])
+                    : 0;
           }
         }
     }
@@ -111,12 +114,13 @@ void packKeys(const c10::BFloat16* keys, const StridedMatrices& matrix, int64_t 
 
 // values [key_len][value_dim] -> [column chunk of 16][key step of 32][pair r][column n] of pairs
 // (V[2r][n], V[2r + 1][n]): the B operand of P x V.
-void packValues(const c10::BFloat16* values, const StridedMatrices& matrix, int64_t key_len, int64_t value_dim,
-                int64_t key_steps, uint16_t* packed) {
+void packValues(const c10::BFloat16* values, const StridedMatrices& matrix, int64_t key_len,
+                int64_t value_dim, int64_t key_steps, uint16_t* packed) {
   const int64_t chunks = roundUp(value_dim, kPairCols) / kPairCols;
   // Two rows of 16 columns interleaved by one permute: lanes 0-15 row 2r, 16-31 row 2r + 1.
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23,
-                                              7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i interleave =
+      _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t c = 0; c < chunks; ++c)
     for (int64_t s = 0; s < key_steps; ++s) {
       uint16_t* tile = packed + (c * key_steps + s) * kTileElements;
@@ -125,9 +129,10 @@ void packValues(const c10::BFloat16* values, const StridedMatrices& matrix, int6
         const int64_t column = c * kPairCols;
         uint16_t* out = tile + r * kPairCols * 2;
         if (matrix.col_stride == 1 && key + 1 < key_len && column + kPairCols <= value_dim) {
-          const __m256i first = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + key * matrix.row_stride + column));
-          const __m256i second =
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + (key + 1) * matrix.row_stride + column));
+          const __m256i first = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(values + key * matrix.row_stride + column));
+          const __m256i second = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(values + (key + 1) * matrix.row_stride + column));
           const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1);
           _mm512_storeu_si512(out, _mm512_permutexvar_epi16(interleave, both));
           continue;
@@ -135,19 +140,20 @@ void packValues(const c10::BFloat16* values, const StridedMatrices& matrix, int6
         for (int64_t n = 0; n < kPairCols; ++n)
           for (int64_t half = 0; half < 2; ++half) {
             const int64_t row = key + half;
-            out[n * 2 + half] = row < key_len && column + n < value_dim
-                                    ? bits(values[row * matrix.row_stride + (column + n) * matrix.col_stride])
-                                    : 0;
+            out[n * 2 + half] =
+                row < key_len && column + n < value_dim
+                    ? bits(values[row * matrix.row_stride + (column + n) * matrix.col_stride])
+                    : 0;
           }
       }
     }
 }
 
 struct Packed {
-  int64_t depth_steps;      // head_dim / 32, rounded up
-  int64_t key_steps;        // key_len / 32, rounded up
-  int64_t value_chunks;     // value_dim / 16, rounded up
-  int64_t key_tile_count;   // per batch index, of 16 keys
+  int64_t depth_steps;           // head_dim / 32, rounded up
+  int64_t key_steps;             // key_len / 32, rounded up
+  int64_t value_chunks;          // value_dim / 16, rounded up
+  int64_t key_tile_count;        // per batch index, of 16 keys
   std::vector<uint16_t> keys;    // per batch index: key chunks x depth steps tiles
   std::vector<uint16_t> values;  // per batch index: value chunks x key steps tiles
   int64_t keys_per_batch() const { return key_tile_count * depth_steps * kTileElements; }
@@ -178,8 +184,8 @@ struct Scratch {
 // GCC's tile intrinsics spell tile numbers into their assembly text, so every tile number below
 // is a literal.
 template <typename AAt, typename BAt>
-void tileProduct(int query_tiles, int column_tiles, int64_t steps, float* c_rows, int64_t c_stride, bool accumulate,
-                 int64_t a_stride, const AAt& a_at, const BAt& b_at) {
+void tileProduct(int query_tiles, int column_tiles, int64_t steps, float* c_rows, int64_t c_stride,
+                 bool accumulate, int64_t a_stride, const AAt& a_at, const BAt& b_at) {
   float* second_row = c_rows + kTileRows * c_stride / static_cast<int64_t>(sizeof(float));
   const bool q1 = query_tiles > 1, c1 = column_tiles > 1;
   if (accumulate) {
@@ -210,31 +216,37 @@ void tileProduct(int query_tiles, int column_tiles, int64_t steps, float* c_rows
 }
 
 // scores[:, 0:key_count) = Q x K^T for keys [key0, key0 + key_count), key_count padded to 16.
-void scoreBlock(const Packed& packed, const uint16_t* keys, Scratch& scratch, int query_tiles, int64_t key0,
-                int64_t key_count) {
+void scoreBlock(const Packed& packed, const uint16_t* keys, Scratch& scratch, int query_tiles,
+                int64_t key0, int64_t key_count) {
   const int64_t depth = packed.depth_steps * kDepth;
   const int64_t chunks = roundUp(key_count, kPairCols) / kPairCols;
   for (int64_t first = 0; first < chunks; first += 2) {
     const int64_t chunk0 = key0 / kPairCols + first;
     tileProduct(
         query_tiles, static_cast<int>(std::min<int64_t>(2, chunks - first)), packed.depth_steps,
-        scratch.scores.data() + first * kPairCols, kKeyBlock * sizeof(float), /*accumulate=*/false, depth * 2,
+        scratch.scores.data() + first * kPairCols, kKeyBlock * sizeof(float), /*accumulate=*/false,
+        depth * 2,
         [&](int q, int64_t s) { return scratch.query.data() + q * kTileRows * depth + s * kDepth; },
-        [&](int c, int64_t s) { return keys + ((chunk0 + c) * packed.depth_steps + s) * kTileElements; });
+        [&](int c, int64_t s) {
+          return keys + ((chunk0 + c) * packed.depth_steps + s) * kTileElements;
+        });
   }
 }
 
 // out += P x V for the block's keys [key0, key0 + key_count); the probabilities of padding keys
 // are zero up to a whole step of 32.
-void valueBlock(const Packed& packed, const uint16_t* values, Scratch& scratch, int query_tiles, int64_t key0,
-                int64_t key_count) {
+void valueBlock(const Packed& packed, const uint16_t* values, Scratch& scratch, int query_tiles,
+                int64_t key0, int64_t key_count) {
   const int64_t out_cols = packed.value_chunks * kPairCols;
   const int64_t steps = roundUp(key_count, kDepth) / kDepth;
   for (int64_t first = 0; first < packed.value_chunks; first += 2) {
     tileProduct(
         query_tiles, static_cast<int>(std::min<int64_t>(2, packed.value_chunks - first)), steps,
-        scratch.out.data() + first * kPairCols, out_cols * sizeof(float), /*accumulate=*/true, kKeyBlock * 2,
-        [&](int q, int64_t s) { return scratch.probs.data() + q * kTileRows * kKeyBlock + s * kDepth; },
+        scratch.out.data() + first * kPairCols, out_cols * sizeof(float), /*accumulate=*/true,
+        kKeyBlock * 2,
+        [&](int q, int64_t s) {
+          return scratch.probs.data() + q * kTileRows * kKeyBlock + s * kDepth;
+        },
         [&](int c, int64_t s) {
           return values + ((first + c) * packed.key_steps + key0 / kDepth + s) * kTileElements;
         });
@@ -246,7 +258,9 @@ float rowMax(const float* row, int64_t n) {
   __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) best = _mm512_max_ps(best, _mm512_loadu_ps(row + j));
-  if (j < n) best = _mm512_max_ps(best, _mm512_mask_loadu_ps(best, static_cast<__mmask16>((1u << (n - j)) - 1), row + j));
+  if (j < n)
+    best = _mm512_max_ps(
+        best, _mm512_mask_loadu_ps(best, static_cast<__mmask16>((1u << (n - j)) - 1), row + j));
   return _mm512_reduce_max_ps(best);
 }
 
@@ -274,19 +288,23 @@ __m512 probabilityExp(__m512 x) {
 
 // probs[0, n) = bf16(exp(row * factor - max)), zero up to `padded`; returns the sum of the fp32
 // values.
-float exponentiate(const float* row, int64_t n, float factor, float max, uint16_t* probs, int64_t padded) {
+float exponentiate(const float* row, int64_t n, float factor, float max, uint16_t* probs,
+                   int64_t padded) {
   const __m512 scale = _mm512_set1_ps(factor);
   const __m512 shift = _mm512_set1_ps(-max);
   __m512 sum = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j < n; j += 16) {
-    const __mmask16 lanes = n - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
-    const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), lanes, row + j);
+    const __mmask16 lanes =
+        n - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()),
+                                          lanes, row + j);
     const __m512 p = probabilityExp(_mm512_fmadd_ps(x, scale, shift));
     sum = _mm512_add_ps(sum, p);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + j), asIntegers(_mm512_cvtneps_pbh(p)));
   }
-  for (; j < padded; j += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + j), _mm256_setzero_si256());
+  for (; j < padded; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + j), _mm256_setzero_si256());
   return _mm512_reduce_add_ps(sum);
 }
 
@@ -300,14 +318,15 @@ __mmask16 firstLanes(int64_t n) {
 bool vectorMasks(const AttentionProblem& problem) {
   if (problem.has_fill_keep) return false;
   if (problem.mask_kind == MaskKind::kNone) return true;
-  return problem.mask.col_stride == 1 &&
-         (problem.mask_dtype == c10::ScalarType::Bool || problem.mask_dtype == c10::ScalarType::Float ||
-          problem.mask_dtype == c10::ScalarType::BFloat16);
+  return problem.mask.col_stride == 1 && (problem.mask_dtype == c10::ScalarType::Bool ||
+                                          problem.mask_dtype == c10::ScalarType::Float ||
+                                          problem.mask_dtype == c10::ScalarType::BFloat16);
 }
 
 // row[0, n) = row * scale (+ mask, or -inf where the keep mask is false); mask_row points at the
 // query's mask for key 0 of the block, or is null: scaled only.
-void scaleAndMask(float* row, int64_t n, float scale, const AttentionProblem& problem, const void* mask_row) {
+void scaleAndMask(float* row, int64_t n, float scale, const AttentionProblem& problem,
+                  const void* mask_row) {
   const __m512 factor = _mm512_set1_ps(scale);
   const __m512 minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < n; j += 16) {
@@ -317,19 +336,21 @@ void scaleAndMask(float* row, int64_t n, float scale, const AttentionProblem& pr
     } else if (problem.mask_kind == MaskKind::kKeep) {
       const __m128i bytes = _mm_maskz_loadu_epi8(lanes, static_cast<const uint8_t*>(mask_row) + j);
       x = _mm512_mask_blend_ps(_mm_test_epi8_mask(bytes, bytes), minus_infinity, x);
-    } else if (problem.mask_kind == MaskKind::kAdditive && problem.mask_dtype == c10::ScalarType::Float) {
+    } else if (problem.mask_kind == MaskKind::kAdditive &&
+               problem.mask_dtype == c10::ScalarType::Float) {
       x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(lanes, static_cast<const float*>(mask_row) + j));
     } else if (problem.mask_kind == MaskKind::kAdditive) {
       // bf16 -> fp32: the 16 bits become the high half.
-      const __m256i half = _mm256_maskz_loadu_epi16(lanes, static_cast<const uint16_t*>(mask_row) + j);
+      const __m256i half =
+          _mm256_maskz_loadu_epi16(lanes, static_cast<const uint16_t*>(mask_row) + j);
       x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)));
     }
     _mm512_mask_storeu_ps(row + j, lanes, x);
   }
 }
 
-void attendQueries(const AttentionProblem& problem, const Packed& packed, int64_t batch_index, int64_t query0,
-                   Scratch& scratch) {
+void attendQueries(const AttentionProblem& problem, const Packed& packed, int64_t batch_index,
+                   int64_t query0, Scratch& scratch) {
   constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
   const int64_t query_count = std::min(kTaskRows, problem.query_len - query0);
   const int query_tiles = query_count > kTileRows ? 2 : 1;
@@ -340,8 +361,8 @@ void attendQueries(const AttentionProblem& problem, const Packed& packed, int64_
   // The queries, zero padded to whole tiles and depth steps.
   std::fill(scratch.query.begin(), scratch.query.begin() + rows * depth, 0);
   const StridedMatrices& query = problem.query;
-  const auto* query_rows = static_cast<const c10::BFloat16*>(query.data) + query.batch_offsets[batch_index] +
-                           query0 * query.row_stride;
+  const auto* query_rows = static_cast<const c10::BFloat16*>(query.data) +
+                           query.batch_offsets[batch_index] + query0 * query.row_stride;
   for (int64_t i = 0; i < query_count; ++i) {
     uint16_t* to = scratch.query.data() + i * depth;
     const c10::BFloat16* from = query_rows + i * query.row_stride;
@@ -359,28 +380,35 @@ void attendQueries(const AttentionProblem& problem, const Packed& packed, int64_
   const uint16_t* values = packed.values.data() + batch_index * packed.values_per_batch();
   const float scale = static_cast<float>(problem.scale);
   // Causal (top-left aligned): query i sees keys j <= i; blocks past the last query are skipped.
-  const int64_t key_end = problem.causal ? std::min(problem.key_len, query0 + query_count) : problem.key_len;
+  const int64_t key_end =
+      problem.causal ? std::min(problem.key_len, query0 + query_count) : problem.key_len;
   for (int64_t key0 = 0; key0 < key_end; key0 += kKeyBlock) {
     const int64_t key_count = std::min(kKeyBlock, key_end - key0);
     scoreBlock(packed, keys, scratch, query_tiles, key0, key_count);
     float* scores = scratch.scores.data();
     // Masks are added to scaled scores, so then the scores are scaled first; without masks the
     // scale is folded into the exponential's argument (exp(s * scale - max * scale)).
-    const bool masked = problem.mask_kind != MaskKind::kNone || problem.has_fill_keep || scale <= 0.0f;
+    const bool masked =
+        problem.mask_kind != MaskKind::kNone || problem.has_fill_keep || scale <= 0.0f;
     const float factor = masked ? 1.0f : scale;
     if (masked && vectorMasks(problem)) {
       const StridedMatrices& mask = problem.mask;
-      const size_t mask_bytes = problem.mask_kind == MaskKind::kNone ? 0 : c10::elementSize(problem.mask_dtype);
+      const size_t mask_bytes =
+          problem.mask_kind == MaskKind::kNone ? 0 : c10::elementSize(problem.mask_dtype);
       for (int64_t i = 0; i < query_count; ++i) {
         const void* mask_row =
-            mask_bytes == 0 ? nullptr
-                            : static_cast<const char*>(mask.data) +
-                                  (mask.batch_offsets[batch_index] + (query0 + i) * mask.row_stride + key0) * mask_bytes;
+            mask_bytes == 0
+                ? nullptr
+                : static_cast<const char*>(mask.data) +
+                      (mask.batch_offsets[batch_index] + (query0 + i) * mask.row_stride + key0) *
+                          mask_bytes;
         scaleAndMask(scores + i * kKeyBlock, key_count, scale, problem, mask_row);
       }
     } else if (masked) {
-      for (int64_t i = 0; i < query_count; ++i) scaleAndMask(scores + i * kKeyBlock, key_count, scale, problem, nullptr);
-      applyMasks(problem, batch_index, query0, query_count, key0, key_count, scores, kKeyBlock, int64_t{1});
+      for (int64_t i = 0; i < query_count; ++i)
+        scaleAndMask(scores + i * kKeyBlock, key_count, scale, problem, nullptr);
+      applyMasks(problem, batch_index, query0, query_count, key0, key_count, scores, kKeyBlock,
+                 int64_t{1});
     }
     const int64_t padded = roundUp(key_count, kDepth);
     for (int64_t i = 0; i < rows; ++i) {
@@ -391,7 +419,8 @@ void attendQueries(const AttentionProblem& problem, const Packed& packed, int64_
       }
       float* row = scores + i * kKeyBlock;
       // Keys this query sees: all of the block, or up to its own position when causal.
-      const int64_t seen = problem.causal ? std::clamp<int64_t>(query0 + i + 1 - key0, 0, key_count) : key_count;
+      const int64_t seen =
+          problem.causal ? std::clamp<int64_t>(query0 + i + 1 - key0, 0, key_count) : key_count;
       const float old_max = scratch.running_max[i];
       const float new_max = std::max(old_max, rowMax(row, seen) * factor);
       // A query whose every score so far is -inf subtracts 0 instead, so exp gives 0, not NaN.
@@ -403,7 +432,8 @@ void attendQueries(const AttentionProblem& problem, const Packed& packed, int64_
       if (key0 > 0 && correction != 1.0f) {
         float* out = scratch.out.data() + i * out_cols;
         const __m512 c = _mm512_set1_ps(correction);
-        for (int64_t col = 0; col < out_cols; col += 16) _mm512_storeu_ps(out + col, _mm512_mul_ps(_mm512_loadu_ps(out + col), c));
+        for (int64_t col = 0; col < out_cols; col += 16)
+          _mm512_storeu_ps(out + col, _mm512_mul_ps(_mm512_loadu_ps(out + col), c));
       }
     }
     valueBlock(packed, values, scratch, query_tiles, key0, key_count);
@@ -411,11 +441,14 @@ void attendQueries(const AttentionProblem& problem, const Packed& packed, int64_
 
   // Normalize and write. A query that kept no key: 0, as scaled_dot_product_attention gives, or
   // NaN, as softmax gives in the explicit form.
-  const float empty_row =
-      problem.empty_rows_nan && problem.key_len > 0 ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
-  const int64_t out_stride = problem.output_row_stride > 0 ? problem.output_row_stride : problem.value_dim;
-  const int64_t out_base = problem.output_offsets.empty() ? batch_index * problem.query_len * problem.value_dim
-                                                          : problem.output_offsets[batch_index];
+  const float empty_row = problem.empty_rows_nan && problem.key_len > 0
+                              ? std::numeric_limits<float>::quiet_NaN()
+                              : 0.0f;
+  const int64_t out_stride =
+      problem.output_row_stride > 0 ? problem.output_row_stride : problem.value_dim;
+  const int64_t out_base = problem.output_offsets.empty()
+                               ? batch_index * problem.query_len * problem.value_dim
+                               : problem.output_offsets[batch_index];
   auto* output = static_cast<c10::BFloat16*>(problem.output) + out_base + query0 * out_stride;
   for (int64_t i = 0; i < query_count; ++i) {
     const float sum = scratch.running_sum[i];
@@ -424,7 +457,8 @@ void attendQueries(const AttentionProblem& problem, const Packed& packed, int64_
     uint16_t* to = reinterpret_cast<uint16_t*>(output + i * out_stride);
     for (int64_t col = 0; col < problem.value_dim; col += 16) {
       const int64_t n = std::min<int64_t>(16, problem.value_dim - col);
-      const __m256bh converted = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(out + col), inverse));
+      const __m256bh converted =
+          _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(out + col), inverse));
       _mm256_mask_storeu_epi16(to + col, static_cast<__mmask16>(n == 16 ? 0xffff : (1u << n) - 1),
                                asIntegers(converted));
     }
@@ -434,7 +468,8 @@ void attendQueries(const AttentionProblem& problem, const Packed& packed, int64_
 }  // namespace
 
 void attentionKernel_AMX(const AttentionProblem& problem) {
-  TORCH_INTERNAL_ASSERT(problem.dtype == c10::ScalarType::BFloat16, "kiln::attention: the AMX kernel is bf16 only");
+  TORCH_INTERNAL_ASSERT(problem.dtype == c10::ScalarType::BFloat16,
+                        "kiln::attention: the AMX kernel is bf16 only");
   if (problem.batch == 0 || problem.query_len == 0) return;
   Packed packed;
   packed.depth_steps = std::max<int64_t>(1, roundUp(problem.head_dim, kDepth) / kDepth);
@@ -445,11 +480,13 @@ void attentionKernel_AMX(const AttentionProblem& problem) {
   packed.values.resize(static_cast<size_t>(problem.batch * packed.values_per_batch()));
   at::parallel_for(0, problem.batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      packKeys(static_cast<const c10::BFloat16*>(problem.key.data) + problem.key.batch_offsets[b], problem.key,
-               problem.key_len, problem.head_dim, packed.depth_steps, packed.keys.data() + b * packed.keys_per_batch());
-      packValues(static_cast<const c10::BFloat16*>(problem.value.data) + problem.value.batch_offsets[b], problem.value,
-                 problem.key_len, problem.value_dim, packed.key_steps,
-                 packed.values.data() + b * packed.values_per_batch());
+      packKeys(static_cast<const c10::BFloat16*>(problem.key.data) + problem.key.batch_offsets[b],
+               problem.key, problem.key_len, problem.head_dim, packed.depth_steps,
+               packed.keys.data() + b * packed.keys_per_batch());
+      packValues(
+          static_cast<const c10::BFloat16*>(problem.value.data) + problem.value.batch_offsets[b],
+          problem.value, problem.key_len, problem.value_dim, packed.key_steps,
+          packed.values.data() + b * packed.values_per_batch());
     }
   });
   const int64_t query_blocks = (problem.query_len + kTaskRows - 1) / kTaskRows;
@@ -457,7 +494,8 @@ void attentionKernel_AMX(const AttentionProblem& problem) {
     TileScope tiles;
     Scratch scratch(packed);
     for (int64_t task = begin; task < end; ++task)
-      attendQueries(problem, packed, task / query_blocks, (task % query_blocks) * kTaskRows, scratch);
+      attendQueries(problem, packed, task / query_blocks, (task % query_blocks) * kTaskRows,
+                    scratch);
   });
 }
 

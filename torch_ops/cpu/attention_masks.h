@@ -102,7 +102,8 @@ template <typename acc_t>
 void applyMasks(const AttentionProblem& problem, int64_t batch_index, int64_t query0,
                 int64_t query_count, int64_t key0, int64_t key_count, acc_t* scores,
                 int64_t query_step, int64_t key_step) {
-  applyMask(problem, batch_index, query0, query_count, key0, key_count, scores, query_step, key_step);
+  applyMask(problem, batch_index, query0, query_count, key0, key_count, scores, query_step,
+            key_step);
   if (!problem.has_fill_keep) return;
   const auto apply = [&](auto typed_null) {
     using mask_t = std::remove_const_t<std::remove_pointer_t<decltype(typed_null)>>;
