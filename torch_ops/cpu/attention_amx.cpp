@@ -323,29 +323,56 @@ bool vectorMasks(const AttentionProblem& problem) {
                                           problem.mask_dtype == c10::ScalarType::BFloat16);
 }
 
+// The vector mask forms (vectorMasks): what scaleAndMask adds to a row of scores.
+enum class MaskForm { kNone, kKeep, kAddFloat, kAddBFloat16 };
+
+MaskForm maskForm(const AttentionProblem& problem) {
+  if (problem.mask_kind == MaskKind::kKeep) return MaskForm::kKeep;
+  if (problem.mask_kind == MaskKind::kNone) return MaskForm::kNone;
+  return problem.mask_dtype == c10::ScalarType::Float ? MaskForm::kAddFloat
+                                                      : MaskForm::kAddBFloat16;
+}
+
 // row[0, n) = row * scale (+ mask, or -inf where the keep mask is false); mask_row points at the
-// query's mask for key 0 of the block, or is null: scaled only.
-void scaleAndMask(float* row, int64_t n, float scale, const AttentionProblem& problem,
-                  const void* mask_row) {
+// query's mask for key 0 of the block (unused for kNone: scaled only). The form is a template
+// argument so that the loop carries no branch.
+template <MaskForm kForm>
+void scaleAndMask(float* row, int64_t n, float scale, const void* mask_row) {
   const __m512 factor = _mm512_set1_ps(scale);
   const __m512 minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 lanes = firstLanes(n - j);
     __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + j), factor);
-    if (mask_row == nullptr) {
-    } else if (problem.mask_kind == MaskKind::kKeep) {
+    if constexpr (kForm == MaskForm::kKeep) {
       const __m128i bytes = _mm_maskz_loadu_epi8(lanes, static_cast<const uint8_t*>(mask_row) + j);
       x = _mm512_mask_blend_ps(_mm_test_epi8_mask(bytes, bytes), minus_infinity, x);
-    } else if (problem.mask_kind == MaskKind::kAdditive &&
-               problem.mask_dtype == c10::ScalarType::Float) {
+    } else if constexpr (kForm == MaskForm::kAddFloat) {
       x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(lanes, static_cast<const float*>(mask_row) + j));
-    } else if (problem.mask_kind == MaskKind::kAdditive) {
+    } else if constexpr (kForm == MaskForm::kAddBFloat16) {
       // bf16 -> fp32: the 16 bits become the high half.
       const __m256i half =
           _mm256_maskz_loadu_epi16(lanes, static_cast<const uint16_t*>(mask_row) + j);
       x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)));
     }
     _mm512_mask_storeu_ps(row + j, lanes, x);
+  }
+}
+
+// scaleAndMask<form> for the block's rows of valid queries.
+template <MaskForm kForm>
+void scaleAndMaskRows(const AttentionProblem& problem, int64_t batch_index, int64_t query0,
+                      int64_t query_count, int64_t key0, int64_t key_count, float scale,
+                      float* scores) {
+  const StridedMatrices& mask = problem.mask;
+  const size_t mask_bytes = kForm == MaskForm::kNone ? 0 : c10::elementSize(problem.mask_dtype);
+  for (int64_t i = 0; i < query_count; ++i) {
+    const void* mask_row =
+        kForm == MaskForm::kNone
+            ? nullptr
+            : static_cast<const char*>(mask.data) +
+                  (mask.batch_offsets[batch_index] + (query0 + i) * mask.row_stride + key0) *
+                      mask_bytes;
+    scaleAndMask<kForm>(scores + i * kKeyBlock, key_count, scale, mask_row);
   }
 }
 
@@ -391,24 +418,30 @@ void attendQueries(const AttentionProblem& problem, const Packed& packed, int64_
     const bool masked =
         problem.mask_kind != MaskKind::kNone || problem.has_fill_keep || scale <= 0.0f;
     const float factor = masked ? 1.0f : scale;
-    if (masked && vectorMasks(problem)) {
-      const StridedMatrices& mask = problem.mask;
-      const size_t mask_bytes =
-          problem.mask_kind == MaskKind::kNone ? 0 : c10::elementSize(problem.mask_dtype);
-      for (int64_t i = 0; i < query_count; ++i) {
-        const void* mask_row =
-            mask_bytes == 0
-                ? nullptr
-                : static_cast<const char*>(mask.data) +
-                      (mask.batch_offsets[batch_index] + (query0 + i) * mask.row_stride + key0) *
-                          mask_bytes;
-        scaleAndMask(scores + i * kKeyBlock, key_count, scale, problem, mask_row);
+    if (masked) {
+      // The general path scales, then applies the masks one score at a time.
+      const MaskForm form = vectorMasks(problem) ? maskForm(problem) : MaskForm::kNone;
+      auto rows_of = [&](auto form_constant) {
+        scaleAndMaskRows<decltype(form_constant)::value>(problem, batch_index, query0, query_count,
+                                                         key0, key_count, scale, scores);
+      };
+      switch (form) {
+        case MaskForm::kKeep:
+          rows_of(std::integral_constant<MaskForm, MaskForm::kKeep>());
+          break;
+        case MaskForm::kAddFloat:
+          rows_of(std::integral_constant<MaskForm, MaskForm::kAddFloat>());
+          break;
+        case MaskForm::kAddBFloat16:
+          rows_of(std::integral_constant<MaskForm, MaskForm::kAddBFloat16>());
+          break;
+        case MaskForm::kNone:
+          rows_of(std::integral_constant<MaskForm, MaskForm::kNone>());
+          break;
       }
-    } else if (masked) {
-      for (int64_t i = 0; i < query_count; ++i)
-        scaleAndMask(scores + i * kKeyBlock, key_count, scale, problem, nullptr);
-      applyMasks(problem, batch_index, query0, query_count, key0, key_count, scores, kKeyBlock,
-                 int64_t{1});
+      if (!vectorMasks(problem))
+        applyMasks(problem, batch_index, query0, query_count, key0, key_count, scores, kKeyBlock,
+                   int64_t{1});
     }
     const int64_t padded = roundUp(key_count, kDepth);
     for (int64_t i = 0; i < rows; ++i) {
