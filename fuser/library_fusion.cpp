@@ -1,5 +1,6 @@
-// The GEMM / convolution pattern (see library_calls.h): in a frozen graph, each aten::linear and
-// each 2-D convolution over a constant weight, with the epilogue that follows it, becomes one kiln
+// The GEMM / convolution pattern (see library_calls.h): in a frozen graph, each aten::linear (and
+// each addmm / mm / matmul by a constant matrix, made a linear first) and each 2-D convolution
+// over a constant weight, with the epilogue that follows it, becomes one kiln
 // op that runs it as one library call (oneDNN with fused post-ops on CPUs, chosen by measuring).
 //
 //   linear(x, W, b) | conv2d(x, W, b, ...) | _convolution(x, W, b, ..., transposed=False, ...)
@@ -393,9 +394,57 @@ std::optional<Epilogue> Epilogue::parse(const std::string& text) {
   return std::nullopt;
 }
 
+// A constant scalar equal to 1 (int or float): addmm's beta and alpha as models leave them.
+bool isConstantOne(Value* value) {
+  std::optional<c10::IValue> constant = torch::jit::toIValue(value);
+  return constant && ((constant->isInt() && constant->toInt() == 1) || (constant->isDouble() && constant->toDouble() == 1.0));
+}
+
+// addmm(b, x, W) (beta and alpha 1), mm(x, W) and matmul(x, W) over a constant 2-D floating W are
+// linear(x, Wᵀ, b): GPT-2's Conv1D, a hand-written x @ W. Rewritten to aten::linear, W transposed
+// once (its constant goes when nothing else reads it), so that the pattern below takes them and
+// measuring can still pick addmm over the original [K, N] layout ("aten_transposed"). An input of
+// a rank addmm or mm would reject runs as linear runs it.
+void linearsFromMatrixProducts(torch::jit::Graph& graph, torch::jit::Block* block) {
+  std::vector<Node*> products;
+  for (Node* node : block->nodes()) {
+    for (torch::jit::Block* inner : node->blocks()) linearsFromMatrixProducts(graph, inner);
+    const bool addmm = node->matches("aten::addmm(Tensor self, Tensor mat1, Tensor mat2, *, Scalar beta=1, Scalar alpha=1) -> Tensor");
+    const bool product = node->matches("aten::mm(Tensor self, Tensor mat2) -> Tensor") ||
+                         node->matches("aten::matmul(Tensor self, Tensor other) -> Tensor");
+    if (!addmm && !product) continue;
+    Value* weight = node->input(addmm ? 2 : 1);
+    if (!isConstantTensor(weight, 2)) continue;
+    const at::Tensor w = torch::jit::toIValue(weight)->toTensor();
+    if (!at::isFloatingType(w.scalar_type()) || w.layout() != at::kStrided) continue;
+    if (addmm) {
+      std::optional<c10::IValue> bias = constant(node->input(0));
+      if (!bias || !bias->isTensor() || !isConstantOne(node->input(3)) || !isConstantOne(node->input(4))) continue;
+      const at::Tensor b = bias->toTensor();
+      if (b.scalar_type() != w.scalar_type() || b.device() != w.device() || b.numel() != w.size(1) ||
+          !(b.dim() == 1 || (b.dim() == 2 && b.size(0) == 1)))
+        continue;
+    }
+    products.push_back(node);
+  }
+  for (Node* node : products) {
+    const bool addmm = isKind(node, "aten::addmm");
+    torch::jit::WithInsertPoint here(node);
+    const at::Tensor w = torch::jit::toIValue(node->input(addmm ? 2 : 1))->toTensor();
+    Value* weight = graph.insertConstant(w.t().contiguous());
+    Value* bias = addmm ? graph.insertConstant(torch::jit::toIValue(node->input(0))->toTensor().reshape({w.size(1)}))
+                        : graph.insertConstant(c10::IValue());
+    Value* linear = graph.insert(torch::jit::aten::linear, {node->input(addmm ? 1 : 0), weight, bias});
+    linear->setType(node->output()->type());
+    node->output()->replaceAllUsesWith(linear);
+    node->destroy();
+  }
+}
+
 int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& options) {
   if (options.disabled) return 0;
   std::vector<Node*> roots;
+  linearsFromMatrixProducts(*graph, graph->block());
   collectRoots(graph->block(), roots);
   std::vector<Node*> convolutions;
   for (Node* root : roots) {

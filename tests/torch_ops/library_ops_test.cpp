@@ -483,6 +483,36 @@ def forward(self, x):
   expectEachWayMatchesEager(eager, fused, at::kFloat, "apart");
 }
 
+TEST(LibraryCalls, MatrixProductsByConstantsRunAsLinears) {
+  torch::NoGradGuard no_grad;
+  // GPT-2's Conv1D (addmm over a [K, N] weight), mm and matmul by a constant matrix become
+  // library calls; addmm with beta 0.5 and a product of two activations stay as they are.
+  const std::string body = R"(
+def forward(self, x):
+  flat = x.view(-1, 24)
+  conv1d = torch.addmm(self.b, flat, self.w).view(x.size(0), x.size(1), 32)
+  product = torch.mm(flat, self.w) * 2.0
+  biased = torch.relu(torch.matmul(x, self.w) + self.b)
+  scaled = torch.addmm(self.b, flat, self.w, beta=0.5)
+  return (conv1d, product, biased, scaled, torch.matmul(x, x.transpose(1, 2)))
+)";
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    torch::jit::Module eager(std::string("MatrixProducts") + c10::toString(dtype));
+    eager.register_parameter("w", (torch::randn({24, 32}) / std::sqrt(24.0)).to(dtype), false);
+    eager.register_parameter("b", torch::randn({32}).to(dtype), false);
+    eager.define(body);
+    eager.eval();
+    torch::jit::Module fused = optimize(eager);
+    const std::string text = graphText(fused);
+    EXPECT_EQ(occurrences(text, "aten::addmm("), 1) << text;
+    EXPECT_EQ(occurrences(text, "aten::mm("), 0) << text;
+    EXPECT_EQ(occurrences(text, "aten::matmul("), 1) << text;
+    EXPECT_GE(occurrences(text, "kiln::linear("), 2) << text;
+    EXPECT_NE(text.find("value=\"add+relu\""), std::string::npos) << text;
+    expectEachWayMatchesEager(eager, fused, dtype, std::string("products ") + c10::toString(dtype));
+  }
+}
+
 TEST(LibraryCalls, PiecesAreReadBackAndChecked) {
   std::optional<Epilogue> epilogue = Epilogue::parse("gelu;pieces=8,16");
   ASSERT_TRUE(epilogue.has_value());
