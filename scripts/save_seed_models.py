@@ -10,8 +10,9 @@ OUT_DIR/NAME.inputs.pt (its example inputs: a list of tensors saved with torch.s
 Models: bert_base_seed, the BERT-base configuration of the TorchScript deployment guide
 (vocabulary 32000, 12 layers, hidden 768, 12 heads, FFN 3072) on its 14 tokens with segment
 ids, batch 1 (random token ids of those shapes); bert_base_b8_s128, the same at batch 8 x 128;
-resnet18_b1 and resnet18_b16, torchvision's ResNet-18 on 224 x 224 images. `--only NAME` saves
-one. Measure each with `kiln bench OUT_DIR/NAME.pt --inputs OUT_DIR/NAME.inputs.pt`.
+resnet18_b1 and resnet18_b16, torchvision's ResNet-18 on 224 x 224 images; gpt2_b4_s64, Hugging
+Face GPT-2 (12 layers, 768 wide; its projections are Conv1D, an addmm) on 4 x 64 tokens.
+`--only NAME` saves one. Measure each with `kiln bench OUT_DIR/NAME.pt --inputs OUT_DIR/NAME.inputs.pt`.
 """
 import argparse
 import os
@@ -57,8 +58,17 @@ def resnet18(batch):
     return model, [torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))]
 
 
+def gpt2_b4_s64():
+    import transformers
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, use_cache=False, torchscript=True)
+    model = transformers.GPT2Model(config).eval()
+    return model, [torch.randint(0, config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))]
+
+
 MODELS = {"bert_base_seed": bert_base_seed, "bert_base_b8_s128": bert_base_b8_s128,
-          "resnet18_b1": lambda: resnet18(1), "resnet18_b16": lambda: resnet18(16)}
+          "resnet18_b1": lambda: resnet18(1), "resnet18_b16": lambda: resnet18(16), "gpt2_b4_s64": gpt2_b4_s64}
 
 
 def main():
