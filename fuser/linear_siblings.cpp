@@ -9,7 +9,9 @@
 // reader of its result takes any strides: ops that compute from it, `view`/`reshape` that only
 // split its last dimension into constant sizes (BERT's heads), then permute/transpose/contiguous.
 // A view that merges the last dimension with another, an op that writes into it, a graph output or
-// control flow keeps that linear as it was.
+// control flow keeps that linear as it was. The joined call runs where the first sibling was, so
+// siblings are joined only where nothing between them may write their input (AliasDb).
+#include <torch/csrc/jit/ir/alias_analysis.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
 
 #include <map>
@@ -158,25 +160,47 @@ void joinSiblings(torch::jit::Graph& graph, const std::vector<Node*>& siblings) 
   for (Node* node : siblings) node->destroy();
 }
 
-int joinInBlock(torch::jit::Graph& graph, torch::jit::Block* block) {
-  int joined = 0;
+// The sibling groups of a block and the blocks inside it, in block order. A group is split where
+// a node between two of its linears may write the input they share: the joined call runs where
+// the first one was, so each must see the input as the first does.
+void collectGroups(torch::jit::AliasDb& alias_db, torch::jit::Block* block,
+                   std::vector<std::vector<Node*>>& runs) {
   std::map<SiblingKey, std::vector<Node*>> groups;
   for (Node* node : block->nodes()) {
-    for (torch::jit::Block* inner : node->blocks()) joined += joinInBlock(graph, inner);
+    for (torch::jit::Block* inner : node->blocks()) collectGroups(alias_db, inner, runs);
     if (mayJoin(node)) groups[siblingKey(node)].push_back(node);
   }
   for (auto& [key, siblings] : groups) {
-    if (siblings.size() < 2) continue;
-    joinSiblings(graph, siblings);
-    joined += static_cast<int>(siblings.size());
+    std::vector<Node*> run = {siblings[0]};
+    const torch::jit::ValueSet input = {siblings[0]->input(0)};
+    for (size_t i = 1; i < siblings.size(); ++i) {
+      bool written = false;
+      for (Node* between = siblings[i - 1]->next(); between != siblings[i] && !written;
+           between = between->next())
+        written = alias_db.writesToAlias(between, input);
+      if (written) {
+        if (run.size() > 1) runs.push_back(run);
+        run.clear();
+      }
+      run.push_back(siblings[i]);
+    }
+    if (run.size() > 1) runs.push_back(run);
   }
-  return joined;
 }
 
 }  // namespace
 
 int joinSiblingLinears(std::shared_ptr<torch::jit::Graph>& graph) {
-  const int joined = joinInBlock(*graph, graph->block());
+  std::vector<std::vector<Node*>> runs;
+  {
+    torch::jit::AliasDb alias_db(graph);
+    collectGroups(alias_db, graph->block(), runs);
+  }
+  int joined = 0;
+  for (const std::vector<Node*>& siblings : runs) {
+    joinSiblings(*graph, siblings);
+    joined += static_cast<int>(siblings.size());
+  }
   // The siblings' own weights are no longer used: their constants go, and with them the tensors.
   if (joined > 0) torch::jit::EliminateDeadCode(graph);
   return joined;

@@ -481,6 +481,23 @@ def forward(self, x):
   EXPECT_EQ(occurrences(text, "aten::slice("), 2) << text;
   EXPECT_NE(text.find("value=\";pieces=32,32\""), std::string::npos) << text;
   expectEachWayMatchesEager(eager, fused, at::kFloat, "apart");
+
+  // An in-place write to the shared input between two siblings: the second reads the new values,
+  // so they stay apart (joined, both would read the old ones); the two after the write join.
+  const std::string written = R"(
+def forward(self, x):
+  q = torch.linear(x, self.wq, self.bq)
+  x.mul_(2.0)
+  k = torch.linear(x, self.wk, self.bk)
+  v = torch.linear(x, self.wv)
+  return (q * 1.0, k * 1.0, v * 1.0)
+)";
+  torch::jit::Module eager_written = siblingsModule("SiblingsAroundAWrite", written, at::kFloat);
+  torch::jit::Module fused_written = optimize(eager_written);
+  const std::string written_text = graphText(fused_written);
+  EXPECT_EQ(occurrences(written_text, "kiln::linear("), 2) << written_text;
+  EXPECT_NE(written_text.find("value=\";pieces=32,32\""), std::string::npos) << written_text;
+  expectEachWayMatchesEager(eager_written, fused_written, at::kFloat, "around a write");
 }
 
 TEST(LibraryCalls, MatrixProductsByConstantsRunAsLinears) {
