@@ -573,8 +573,9 @@ CompiledForCli obtainForCli(const kiln::RecordedKernel& recorded, const std::str
 }
 
 // Runs the fused model on the CPU with the example inputs, recording the kernel each fusion group
-// would need for --arch (the host's CPU, or a GPU with the same shapes), then compiles them into
-// the disk cache, in parallel across --jobs threads.
+// would need for --arch (the host's CPU, or a GPU with the same shapes), through kiln::optimize
+// and through the executor pass, then compiles them into the disk cache, in parallel across
+// --jobs threads.
 int runCompile(const Args& args) {
   if (args.positional.size() != 1) throw UsageError("compile takes one MODEL.pt");
   const std::string arch = args.value("--arch", "");
@@ -602,6 +603,14 @@ int runCompile(const Args& args) {
     kiln::KernelRecording recorder(/*for_cuda=*/arch != "host");
     try {
       fused.forward(inputs);
+      // The model as kiln's executor pass runs it (kiln::enable(), no kiln::optimize): its groups
+      // differ where kiln::optimize made library calls, and a deployment may run either way. The
+      // profiling executor fuses from the second call on.
+      const bool was_enabled = kiln::enabled();
+      kiln::enable();
+      torch::jit::Module executed = module.clone();
+      for (int call = 0; call < 3; ++call) executed.forward(inputs);
+      if (!was_enabled) kiln::disable();
     } catch (const c10::Error& error) {
       throw UsageError("the model rejects these --input shapes: " + errorLine(error.what_without_backtrace()));
     }

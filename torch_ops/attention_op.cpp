@@ -145,13 +145,15 @@ at::Tensor attentionCpu(const at::Tensor& query, const at::Tensor& key, const at
     cpu::attentionForward(cpuProblem(operands));
     return operands.output;
   };
-  // ATen's own attention (its flash kernel; oneDNN's brgemm in bf16) may beat kiln's kernel for
-  // some shapes and dtypes (float16 and, without AMX, bfloat16 compute in float32; float32 at head
-  // dim 128 and long sequences): measured once per shape class, as the library calls are
-  // (torch_ops/measured_choice.h), with kiln's kernel as the reference. float64 runs kiln's.
-  const bool measured = query.scalar_type() == at::kBFloat16 || query.scalar_type() == at::kHalf ||
-                        query.scalar_type() == at::kFloat;
-  if (!measured || at::GradMode::is_enabled()) return kiln_kernel(std::nullopt);
+  // In bfloat16 and float16 ATen's own attention (oneDNN's brgemm) may beat kiln's kernel for
+  // some shapes (float16, and bfloat16 without AMX, compute in float32 here; a short sequence):
+  // measured once per shape class, as the library calls are (torch_ops/measured_choice.h), with
+  // kiln's kernel as the reference. float32 and float64 always run kiln's: its result is stored
+  // in the layout the consumer reads (heads_last), which the kernels fused after it are compiled
+  // for, and a choice that differs between processes would change which kernels a warmed cache
+  // must hold (kiln compile warms it for one).
+  const bool reduced = query.scalar_type() == at::kBFloat16 || query.scalar_type() == at::kHalf;
+  if (!reduced || at::GradMode::is_enabled()) return kiln_kernel(std::nullopt);
   static GroupCounters& counters = groupCounters("kiln::attention on the CPU");
   std::vector<MeasuredWay> ways;
   ways.push_back({"kiln", kiln_kernel});

@@ -39,8 +39,10 @@ with tempfile.TemporaryDirectory() as scratch:
     assert [k["name"] for k in warm["kernels"]] == [k["name"] for k in cold["kernels"]], (cold, warm)
     assert all(k["status"] == "cached" for k in warm["kernels"]), warm
 
+    # Every kernel is a file; so is each choice kiln::attention measured on the way (it times
+    # ATen's SDPA against its kernel once per shape class and remembers the faster).
     info = json.loads(run("cache", "info", "--json", env=env).stdout)
-    assert info["files"] == len(cold["kernels"]) and info["bytes"] > 0, info
+    assert info["files"] >= len(cold["kernels"]) and info["bytes"] > 0, info
 
     # Corrupt one cached kernel: it is detected and compiled again, the others stay cached.
     victim = os.path.join(env["KILN_CACHE_DIR"], cold["kernels"][0]["cache_key"] + ".kbin")
@@ -53,7 +55,7 @@ with tempfile.TemporaryDirectory() as scratch:
     assert list(statuses.values()).count("cached") == len(statuses) - 1, repaired
 
     cleared = json.loads(run("cache", "clear", "--json", env=env).stdout)
-    assert cleared["removed"] == len(cold["kernels"]), cleared
+    assert cleared["removed"] == info["files"], (cleared, info)
     assert json.loads(run("cache", "info", "--json", env=env).stdout)["files"] == 0
 
     # The host CPU: compiled in parallel (two jobs), then every kernel found in the cache.

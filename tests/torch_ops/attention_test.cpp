@@ -309,10 +309,10 @@ TEST(AttentionOp, RunsInAScriptedGraph) {
 // In bfloat16 and float16 the op measures ATen's SDPA against its own kernel; either way gives
 // the reference's values, and an input ATen cannot take (a float32 mask on bfloat16 queries)
 // runs kiln's kernel even when ATen's way is forced.
-TEST(AttentionOp, EitherMeasuredWayGivesTheSameValues) {
+TEST(AttentionOp, ReducedPrecisionRunsTheFasterWayWithTheSameValues) {
   for (const char* way : {"kiln", "aten_sdpa", ""}) {
     kiln::forceChoice(way);
-    for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
       at::Tensor q = randn({2, 3, 40, 32}, dtype), k = randn({2, 3, 56, 32}, dtype), v = randn({2, 3, 56, 32}, dtype);
       at::Tensor keep = torch::rand({2, 1, 1, 56}) < 0.8;
       EXPECT_TRUE(close(attention(q, k, v, keep), attentionReference(q, k, v, keep), dtype)) << way;
