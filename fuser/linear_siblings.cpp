@@ -1,7 +1,7 @@
 // Sibling linears (TensorRT's horizontal fusion): kiln::linear calls in one block that read the
 // same input with the same epilogue and no residual (a transformer's query, key and value
 // projections) become one call over their weights stacked by rows; each takes its columns of the
-// result as a slice, a view. One GEMM of 3N columns instead of three of N: in bf16 on AMX 1.1-1.5x
+// result as a slice, a view. One GEMM of 3N columns instead of three of N: in bf16 on AMX 1.1-1.2x
 // faster at BERT's shapes (docs/library-calls.md). The call keeps the widths ("pieces") so that its
 // "aten_pieces" way can still run separate GEMMs into the columns, and measuring keeps the faster.
 //
