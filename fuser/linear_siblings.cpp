@@ -12,7 +12,6 @@
 // control flow keeps that linear as it was. The joined call runs where the first sibling was, so
 // siblings are joined only where nothing between them may write their input (AliasDb).
 #include <torch/csrc/jit/ir/alias_analysis.h>
-#include <torch/csrc/jit/passes/dead_code_elimination.h>
 
 #include <map>
 #include <tuple>
@@ -201,8 +200,7 @@ int joinSiblingLinears(std::shared_ptr<torch::jit::Graph>& graph) {
     joinSiblings(*graph, siblings);
     joined += static_cast<int>(siblings.size());
   }
-  // The siblings' own weights are no longer used: their constants go, and with them the tensors.
-  if (joined > 0) torch::jit::EliminateDeadCode(graph);
+  // The siblings' own weight constants are dead now; kiln::optimize removes dead constants last.
   return joined;
 }
 

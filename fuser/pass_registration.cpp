@@ -85,6 +85,9 @@ torch::jit::Module optimize(const torch::jit::Module& module, const Options& opt
     // optimize_for_inference does.
     torch::jit::FrozenLinearTranspose(graph);
     fuse(graph, options);
+    // The rewrites leave the constants they replaced (weights transposed, stacked with their
+    // siblings', converted to the low dtype); a dead constant still holds its tensor.
+    torch::jit::EliminateDeadCode(graph);
   }
   return frozen;
 }

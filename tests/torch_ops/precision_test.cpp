@@ -103,6 +103,13 @@ def forward(self, x):
   EXPECT_EQ(actual.scalar_type(), at::kFloat);
   EXPECT_GT(cosine(actual, expected), 0.999);
   EXPECT_LT(relativeError(actual, expected), 0.05);
+  // The float32 weights the conversion replaced are gone from the graph, not kept beside the bf16
+  // ones (a dead constant still holds its tensor).
+  for (const torch::jit::Node* node : low.get_method("forward").graph()->nodes()) {
+    if (node->kind() == torch::jit::prim::Constant && node->output()->type()->kind() == c10::TypeKind::TensorType) {
+      EXPECT_FALSE(node->output()->uses().empty()) << *node;
+    }
+  }
 }
 
 TEST(Precision, Float32LeavesTheGraphAsItWas) {
