@@ -46,7 +46,7 @@ constexpr const char* kOneDnn = "onednn";
 constexpr const char* kOneDnnM1 = "onednn_m1";
 constexpr const char* kAtenPieces = "aten_pieces";
 constexpr const char* kOneDnnChannelsLast = "onednn_channels_last";
-// What the ways make of a linear's weight (keys of prepared()).
+// What the ways make of a linear's weight (preparedWeight's `what`).
 constexpr const char* kPreparedTransposed = "transposed";
 constexpr const char* kPreparedOneDnn = "onednn linear";
 constexpr const char* kPreparedOneDnnM1 = "onednn linear, one row";
@@ -233,7 +233,7 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
     at::Tensor flat = input.reshape({rows, k});
     at::Tensor y = bias ? at::addmm(*bias, flat, transposed) : at::mm(flat, transposed);
     return atenEpilogue(y.view(out_sizes), epilogue, operand, false);
-  }, kPreparedTransposed, [&] { forgetPreparedWeight(weight.unsafeGetTensorImpl(), kPreparedTransposed); }});
+  }, kPreparedTransposed});
   if (epilogue.pieces.size() > 1 && epilogue.add == Epilogue::Add::kNone) {
     candidates.push_back({kAtenPieces, [&](const std::optional<at::Tensor>&) {
       at::Tensor flat = input.reshape({rows, k});
@@ -273,16 +273,16 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   if (onednn) {
     candidates.push_back({kOneDnn, [&](const std::optional<at::Tensor>& operand) {
       return runOneDnn(kPreparedOneDnn, c10::IValue(), operand);
-    }, kPreparedOneDnn, [&] { forgetPreparedWeight(weight.unsafeGetTensorImpl(), kPreparedOneDnn); }});
+    }, kPreparedOneDnn});
     candidates.push_back({kOneDnnM1, [&](const std::optional<at::Tensor>& operand) {
       return runOneDnn(kPreparedOneDnnM1, c10::IValue(int64_t{1}), operand);
-    }, kPreparedOneDnnM1, [&] { forgetPreparedWeight(weight.unsafeGetTensorImpl(), kPreparedOneDnnM1); }});
+    }, kPreparedOneDnnM1});
   }
   const std::string key = "linear " + std::string(c10::toString(input.scalar_type())) + " rows<=" +
                           std::to_string(powerOfTwoAtLeast(rows)) + " K=" + std::to_string(k) + " N=" +
                           std::to_string(n) + (bias ? " bias" : "") + " epilogue=" + epilogue_text + " input " +
                           layoutName(input) + (other ? " other " + layoutName(*other) + " " + c10::toString(other->scalar_type()) : "");
-  return counted(runFastest(key, candidates, counters, other), counters, epilogue,
+  return counted(runFastest(key, candidates, counters, other, false, weight.unsafeGetTensorImpl()), counters, epilogue,
                  {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
 }
 
@@ -318,7 +318,6 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
   const bool fuse_add = addFuses(epilogue, other, out_sizes, input.scalar_type());
   const std::string params = c10::Join(",", stride) + "/" + c10::Join(",", padding) + "/" + c10::Join(",", dilation) + "/" + std::to_string(groups);
   const std::string prepared_conv = "onednn conv2d " + params;
-  auto releaseConv = [&] { forgetPreparedWeight(weight.unsafeGetTensorImpl(), prepared_conv); };
   auto runOneDnn = [&, fuse_add, into_other](const at::Tensor& x, const std::optional<at::Tensor>& operand) {
     at::Tensor packed = preparedWeight(weight, prepared_conv, [&] {
       return kReorderConvolutionWeight.call(
@@ -355,18 +354,19 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
     return atenEpilogue(y, epilogue, operand, false, into_other);
   };
   candidates.push_back({kOneDnn, [&](const std::optional<at::Tensor>& operand) { return runOneDnn(input, operand); },
-                        prepared_conv.c_str(), releaseConv});
+                        prepared_conv.c_str()});
   if (!input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     candidates.push_back({kOneDnnChannelsLast, [&](const std::optional<at::Tensor>& operand) {
       return runOneDnn(input.contiguous(at::MemoryFormat::ChannelsLast), operand);
-    }, prepared_conv.c_str(), releaseConv});
+    }, prepared_conv.c_str()});
   }
   const std::string key = "conv2d " + std::string(c10::toString(input.scalar_type())) + " batch<=" +
                           std::to_string(powerOfTwoAtLeast(input.size(0))) + " input " + c10::Join(",", input.sizes().slice(1)) +
                           " weight " + c10::Join(",", weight.sizes()) + " " + params + (bias ? " bias" : "") +
                           " epilogue=" + epilogue_text + (into_other ? " into other" : "") + " " + layoutName(input) +
                           (other ? " other " + layoutName(*other) + " " + c10::toString(other->scalar_type()) : "");
-  return counted(runFastest(key, candidates, counters, other, into_other), counters, epilogue,
+  return counted(runFastest(key, candidates, counters, other, into_other, weight.unsafeGetTensorImpl()), counters,
+                 epilogue,
                  {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
 }
 

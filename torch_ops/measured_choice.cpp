@@ -209,7 +209,7 @@ at::Tensor runWay(const MeasuredWay& way, const MeasuredWay& reference, const st
 }  // namespace
 
 at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& candidates, GroupCounters& counters,
-                      const std::optional<at::Tensor>& other, bool mutates_other) {
+                      const std::optional<at::Tensor>& other, bool mutates_other, const at::TensorImpl* weight) {
   const char* const kAten = candidates[0].name;
   const auto start = Clock::now();
   // A call that measured is counted but not timed: its time is the candidates'.
@@ -308,8 +308,8 @@ at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& ca
     if (candidate.name == best_name) best_keeps = candidate.keeps;
   }
   for (const MeasuredWay& candidate : candidates) {
-    if (candidate.name == best_name || candidate.keeps == nullptr || !candidate.release) continue;
-    if (best_keeps == nullptr || std::string(best_keeps) != candidate.keeps) candidate.release();
+    if (weight == nullptr || candidate.name == best_name || candidate.keeps == nullptr) continue;
+    if (best_keeps == nullptr || std::string(best_keeps) != candidate.keeps) forgetPreparedWeight(weight, candidate.keeps);
   }
   rememberChoice(key, best_name);
   log(LogLevel::kInfo, key + " runs " + best_name);

@@ -20,22 +20,22 @@ namespace kiln {
 struct MeasuredWay {
   const char* name;
   std::function<at::Tensor(const std::optional<at::Tensor>& other)> run;
-  // What the way keeps of the call's weight (a transposed or prepacked copy), if anything, and
-  // how to drop it: done once measuring has chosen another way that keeps something else.
+  // What the way keeps of the call's weight (preparedWeight's `what`: a transposed or prepacked
+  // copy), if anything: dropped once measuring has chosen a way that keeps something else.
   const char* keeps = nullptr;
-  std::function<void()> release = nullptr;
 };
 
 // Runs the call the fastest way. ways[0] is the reference and the fallback (ATen's ops): the
 // first call of a shape class `key` (empty: no measuring, ways[0] runs) runs each way once, checks
 // its result against ways[0]'s (a way that disagrees beyond the dtype's tolerance or throws is not
 // used, with one warning), then times them in interleaved rounds and remembers the fastest; later
-// calls run the remembered way (ways[0] if it fails). The ways measured slower release what they
-// keep. While one thread measures a key, others run
-// ways[0]. `mutates_other`: the ways write into `other`, so each measured run gets a copy.
-// Counts the call, its time (not of a measuring call) and the way in `counters`.
+// calls run the remembered way (ways[0] if it fails). The ways measured slower drop what they
+// keep of `weight`. While one thread measures a key, others run ways[0]. `mutates_other`: the ways
+// write into `other`, so each measured run gets a copy. Counts the call, its time (not of a
+// measuring call) and the way in `counters`.
 at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& ways, GroupCounters& counters,
-                      const std::optional<at::Tensor>& other = std::nullopt, bool mutates_other = false);
+                      const std::optional<at::Tensor>& other = std::nullopt, bool mutates_other = false,
+                      const at::TensorImpl* weight = nullptr);
 
 // What a way makes of a call's weight once (transposed, prepacked), keyed by the weight's
 // TensorImpl and `what` (the parameters the packing depends on): made by `make` on first use, made

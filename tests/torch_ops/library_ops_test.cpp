@@ -570,21 +570,30 @@ TEST(LibraryCalls, MeasuringReleasesWhatTheSlowerWaysKeep) {
   torch::NoGradGuard no_grad;
   // A shape class no earlier run has measured (the choice is remembered on disk).
   const std::string key = "release test " + std::to_string(std::random_device()()) + std::to_string(::getpid());
-  std::vector<std::string> released;
+  const at::Tensor weight = torch::randn({4, 4});
   auto way = [&](const char* name, const char* keeps, int sleep_ms) {
     return MeasuredWay{name, [=](const std::optional<at::Tensor>&) {
+                         if (keeps != nullptr) preparedWeight(weight, keeps, [&] { return weight.t().contiguous(); });
                          std::this_thread::sleep_for(std::chrono::milliseconds(sleep_ms));
                          return torch::ones({2});
                        },
-                       keeps, [&released, name] { released.push_back(name); }};
+                       keeps};
   };
   std::vector<MeasuredWay> ways = {way("reference", nullptr, 3), way("slow", "copy a", 3), way("fast", "copy b", 0),
                                    way("fast_too", "copy b", 3)};
   GroupCounters counters;
-  runFastest(key, ways, counters);
+  runFastest(key, ways, counters, std::nullopt, false, weight.unsafeGetTensorImpl());
   EXPECT_EQ(counters.choice, "fast");
-  // The slow way's copy goes; the winner's, which another way shares, stays.
-  EXPECT_EQ(released, std::vector<std::string>{"slow"});
+  // The slow way's copy goes; the winner's, which another way shares, stays: asking for each
+  // again makes only the released one anew.
+  std::vector<std::string> released;
+  for (const char* keeps : {"copy a", "copy b"}) {
+    preparedWeight(weight, keeps, [&] {
+      released.push_back(keeps);
+      return weight.t().contiguous();
+    });
+  }
+  EXPECT_EQ(released, std::vector<std::string>{"copy a"});
 
   // A real linear: measuring runs every way, and afterwards only the chosen way's copy of the
   // weight is kept.
