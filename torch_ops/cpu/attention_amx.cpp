@@ -409,18 +409,19 @@ void attendQueries(const AttentionProblem& problem, const Packed& packed, int64_
   // Causal (top-left aligned): query i sees keys j <= i; blocks past the last query are skipped.
   const int64_t key_end =
       problem.causal ? std::min(problem.key_len, query0 + query_count) : problem.key_len;
+  // Masks are added to scaled scores, so then the scores are scaled first; without masks the
+  // scale is folded into the exponential's argument (exp(s * scale - max * scale)). Masks that
+  // vectorMasks does not take go the general way: scaled, then applied one score at a time.
+  const bool masked =
+      problem.mask_kind != MaskKind::kNone || problem.has_fill_keep || scale <= 0.0f;
+  const float factor = masked ? 1.0f : scale;
+  const bool vector_masks = vectorMasks(problem);
+  const MaskForm form = vector_masks ? maskForm(problem) : MaskForm::kNone;
   for (int64_t key0 = 0; key0 < key_end; key0 += kKeyBlock) {
     const int64_t key_count = std::min(kKeyBlock, key_end - key0);
     scoreBlock(packed, keys, scratch, query_tiles, key0, key_count);
     float* scores = scratch.scores.data();
-    // Masks are added to scaled scores, so then the scores are scaled first; without masks the
-    // scale is folded into the exponential's argument (exp(s * scale - max * scale)).
-    const bool masked =
-        problem.mask_kind != MaskKind::kNone || problem.has_fill_keep || scale <= 0.0f;
-    const float factor = masked ? 1.0f : scale;
     if (masked) {
-      // The general path scales, then applies the masks one score at a time.
-      const MaskForm form = vectorMasks(problem) ? maskForm(problem) : MaskForm::kNone;
       auto rows_of = [&](auto form_constant) {
         scaleAndMaskRows<decltype(form_constant)::value>(problem, batch_index, query0, query_count,
                                                          key0, key_count, scale, scores);
@@ -439,7 +440,7 @@ void attendQueries(const AttentionProblem& problem, const Packed& packed, int64_
           rows_of(std::integral_constant<MaskForm, MaskForm::kNone>());
           break;
       }
-      if (!vectorMasks(problem))
+      if (!vector_masks)
         applyMasks(problem, batch_index, query0, query_count, key0, key_count, scores, kKeyBlock,
                    int64_t{1});
     }
