@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "kiln/kiln.h"
 #include "kiln/options.h"
 
 namespace kiln {
@@ -39,8 +40,23 @@ int joinSiblingLinears(std::shared_ptr<torch::jit::Graph>& graph);
 
 // Reduced precision (precision.cpp): converts a frozen graph's float32 constants to bfloat16 or
 // float16 and casts its floating inputs, its library calls' operands and its outputs. Run after
-// fuseLibraryCalls. Returns the number of boundary casts inserted.
-int convertPrecision(std::shared_ptr<torch::jit::Graph>& graph, Precision precision);
+// fuseLibraryCalls. The first `float32_ops` top-level ops (constants not counted) keep float32:
+// what they hand to the rest is cast where the rest begins. Returns the number of casts inserted
+// at the boundaries.
+int convertPrecision(std::shared_ptr<torch::jit::Graph>& graph, Precision precision, int64_t float32_ops = 0);
+// The graph's top-level ops, constants not counted: the largest float32_ops.
+int64_t precisionOpCount(const torch::jit::Graph& graph);
+// The values of float32_ops convertPrecision accepts, ascending (0 and precisionOpCount among
+// them): those where no list, tuple or optional of tensors is made before and read after.
+std::vector<int64_t> precisionCuts(const torch::jit::Graph& graph);
+
+// The float32 part a reduced precision keeps to meet Options::min_cosine on example inputs
+// (precision_search.cpp): the fewest leading ops, among precisionCuts, whose float32 brings every
+// floating output's cosine to the float32 module's outputs up to the bound, found by bisection on
+// the converted graph run as it is (library calls, no fusion). `self` is the frozen module.
+PrecisionPlan planPrecision(const std::shared_ptr<torch::jit::Graph>& graph, const c10::IValue& self,
+                            const std::vector<c10::IValue>& inputs, const c10::IValue& expected,
+                            Precision precision, double min_cosine);
 
 // True for the prim::If either pass builds: block0 runs kiln, block1 keeps the original ops.
 bool isKilnFallback(const torch::jit::Node* node);

@@ -11,6 +11,8 @@
 #include <torch/csrc/jit/passes/pass_manager.h>
 
 #include <atomic>
+#include <functional>
+#include <stdexcept>
 #include <mutex>
 
 #include "codegen/versions.h"
@@ -66,7 +68,14 @@ void fuse(std::shared_ptr<torch::jit::Graph>& graph, const Options& options) {
   if (debug) log(LogLevel::kDebug, "after fusion:\n" + graph->toString());
 }
 
-torch::jit::Module optimize(const torch::jit::Module& module, const Options& options) {
+namespace {
+
+// kiln::optimize's work; `plan_precision` says how many leading ops of the prepared graph keep
+// float32 (none without it).
+using PlanPrecision = std::function<int64_t(const std::shared_ptr<torch::jit::Graph>&, const torch::jit::Module&)>;
+
+torch::jit::Module optimizeWith(const torch::jit::Module& module, const Options& options,
+                                const PlanPrecision& plan_precision) {
   torch::jit::Module copy = module.clone();
   copy.eval();
   torch::jit::Module frozen = torch::jit::freeze_module(copy);
@@ -79,8 +88,10 @@ torch::jit::Module optimize(const torch::jit::Module& module, const Options& opt
     // the fastest way measured per shape class (library_calls.h).
     if (!options.disabled) fuseLibraryCalls(graph, options);
     // Reduced precision, when asked for: float32 weights converted once, casts at the boundary
-    // and before each library call (docs/precision.md).
-    convertPrecision(graph, options.precision);
+    // and before each library call (docs/precision.md); a leading part kept float32 when the
+    // accuracy bound needs it.
+    const int64_t float32_ops = plan_precision && method.name() == "forward" ? plan_precision(graph, frozen) : 0;
+    convertPrecision(graph, options.precision, float32_ops);
     // Any linear left (a weight computed at run time) runs over its weight transposed once, as
     // optimize_for_inference does.
     torch::jit::FrozenLinearTranspose(graph);
@@ -90,6 +101,36 @@ torch::jit::Module optimize(const torch::jit::Module& module, const Options& opt
     torch::jit::EliminateDeadCode(graph);
   }
   return frozen;
+}
+
+}  // namespace
+
+torch::jit::Module optimize(const torch::jit::Module& module, const Options& options) {
+  if (options.min_cosine > 0 && options.precision != Precision::kFloat32)
+    throw std::invalid_argument("kiln::optimize: a min_cosine needs example inputs (optimize's second form)");
+  return optimizeWith(module, options, nullptr);
+}
+
+torch::jit::Module optimize(const torch::jit::Module& module, const Options& options,
+                            const std::vector<c10::IValue>& example_inputs, PrecisionPlan* plan) {
+  if (!(options.min_cosine >= 0 && options.min_cosine <= 1))
+    throw std::invalid_argument("kiln::optimize: min_cosine must be between 0 and 1, got " + std::to_string(options.min_cosine));
+  if (options.min_cosine == 0 || options.precision == Precision::kFloat32 || options.disabled)
+    return optimizeWith(module, options, nullptr);
+  // The float32 module's outputs: the reference every trial is measured against.
+  c10::IValue expected;
+  {
+    at::NoGradGuard no_grad;
+    torch::jit::Module reference = module.clone();
+    reference.eval();
+    expected = reference.forward(example_inputs);
+  }
+  return optimizeWith(module, options, [&](const std::shared_ptr<torch::jit::Graph>& graph, const torch::jit::Module& frozen) {
+    PrecisionPlan found = planPrecision(graph, frozen._ivalue(), example_inputs, expected, options.precision, options.min_cosine);
+    log(LogLevel::kInfo, "precision: " + found.toText());
+    if (plan != nullptr) *plan = found;
+    return found.ops_float32;
+  });
 }
 
 std::string version() { return kilnVersion(); }

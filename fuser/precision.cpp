@@ -12,8 +12,11 @@
 //   dtype (a no-op when they already are).
 // - Everything else runs as eager runs it on these dtypes, as `model.bfloat16()` would: softmax,
 //   layer_norm and kiln's row kernels accumulate in float32 internally.
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <unordered_map>
+#include <vector>
 
 #include "fuser/fusion_pass.h"
 #include "fuser/library_calls.h"
@@ -52,15 +55,63 @@ at::Tensor toLow(const at::Tensor& tensor, at::ScalarType low) {
   return at::where(extreme, tensor.sign() * limit, tensor).to(low);
 }
 
-void convertConstants(Graph& graph, torch::jit::Block* block, at::ScalarType low) {
+// Where the float32 part ends (Options::min_cosine, precision_search.cpp): the graph's top-level
+// ops other than constants, numbered in order; those numbered below `cut` keep float32 (they are
+// the model's own ops on its own float32 values), the rest run in the low dtype.
+class Regions {
+ public:
+  Regions(const Graph& graph, int64_t cut) : top_(graph.block()), cut_(cut) {
+    for (const Node* node : graph.nodes()) {
+      if (node->kind() != torch::jit::prim::Constant) position_[node] = count_++;
+    }
+  }
+  // True for a node whose top-level op runs in the low dtype (the return node is neither part).
+  bool low(const Node* node) const { return position(node) >= cut_; }
+  // The number of the top-level op that `node` is or is inside; -1 for constants, the return
+  // node and nodes inserted since.
+  int64_t position(const Node* node) const {
+    while (node->owningBlock() != top_) node = node->owningBlock()->owningNode();
+    auto found = position_.find(node);
+    return found == position_.end() ? -1 : found->second;
+  }
+  bool anyLow(const Value* value) const {
+    for (const torch::jit::Use& use : value->uses()) {
+      if (low(use.user)) return true;
+    }
+    return false;
+  }
+  // Points the low part's uses of `value` at `replacement`.
+  void replaceLowUses(Value* value, Value* replacement) const {
+    const std::vector<torch::jit::Use> uses = value->uses();
+    for (const torch::jit::Use& use : uses) {
+      if (low(use.user) && use.user != replacement->node()) use.user->replaceInput(use.offset, replacement);
+    }
+  }
+  // The first top-level op of the low part: where values of the float32 part are cast.
+  Node* firstLow() const {
+    for (const auto& [node, position] : position_) {
+      if (position == cut_) return const_cast<Node*>(node);
+    }
+    return nullptr;
+  }
+  int64_t count() const { return count_; }
+
+ private:
+  const torch::jit::Block* top_;
+  int64_t cut_;
+  int64_t count_ = 0;
+  std::unordered_map<const Node*, int64_t> position_;
+};
+
+void convertConstants(Graph& graph, torch::jit::Block* block, at::ScalarType low, const Regions& regions) {
   for (auto it = block->nodes().begin(); it != block->nodes().end(); ++it) {
     Node* node = *it;
-    for (torch::jit::Block* inner : node->blocks()) convertConstants(graph, inner, low);
-    if (node->kind() != torch::jit::prim::Constant) continue;
+    for (torch::jit::Block* inner : node->blocks()) convertConstants(graph, inner, low, regions);
+    if (node->kind() != torch::jit::prim::Constant || !regions.anyLow(node->output())) continue;
     std::optional<c10::IValue> value = torch::jit::toIValue(node->output());
     if (value && value->isDouble() && std::isfinite(value->toDouble()) && nearFloat32Extreme(value->toDouble())) {
       torch::jit::WithInsertPoint here(node);
-      node->output()->replaceAllUsesWith(graph.insertConstant(std::copysign(largestFinite(low), value->toDouble())));
+      regions.replaceLowUses(node->output(), graph.insertConstant(std::copysign(largestFinite(low), value->toDouble())));
       continue;
     }
     if (!isTensor(node->output()) || !value || !value->isTensor() || value->toTensor().scalar_type() != at::kFloat) continue;
@@ -69,7 +120,7 @@ void convertConstants(Graph& graph, torch::jit::Block* block, at::ScalarType low
     Value* converted = graph.insertConstant(low_value);
     converted->copyMetadata(node->output());
     converted->setType(c10::TensorType::create(low_value));
-    node->output()->replaceAllUsesWith(converted);
+    regions.replaceLowUses(node->output(), converted);
   }
 }
 
@@ -84,11 +135,11 @@ bool isDtypeArgument(const c10::Argument& argument) {
          (argument.name() == "dtype" && type->kind() == c10::TypeKind::IntType);
 }
 
-void convertDtypeArguments(Graph& graph, torch::jit::Block* block, at::ScalarType low) {
+void convertDtypeArguments(Graph& graph, torch::jit::Block* block, at::ScalarType low, const Regions& regions) {
   for (Node* node : block->nodes()) {
-    for (torch::jit::Block* inner : node->blocks()) convertDtypeArguments(graph, inner, low);
+    for (torch::jit::Block* inner : node->blocks()) convertDtypeArguments(graph, inner, low, regions);
     const c10::FunctionSchema* schema = node->maybeSchema();
-    if (schema == nullptr) continue;
+    if (schema == nullptr || !regions.low(node)) continue;
     for (size_t i = 0; i < node->inputs().size() && i < schema->arguments().size(); ++i) {
       if (!isDtypeArgument(schema->arguments()[i])) continue;
       std::optional<c10::IValue> value = torch::jit::toIValue(node->input(i));
@@ -99,37 +150,94 @@ void convertDtypeArguments(Graph& graph, torch::jit::Block* block, at::ScalarTyp
   }
 }
 
-void castLibraryOperands(Graph& graph, torch::jit::Block* block, at::ScalarType low) {
+void castLibraryOperands(Graph& graph, torch::jit::Block* block, at::ScalarType low, const Regions& regions) {
   for (Node* node : block->nodes()) {
-    for (torch::jit::Block* inner : node->blocks()) castLibraryOperands(graph, inner, low);
+    for (torch::jit::Block* inner : node->blocks()) castLibraryOperands(graph, inner, low, regions);
     const std::string kind = node->kind().toQualString();
     if (kind != kLinearOp && kind != kConv2dOp && kind != kConv2dIntoOtherOp) continue;
+    if (!regions.low(node)) continue;
     torch::jit::WithInsertPoint here(node);
     node->replaceInput(0, castFloating(graph, node->input(0), at::kFloat, low));
     if (!node->input(3)->mustBeNone()) node->replaceInput(3, castFloating(graph, node->input(3), at::kFloat, low));
   }
 }
 
+bool holdsTensor(const c10::TypePtr& type) {
+  if (type->kind() == c10::TypeKind::TensorType) return true;
+  for (const c10::TypePtr& inner : type->containedTypes()) {
+    if (holdsTensor(inner)) return true;
+  }
+  return false;
+}
+
+// The values the float32 part (or the caller) hands to the low part: module inputs and results of
+// the first `cut` ops that an op at or after the cut reads.
+std::vector<Value*> crossingValues(Graph& graph, const Regions& regions, int64_t cut) {
+  std::vector<Value*> crossing;
+  auto consider = [&](Value* value) {
+    if (regions.anyLow(value)) crossing.push_back(value);
+  };
+  for (Value* input : graph.inputs()) consider(input);
+  int64_t position = 0;
+  for (Node* node : graph.nodes()) {
+    if (node->kind() == torch::jit::prim::Constant) continue;
+    if (position++ >= cut) break;
+    for (Value* output : node->outputs()) consider(output);
+  }
+  return crossing;
+}
+
 }  // namespace
 
-int convertPrecision(std::shared_ptr<Graph>& graph, Precision precision) {
+std::vector<int64_t> precisionCuts(const Graph& graph) {
+  // A tensor is cast where it crosses a cut; a module (`self`) or a plain value (int, float, bool,
+  // string, None, device) crosses as it is; a list, tuple or optional holding tensors cannot, so
+  // no cut falls between where such a value is made and where it is last read.
+  const Regions regions(graph, 0);
+  std::vector<bool> blocked(regions.count() + 1, false);
+  auto block_span = [&](const Value* value, int64_t defined_at) {
+    const c10::TypePtr& type = value->type();
+    if (type->kind() == c10::TypeKind::TensorType || type->kind() == c10::TypeKind::ClassType || !holdsTensor(type)) return;
+    int64_t last_read = -1;
+    for (const torch::jit::Use& use : value->uses()) last_read = std::max(last_read, regions.position(use.user));
+    for (int64_t cut = defined_at + 1; cut <= last_read; ++cut) blocked[cut] = true;
+  };
+  for (const Value* input : graph.inputs()) block_span(input, -1);
+  for (const Node* node : graph.nodes()) {
+    const int64_t at = regions.position(node);
+    if (at < 0) continue;
+    for (const Value* output : node->outputs()) block_span(output, at);
+  }
+  std::vector<int64_t> cuts;
+  for (int64_t cut = 0; cut <= regions.count(); ++cut) {
+    if (!blocked[cut]) cuts.push_back(cut);
+  }
+  return cuts;
+}
+
+int64_t precisionOpCount(const Graph& graph) { return Regions(graph, 0).count(); }
+
+int convertPrecision(std::shared_ptr<Graph>& graph, Precision precision, int64_t float32_ops) {
   if (precision == Precision::kFloat32) return 0;
   const at::ScalarType low = precision == Precision::kBFloat16 ? at::kBFloat16 : at::kHalf;
-  convertConstants(*graph, graph->block(), low);
-  convertDtypeArguments(*graph, graph->block(), low);
-  castLibraryOperands(*graph, graph->block(), low);
+  const Regions regions(*graph, float32_ops);
+  Node* first_low = regions.firstLow();
+  if (first_low == nullptr) return 0;  // every op keeps float32
   int casts = 0;
-  // Inputs: cast once, where the graph starts.
-  {
-    torch::jit::WithInsertPoint start(graph->block()->param_node()->next());
-    for (Value* input : graph->inputs()) {
-      if (!isTensor(input) || input->uses().empty()) continue;
-      Value* cast = castFloating(*graph, input, at::kFloat, low);
-      input->replaceAllUsesAfterNodeWith(cast->node(), cast);
-      casts++;
-    }
+  // What crosses into the low part (the module's inputs, and the float32 part's results): cast
+  // once, where the low part starts. Integer, bool and float64 tensors pass unchanged.
+  for (Value* value : crossingValues(*graph, regions, float32_ops)) {
+    if (!isTensor(value)) continue;
+    torch::jit::WithInsertPoint start(first_low);
+    Value* cast = castFloating(*graph, value, at::kFloat, low);
+    regions.replaceLowUses(value, cast);
+    casts++;
   }
-  // Outputs, and the tensors of a returned tuple, back to float32.
+  convertConstants(*graph, graph->block(), low, regions);
+  convertDtypeArguments(*graph, graph->block(), low, regions);
+  castLibraryOperands(*graph, graph->block(), low, regions);
+  // Outputs, and the tensors of a returned tuple, back to float32 (those of the float32 part pass
+  // unchanged).
   Node* ret = graph->return_node();
   for (size_t i = 0; i < ret->inputs().size(); ++i) {
     Value* output = ret->input(i);

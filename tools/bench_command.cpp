@@ -132,7 +132,9 @@ std::vector<torch::jit::IValue> lowInputs(const std::vector<torch::jit::IValue>&
 }
 
 // The routes, the default executor first: it is the reference for speed and outputs.
-std::vector<Variant> variants(Precision precision) {
+std::vector<Variant> variants(const BenchSettings& settings, const std::vector<torch::jit::IValue>& inputs,
+                              PrecisionPlan* plan) {
+  const Precision precision = settings.precision;
   std::vector<Variant> list;
   list.push_back(variant("torchscript", "TorchScript (default executor)", evalCopy));
   list.push_back(variant("freeze_optimize_for_inference", "freeze + optimize_for_inference", [](const torch::jit::Module& m) {
@@ -156,10 +158,12 @@ std::vector<Variant> variants(Precision precision) {
   });
   converted.low_inputs = true;
   list.push_back(converted);
-  list.push_back(variant("kiln_optimize", kiln_title.c_str(), [precision](const torch::jit::Module& m) {
+  const double min_cosine = settings.min_cosine;
+  list.push_back(variant("kiln_optimize", kiln_title.c_str(), [precision, min_cosine, &inputs, plan](const torch::jit::Module& m) {
     Options options = Options::global();
     options.precision = precision;
-    return optimize(m, options);
+    options.min_cosine = min_cosine;
+    return optimize(m, options, inputs, plan);
   }, true));
   return list;
 }
@@ -186,7 +190,8 @@ int benchModel(const std::string& model_path, const torch::jit::Module& module,
                const std::vector<torch::jit::IValue>& inputs, const BenchSettings& settings) {
   torch::NoGradGuard no_grad;
   const bool kiln_was_enabled = enabled();
-  std::vector<Variant> list = variants(settings.precision);
+  PrecisionPlan plan;
+  std::vector<Variant> list = variants(settings, inputs, &plan);
   const std::vector<torch::jit::IValue> low_inputs = lowInputs(inputs, lowDtype(settings.precision));
   Progress progress(settings.progress);
   c10::IValue reference;
@@ -256,7 +261,9 @@ int benchModel(const std::string& model_path, const torch::jit::Module& module,
       }
       out << "}";
     }
-    out << "], \"kiln_groups\": " << groups.toJson() << "}\n";
+    out << "], \"kiln_groups\": " << groups.toJson();
+    if (settings.min_cosine > 0) out << ", \"precision_plan\": " << plan.toJson();
+    out << "}\n";
     std::cout << out.str();
     return 0;
   }
@@ -274,6 +281,7 @@ int benchModel(const std::string& model_path, const torch::jit::Module& module,
     std::printf("%-34s %12.3f %13.2fx %14s %8zu\n", variant.title.c_str(), ms, base / ms,
                 &variant == &list[0] ? "reference" : error, variant.ms.size());
   }
+  if (settings.min_cosine > 0) std::printf("kiln::optimize precision: %s\n", plan.toText().c_str());
   if (!groups.groups.empty()) {
     // Groups with one code share their counters: one line for each, with how often it occurs.
     struct Line {

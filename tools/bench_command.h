@@ -22,6 +22,7 @@ struct BenchSettings {
   // Not fp32: kiln::optimize runs in this precision, and one more route runs TorchScript's
   // default executor on the module with its weights and inputs converted (module.to(dtype)).
   Precision precision = Precision::kFloat32;
+  double min_cosine = 0;     // with a reduced precision: kiln::optimize's Options::min_cosine
 };
 
 // How far one output of a reduced-precision module is from the float32 module's.

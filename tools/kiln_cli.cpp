@@ -60,19 +60,21 @@ constexpr const char* kUsage =
     "         [--roofline FILE.svg|.png]            what kiln fuses, bytes saved; each group's bandwidth\n"
     "                                                against this CPU's copy bandwidth (needs inputs)\n"
     "  fuse IN.pt OUT.pt [--input SHAPE:DTYPE...|--inputs FILE.pt] [--precision fp32|bf16|fp16]\n"
-    "       [--max-error REL]\n"
+    "       [--max-error REL] [--min-cosine C]\n"
     "                                                fuse ahead of time and save (needs libkiln to load);\n"
     "                                                with inputs, measure the library calls' ways on them\n"
     "                                                and check the outputs; with --precision, report\n"
-    "                                                each output's error against fp32 and refuse to\n"
-    "                                                save past --max-error\n"
+    "                                                each output's error against fp32, keep the leading\n"
+    "                                                ops fp32 as far as --min-cosine needs, and refuse\n"
+    "                                                to save past --max-error or below --min-cosine\n"
     "  run MODEL.pt --input SHAPE:DTYPE...|--inputs FILE.pt [--calls N] [--json]\n"
     "                                                load and run a model in this fresh process: time to\n"
     "                                                first result, then each call\n"
     "  compile MODEL.pt --input SHAPE:DTYPE...|--inputs FILE.pt --arch host|sm_90 [--jobs N] [--json]\n"
     "                                                compile every kernel the model needs for this CPU or\n"
     "                                                a GPU into the disk cache, in parallel (no GPU needed)\n"
-    "  bench MODEL.pt --input SHAPE:DTYPE...|--inputs FILE.pt [--rounds N] [--precision P] [--json]\n"
+    "  bench MODEL.pt --input SHAPE:DTYPE...|--inputs FILE.pt [--rounds N] [--precision P]\n"
+    "        [--min-cosine C] [--json]\n"
     "                                                TorchScript, freeze + optimize_for_inference, oneDNN\n"
     "                                                Graph, kiln's pass and kiln::optimize side by side\n"
     "  cache info|clear [--json]                     the disk cache: where, how full; empty it\n";
@@ -468,6 +470,17 @@ kiln::Precision precisionArgument(const Args& args) {
   return precision;
 }
 
+// --min-cosine C: a number in (0, 1]; 0 when absent.
+double minCosineArgument(const Args& args) {
+  if (!args.values.count("--min-cosine")) return 0;
+  const std::string text = args.value("--min-cosine", "");
+  char* end = nullptr;
+  const double value = std::strtod(text.c_str(), &end);
+  if (text.empty() || *end != '\0' || !(value > 0 && value <= 1))
+    throw UsageError("--min-cosine takes a number above 0 and at most 1, not '" + text + "'");
+  return value;
+}
+
 // With example inputs, the fused module runs them before it is saved: every library call measures
 // its ways on these shapes (the choices go to the disk cache, so this machine's later runs start
 // with them) and the outputs are compared with the model's own.
@@ -486,21 +499,29 @@ int runFuse(const Args& args) {
     if (text.empty() || *end != '\0' || !(value >= 0)) throw UsageError("--max-error takes a number >= 0, not '" + text + "'");
     max_error = value;
   }
+  options.min_cosine = minCosineArgument(args);
   if (reduced && inputs.empty())
     throw UsageError("--precision " + std::string(kiln::precisionName(options.precision)) +
                      " needs example inputs (--input or --inputs) to report the accuracy");
   if (max_error && !reduced) throw UsageError("--max-error goes with --precision bf16 or fp16");
-  torch::jit::Module fused = kiln::optimize(module, options);
-  std::string checked;
+  if (options.min_cosine > 0 && !reduced) throw UsageError("--min-cosine goes with --precision bf16 or fp16");
+  c10::IValue expected;
   if (!inputs.empty()) {
     torch::NoGradGuard no_grad;
-    c10::IValue expected, actual;
     try {
       module.eval();
       expected = module.forward(inputs);
     } catch (const c10::Error& error) {
       throw UsageError("the model rejects these inputs: " + errorLine(error.what_without_backtrace()));
     }
+  }
+  kiln::PrecisionPlan plan;
+  torch::jit::Module fused = reduced ? kiln::optimize(module, options, inputs, &plan) : kiln::optimize(module, options);
+  if (options.min_cosine > 0) std::fprintf(stderr, "kiln fuse: %s\n", plan.toText().c_str());
+  std::string checked;
+  if (!inputs.empty()) {
+    torch::NoGradGuard no_grad;
+    c10::IValue actual;
     for (int call = 0; call < 2; ++call) actual = fused.forward(inputs);
     char text[96];
     std::snprintf(text, sizeof text, "; max |diff| from the model on the inputs %.3g", kiln::cli::maxDifference(expected, actual));
@@ -518,6 +539,13 @@ int runFuse(const Args& args) {
         char refusal[160];
         std::snprintf(refusal, sizeof refusal, "%s's relative error %.3g exceeds --max-error %g; %s not written",
                       worst->name.c_str(), worst->max_rel, *max_error, args.positional[1].c_str());
+        throw CliError(refusal, 1);
+      }
+      for (const kiln::cli::OutputAccuracy& output : accuracy) {
+        if (options.min_cosine == 0 || output.cosine >= options.min_cosine) continue;
+        char refusal[200];
+        std::snprintf(refusal, sizeof refusal, "%s's cosine %.6f to fp32 is below --min-cosine %g; %s not written",
+                      output.name.c_str(), output.cosine, options.min_cosine, args.positional[1].c_str());
         throw CliError(refusal, 1);
       }
     }
@@ -727,6 +755,9 @@ int runBench(const Args& args) {
   settings.json = args.has("--json");
   settings.progress = !settings.json && isatty(STDERR_FILENO);
   settings.precision = precisionArgument(args);
+  settings.min_cosine = minCosineArgument(args);
+  if (settings.min_cosine > 0 && settings.precision == kiln::Precision::kFloat32)
+    throw UsageError("--min-cosine goes with --precision bf16 or fp16");
   return kiln::cli::benchModel(args.positional[0], loadModel(args.positional[0]), inputs, settings);
 }
 
@@ -757,12 +788,12 @@ int main(int argc, char** argv) {
       return runReport(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--dot", "--roofline"}, {"--json"}));
     }
     if (verb == "fuse") {
-      return runFuse(kiln::cli::parse(argc, argv, 2, {"--device", "--input", "--inputs", "--precision", "--max-error"}, {}));
+      return runFuse(kiln::cli::parse(argc, argv, 2, {"--device", "--input", "--inputs", "--precision", "--max-error", "--min-cosine"}, {}));
     }
     if (verb == "compile") return runCompile(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--arch", "--jobs"}, {"--json"}));
     if (verb == "run") return runRun(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--calls"}, {"--json"}));
     if (verb == "bench") {
-      return runBench(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--rounds", "--precision"}, {"--json"}));
+      return runBench(kiln::cli::parse(argc, argv, 2, {"--input", "--inputs", "--rounds", "--precision", "--min-cosine"}, {"--json"}));
     }
     if (verb == "cache") return runCache(kiln::cli::parse(argc, argv, 2, {}, {"--json"}));
     throw UsageError("unknown verb '" + verb + "'");

@@ -35,6 +35,27 @@ c10::IValue optimizeOp(const c10::IValue& module, int64_t min_group_size, bool f
       ._ivalue();
 }
 
+// kiln::optimize with example inputs (a tuple or list of the forward's arguments) and a
+// min_cosine: the module, and the plan of what kept float32 as JSON.
+std::tuple<c10::IValue, std::string> optimizeForOp(const c10::IValue& module, const c10::IValue& inputs,
+                                                   int64_t min_group_size, bool fast_math, int64_t cpu_parallel_grain,
+                                                   const std::string& precision, double min_cosine) {
+  Options options = optionsFrom(min_group_size, fast_math, cpu_parallel_grain, precision);
+  TORCH_CHECK(min_cosine >= 0 && min_cosine <= 1, "kiln::_optimize_for: min_cosine must be between 0 and 1, got ", min_cosine);
+  options.min_cosine = min_cosine;
+  std::vector<c10::IValue> arguments;
+  if (inputs.isTuple()) {
+    for (const c10::IValue& item : inputs.toTupleRef().elements()) arguments.push_back(item);
+  } else if (inputs.isList()) {
+    for (const c10::IValue& item : inputs.toListRef()) arguments.push_back(item);
+  } else {
+    TORCH_CHECK(false, "kiln::_optimize_for: inputs must be a tuple or list of the forward's arguments, got ", inputs.tagKind());
+  }
+  PrecisionPlan plan;
+  torch::jit::Module fused = optimize(moduleArgument(module, "_optimize_for"), options, arguments, &plan);
+  return {fused._ivalue(), options.min_cosine > 0 && options.precision != Precision::kFloat32 ? plan.toJson() : ""};
+}
+
 // The report of a module's forward: its own graph when kiln fused it ahead of time (optimize, a
 // saved fused file), else the graph the executor last optimized for it (kiln enabled, the module
 // run at least once), else its unfused graph (no groups).
@@ -61,6 +82,9 @@ std::string reportOp(const c10::IValue& value) {
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
   m.def("_optimize(Any module, int min_group_size, bool fast_math, int cpu_parallel_grain, str precision=\"fp32\") -> Any",
         &optimizeOp);
+  m.def("_optimize_for(Any module, Any inputs, int min_group_size, bool fast_math, int cpu_parallel_grain, str precision, "
+        "float min_cosine) -> (Any, str)",
+        &optimizeForOp);
   m.def("_report(Any module) -> str", &reportOp);
   m.def("_enable() -> ()", [] { enable(); });
   m.def("_disable() -> ()", [] { disable(); });

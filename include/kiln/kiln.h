@@ -25,9 +25,36 @@ bool enabled();
 void fuse(std::shared_ptr<torch::jit::Graph>& graph, const Options& options = Options::global());
 
 // Freezes an eval-mode copy of `module`, fuses its forward, and returns it. The result can be
-// saved with save() and loaded in any process where libkiln.so is loaded.
+// saved with save() and loaded in any process where libkiln.so is loaded. Options::min_cosine
+// needs the overload below (example inputs); here it is refused (std::invalid_argument).
 torch::jit::Module optimize(const torch::jit::Module& module,
                             const Options& options = Options::global());
+
+// What a reduced precision kept in float32 to meet Options::min_cosine (docs/precision.md).
+struct PrecisionPlan {
+  std::string precision;              // "bf16" or "fp16"
+  double min_cosine = 0;              // the bound asked for
+  // The worst floating output's cosine similarity to the float32 module on the example inputs:
+  // with every op in the low dtype, and with the plan's float32 part (-1: an output not finite,
+  // or the converted graph failed to run).
+  double cosine_all_low = 1;
+  double cosine = 1;
+  int64_t ops_total = 0;              // top-level ops of the frozen graph, constants not counted
+  int64_t ops_float32 = 0;            // the leading ones kept float32 (0: none)
+  int64_t library_calls_total = 0;    // GEMMs and convolutions (kiln::linear, kiln::conv2d)
+  int64_t library_calls_float32 = 0;  // of those, kept float32
+  std::string last_float32_op;        // the last op kept, and where the model's code made it
+  int trials = 0;                     // converted graphs run to find the plan
+  std::string toText() const;         // one line
+  std::string toJson() const;
+};
+
+// kiln::optimize with example inputs (the module's forward arguments). With a reduced
+// Options::precision and Options::min_cosine > 0 it keeps the fewest leading ops in float32 for
+// every floating output on these inputs to reach that cosine similarity to the float32 module's
+// outputs, and writes what it kept to *plan (when given); otherwise the same as optimize() above.
+torch::jit::Module optimize(const torch::jit::Module& module, const Options& options,
+                            const std::vector<c10::IValue>& example_inputs, PrecisionPlan* plan = nullptr);
 
 // One fused group: the ops it replaced and the memory traffic it saves.
 struct GroupReport {

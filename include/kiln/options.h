@@ -29,6 +29,10 @@ struct Options {
   int64_t cpu_parallel_grain = 32768;
   bool fast_math = false;          // KILN_FAST_MATH=1: approximate math in generated kernels
   Precision precision = Precision::kFloat32;  // kiln::optimize only; set by the caller
+  // With a reduced precision and example inputs (kiln::optimize's second form): the least cosine
+  // similarity to float32 every floating output must keep; the leading ops stay float32 as far as
+  // that needs. 0: no bound. Set by the caller.
+  double min_cosine = 0;
   // KILN_BACKGROUND_COMPILE=1: a CPU kernel not yet made is compiled (or loaded from the disk
   // cache) on a worker thread while its group runs its original ops; cold starts then compile
   // in parallel across cores, and the first calls run unfused.

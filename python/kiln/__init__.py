@@ -130,7 +130,7 @@ def _script(module: Any, example: Optional[tuple]) -> torch.jit.ScriptModule:
 def optimize(module: Union[torch.jit.ScriptModule, torch.nn.Module], example_inputs: Optional[Inputs] = None, *,
              min_group_size: int = 2, fast_math: bool = False, cpu_parallel_grain: int = 32768,
              check: bool = True, precision: str = "fp32",
-             max_error: Optional[float] = None) -> torch.jit.ScriptModule:
+             max_error: Optional[float] = None, min_cosine: Optional[float] = None) -> torch.jit.ScriptModule:
     """Freezes an eval-mode copy of ``module``, fuses its graph and returns it, ready to save.
 
     Args:
@@ -152,6 +152,11 @@ def optimize(module: Union[torch.jit.ScriptModule, torch.nn.Module], example_inp
             then stored as the module's ``kiln_accuracy`` attribute.
         max_error: with a reduced ``precision``, raise ``RuntimeError`` naming the output whose
             relative error (max abs error over the output's largest magnitude) exceeds it.
+        min_cosine: with a reduced ``precision``, keep the graph's leading ops in float32 as far
+            as needed for every floating output on ``example_inputs`` to reach this cosine
+            similarity to the float32 module's (0 < min_cosine <= 1); what was kept is stored as
+            the module's ``kiln_precision_plan`` attribute (a dict), and ``RuntimeError`` is
+            raised, naming the output, when the fused module still falls below it.
 
     Returns:
         A ``torch.jit.ScriptModule``; the original module is left unchanged.
@@ -167,10 +172,22 @@ def optimize(module: Union[torch.jit.ScriptModule, torch.nn.Module], example_inp
         raise ValueError(f"kiln.optimize: precision={precision!r} needs example_inputs, to report the accuracy")
     if max_error is not None and not reduced:
         raise ValueError("kiln.optimize: max_error goes with precision='bf16' or 'fp16'")
+    if min_cosine is not None:
+        if not reduced:
+            raise ValueError("kiln.optimize: min_cosine goes with precision='bf16' or 'fp16'")
+        if isinstance(min_cosine, bool) or not isinstance(min_cosine, (int, float)) or not 0 < min_cosine <= 1:
+            raise ValueError(f"kiln.optimize: min_cosine must be a number above 0 and at most 1, got {min_cosine!r}")
     example = None if example_inputs is None else _as_tuple(example_inputs)
     scripted = _script(module, example)
-    fused = torch.jit._recursive.wrap_cpp_module(
-        torch.ops.kiln._optimize(scripted._c, min_group_size, bool(fast_math), cpu_parallel_grain, precision))
+    plan = None
+    if min_cosine is not None:
+        fused_c, plan_json = torch.ops.kiln._optimize_for(scripted._c, example, min_group_size, bool(fast_math),
+                                                         cpu_parallel_grain, precision, float(min_cosine))
+        fused = torch.jit._recursive.wrap_cpp_module(fused_c)
+        plan = json.loads(plan_json)
+    else:
+        fused = torch.jit._recursive.wrap_cpp_module(
+            torch.ops.kiln._optimize(scripted._c, min_group_size, bool(fast_math), cpu_parallel_grain, precision))
     if example is not None:
         with torch.no_grad():
             actual = fused(*example)
@@ -181,6 +198,12 @@ def optimize(module: Union[torch.jit.ScriptModule, torch.nn.Module], example_inp
             if max_error is not None and worst is not None and not worst["max_rel"] <= max_error:
                 raise RuntimeError(f"kiln.optimize: {worst['output']}'s relative error {worst['max_rel']:.3g} in "
                                    f"{precision} exceeds max_error {max_error:g}")
+            if plan is not None:
+                fused.kiln_precision_plan = plan
+                for entry in fused.kiln_accuracy:
+                    if not entry["cosine"] >= min_cosine:
+                        raise RuntimeError(f"kiln.optimize: {entry['output']}'s cosine {entry['cosine']:.6f} to fp32 "
+                                           f"is below min_cosine {min_cosine:g}")
         elif check:
             _check_outputs(actual, expected)
     return fused

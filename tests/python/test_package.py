@@ -222,3 +222,36 @@ def test_reduced_precision_reports_accuracy_and_refuses_past_max_error():
         kiln.optimize(model, precision="bf16")
     with pytest.raises(ValueError, match="precision must be"):
         kiln.optimize(model, example_inputs=(x,), precision="int8")
+
+
+class CentredFront(torch.nn.Module):
+    """Its first linear's outputs sit near 1000 and are centred by their mean: rounded to bf16
+    there the signal is lost, in fp32 it is not; the rest is well-conditioned."""
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(16, 32)
+        self.second = torch.nn.Linear(32, 8)
+        with torch.no_grad():
+            self.first.bias.fill_(1000.0)
+
+    def forward(self, x):
+        a = self.first(x)
+        return self.second(a - a.mean(-1, keepdim=True))
+
+
+def test_min_cosine_keeps_the_front_in_fp32_and_says_so():
+    torch.manual_seed(0)
+    model = CentredFront().eval()
+    x = torch.randn(32, 16)
+    low = kiln.optimize(model, example_inputs=(x,), precision="bf16", min_cosine=0.999)
+    plan = low.kiln_precision_plan
+    assert plan["library_calls_float32"] == 1 and plan["library_calls_total"] == 2, plan
+    assert plan["cosine"] >= 0.999 > plan["cosine_all_low"] and plan["last_float32_op"].startswith("aten::sub (") and "test_package.py:" in plan["last_float32_op"], plan
+    with torch.no_grad():
+        fresh = torch.randn(7, 16)
+        out = low(fresh)
+        assert torch.nn.functional.cosine_similarity(out.flatten(), model(fresh).flatten(), dim=0) > 0.999
+    with pytest.raises(ValueError, match="min_cosine goes with"):
+        kiln.optimize(model, example_inputs=(x,), min_cosine=0.999)
+    with pytest.raises(ValueError, match="min_cosine must be"):
+        kiln.optimize(model, example_inputs=(x,), precision="bf16", min_cosine=0)

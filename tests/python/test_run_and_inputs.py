@@ -5,8 +5,9 @@ kernel and compiles none; KILN_BACKGROUND_COMPILE=1 gives the same results; `kil
 `kiln compile --arch host` take --inputs, and compile shows its progress (kernel i of N) on a
 terminal only, never with --json or into a pipe; a missing or malformed inputs file, --input with
 --inputs, and --calls 0 are one-line usage errors (exit 2); `kiln fuse --precision bf16` reports
-each output's accuracy and --max-error refuses to write a model past it; `kiln bench --precision`
-adds the converted-weights route."""
+each output's accuracy and --max-error refuses to write a model past it; --min-cosine keeps the
+leading ops of a model with an ill-conditioned front in fp32 and says which; `kiln bench
+--precision` adds the converted-weights route and, with --min-cosine, the plan."""
 import json
 import os
 import pty
@@ -28,6 +29,22 @@ class Tagger(torch.nn.Module):
     def forward(self, ids, scale):
         h = self.fc(self.embed(ids)) * scale
         return torch.sigmoid(h) * torch.tanh(h - 0.25) + h.clamp(-1.0, 1.0)
+
+
+class CentredFront(torch.nn.Module):
+    """Its first linear's outputs sit near 1000 and are centred by their mean: in bf16 the rounding
+    there is as large as the signal, in fp32 nothing is lost; the rest is well-conditioned."""
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(16, 32)
+        self.second = torch.nn.Linear(32, 24)
+        self.third = torch.nn.Linear(24, 8)
+        with torch.no_grad():
+            self.first.bias.fill_(1000.0)
+
+    def forward(self, x):
+        a = self.first(x)
+        return self.third(torch.nn.functional.gelu(self.second(a - a.mean(-1, keepdim=True))))
 
 
 def run(*args, env, code=0):
@@ -128,5 +145,33 @@ with tempfile.TemporaryDirectory() as scratch:
     names = [v["name"] for v in bench["variants"]]
     assert "torchscript_low_precision" in names and names[-1] == "kiln_optimize", names
     assert all(v["ok"] for v in bench["variants"]), bench
+
+    # --min-cosine: the leading ops keep fp32 as far as the bound needs, and the line says which.
+    centred = torch.jit.trace(CentredFront().eval(), (torch.randn(64, 16),))
+    centred_path = os.path.join(scratch, "centred.pt")
+    centred.save(centred_path)
+    centred_inputs = os.path.join(scratch, "centred.inputs.pt")
+    torch.save([torch.randn(64, 16)], centred_inputs)
+    mixed = os.path.join(scratch, "centred.bf16.pt")
+    result = run("fuse", centred_path, mixed, "--inputs", centred_inputs, "--precision", "bf16", "--min-cosine", "0.999",
+                 env=env)
+    plan = [line for line in result.stderr.splitlines() if "kept float32" in line]
+    assert len(plan) == 1 and "(1 of 3 GEMMs and convolutions)" in plan[0] and "through aten::sub" in plan[0], result.stderr
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        out, expected = torch.jit.load(mixed)(x), centred(x)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), expected.flatten(), dim=0) > 0.999
+    all_low = run("fuse", centred_path, mixed, "--inputs", centred_inputs, "--precision", "bf16", env=env)
+    cosine = [line for line in all_low.stderr.splitlines() if "in bf16: max abs error" in line]
+    assert len(cosine) == 1 and float(cosine[0].split("cosine ")[1]) < 0.99, all_low.stderr
+    one_line(run("fuse", centred_path, strict, "--inputs", centred_inputs, "--min-cosine", "0.9", env=env, code=2),
+             "--min-cosine goes with --precision")
+    one_line(run("fuse", centred_path, strict, "--inputs", centred_inputs, "--precision", "bf16", "--min-cosine", "0",
+                 env=env, code=2), "--min-cosine takes a number")
+    one_line(run("fuse", centred_path, strict, "--inputs", centred_inputs, "--precision", "bf16", "--min-cosine", "1.5",
+                 env=env, code=2), "--min-cosine takes a number")
+    bench = json.loads(run("bench", centred_path, "--inputs", centred_inputs, "--rounds", "1", "--precision", "bf16",
+                           "--min-cosine", "0.999", "--json", env=env).stdout)
+    assert bench["precision_plan"]["library_calls_float32"] == 1 and bench["precision_plan"]["cosine"] >= 0.999, bench
 
 print("ok")

@@ -5,6 +5,11 @@
 #include <gtest/gtest.h>
 #include <torch/script.h>
 
+#include <torch/csrc/jit/ir/irparser.h>
+#include <torch/csrc/jit/passes/freeze_module.h>
+#include <torch/csrc/jit/runtime/interpreter.h>
+
+#include "fuser/fusion_pass.h"
 #include "kiln/kiln.h"
 
 namespace kiln {
@@ -117,6 +122,151 @@ TEST(Precision, Float32LeavesTheGraphAsItWas) {
   const std::string text = optimize(eager, withPrecision(Precision::kFloat32)).get_method("forward").graph()->toString();
   EXPECT_EQ(text.find("kiln::cast_floating"), std::string::npos) << text;
   EXPECT_EQ(text.find("BFloat16("), std::string::npos) << text;
+}
+
+// A model whose front is ill-conditioned in bf16: its first linear's outputs sit near 1000 (bf16
+// spacing 4 there) and are centred by their mean, which leaves rounding noise as large as the
+// signal; what follows is well-conditioned. Kept float32 through the centring, the rest in bf16
+// keeps a cosine near 1.
+torch::jit::Module illConditionedFront(const std::string& name) {
+  torch::jit::Module m(name);
+  m.register_parameter("w1", torch::randn({32, 16}) / 4.0, false);
+  m.register_parameter("b1", torch::full({32}, 1000.0), false);
+  m.register_parameter("w2", torch::randn({24, 32}) / 6.0, false);
+  m.register_parameter("b2", torch::randn({24}) * 0.1, false);
+  m.register_parameter("w3", torch::randn({8, 24}) / 5.0, false);
+  m.define(R"(
+def forward(self, x):
+  a = torch.linear(x, self.w1, self.b1)
+  c = a - a.mean(-1, keepdim=True)
+  h = torch.gelu(torch.linear(c, self.w2, self.b2))
+  return torch.linear(h, self.w3, None)
+)");
+  m.eval();
+  return m;
+}
+
+Options withBound(double min_cosine) {
+  Options options = withPrecision(Precision::kBFloat16);
+  options.min_cosine = min_cosine;
+  return options;
+}
+
+// The dtypes of the kiln::linear weights in graph order.
+std::vector<at::ScalarType> linearWeightDtypes(const torch::jit::Module& module) {
+  std::vector<at::ScalarType> dtypes;
+  for (const torch::jit::Node* node : module.get_method("forward").graph()->nodes()) {
+    if (std::string(node->kind().toQualString()) != "kiln::linear") continue;
+    std::optional<c10::IValue> weight = torch::jit::toIValue(node->input(1));
+    if (weight && weight->isTensor()) dtypes.push_back(weight->toTensor().scalar_type());
+  }
+  return dtypes;
+}
+
+TEST(Precision, LeadingOpsKeepFloat32AsFarAsTheBoundNeeds) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module eager = illConditionedFront("PrecisionIllFront");
+  const at::Tensor example = torch::randn({64, 16});
+  const at::Tensor expected = eager.forward({example}).toTensor();
+  // Every op in bf16 falls far below the bound on this model.
+  const double all_low = cosine(optimize(eager, withPrecision(Precision::kBFloat16)).forward({example}).toTensor(), expected);
+  ASSERT_LT(all_low, 0.99);
+  PrecisionPlan plan;
+  torch::jit::Module low = optimize(eager, withBound(0.999), {example}, &plan);
+  EXPECT_NEAR(plan.cosine_all_low, all_low, 0.05);
+  EXPECT_GE(plan.cosine, 0.999);
+  EXPECT_GT(plan.ops_float32, 0);
+  EXPECT_LT(plan.ops_float32, plan.ops_total) << "everything was kept float32: " << plan.toText();
+  EXPECT_EQ(plan.library_calls_total, 3);
+  EXPECT_EQ(plan.library_calls_float32, 1) << plan.toText();
+  EXPECT_NE(plan.last_float32_op, "");
+  EXPECT_GT(plan.trials, 1);
+  EXPECT_NE(plan.toText().find("kept float32"), std::string::npos) << plan.toText();
+  EXPECT_NE(plan.toJson().find("\"ops_float32\": " + std::to_string(plan.ops_float32)), std::string::npos);
+  // The first GEMM keeps its float32 weight, the two after it run in bf16.
+  EXPECT_EQ(linearWeightDtypes(low), (std::vector<at::ScalarType>{at::kFloat, at::kBFloat16, at::kBFloat16}));
+  for (int64_t rows : {64, 5}) {
+    const at::Tensor x = torch::randn({rows, 16});
+    const at::Tensor actual = low.forward({x}).toTensor();
+    EXPECT_EQ(actual.scalar_type(), at::kFloat);
+    EXPECT_GT(cosine(actual, eager.forward({x}).toTensor()), 0.999) << rows << " rows";
+  }
+}
+
+TEST(Precision, ABoundAlreadyMetKeepsNothingInFloat32) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module eager = block("PrecisionBoundMet");
+  const at::Tensor ids = torch::randint(0, 50, {3, 7}), x = torch::randn({3, 7, 32});
+  PrecisionPlan plan;
+  torch::jit::Module low = optimize(eager, withBound(0.99), {ids, x}, &plan);
+  EXPECT_EQ(plan.ops_float32, 0) << plan.toText();
+  EXPECT_EQ(plan.library_calls_float32, 0);
+  EXPECT_EQ(plan.trials, 1);
+  EXPECT_GE(plan.cosine, 0.99);
+  EXPECT_NE(plan.toText().find("every op in bf16"), std::string::npos) << plan.toText();
+  EXPECT_EQ(linearWeightDtypes(low), (std::vector<at::ScalarType>(linearWeightDtypes(low).size(), at::kBFloat16)));
+  // A bound of 1 keeps everything: the graph is the float32 one.
+  torch::jit::Module all = optimize(eager, withBound(1.0), {ids, x}, &plan);
+  EXPECT_EQ(plan.ops_float32, plan.ops_total);
+  EXPECT_EQ(all.get_method("forward").graph()->toString().find("kiln::cast_floating"), std::string::npos);
+}
+
+TEST(Precision, ABoundWithoutExampleInputsIsRefused) {
+  torch::jit::Module eager = block("PrecisionBoundNoInputs");
+  EXPECT_THROW(optimize(eager, withBound(0.999)), std::invalid_argument);
+  Options wrong = withBound(1.5);
+  EXPECT_THROW(optimize(eager, wrong, {torch::randint(0, 50, {1, 7}), torch::randn({1, 7, 32})}), std::invalid_argument);
+}
+
+// Text in, text out: a constant both parts read stays float32 for the first and is converted for
+// the second; what the first hands the second is cast where the second begins; the graph's
+// input, read only by the float32 part, is not cast.
+TEST(Precision, AFloat32PartSharesConstantsAndCastsWhatItHandsOn) {
+  torch::jit::Module m("PrecisionShared");
+  m.register_buffer("s", torch::rand({8}) + 0.5);
+  m.define(R"(
+def forward(self, x):
+  a = x * self.s
+  b = torch.relu(a)
+  return b * self.s
+)");
+  m.eval();
+  torch::jit::Module frozen = torch::jit::freeze_module(m.clone());
+  std::shared_ptr<torch::jit::Graph> graph = frozen.get_method("forward").graph();
+  ASSERT_EQ(precisionOpCount(*graph), 3);  // mul, relu, mul
+  EXPECT_EQ(convertPrecision(graph, Precision::kBFloat16, 2), 2) << *graph;  // b on its way in, the output
+  std::vector<at::ScalarType> scales;
+  for (const torch::jit::Node* node : graph->nodes()) {
+    if (node->kind() != c10::Symbol::fromQualString("aten::mul")) continue;
+    scales.push_back(torch::jit::toIValue(node->input(1))->toTensor().scalar_type());
+  }
+  EXPECT_EQ(scales, (std::vector<at::ScalarType>{at::kFloat, at::kBFloat16})) << *graph;
+  const at::Tensor x = torch::randn({4, 8});
+  torch::jit::Code code(graph, "shared");
+  torch::jit::InterpreterState state(code);
+  torch::jit::Stack stack{frozen._ivalue(), x};
+  state.run(stack);
+  const at::Tensor expected = m.forward({x}).toTensor();
+  EXPECT_EQ(stack.back().toTensor().scalar_type(), at::kFloat);
+  EXPECT_GT(cosine(stack.back().toTensor(), expected), 0.9999);
+}
+
+// No cut falls between a list of tensors and the op that reads it: the list cannot be cast.
+TEST(Precision, CutsAvoidListsOfTensors) {
+  auto graph = std::make_shared<torch::jit::Graph>();
+  torch::jit::parseIR(R"IR(
+graph(%x : Tensor):
+  %zero : int = prim::Constant[value=0]()
+  %a : Tensor = aten::relu(%x)
+  %list : Tensor[] = prim::ListConstruct(%a, %x)
+  %b : Tensor = aten::neg(%x)
+  %c : Tensor = aten::cat(%list, %zero)
+  %d : Tensor = aten::add(%c, %b, %zero)
+  return (%d)
+)IR", graph.get());
+  EXPECT_EQ(precisionOpCount(*graph), 5);
+  // Ops: relu 0, ListConstruct 1, neg 2, cat 3, add 4: the list crosses cuts 2 and 3.
+  EXPECT_EQ(precisionCuts(*graph), (std::vector<int64_t>{0, 1, 4, 5}));
 }
 
 TEST(Precision, NamesParseBothWays) {
