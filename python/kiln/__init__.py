@@ -241,11 +241,18 @@ def _check_outputs(actual: Any, expected: Any) -> None:
             raise RuntimeError(f"kiln.optimize: {name} is {a.dtype}{list(a.shape)} fused, "
                                f"{e.dtype}{list(e.shape)} unfused")
         if a.is_floating_point():
+            # Relative to each element and to the output's largest magnitude: a fused kernel sums
+            # in another order than ATen (folded batch_norm, oneDNN's blocking), an error that
+            # scales with the output, not with the element (an element near 0 in an output of
+            # magnitude 1e3 moves by about 1e3 ulps of float32).
             tolerance = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-10}.get(a.dtype, 1e-4)
-            if not torch.allclose(a.double(), e.double(), rtol=tolerance, atol=tolerance, equal_nan=True):
+            finite = e[e.isfinite()]
+            scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+            if not torch.allclose(a.double(), e.double(), rtol=tolerance, atol=tolerance * scale, equal_nan=True):
                 error = (a.double() - e.double()).abs().nan_to_num(float("inf")).max().item()
                 raise RuntimeError(f"kiln.optimize: {name} differs from the unfused module's by {error:g} "
-                                   f"(tolerance {tolerance:g} for {a.dtype}); please report this model")
+                                   f"(tolerance {tolerance:g} of each element and of the output's largest "
+                                   f"magnitude {scale:g}, {a.dtype}); please report this model")
         elif not torch.equal(a, e):
             raise RuntimeError(f"kiln.optimize: {name} differs from the unfused module's ({a.dtype})")
 

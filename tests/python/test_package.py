@@ -255,3 +255,15 @@ def test_min_cosine_keeps_the_front_in_fp32_and_says_so():
         kiln.optimize(model, example_inputs=(x,), min_cosine=0.999)
     with pytest.raises(ValueError, match="min_cosine must be"):
         kiln.optimize(model, example_inputs=(x,), precision="bf16", min_cosine=0)
+
+
+def test_the_fused_output_check_scales_with_the_output():
+    # An element near 0 in an output of magnitude 1e3 moves by about 1e3 float32 ulps when a fused
+    # kernel sums in another order: within tolerance; an error of 5e-4 of the output's scale is not.
+    expected = torch.tensor([1000.0, -800.0, 0.0])
+    kiln._check_outputs(torch.tensor([1000.02, -800.0, 0.05]), expected)
+    with pytest.raises(RuntimeError, match="differs from the unfused module's by 0.5"):
+        kiln._check_outputs(torch.tensor([1000.0, -800.0, 0.5]), expected)
+    kiln._check_outputs(torch.tensor([1e-5, float("nan")]), torch.tensor([0.0, float("nan")]))
+    with pytest.raises(RuntimeError, match="differs"):
+        kiln._check_outputs(torch.tensor([1e-3]), torch.tensor([0.0]))
