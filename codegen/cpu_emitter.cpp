@@ -328,6 +328,43 @@ struct Emitter {
     return values;
   }
 
+  // The values that depend only on operands broadcast along the row, scalars and constants.
+  std::vector<bool> rowInvariant() const {
+    std::vector<bool> invariant(kernel.body.size(), false);
+    for (size_t k = 0; k < kernel.body.size(); ++k) {
+      const Instr& instr = kernel.body[k];
+      switch (instr.op) {
+        case Op::kLoad: invariant[k] = layout.operands[static_cast<size_t>(instr.param)] == Access::kBroadcast; break;
+        case Op::kScalar: case Op::kConstant: case Op::kRowSize: invariant[k] = true; break;
+        default:
+          if (ir::isReduction(instr.op)) break;
+          invariant[k] = true;
+          for (int operand : instr.operands) invariant[k] = invariant[k] && invariant[static_cast<size_t>(operand)];
+      }
+    }
+    return invariant;
+  }
+
+  // Of those, the computed values (not loads, scalars or constants, which cost nothing to splat)
+  // that a value computed per element reads or an output stores: computed once per row.
+  std::vector<int> hoistedValues(const std::vector<bool>& invariant) const {
+    auto leaf = [&](size_t k) {
+      const Op op = kernel.body[k].op;
+      return op == Op::kLoad || op == Op::kScalar || op == Op::kConstant || op == Op::kRowSize;
+    };
+    std::vector<bool> read_per_element(kernel.body.size(), false);
+    for (size_t k = 0; k < kernel.body.size(); ++k) {
+      if (invariant[k]) continue;
+      for (int operand : kernel.body[k].operands) read_per_element[static_cast<size_t>(operand)] = true;
+    }
+    for (int output : kernel.outputs) read_per_element[static_cast<size_t>(output)] = true;
+    std::vector<int> hoisted;
+    for (size_t k = 0; k < kernel.body.size(); ++k) {
+      if (invariant[k] && !leaf(k) && read_per_element[k]) hoisted.push_back(static_cast<int>(k));
+    }
+    return hoisted;
+  }
+
   std::vector<bool> needed(const std::vector<int>& roots, const std::vector<bool>& stop) const {
     return ir::dependencies(kernel, roots, stop);
   }
@@ -583,6 +620,7 @@ struct Emitter {
       kept_at[static_cast<size_t>(kept.value)] = kept.output >= 0 ? static_cast<int>(inputs) + kept.output
                                                                   : static_cast<int>(operands) + kept.scratch;
     }
+    const std::vector<bool> invariant = rowInvariant();
     std::vector<llvm::Value*> scratch_rows;
     for (size_t j = 0; j < plan.scratch_element_bytes.size(); ++j) {
       scratch_rows.push_back(builder.CreateLoad(ptr, builder.CreateConstGEP1_64(ptr, data, operands + j), "scratch" + std::to_string(j)));
@@ -617,7 +655,8 @@ struct Emitter {
       auto keptBefore = [&](int stage) {
         std::vector<int> reload(kernel.body.size(), -1);
         for (const CpuStash& kept : plan.values) {
-          if (kept.stage < stage) reload[static_cast<size_t>(kept.value)] = kept_at[static_cast<size_t>(kept.value)];
+          const auto v = static_cast<size_t>(kept.value);
+          if (kept.stage < stage && !invariant[v]) reload[v] = kept_at[v];
         }
         return reload;
       };
@@ -645,9 +684,19 @@ struct Emitter {
         }
         countedLoop(vector_end, inner_size, 1, "scalar", [&](llvm::Value* i) { step(Values{pointersAt(i)}, 1); });
       };
+      // Values the same along the whole row (computed from operands broadcast along it, scalars
+      // and constants: a batch_norm's per-channel scale and shift over an NCHW tensor) are
+      // computed once per row, not per element: the loads cannot be hoisted by LLVM (an output
+      // may alias them), and with them the sqrt and divisions would run on every vector.
+      // (A reduction kernel's row stash keeps none of them: they are computed, not reloaded.)
+      std::vector<llvm::Value*> known(kernel.body.size(), nullptr);
+      const std::vector<int> hoisted = hoistedValues(invariant);
+      if (!hoisted.empty()) {
+        const Values computed = evaluate(Values{rows}, scalars, 1, needed(hoisted, known), known);
+        for (int k : hoisted) known[static_cast<size_t>(k)] = computed[0][static_cast<size_t>(k)];
+      }
       // A reduction kernel reads the row once per stage, accumulating that stage's reductions,
       // and computes the per-row values that follow from them.
-      std::vector<llvm::Value*> known(kernel.body.size(), nullptr);
       for (int stage = 1; stage <= schedule.stages; ++stage) {
         std::vector<Accumulator> accumulators;
         std::vector<int> operands_read;
@@ -662,8 +711,8 @@ struct Emitter {
           const Values values = evaluate(copies, scalars, width, wanted, known, reload);
           for (const Accumulator& acc : accumulators) accumulate(acc, values, width);
           for (const CpuStash& kept : plan.values) {
-            if (kept.stage != stage) continue;
             const auto v = static_cast<size_t>(kept.value);
+            if (kept.stage != stage || invariant[v]) continue;
             for (size_t copy = 0; copy < copies.size(); ++copy) {
               store(kernel.body[v].type, values[copy][v], copies[copy][static_cast<size_t>(kept_at[v])]);
             }

@@ -393,6 +393,51 @@ TEST(CpuKernel, ContiguousLoopIsVectorizedWithSleef) {
   EXPECT_LT(compiled->compileMilliseconds(), 5000);
 }
 
+// A batch_norm's per-channel scale over an NCHW row: the sqrt and the division read only
+// operands broadcast along the row, so they run once per row (scalar), not on every vector.
+TEST(CpuKernel, RowInvariantValuesAreComputedOncePerRow) {
+  ir::Kernel k = ir::parse(R"(kernel scale_rows {
+  in0: f32
+  in1: f32
+  in2: f32
+  %0 = load in0 : f32
+  %1 = load in1 : f32
+  %2 = load in2 : f32
+  %3 = const 0.001 : f32
+  %4 = add %2, %3 : f32
+  %5 = sqrt %4 : f32
+  %6 = div %1, %5 : f32
+  %7 = mul %0, %6 : f32
+  out0 = %7
+})");
+  CpuLayout layout{{Access::kContiguous, Access::kBroadcast, Access::kBroadcast, Access::kContiguous}};
+  auto compiled = CpuKernel::compile(k, layout, /*keep_text=*/true);
+  const std::string& ir = compiled->llvmIr();
+  EXPECT_NE(ir.find("llvm.sqrt.f32"), std::string::npos) << ir;
+  EXPECT_EQ(ir.find("llvm.sqrt.v"), std::string::npos) << "a vector sqrt: the row's scale is computed per element\n" << ir;
+  for (int64_t cols : {1, 7, 37, 200}) expectMatches(k, layout, 11, 4, cols);
+  // In a reduction kernel: exp of a broadcast operand, read by the reduced values and by an
+  // output, is computed per row and never taken from the row's stash.
+  ir::Kernel rows = ir::parse(R"(kernel scaled_softmax {
+  in0: f32
+  in1: f32
+  %0 = load in0 : f32
+  %1 = load in1 : f32
+  %2 = exp %1 : f32
+  %3 = mul %0, %2 : f32
+  %4 = reduce_max %3 : f32
+  %5 = sub %3, %4 : f32
+  %6 = exp %5 : f32
+  %7 = reduce_sum %6 : f32
+  %8 = div %6, %7 : f32
+  %9 = mul %8, %2 : f32
+  out0 = %8
+  out1 = %9
+})");
+  CpuLayout row_layout{{Access::kContiguous, Access::kBroadcast, Access::kContiguous, Access::kContiguous}};
+  for (int64_t cols : {1, 5, 100}) expectMatches(rows, row_layout, 12, 3, cols);
+}
+
 TEST(CpuKernel, StridedOperandFallsBackToScalarLoop) {
   ir::Kernel k;
   k.name = "strided";
