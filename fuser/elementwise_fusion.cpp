@@ -321,18 +321,24 @@ bool materialize(Graph& graph, Node* group, const KernelOptions& options) {
   std::shared_ptr<Graph> subgraph = group->g(torch::jit::attr::Subgraph);
   torch::jit::WithInsertPoint insert_point(group);
   // Tensor constants (a frozen module's weights) are not part of the group's code: lift them out
-  // as inputs.
+  // as inputs. One that stands for a Python number (a traced `x * 0.5`) is marked as such in the
+  // code, which keeps the mark through torch.jit.save (the tensor's own is lost).
+  std::unordered_set<const Value*> numbers;
   for (auto it = subgraph->nodes().begin(); it != subgraph->nodes().end();) {
     Node* node = *it++;
     if (node->kind() != torch::jit::prim::Constant || node->output()->type()->kind() != c10::TypeKind::TensorType) continue;
-    group->addInput(graph.insertConstant(*torch::jit::toIValue(node->output())));
+    const c10::IValue constant = *torch::jit::toIValue(node->output());
+    group->addInput(graph.insertConstant(constant));
     Value* inner = subgraph->addInput()->setType(c10::TensorType::get());
+    if (constant.toTensor().unsafeGetTensorImpl()->is_wrapped_number()) numbers.insert(inner);
     node->output()->replaceAllUsesWith(inner);
     node->destroy();
   }
   putInputsInOrderOfUse(*subgraph, group);
+  std::vector<bool> number_inputs;
+  for (const Value* input : subgraph->inputs()) number_inputs.push_back(numbers.count(input) > 0);
   std::string why;
-  std::optional<std::string> text = encodeGroupCode(*subgraph, options, &why);
+  std::optional<std::string> text = encodeGroupCode(*subgraph, options, &why, number_inputs);
   if (!text) {
     log(LogLevel::kInfo, "a fusible group is left unfused: " + why);
     return false;

@@ -50,6 +50,10 @@ int64_t precisionOpCount(const torch::jit::Graph& graph);
 // them): those where no list, tuple or optional of tensors is made before and read after.
 std::vector<int64_t> precisionCuts(const torch::jit::Graph& graph);
 
+// A forward's arguments with every tensor in them (in tuples, lists and dicts) cloned: each run on
+// example inputs gets its own, since a module may change its inputs in place.
+std::vector<c10::IValue> copyArguments(const std::vector<c10::IValue>& arguments);
+
 // The float32 part a reduced precision keeps to meet Options::min_cosine on example inputs
 // (precision_search.cpp): the fewest leading ops, among precisionCuts, whose float32 brings every
 // floating output's cosine to the float32 module's outputs up to the bound, found by bisection on

@@ -210,7 +210,8 @@ KernelOptions parseOptions(const std::vector<std::string>& t, size_t number) {
 
 }  // namespace
 
-std::optional<std::string> encodeGroupCode(const Graph& subgraph, const KernelOptions& options, std::string* why) {
+std::optional<std::string> encodeGroupCode(const Graph& subgraph, const KernelOptions& options, std::string* why,
+                                           const std::vector<bool>& number_inputs) {
   auto fail = [&](const std::string& reason) -> std::optional<std::string> {
     if (why) *why = reason;
     return std::nullopt;
@@ -230,10 +231,13 @@ std::optional<std::string> encodeGroupCode(const Graph& subgraph, const KernelOp
     if (found == ids.end()) return std::nullopt;
     return "%" + std::to_string(found->second);
   };
-  for (const Value* input : subgraph.inputs()) {
+  for (size_t i = 0; i < subgraph.inputs().size(); ++i) {
+    const Value* input = subgraph.inputs()[i];
     auto type = typeName(input->type());
     if (!type || *type == "int[]") return fail("group input of type " + input->type()->str());
-    out << "in " << define(input) << " : " << *type << "\n";
+    const bool number = i < number_inputs.size() && number_inputs[i];
+    if (number && input->type()->kind() != c10::TypeKind::TensorType) return fail("a number input that is not a tensor");
+    out << "in " << define(input) << " : " << *type << (number ? " number" : "") << "\n";
   }
   for (const Node* node : subgraph.nodes()) {
     if (node->kind() == torch::jit::prim::Constant) {
@@ -275,6 +279,16 @@ std::optional<KernelOptions> groupCodeOptions(const std::string& code) {
   return parseOptions(t, 2);
 }
 
+std::vector<bool> groupCodeNumberInputs(const std::string& code) {
+  std::vector<bool> numbers;
+  std::istringstream lines(code);
+  for (std::string line; std::getline(lines, line);) {
+    std::vector<std::string> t = tokens(line);
+    if (!t.empty() && t[0] == "in") numbers.push_back(t.size() == 5 && t[4] == "number");
+  }
+  return numbers;
+}
+
 std::shared_ptr<Graph> decodeGroupCode(const std::string& code) {
   auto graph = std::make_shared<Graph>();
   std::vector<Value*> values;
@@ -304,11 +318,13 @@ std::shared_ptr<Graph> decodeGroupCode(const std::string& code) {
       if (number != 2) malformed(number, "options must follow the header");
       parseOptions(t, number);
     } else if (t[0] == "in") {
-      if (t.size() != 4 || t[2] != ":") malformed(number, "expected 'in %N : TYPE'");
+      if (!(t.size() == 4 || (t.size() == 5 && t[4] == "number")) || t[2] != ":")
+        malformed(number, "expected 'in %N : TYPE' or 'in %N : Tensor number'");
       defines(t[1]);
       c10::TypePtr type = typeNamed(t[3]);
       if (!type) malformed(number, "unknown type '" + t[3] + "'");
       if (type->kind() == c10::TypeKind::ListType) malformed(number, "a group input cannot be a list");
+      if (t.size() == 5 && type->kind() != c10::TypeKind::TensorType) malformed(number, "only a tensor input can be a number");
       values.push_back(graph->addInput()->setType(type));
     } else if (t[0] == "out") {
       if (t.size() != 2) malformed(number, "expected 'out %N'");

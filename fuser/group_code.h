@@ -15,6 +15,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace kiln {
 
@@ -24,8 +25,14 @@ constexpr const char* kGroupCodeHeader = "kiln.group 1";
 // Encodes `subgraph` (inputs of Tensor, float, int or bool type; single-output nodes without
 // blocks; constants of the kinds above) and the options its kernels follow, which so travel with
 // the group into every process that loads it. nullopt with *why when something has no encoding.
+// `number_inputs` (per subgraph input, may be empty) marks the tensor inputs that stand for Python
+// numbers (0-dim wrapped numbers: a traced `x * 0.5` freezes 0.5 as one), written `in %N : Tensor
+// number`: torch.jit.save keeps no such mark on a tensor constant, the code does.
 std::optional<std::string> encodeGroupCode(const torch::jit::Graph& subgraph, const KernelOptions& options,
-                                           std::string* why);
+                                           std::string* why, const std::vector<bool>& number_inputs = {});
+
+// Per subgraph input of `code`: whether it stands for a Python number (see encodeGroupCode).
+std::vector<bool> groupCodeNumberInputs(const std::string& code);
 
 // The options a code carries; nullopt for a code without them (an older kiln's). Throws
 // c10::Error on a malformed options line.

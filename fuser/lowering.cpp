@@ -408,7 +408,9 @@ bool isNumberType(const c10::TypePtr& type) {
 
 c10::IValue sampleFor(const InputSignature& input) {
   if (input.is_tensor) {
-    return at::ones(std::vector<int64_t>(static_cast<size_t>(input.dim), 1), at::TensorOptions().dtype(input.dtype));
+    at::Tensor sample = at::ones(std::vector<int64_t>(static_cast<size_t>(input.dim), 1), at::TensorOptions().dtype(input.dtype));
+    if (input.wrapped_number) sample.unsafeGetTensorImpl()->set_wrapped_number(true);
+    return sample;
   }
   if (input.dtype == at::kDouble) return c10::IValue(1.0);
   if (input.dtype == at::kBool) return c10::IValue(true);

@@ -29,6 +29,9 @@ struct InputSignature {
   bool is_tensor = true;
   at::ScalarType dtype = at::kFloat;  // tensors; scalars: kDouble, kLong or kBool
   int64_t dim = 0;
+  // A 0-dim tensor that stands for a Python number (a traced `x * 0.5` freezes 0.5 as one): it
+  // promotes as a number does (an int tensor times it gives the default float dtype, not its own).
+  bool wrapped_number = false;
 };
 
 // A [C] tensor input read per channel (batch_norm's weight, bias, running statistics): the

@@ -4,6 +4,7 @@
 // own TensorExpr fuser. It looks through prim::profile nodes and consumes those inside the groups it
 // builds; nodes it leaves alone keep their profiles, so TensorExpr (on by default for CUDA only)
 // can still fuse them afterwards. The two never claim the same node.
+#include <torch/csrc/jit/passes/canonicalize_graph_fuser_ops.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
 #include <torch/csrc/jit/passes/freeze_module.h>
 #include <torch/csrc/jit/passes/frozen_graph_optimizations.h>
@@ -95,6 +96,10 @@ torch::jit::Module optimizeWith(const torch::jit::Module& module, const Options&
     // Any linear left (a weight computed at run time) runs over its weight transposed once, as
     // optimize_for_inference does.
     torch::jit::FrozenLinearTranspose(graph);
+    // What the executor does before its fusers: arithmetic on a 0-dim constant tensor reads it as
+    // a number (a traced `a * 0.5` loaded from a file holds 0.5 as a double tensor that no longer
+    // says it stands for a number; as a tensor, an int tensor times it would be float64).
+    torch::jit::CanonicalizeOps(graph);
     fuse(graph, options);
     // The rewrites leave the constants they replaced (weights transposed, stacked with their
     // siblings', converted to the low dtype); a dead constant still holds its tensor.
@@ -123,7 +128,7 @@ torch::jit::Module optimize(const torch::jit::Module& module, const Options& opt
     at::NoGradGuard no_grad;
     torch::jit::Module reference = module.clone();
     reference.eval();
-    expected = reference.forward(example_inputs);
+    expected = reference.forward(copyArguments(example_inputs));
   }
   return optimizeWith(module, options, [&](const std::shared_ptr<torch::jit::Graph>& graph, const torch::jit::Module& frozen) {
     PrecisionPlan found = planPrecision(graph, frozen._ivalue(), example_inputs, expected, options.precision, options.min_cosine);

@@ -114,6 +114,22 @@ void convertConstants(Graph& graph, torch::jit::Block* block, at::ScalarType low
       regions.replaceLowUses(node->output(), graph.insertConstant(std::copysign(largestFinite(low), value->toDouble())));
       continue;
     }
+    if (value && value->isTensorList()) {
+      // An RNN's weights, frozen as one list (aten::lstm, aten::gru): each float32 one converted.
+      c10::List<at::Tensor> converted;
+      bool any = false;
+      for (const at::Tensor& tensor : value->toTensorList().vec()) {
+        const bool float32 = tensor.defined() && tensor.scalar_type() == at::kFloat;
+        converted.push_back(float32 ? toLow(tensor, low) : tensor);
+        any |= float32;
+      }
+      if (!any) continue;
+      torch::jit::WithInsertPoint here(node);
+      Value* list = graph.insertConstant(converted);
+      list->copyMetadata(node->output());
+      regions.replaceLowUses(node->output(), list);
+      continue;
+    }
     if (!isTensor(node->output()) || !value || !value->isTensor() || value->toTensor().scalar_type() != at::kFloat) continue;
     torch::jit::WithInsertPoint here(node);
     const at::Tensor low_value = toLow(value->toTensor(), low);

@@ -58,13 +58,33 @@ double worstCosine(const c10::IValue& expected, const c10::IValue& actual) {
   return worst;
 }
 
+c10::IValue copyValue(const c10::IValue& value) {
+  if (value.isTensor()) return value.toTensor().clone();
+  if (value.isTuple()) {
+    std::vector<c10::IValue> items;
+    for (const c10::IValue& item : value.toTupleRef().elements()) items.push_back(copyValue(item));
+    return c10::ivalue::Tuple::create(std::move(items));
+  }
+  if (value.isList()) {
+    c10::impl::GenericList list(value.toList().elementType());
+    for (const c10::IValue& item : value.toListRef()) list.push_back(copyValue(item));
+    return list;
+  }
+  if (value.isGenericDict()) {
+    c10::impl::GenericDict dict(value.toGenericDict().keyType(), value.toGenericDict().valueType());
+    for (const auto& entry : value.toGenericDict()) dict.insert(entry.key(), copyValue(entry.value()));
+    return dict;
+  }
+  return value;
+}
+
 c10::IValue runGraph(const std::shared_ptr<torch::jit::Graph>& graph, const c10::IValue& self,
                      const std::vector<c10::IValue>& inputs) {
   torch::jit::Code code(graph, "kiln_precision_trial");
   torch::jit::InterpreterState state(code);
   torch::jit::Stack stack;
   stack.push_back(self);
-  stack.insert(stack.end(), inputs.begin(), inputs.end());
+  for (const c10::IValue& input : copyArguments(inputs)) stack.push_back(input);
   state.run(stack);
   if (stack.size() == 1) return stack.front();
   return c10::ivalue::Tuple::create(std::move(stack));
@@ -128,6 +148,12 @@ std::string cosineText(double cosine) {
 }
 
 }  // namespace
+
+std::vector<c10::IValue> copyArguments(const std::vector<c10::IValue>& arguments) {
+  std::vector<c10::IValue> copies;
+  for (const c10::IValue& argument : arguments) copies.push_back(copyValue(argument));
+  return copies;
+}
 
 PrecisionPlan planPrecision(const std::shared_ptr<torch::jit::Graph>& graph, const c10::IValue& self,
                             const std::vector<c10::IValue>& inputs, const c10::IValue& expected,

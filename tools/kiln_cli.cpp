@@ -510,7 +510,7 @@ int runFuse(const Args& args) {
     torch::NoGradGuard no_grad;
     try {
       module.eval();
-      expected = module.forward(inputs);
+      expected = module.forward(kiln::copyArguments(inputs));  // a module may change its inputs
     } catch (const c10::Error& error) {
       throw UsageError("the model rejects these inputs: " + errorLine(error.what_without_backtrace()));
     }
@@ -522,7 +522,7 @@ int runFuse(const Args& args) {
   if (!inputs.empty()) {
     torch::NoGradGuard no_grad;
     c10::IValue actual;
-    for (int call = 0; call < 2; ++call) actual = fused.forward(inputs);
+    for (int call = 0; call < 2; ++call) actual = fused.forward(kiln::copyArguments(inputs));
     char text[96];
     std::snprintf(text, sizeof text, "; max |diff| from the model on the inputs %.3g", kiln::cli::maxDifference(expected, actual));
     checked = text;

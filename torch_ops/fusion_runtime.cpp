@@ -34,6 +34,7 @@ struct FusionProgram {
   std::shared_ptr<torch::jit::Graph> graph;  // null when the code could not be decoded
   KernelOptions options;  // from the code; Options::global() for a code that carries none
   std::vector<char> input_kinds;  // 't' tensor, 'f' float, 'i' int, 'b' bool, per subgraph input
+  std::vector<bool> number_tensors;  // per tensor input: stands for a Python number (group code)
   std::mutex mutex;
   std::map<std::vector<int64_t>, std::shared_ptr<SignatureEntry>> signatures;
   std::set<std::string> reasons_said;  // fallback reasons logged so far
@@ -89,9 +90,14 @@ std::shared_ptr<FusionProgram> decodeProgram(const std::string& text) {
     failIfInjected(FaultStage::kDecode);
     std::shared_ptr<torch::jit::Graph> graph = decodeGroupCode(text);
     if (std::optional<KernelOptions> options = groupCodeOptions(text)) program->options = *options;
-    for (const torch::jit::Value* input : graph->inputs()) {
+    const std::vector<bool> numbers = groupCodeNumberInputs(text);
+    for (size_t i = 0; i < graph->inputs().size(); ++i) {
+      const torch::jit::Value* input = graph->inputs()[i];
       switch (input->type()->kind()) {
-        case c10::TypeKind::TensorType: program->input_kinds.push_back('t'); break;
+        case c10::TypeKind::TensorType:
+          program->input_kinds.push_back('t');
+          program->number_tensors.push_back(i < numbers.size() && numbers[i]);
+          break;
         case c10::TypeKind::FloatType: program->input_kinds.push_back('f'); break;
         case c10::TypeKind::IntType: program->input_kinds.push_back('i'); break;
         default: program->input_kinds.push_back('b'); break;  // decodeGroupCode allows no other
@@ -180,13 +186,15 @@ std::string readSignature(const FusionProgram& program, const std::vector<at::Te
         if (at::GradMode::is_enabled() && tensor.requires_grad()) return "input requires grad";
         input.dtype = tensor.scalar_type();
         input.dim = tensor.dim();
+        input.wrapped_number = program.number_tensors[t - 1] || tensor.unsafeGetTensorImpl()->is_wrapped_number();
         break;
       }
       case 'f': input = {false, at::kDouble, 0}; f++; break;
       case 'i': input = {false, at::kLong, 0}; i++; break;
       default: input = {false, at::kBool, 0}; i++; break;
     }
-    signature->key.push_back(static_cast<int64_t>(input.dtype) * 64 + input.dim + (input.is_tensor ? 0 : 32));
+    signature->key.push_back(static_cast<int64_t>(input.dtype) * 64 + input.dim + (input.is_tensor ? 0 : 32) +
+                             (input.wrapped_number ? int64_t{1} << 20 : 0));
     signature->inputs.push_back(input);
   }
   if (t != tensors.size() || f != floats.size() || i != ints.size()) return "argument count mismatch";

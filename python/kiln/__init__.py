@@ -189,9 +189,10 @@ def optimize(module: Union[torch.jit.ScriptModule, torch.nn.Module], example_inp
         fused = torch.jit._recursive.wrap_cpp_module(
             torch.ops.kiln._optimize(scripted._c, min_group_size, bool(fast_math), cpu_parallel_grain, precision))
     if example is not None:
+        # Each run on its own copy of the inputs: a module may change its inputs in place.
         with torch.no_grad():
-            actual = fused(*example)
-            expected = scripted(*example)
+            actual = fused(*_copy(example))
+            expected = scripted(*_copy(example))
         if reduced:
             fused.kiln_accuracy = _accuracy(actual, expected)
             worst = max(fused.kiln_accuracy, key=lambda entry: entry["max_rel"], default=None)
@@ -207,6 +208,19 @@ def optimize(module: Union[torch.jit.ScriptModule, torch.nn.Module], example_inp
         elif check:
             _check_outputs(actual, expected)
     return fused
+
+
+def _copy(value: Any) -> Any:
+    """The tensors of ``value`` (in tuples, lists and dicts) cloned, the rest as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(_copy(item) for item in value)
+    if isinstance(value, list):
+        return [_copy(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _copy(item) for key, item in value.items()}
+    return value
 
 
 def _accuracy(actual: Any, expected: Any) -> list:

@@ -113,12 +113,32 @@ graph(%x : Tensor):
       ->run(*code);
 }
 
+// A tensor input that stands for a Python number (a traced `x * 0.5`, frozen as a 0-dim wrapped
+// number) keeps that mark in the code, where torch.jit.save would lose it on the tensor.
+TEST(GroupCode, NumberInputsKeepTheirMark) {
+  auto graph = std::make_shared<torch::jit::Graph>();
+  torch::jit::parseIR(R"IR(
+graph(%x : Tensor, %half : Tensor):
+  %y : Tensor = aten::mul(%x, %half)
+  return (%y))IR", graph.get());
+  std::string why;
+  std::optional<std::string> code = encodeGroupCode(*graph, KernelOptions{}, &why, {false, true});
+  ASSERT_TRUE(code) << why;
+  torch::jit::testing::FileCheck().check("in %0 : Tensor\n")->check("in %1 : Tensor number\n")->run(*code);
+  EXPECT_EQ(groupCodeNumberInputs(*code), (std::vector<bool>{false, true}));
+  std::shared_ptr<torch::jit::Graph> decoded = decodeGroupCode(*code);
+  EXPECT_EQ(encodeGroupCode(*decoded, KernelOptions{}, &why, groupCodeNumberInputs(*code)), code);
+  EXPECT_EQ(groupCodeNumberInputs(*encodeGroupCode(*graph, KernelOptions{}, &why)), (std::vector<bool>{false, false}));
+}
+
 TEST(GroupCode, MalformedCodeIsRejectedByLine) {
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"", "empty code"},
       {"graph(%x : Tensor):\n  return (%x)\n", "line 1: expected 'kiln.group 1'"},
       {"kiln.group 1\nin %0 : Tensor\nout %1\n", "line 3: undefined value %1"},
       {"kiln.group 1\nin %1 : Tensor\n", "line 2: values must be numbered in order"},
+      {"kiln.group 1\nin %0 : float number\n", "line 2: only a tensor input can be a number"},
+      {"kiln.group 1\nin %0 : Tensor numbers\n", "line 2: expected 'in %N : TYPE'"},
       {"kiln.group 1\n%0 = const float 0x12\n", "line 2: bad float bits"},
       {"kiln.group 1\n%0 = const int 99999999999999999999\n", "line 2: bad integer"},
       {"kiln.group 1\n%0 = const blob 1\n", "line 2: unknown constant kind 'blob'"},

@@ -267,3 +267,66 @@ def test_the_fused_output_check_scales_with_the_output():
     kiln._check_outputs(torch.tensor([1e-5, float("nan")]), torch.tensor([0.0, float("nan")]))
     with pytest.raises(RuntimeError, match="differs"):
         kiln._check_outputs(torch.tensor([1e-3]), torch.tensor([0.0]))
+
+
+def test_a_traced_python_number_promotes_as_a_number(tmp_path):
+    # Tracing freezes `a * 0.5` as a 0-dim double tensor marked as a wrapped number: an int tensor
+    # times it is float32, as in eager, not float64 (a 0-dim double tensor's own promotion). Saved
+    # and loaded, the tensor loses its mark; TorchScript's executor then reads it as a number, and
+    # so must kiln.
+    class M(torch.nn.Module):
+        def forward(self, a, x):
+            return (a * 0.5 + x, ((a > 0) * 0.5 + 1).exp(), (a.sum(-1) * 0.5 + 1).exp())
+
+    a, x = torch.randint(-50, 50, (4, 16)), torch.randn(4, 16)
+    traced = torch.jit.trace(M(), (a, x))
+    traced.save(str(tmp_path / "m.pt"))
+    for module in (traced, torch.jit.load(str(tmp_path / "m.pt"))):
+        fused = kiln.optimize(module, example_inputs=(a, x))
+        fused.save(str(tmp_path / "m.kiln.pt"))
+        a2, x2 = torch.randint(-50, 50, (4, 16)), torch.randn(4, 16)
+        with torch.no_grad():
+            for run in (fused, torch.jit.load(str(tmp_path / "m.kiln.pt"))):
+                for got, want in zip(run(a2, x2), M()(a2, x2)):
+                    assert got.dtype == want.dtype == torch.float32
+                    torch.testing.assert_close(got, want)
+        assert any(group["kind"] == "elementwise" for group in kiln.report(fused)["groups"])
+
+
+def test_rnn_weights_convert_to_bf16():
+    # The frozen graph holds an RNN's weights as one list constant.
+    class Wrap(torch.nn.Module):
+        def __init__(self, rnn):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, x):
+            return self.rnn(x)[0]
+
+    torch.manual_seed(0)
+    for cls in (torch.nn.LSTM, torch.nn.GRU):
+        model = Wrap(cls(16, 32, batch_first=True)).eval()
+        traced = torch.jit.trace(model, (torch.randn(2, 10, 16),))
+        low = kiln.optimize(traced, example_inputs=(torch.randn(2, 10, 16),), precision="bf16")
+        x = torch.randn(3, 7, 16)
+        with torch.no_grad():
+            out, expected = low(x), model(x)
+        assert out.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(out.flatten(), expected.flatten(), dim=0) > 0.999, cls
+
+
+def test_a_module_that_changes_its_input_is_checked_on_copies():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            x.add_(1)
+            return (x * 2).sigmoid()
+
+    example = torch.randn(4, 8)
+    before = example.clone()
+    fused = kiln.optimize(torch.jit.trace(M(), (example.clone(),)), example_inputs=(example,))
+    assert torch.equal(example, before), "kiln.optimize changed the example inputs"
+    x = torch.randn(4, 8)
+    x1, x2 = x.clone(), x.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x1), M()(x2))
+    assert torch.equal(x1, x2)
