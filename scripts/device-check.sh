@@ -16,6 +16,7 @@
 #   demo       45 s  `kiln demo --device cuda` on a fresh kernel cache, cold then warm
 #   bench     180 s  kiln_bench: the elementwise _Cuda benchmarks, then kiln, flash and cuDNN attention
 #                    at S = 1k, 4k, 16k (KILN_BENCH_FILTER=_Cuda runs every _Cuda benchmark instead);
+#                    scripts/precision_gpu_check.py (BERT-base-shaped, 8 x 512, fp32 → kiln fp16);
 #                    scripts/reduction_bench.py, kiln and eager (KILN_REDUCTION_COMPILE=1 adds
 #                    torch.compile); scripts/elementwise_torch_compile.py
 # summary.md is written after every stage, so a run cut short still leaves one, and printed last.
@@ -215,6 +216,8 @@ stage_bench() {
       --repeats 3 --library "$lib/libkiln.so" --json "$dir/reductions.json" || rc=1
     step torch_compile 30 "$dir/torch_compile.txt" "$py" scripts/elementwise_torch_compile.py --repeats 3 \
       --json "$dir/torch_compile.json" || rc=1
+    step precision 30 "$dir/precision.txt" "$py" scripts/precision_gpu_check.py "$lib/libkiln.so" --device cpu \
+      --batch 2 --seq 32 --layers 2 --rounds 3 --json "$dir/precision.json" || rc=1
     note "no device: kiln_bench's _Cuda set is empty; CPU variants instead"
     return "$rc"
   fi
@@ -232,6 +235,10 @@ stage_bench() {
     step kiln_bench_attention 55 "$dir/kiln_bench_attention.txt" stdbuf -oL "$bin/kiln_bench" \
       --benchmark_filter="$attention" --benchmark_out="$dir/kiln_bench_attention.json" --benchmark_out_format=json || rc=1
   fi
+  # Issue 12's GPU target: a BERT-base-shaped fp32 model at 8 x 512 through kiln::optimize in fp16
+  # against TorchScript's fp32 executor, kiln's attention inside (profiler).
+  step precision 45 "$dir/precision.txt" "$py" scripts/precision_gpu_check.py "$lib/libkiln.so" --device cuda \
+    --batch 8 --seq 512 --rounds 10 --json "$dir/precision.json" || rc=1
   [[ ${KILN_REDUCTION_COMPILE:-0} == 1 ]] && compile=()
   step reductions 35 "$dir/reductions.txt" "$py" scripts/reduction_bench.py --library "$lib/libkiln.so" --repeats 20 \
     "${compile[@]}" --json "$dir/reductions.json" || rc=1

@@ -6,8 +6,8 @@ the GPU machine, at most 8 under OUT, none over 16 MiB:
                   failures, the demo's cold and warm runs, the benchmarks' key lines
   gpu-tests.log   the shards' gtest output, one after another
   gpu-tests.xml   the shards' gtest XML, merged
-  bench.json      kiln_bench's runs, scripts/reduction_bench.py's and
-                  scripts/elementwise_torch_compile.py's rows
+  bench.json      kiln_bench's runs, scripts/reduction_bench.py's,
+                  scripts/elementwise_torch_compile.py's and scripts/precision_gpu_check.py's rows
   rest.tar.gz     every other log and result (not the payload, not the kernel caches)
 
 device-check.sh calls it after every stage, so a run cut short still leaves a summary, and once more
@@ -164,7 +164,8 @@ def bench(work, out):
         runs += data.get("benchmarks", [])
     combined = {"kiln_bench": {"context": context, "benchmarks": runs},
                 "reductions": load_json(os.path.join(folder, "reductions.json")),
-                "elementwise_torch_compile": load_json(os.path.join(folder, "torch_compile.json"))}
+                "elementwise_torch_compile": load_json(os.path.join(folder, "torch_compile.json")),
+                "precision": load_json(os.path.join(folder, "precision.json"))}
     if not os.path.isdir(folder):
         return []
     with open(os.path.join(out, "bench.json"), "w") as f:
@@ -174,7 +175,9 @@ def bench(work, out):
         section.append("No kiln_bench runs.")
     for title, name in (("Row reductions (scripts/reduction_bench.py)", "reductions.txt"),
                         ("torch.compile on the elementwise chains (scripts/elementwise_torch_compile.py)",
-                         "torch_compile.txt")):
+                         "torch_compile.txt"),
+                        ("An fp32 BERT-base-shaped model in reduced precision (scripts/precision_gpu_check.py)",
+                         "precision.txt")):
         block = text_block(os.path.join(folder, name))
         if block:
             section += ["", "### " + title, ""] + block
