@@ -61,6 +61,13 @@ std::vector<c10::IValue> copyArguments(const std::vector<c10::IValue>& arguments
 PrecisionPlan planPrecision(const std::shared_ptr<torch::jit::Graph>& graph, const c10::IValue& self,
                             const std::vector<c10::IValue>& inputs, const c10::IValue& expected,
                             Precision precision, double min_cosine);
+// Sets what `plan` says of the float32 part: `float32_ops` kept of `graph` (the prepared graph,
+// before conversion), the GEMMs and convolutions among them, the last op kept.
+void describePlan(const torch::jit::Graph& graph, int64_t float32_ops, PrecisionPlan& plan);
+// The least cosine similarity to `expected` of a floating output in `actual` (tensors in tuples,
+// lists and dicts, in order); -1 where an output is not finite where expected's is, or they differ
+// in number or shape.
+double worstOutputCosine(const c10::IValue& expected, const c10::IValue& actual);
 
 // True for the prim::If either pass builds: block0 runs kiln, block1 keeps the original ops.
 bool isKilnFallback(const torch::jit::Node* node);

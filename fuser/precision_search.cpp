@@ -194,19 +194,27 @@ PrecisionPlan planPrecision(const std::shared_ptr<torch::jit::Graph>& graph, con
     plan.ops_float32 = cuts[hi];
     plan.cosine = at_hi ? *at_hi : trial(cuts[hi]);
   }
+  describePlan(*graph, plan.ops_float32, plan);
+  return plan;
+}
+
+void describePlan(const torch::jit::Graph& graph, int64_t float32_ops, PrecisionPlan& plan) {
+  plan.ops_float32 = float32_ops;
+  plan.library_calls_total = plan.library_calls_float32 = 0;
   int64_t position = 0;
-  for (const torch::jit::Node* node : graph->nodes()) {
+  for (const torch::jit::Node* node : graph.nodes()) {
     if (node->kind() == torch::jit::prim::Constant) continue;
-    for (const torch::jit::Block* inner : node->blocks()) countLibraryCalls(inner, position, plan.ops_float32, plan);
+    for (const torch::jit::Block* inner : node->blocks()) countLibraryCalls(inner, position, float32_ops, plan);
     if (isLibraryCall(node)) {
       plan.library_calls_total++;
-      if (position < plan.ops_float32) plan.library_calls_float32++;
+      if (position < float32_ops) plan.library_calls_float32++;
     }
     position++;
   }
-  if (plan.ops_float32 > 0) plan.last_float32_op = describe(opAt(*graph, plan.ops_float32 - 1));
-  return plan;
+  plan.last_float32_op = float32_ops > 0 ? describe(opAt(graph, float32_ops - 1)) : "";
 }
+
+double worstOutputCosine(const c10::IValue& expected, const c10::IValue& actual) { return worstCosine(expected, actual); }
 
 std::string PrecisionPlan::toText() const {
   std::ostringstream text;
