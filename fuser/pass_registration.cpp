@@ -119,8 +119,10 @@ torch::jit::Module optimize(const torch::jit::Module& module, const Options& opt
 
 torch::jit::Module optimize(const torch::jit::Module& module, const Options& options,
                             const std::vector<c10::IValue>& example_inputs, PrecisionPlan* plan) {
-  if (!(options.min_cosine >= 0 && options.min_cosine <= 1))
-    throw std::invalid_argument("kiln::optimize: min_cosine must be between 0 and 1, got " + std::to_string(options.min_cosine));
+  // Below 1: a fused module's outputs are not bit-identical to the model's even in float32.
+  if (!(options.min_cosine >= 0 && options.min_cosine < 1))
+    throw std::invalid_argument("kiln::optimize: min_cosine must be at least 0 and below 1, got " +
+                                std::to_string(options.min_cosine));
   if (options.min_cosine == 0 || options.precision == Precision::kFloat32 || options.disabled)
     return optimizeWith(module, options, nullptr);
   // The float32 module's outputs: the reference every trial is measured against.

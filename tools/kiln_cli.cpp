@@ -470,14 +470,14 @@ kiln::Precision precisionArgument(const Args& args) {
   return precision;
 }
 
-// --min-cosine C: a number in (0, 1]; 0 when absent.
+// --min-cosine C: a number in (0, 1) (a fused module is not bit-identical even in fp32); 0 when absent.
 double minCosineArgument(const Args& args) {
   if (!args.values.count("--min-cosine")) return 0;
   const std::string text = args.value("--min-cosine", "");
   char* end = nullptr;
   const double value = std::strtod(text.c_str(), &end);
-  if (text.empty() || *end != '\0' || !(value > 0 && value <= 1))
-    throw UsageError("--min-cosine takes a number above 0 and at most 1, not '" + text + "'");
+  if (text.empty() || *end != '\0' || !(value > 0 && value < 1))
+    throw UsageError("--min-cosine takes a number above 0 and below 1, not '" + text + "'");
   return value;
 }
 

@@ -41,7 +41,8 @@ std::tuple<c10::IValue, std::string> optimizeForOp(const c10::IValue& module, co
                                                    int64_t min_group_size, bool fast_math, int64_t cpu_parallel_grain,
                                                    const std::string& precision, double min_cosine) {
   Options options = optionsFrom(min_group_size, fast_math, cpu_parallel_grain, precision);
-  TORCH_CHECK(min_cosine >= 0 && min_cosine <= 1, "kiln::_optimize_for: min_cosine must be between 0 and 1, got ", min_cosine);
+  TORCH_CHECK(min_cosine >= 0 && min_cosine < 1, "kiln::_optimize_for: min_cosine must be at least 0 and below 1, got ",
+              min_cosine);
   options.min_cosine = min_cosine;
   std::vector<c10::IValue> arguments;
   if (inputs.isTuple()) {

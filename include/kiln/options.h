@@ -31,7 +31,8 @@ struct Options {
   Precision precision = Precision::kFloat32;  // kiln::optimize only; set by the caller
   // With a reduced precision and example inputs (kiln::optimize's second form): the least cosine
   // similarity to float32 every floating output must keep; the leading ops stay float32 as far as
-  // that needs. 0: no bound. Set by the caller.
+  // that needs. 0: no bound; below 1 (a fused module is not bit-identical even in float32). Set by
+  // the caller.
   double min_cosine = 0;
   // KILN_BACKGROUND_COMPILE=1: a CPU kernel not yet made is compiled (or loaded from the disk
   // cache) on a worker thread while its group runs its original ops; cold starts then compile

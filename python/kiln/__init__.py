@@ -154,7 +154,7 @@ def optimize(module: Union[torch.jit.ScriptModule, torch.nn.Module], example_inp
             relative error (max abs error over the output's largest magnitude) exceeds it.
         min_cosine: with a reduced ``precision``, keep the graph's leading ops in float32 as far
             as needed for every floating output on ``example_inputs`` to reach this cosine
-            similarity to the float32 module's (0 < min_cosine <= 1); what was kept is stored as
+            similarity to the float32 module's (0 < min_cosine < 1: a fused module is not bit-identical to the model even in fp32); what was kept is stored as
             the module's ``kiln_precision_plan`` attribute (a dict), and ``RuntimeError`` is
             raised, naming the output, when the fused module still falls below it.
 
@@ -175,8 +175,8 @@ def optimize(module: Union[torch.jit.ScriptModule, torch.nn.Module], example_inp
     if min_cosine is not None:
         if not reduced:
             raise ValueError("kiln.optimize: min_cosine goes with precision='bf16' or 'fp16'")
-        if isinstance(min_cosine, bool) or not isinstance(min_cosine, (int, float)) or not 0 < min_cosine <= 1:
-            raise ValueError(f"kiln.optimize: min_cosine must be a number above 0 and at most 1, got {min_cosine!r}")
+        if isinstance(min_cosine, bool) or not isinstance(min_cosine, (int, float)) or not 0 < min_cosine < 1:
+            raise ValueError(f"kiln.optimize: min_cosine must be a number above 0 and below 1, got {min_cosine!r}")
     example = None if example_inputs is None else _as_tuple(example_inputs)
     scripted = _script(module, example)
     plan = None

@@ -168,8 +168,8 @@ with tempfile.TemporaryDirectory() as scratch:
              "--min-cosine goes with --precision")
     one_line(run("fuse", centred_path, strict, "--inputs", centred_inputs, "--precision", "bf16", "--min-cosine", "0",
                  env=env, code=2), "--min-cosine takes a number")
-    one_line(run("fuse", centred_path, strict, "--inputs", centred_inputs, "--precision", "bf16", "--min-cosine", "1.5",
-                 env=env, code=2), "--min-cosine takes a number")
+    one_line(run("fuse", centred_path, strict, "--inputs", centred_inputs, "--precision", "bf16", "--min-cosine", "1",
+                 env=env, code=2), "--min-cosine takes a number above 0 and below 1")
     bench = json.loads(run("bench", centred_path, "--inputs", centred_inputs, "--rounds", "1", "--precision", "bf16",
                            "--min-cosine", "0.999", "--json", env=env).stdout)
     assert bench["precision_plan"]["library_calls_float32"] == 1 and bench["precision_plan"]["cosine"] >= 0.999, bench
