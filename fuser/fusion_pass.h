@@ -54,6 +54,10 @@ std::vector<int64_t> precisionCuts(const torch::jit::Graph& graph);
 // example inputs gets its own, since a module may change its inputs in place.
 std::vector<c10::IValue> copyArguments(const std::vector<c10::IValue>& arguments);
 
+// Appends the tensors of `value` (in tuples, lists and dict values, in order) to `out`: a module's
+// outputs flattened for comparison.
+void appendTensors(const c10::IValue& value, std::vector<at::Tensor>& out);
+
 // The float32 part a reduced precision keeps to meet Options::min_cosine on example inputs
 // (precision_search.cpp): the fewest leading ops, among precisionCuts, whose float32 brings every
 // floating output's cosine to the float32 module's outputs up to the bound, found by bisection on

@@ -23,41 +23,6 @@
 namespace kiln {
 namespace {
 
-void flattenTensors(const c10::IValue& value, std::vector<at::Tensor>& out) {
-  if (value.isTensor()) {
-    out.push_back(value.toTensor());
-  } else if (value.isTuple()) {
-    for (const c10::IValue& item : value.toTupleRef().elements()) flattenTensors(item, out);
-  } else if (value.isList()) {
-    for (const c10::IValue& item : value.toListRef()) flattenTensors(item, out);
-  } else if (value.isGenericDict()) {
-    for (const auto& entry : value.toGenericDict()) flattenTensors(entry.value(), out);
-  }
-}
-
-// The least cosine similarity of a floating output to the float32 one; -1 when an output is not
-// finite where float32's is, or the outputs differ in number or shape.
-double worstCosine(const c10::IValue& expected, const c10::IValue& actual) {
-  std::vector<at::Tensor> want, got;
-  flattenTensors(expected, want);
-  flattenTensors(actual, got);
-  if (want.size() != got.size()) return -1;
-  double worst = 1;
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (!want[i].is_floating_point()) continue;
-    if (want[i].sizes() != got[i].sizes()) return -1;
-    const at::Tensor e = want[i].detach().to(at::kCPU, at::kDouble).flatten();
-    const at::Tensor a = got[i].detach().to(at::kCPU, at::kDouble).flatten();
-    const at::Tensor finite = e.isfinite();
-    if (!a.isfinite().logical_or(finite.logical_not()).all().item<bool>()) return -1;
-    const at::Tensor x = at::where(finite, e, 0.0), y = at::where(finite, a, 0.0);
-    const double norms = (x.norm() * y.norm()).item<double>();
-    const double cosine = norms > 0 ? (x.dot(y)).item<double>() / norms : (at::equal(x, y) ? 1.0 : 0.0);
-    worst = std::min(worst, cosine);
-  }
-  return worst;
-}
-
 c10::IValue copyValue(const c10::IValue& value) {
   if (value.isTensor()) return value.toTensor().clone();
   if (value.isTuple()) {
@@ -168,7 +133,7 @@ PrecisionPlan planPrecision(const std::shared_ptr<torch::jit::Graph>& graph, con
     convertPrecision(candidate, precision, float32_ops);
     plan.trials++;
     try {
-      return worstCosine(expected, runGraph(candidate, self, inputs));
+      return worstOutputCosine(expected, runGraph(candidate, self, inputs));
     } catch (const std::exception& error) {
       log(LogLevel::kInfo, "precision: with the first " + std::to_string(float32_ops) +
                                " ops in float32 the converted graph failed: " + error.what());
@@ -214,7 +179,39 @@ void describePlan(const torch::jit::Graph& graph, int64_t float32_ops, Precision
   plan.last_float32_op = float32_ops > 0 ? describe(opAt(graph, float32_ops - 1)) : "";
 }
 
-double worstOutputCosine(const c10::IValue& expected, const c10::IValue& actual) { return worstCosine(expected, actual); }
+void appendTensors(const c10::IValue& value, std::vector<at::Tensor>& out) {
+  if (value.isTensor()) {
+    out.push_back(value.toTensor());
+  } else if (value.isTuple()) {
+    for (const c10::IValue& item : value.toTupleRef().elements()) appendTensors(item, out);
+  } else if (value.isList()) {
+    for (const c10::IValue& item : value.toListRef()) appendTensors(item, out);
+  } else if (value.isGenericDict()) {
+    for (const auto& entry : value.toGenericDict()) appendTensors(entry.value(), out);
+  }
+}
+
+double worstOutputCosine(const c10::IValue& expected, const c10::IValue& actual) {
+  std::vector<at::Tensor> want, got;
+  appendTensors(expected, want);
+  appendTensors(actual, got);
+  if (want.size() != got.size()) return -1;
+  double worst = 1;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (!want[i].is_floating_point()) continue;
+    if (want[i].sizes() != got[i].sizes()) return -1;
+    const at::Tensor e = want[i].detach().to(at::kCPU, at::kDouble).flatten();
+    const at::Tensor a = got[i].detach().to(at::kCPU, at::kDouble).flatten();
+    const at::Tensor finite = e.isfinite();
+    if (!a.isfinite().logical_or(finite.logical_not()).all().item<bool>()) return -1;
+    const at::Tensor x = at::where(finite, e, 0.0), y = at::where(finite, a, 0.0);
+    const double norms = (x.norm() * y.norm()).item<double>();
+    const double cosine = norms > 0 ? (x.dot(y)).item<double>() / norms : (at::equal(x, y) ? 1.0 : 0.0);
+    worst = std::min(worst, cosine);
+  }
+  return worst;
+}
+
 
 std::string PrecisionPlan::toText() const {
   std::ostringstream text;

@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "codegen/json.h"
+#include "fuser/fusion_pass.h"
 #include "kiln/kiln.h"
 #include "tools/roofline.h"
 
@@ -40,24 +41,12 @@ std::string oneLine(const std::string& text) {
   return line.size() > 160 ? line.substr(0, 157) + "..." : line;
 }
 
-void tensorsOf(const c10::IValue& value, std::vector<at::Tensor>& out) {
-  if (value.isTensor()) {
-    out.push_back(value.toTensor());
-  } else if (value.isTuple()) {
-    for (const c10::IValue& element : value.toTupleRef().elements()) tensorsOf(element, out);
-  } else if (value.isList()) {
-    for (const c10::IValue& element : value.toListRef()) tensorsOf(element, out);
-  } else if (value.isGenericDict()) {
-    for (const auto& entry : value.toGenericDict()) tensorsOf(entry.value(), out);
-  }
-}
-
 }  // namespace
 
 std::vector<OutputAccuracy> outputAccuracy(const c10::IValue& expected, const c10::IValue& actual) {
   std::vector<at::Tensor> a, b;
-  tensorsOf(expected, a);
-  tensorsOf(actual, b);
+  appendTensors(expected, a);
+  appendTensors(actual, b);
   std::vector<OutputAccuracy> result;
   for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
     if (!a[i].is_floating_point() || a[i].sizes() != b[i].sizes()) continue;
@@ -78,8 +67,8 @@ std::vector<OutputAccuracy> outputAccuracy(const c10::IValue& expected, const c1
 
 double maxDifference(const c10::IValue& reference, const c10::IValue& output) {
   std::vector<at::Tensor> a, b;
-  tensorsOf(reference, a);
-  tensorsOf(output, b);
+  appendTensors(reference, a);
+  appendTensors(output, b);
   if (a.size() != b.size()) return INFINITY;
   double worst = 0;
   for (size_t i = 0; i < a.size(); ++i) {
