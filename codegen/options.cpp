@@ -41,6 +41,8 @@ Options Options::fromEnvironment() {
   options.disabled = envFlag("KILN_DISABLE");
   options.fast_math = envFlag("KILN_FAST_MATH");
   options.background_compile = envFlag("KILN_BACKGROUND_COMPILE");
+  if (const char* regions = env("KILN_CONV_REGIONS"))
+    options.conv_regions = std::strcmp(regions, "0") != 0 && std::strcmp(regions, "false") != 0;
   if (const char* dir = env("KILN_CACHE_DIR")) {
     options.cache_dir = dir;
   } else if (const char* xdg = env("XDG_CACHE_HOME")) {

@@ -19,6 +19,7 @@ constexpr const char* kFusionGuardOp = "kiln::fusion_guard";
 constexpr const char* kAttentionOp = "kiln::attention";
 constexpr const char* kAttentionExplicitOp = "kiln::attention_explicit";
 constexpr const char* kAttentionGuardOp = "kiln::attention_guard";
+constexpr const char* kConvRegionOp = "kiln::conv_region";
 
 // Returns the number of groups created.
 int fuseElementwise(std::shared_ptr<torch::jit::Graph>& graph, const Options& options);
@@ -30,8 +31,18 @@ int fuseAttention(std::shared_ptr<torch::jit::Graph>& graph, const Options& opti
 
 // The GEMM / convolution pattern (library_fusion.cpp): in a frozen graph, replaces each linear and
 // 2-D convolution over constant weights, with its epilogue, by kiln::linear / kiln::conv2d
-// (library_calls.h). Runs before the other two passes. Returns the count.
-int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& options);
+// (library_calls.h). Runs before the other two passes. Returns the count. The calls' channels-last
+// results (and kiln::conv_region's) reach only ops that take any strides; the graph's outputs
+// too, unless `outputs_take_any_layout` (a conv_region's own graph: the op's consumers are
+// guarded where the op is).
+int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& options,
+                     bool outputs_take_any_layout = false);
+
+// Convolution regions (conv_regions.cpp): in a frozen float32 graph, each run of two or more
+// convolutions over constant weights, with the relu, clamp, residual add and pooling between them
+// and one output, becomes one kiln::conv_region op that runs it the fastest way measured (ATen,
+// kiln's library calls or oneDNN Graph). Runs before fuseLibraryCalls. Returns the count.
+int extractConvolutionRegions(std::shared_ptr<torch::jit::Graph>& graph);
 
 // Sibling linears (linear_siblings.cpp): kiln::linear calls reading one input with one epilogue
 // become one call over their stacked weights, each result a slice of its result. Run by

@@ -289,12 +289,21 @@ bool ignoresLayout(const Node* node, size_t input_index) {
   return false;
 }
 
+// Whether `user` only gathers its inputs for kiln::conv_region ops, which take any strides.
+bool listForConvRegions(const Node* user) {
+  if (user->kind() != torch::jit::prim::ListConstruct) return false;
+  for (const torch::jit::Use& use : user->output()->uses()) {
+    if (use.user->kind().toQualString() != std::string(kConvRegionOp)) return false;
+  }
+  return true;
+}
+
 // Puts aten::contiguous in front of every consumer that could see the channels-last strides of a
-// kiln::conv2d result (directly or through layout-following ops).
-void containChannelsLast(torch::jit::Graph& graph, const std::vector<Node*>& convolutions) {
-  std::vector<Value*> pending;
+// kiln::conv2d or kiln::conv_region result (directly or through layout-following ops).
+void containChannelsLast(torch::jit::Graph& graph, const std::vector<Value*>& channels_last,
+                         bool outputs_take_any_layout) {
+  std::vector<Value*> pending = channels_last;
   std::unordered_set<Value*> seen;
-  for (Node* conv : convolutions) pending.push_back(conv->output());
   std::vector<std::pair<Value*, Node*>> guarded_uses;
   while (!pending.empty()) {
     Value* value = pending.back();
@@ -302,7 +311,8 @@ void containChannelsLast(torch::jit::Graph& graph, const std::vector<Node*>& con
     if (!seen.insert(value).second) continue;
     for (const torch::jit::Use& use : value->uses()) {
       Node* user = use.user;
-      if (ignoresLayout(user, use.offset)) continue;
+      if (ignoresLayout(user, use.offset) || listForConvRegions(user)) continue;
+      if (outputs_take_any_layout && user == graph.return_node()) continue;
       // Any operand of a layout-following op: a broadcast first operand ([N, C, 1, 1] times a
       // convolution's result) leaves the layout to the others.
       if (followsLayout(user)) {
@@ -441,12 +451,20 @@ void linearsFromMatrixProducts(torch::jit::Graph& graph, torch::jit::Block* bloc
   }
 }
 
-int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& options) {
+int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& options, bool outputs_take_any_layout) {
   if (options.disabled) return 0;
   std::vector<Node*> roots;
   linearsFromMatrixProducts(*graph, graph->block());
   collectRoots(graph->block(), roots);
-  std::vector<Node*> convolutions;
+  // Results that may be channels-last: oneDNN's convolutions' and the convolution regions'.
+  std::vector<Value*> channels_last;
+  for (Node* node : graph->block()->nodes()) {
+    if (node->kind().toQualString() != std::string(kConvRegionOp)) continue;
+    for (const torch::jit::Use& use : node->output()->uses()) {
+      if (use.user->kind() != torch::jit::prim::ListUnpack) continue;
+      for (Value* output : use.user->outputs()) channels_last.push_back(output);
+    }
+  }
   for (Node* root : roots) {
     Chain chain = chainFrom(root);
     // Only a chain with an epilogue needs alias analysis; its AliasDb is made for it alone (the
@@ -462,9 +480,9 @@ int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& o
       }
     }
     Node* call = replaceChain(*graph, chain);
-    if (!isKind(call, kLinearOp)) convolutions.push_back(call);
+    if (!isKind(call, kLinearOp)) channels_last.push_back(call->output());
   }
-  containChannelsLast(*graph, convolutions);
+  containChannelsLast(*graph, channels_last, outputs_take_any_layout);
   joinSiblingLinears(graph);
   return static_cast<int>(roots.size());
 }

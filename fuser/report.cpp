@@ -1,4 +1,6 @@
 // kiln::report: what the pass fused in a graph, and the memory traffic each group saves.
+#include <torch/csrc/jit/ir/irparser.h>
+
 #include <algorithm>
 #include <sstream>
 
@@ -62,9 +64,41 @@ GroupReport libraryGroup(const torch::jit::Node* node, size_t index) {
   return group;
 }
 
+// A convolution region: the ops of its graph (the op's last input), which ran as one.
+GroupReport regionGroup(const torch::jit::Node* node, size_t index) {
+  GroupReport group;
+  group.name = "conv_region_" + std::to_string(index);
+  group.kind = "conv_region";
+  std::optional<c10::IValue> text = torch::jit::toIValue(node->inputs().back());
+  if (!text || !text->isString()) return group;
+  try {
+    auto graph = std::make_shared<torch::jit::Graph>();
+    torch::jit::parseIR(text->toStringRef(), graph.get());
+    for (const torch::jit::Node* op : graph->nodes()) {
+      if (op->kind() == torch::jit::prim::Constant || op->kind() == torch::jit::prim::ListConstruct) continue;
+      group.ops.push_back(op->kind().toQualString());
+    }
+  } catch (const std::exception&) {
+    // A graph this torch cannot read: the op fails the same way when it runs.
+  }
+  group.num_inputs = static_cast<int64_t>(node->input(0)->node()->inputs().size());
+  group.num_outputs = 1;
+  GroupStats stats = groupStats(text->toStringRef());
+  group.calls = stats.calls;
+  group.choice = stats.choice;
+  if (stats.timed_calls > 0) group.ns_per_call = static_cast<double>(stats.timed_ns) / static_cast<double>(stats.timed_calls);
+  return group;
+}
+
 void collect(torch::jit::Block* block, Report& report) {
   for (torch::jit::Node* node : block->nodes()) {
     const std::string kind = node->kind().toQualString();
+    if (kind == kConvRegionOp) {
+      GroupReport group = regionGroup(node, report.groups.size());
+      report.nodes_fused += static_cast<int64_t>(group.ops.size());
+      report.groups.push_back(std::move(group));
+      continue;
+    }
     if (kind == kLinearOp || kind == kConv2dOp || kind == kConv2dIntoOtherOp) {
       GroupReport group = libraryGroup(node, report.groups.size());
       report.nodes_fused += static_cast<int64_t>(group.ops.size());

@@ -11,7 +11,9 @@ Models: bert_base_seed, the BERT-base configuration of the TorchScript deploymen
 (vocabulary 32000, 12 layers, hidden 768, 12 heads, FFN 3072) on its 14 tokens with segment
 ids, batch 1 (random token ids of those shapes); bert_base_b8_s128, the same at batch 8 x 128;
 resnet18_b1 and resnet18_b16, torchvision's ResNet-18 on 224 x 224 images; gpt2_b4_s64, Hugging
-Face GPT-2 (12 layers, 768 wide; its projections are Conv1D, an addmm) on 4 x 64 tokens.
+Face GPT-2 (12 layers, 768 wide; its projections are Conv1D, an addmm) on 4 x 64 tokens;
+efficientnet_b0 and mobilenet_v3_small, torchvision's, batch 1 at 224 x 224, their batch norms
+given running statistics from random batches (as if trained; activations stay O(1)).
 `--only NAME` saves one. Measure each with `kiln bench OUT_DIR/NAME.pt --inputs OUT_DIR/NAME.inputs.pt`.
 """
 import argparse
@@ -58,6 +60,19 @@ def resnet18(batch):
     return model, [torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))]
 
 
+def trained_statistics(name):
+    """A torchvision model whose batch norms hold statistics of random batches, batch 1 at 224."""
+    import torchvision
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 224, 224))
+    model.eval()
+    return model, [torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))]
+
+
 def gpt2_b4_s64():
     import transformers
     transformers.logging.set_verbosity_error()
@@ -68,7 +83,9 @@ def gpt2_b4_s64():
 
 
 MODELS = {"bert_base_seed": bert_base_seed, "bert_base_b8_s128": bert_base_b8_s128,
-          "resnet18_b1": lambda: resnet18(1), "resnet18_b16": lambda: resnet18(16), "gpt2_b4_s64": gpt2_b4_s64}
+          "resnet18_b1": lambda: resnet18(1), "resnet18_b16": lambda: resnet18(16), "gpt2_b4_s64": gpt2_b4_s64,
+          "efficientnet_b0": lambda: trained_statistics("efficientnet_b0"),
+          "mobilenet_v3_small": lambda: trained_statistics("mobilenet_v3_small")}
 
 
 def main():

@@ -200,20 +200,31 @@ void logOnce(const std::string& key, const std::string& message) {
   log(LogLevel::kWarning, message);
 }
 
+bool agrees(const std::vector<at::Tensor>& result, const std::vector<at::Tensor>& reference) {
+  if (result.size() != reference.size()) return false;
+  for (size_t i = 0; i < result.size(); ++i) {
+    if (!agrees(result[i], reference[i])) return false;
+  }
+  return true;
+}
+
 // Runs one way; every way but the first (the reference) is a library call a test can make fail.
-at::Tensor runWay(const MeasuredWay& way, const MeasuredWay& reference, const std::optional<at::Tensor>& other) {
+template <typename Result>
+Result runWay(const BasicMeasuredWay<Result>& way, const BasicMeasuredWay<Result>& reference,
+              const std::optional<at::Tensor>& other) {
   if (&way != &reference) failIfInjected(FaultStage::kLibrary);
   return way.run(other);
 }
 
-}  // namespace
-
-at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& candidates, GroupCounters& counters,
-                      const std::optional<at::Tensor>& other, bool mutates_other, const at::TensorImpl* weight) {
+template <typename Result>
+Result runFastestOf(const std::string& key, const std::vector<BasicMeasuredWay<Result>>& candidates,
+                    GroupCounters& counters, const std::optional<at::Tensor>& other, bool mutates_other,
+                    const at::TensorImpl* weight) {
+  using MeasuredWay = BasicMeasuredWay<Result>;
   const char* const kAten = candidates[0].name;
   const auto start = Clock::now();
   // A call that measured is counted but not timed: its time is the candidates'.
-  auto finish = [&](at::Tensor result, const char* name, bool timed = true) {
+  auto finish = [&](Result result, const char* name, bool timed = true) {
     counters.calls++;
     if (timed) {
       counters.timed_calls++;
@@ -222,7 +233,7 @@ at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& ca
     counters.choice = name;
     return result;
   };
-  auto runNamed = [&](const std::string& name) -> std::optional<at::Tensor> {
+  auto runNamed = [&](const std::string& name) -> std::optional<Result> {
     for (const MeasuredWay& candidate : candidates) {
       if (name != candidate.name) continue;
       try {
@@ -239,11 +250,11 @@ at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& ca
   if (candidates.size() == 1) return finish(candidates[0].run(other), kAten);
   const std::string forced = forcedChoice();
   if (!forced.empty()) {
-    if (std::optional<at::Tensor> result = runNamed(forced)) return *result;
+    if (std::optional<Result> result = runNamed(forced)) return *result;
     return finish(candidates[0].run(other), kAten);
   }
   if (std::optional<std::string> remembered = rememberedChoice(key)) {
-    if (std::optional<at::Tensor> result = runNamed(*remembered)) return *result;
+    if (std::optional<Result> result = runNamed(*remembered)) return *result;
     return finish(candidates[0].run(other), kAten);
   }
   if (!claimMeasurement(key)) return finish(candidates[0].run(other), kAten);
@@ -259,13 +270,13 @@ at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& ca
     if (!mutates_other || !other) return other;
     return other->clone(at::MemoryFormat::Preserve);
   };
-  at::Tensor reference = candidates[0].run(scratch());
+  Result reference = candidates[0].run(scratch());
   std::vector<const MeasuredWay*> usable;
   double round_ns = 0;
   for (const MeasuredWay& candidate : candidates) {
     try {
       const auto warm_start = Clock::now();
-      at::Tensor result = runWay(candidate, candidates[0], scratch());
+      Result result = runWay(candidate, candidates[0], scratch());
       round_ns += std::chrono::duration<double, std::nano>(Clock::now() - warm_start).count();
       if (&candidate != &candidates[0] && !agrees(result, reference)) {
         logOnce(key + candidate.name, std::string(candidate.name) + " disagrees with ATen for " + key + "; not used");
@@ -277,7 +288,7 @@ at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& ca
     }
   }
   std::vector<double> fastest(usable.size(), std::numeric_limits<double>::infinity());
-  std::vector<at::Tensor> results(usable.size());
+  std::vector<Result> results(usable.size());
   const int rounds = static_cast<int>(std::clamp(10e6 / std::max(round_ns, 1.0), 3.0, 20.0));
   for (int round = 0; round < rounds; ++round) {
     for (size_t i = 0; i < usable.size(); ++i) {
@@ -293,7 +304,7 @@ at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& ca
       }
     }
   }
-  at::Tensor best_result = reference;
+  Result best_result = reference;
   const char* best_name = kAten;
   double best_ns = std::numeric_limits<double>::infinity();
   for (size_t i = 0; i < usable.size(); ++i) {
@@ -314,6 +325,18 @@ at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& ca
   rememberChoice(key, best_name);
   log(LogLevel::kInfo, key + " runs " + best_name);
   return finish(best_result, best_name, /*timed=*/false);
+}
+
+}  // namespace
+
+at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& ways, GroupCounters& counters,
+                      const std::optional<at::Tensor>& other, bool mutates_other, const at::TensorImpl* weight) {
+  return runFastestOf(key, ways, counters, other, mutates_other, weight);
+}
+
+std::vector<at::Tensor> runFastest(const std::string& key, const std::vector<MeasuredWayOfMany>& ways,
+                                   GroupCounters& counters) {
+  return runFastestOf(key, ways, counters, std::nullopt, false, nullptr);
 }
 
 }  // namespace kiln

@@ -16,14 +16,17 @@
 namespace kiln {
 
 // One way to run a call. `other` is the call's, or during measurement a copy of it when the way
-// writes into it.
-struct MeasuredWay {
+// writes into it. Result: at::Tensor, or std::vector<at::Tensor> for calls with several outputs.
+template <typename Result>
+struct BasicMeasuredWay {
   const char* name;
-  std::function<at::Tensor(const std::optional<at::Tensor>& other)> run;
+  std::function<Result(const std::optional<at::Tensor>& other)> run;
   // What the way keeps of the call's weight (preparedWeight's `what`: a transposed or prepacked
   // copy), if anything: dropped once measuring has chosen a way that keeps something else.
   const char* keeps = nullptr;
 };
+using MeasuredWay = BasicMeasuredWay<at::Tensor>;
+using MeasuredWayOfMany = BasicMeasuredWay<std::vector<at::Tensor>>;
 
 // Runs the call the fastest way. ways[0] is the reference and the fallback (ATen's ops): the
 // first call of a shape class `key` (empty: no measuring, ways[0] runs) runs each way once, checks
@@ -36,6 +39,9 @@ struct MeasuredWay {
 at::Tensor runFastest(const std::string& key, const std::vector<MeasuredWay>& ways, GroupCounters& counters,
                       const std::optional<at::Tensor>& other = std::nullopt, bool mutates_other = false,
                       const at::TensorImpl* weight = nullptr);
+// The same for a call with several outputs (every output checked against the reference's).
+std::vector<at::Tensor> runFastest(const std::string& key, const std::vector<MeasuredWayOfMany>& ways,
+                                   GroupCounters& counters);
 
 // What a way makes of a call's weight once (transposed, prepacked), keyed by the weight's
 // TensorImpl and `what` (the parameters the packing depends on): made by `make` on first use, made

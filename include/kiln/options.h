@@ -38,6 +38,9 @@ struct Options {
   // cache) on a worker thread while its group runs its original ops; cold starts then compile
   // in parallel across cores, and the first calls run unfused.
   bool background_compile = false;
+  // kiln::optimize in float32: runs of convolutions become kiln::conv_region ops, each run the
+  // fastest of ATen, kiln's library calls and oneDNN Graph (KILN_CONV_REGIONS=0: never).
+  bool conv_regions = true;
   // Environment values that were rejected, their defaults kept: one line each naming the
   // variable, the value and what is accepted. The library warns about them once, where the
   // setting is first used (KernelCache::global()); the kiln CLI refuses to run (exit code 2).

@@ -49,10 +49,10 @@ RTOL = 1e-4
 ATOL = 1e-4
 CALLS = 5
 KILN_OPS = ("kiln::fusion_group", "kiln::attention", "kiln::attention_explicit", "kiln::linear", "kiln::conv2d",
-            "kiln::conv2d_into_other")
+            "kiln::conv2d_into_other", "kiln::conv_region")
 # Library calls (GEMM / convolution with its epilogue) run ATen's ops as one of their measured
 # ways, so their children say nothing about a fallback; their report says which way ran.
-LIBRARY_OPS = ("kiln::linear", "kiln::conv2d", "kiln::conv2d_into_other")
+LIBRARY_OPS = ("kiln::linear", "kiln::conv2d", "kiln::conv2d_into_other", "kiln::conv_region")
 SUBPROCESS_TIMEOUT = 600
 # Route d (bf16): kiln::optimize's min_cosine on the example inputs (the bound: leading ops
 # keep fp32 where it needs), and the least cosine similarity to float32 an output may have on

@@ -1,0 +1,286 @@
+// Convolution regions (kiln::optimize, float32): a run of convolutions over constant weights with
+// the relu, clamp, residual add and pooling between them becomes one kiln::conv_region op, which
+// runs the region the fastest of three ways measured on its shapes (torch_ops/conv_region_op.cpp):
+// ATen's ops, kiln's library calls, or oneDNN Graph (the build torch ships), whose compiled
+// partitions keep oneDNN's blocked layouts from one convolution to the next and cost a few
+// microseconds a call where each ATen oneDNN call costs tens.
+//
+//   %ys = kiln::conv_region(%activations, %weights, "graph(...)")
+//   %y0, %y1 = prim::ListUnpack(%ys)
+//
+// The string is the region's subgraph in TorchScript IR, its inputs the activations then the
+// weights and biases (graph constants, passed as inputs so that the op saves and loads as any
+// other). A region:
+// - lies in the graph's own block and holds at least two convolutions; its outputs are the values
+//   a node outside reads (or the graph returns), unpacked from the op's list;
+// - holds conv2d / _convolution (2-D, not transposed, constant weight and bias, constant
+//   arguments), relu, hardtanh, add (two tensors, alpha 1), max_pool2d and avg_pool2d with
+//   constant arguments; an in-place form only on a value made inside the region that nothing
+//   outside reads;
+// - ends where a node outside it reads one of its values, or writes memory its inputs may share,
+//   or holds blocks: the op runs where the region's last node was, so nothing in between may need
+//   a region value or change an input.
+#include <torch/csrc/jit/ir/alias_analysis.h>
+#include <torch/csrc/jit/passes/dead_code_elimination.h>
+
+#include <unordered_map>
+#include <unordered_set>
+
+#include "fuser/fusion_pass.h"
+
+namespace kiln {
+namespace {
+
+using torch::jit::Node;
+using torch::jit::Value;
+
+bool isKind(const Node* node, const char* name) { return node->kind() == c10::Symbol::fromQualString(name); }
+
+// A value the subgraph can hold as its own constant: a prim::Constant that is not a tensor, or a
+// list of such constants.
+bool isParameter(Value* value) {
+  Node* node = value->node();
+  if (node->kind() == torch::jit::prim::Constant) return !value->type()->isSubtypeOf(*c10::TensorType::get());
+  if (node->kind() == torch::jit::prim::ListConstruct) {
+    for (Value* item : node->inputs()) {
+      if (item->node()->kind() != torch::jit::prim::Constant) return false;
+    }
+    return true;
+  }
+  return false;
+}
+
+bool isConstantTensor(Value* value, int64_t dim) {
+  if (value->node()->kind() != torch::jit::prim::Constant) return false;
+  std::optional<c10::IValue> known = torch::jit::toIValue(value);
+  return known && known->isTensor() && known->toTensor().dim() == dim && known->toTensor().layout() == at::kStrided &&
+         at::isFloatingType(known->toTensor().scalar_type()) && !known->toTensor().requires_grad();
+}
+
+bool isNoneOrConstantTensor(Value* value, int64_t dim) { return value->mustBeNone() || isConstantTensor(value, dim); }
+
+bool isIntList(Value* value, size_t size) {
+  if (!isParameter(value)) return false;
+  std::optional<c10::IValue> known = torch::jit::toIValue(value);
+  return known && known->isIntList() && known->toIntList().size() == size;
+}
+
+bool allParameters(const Node* node, size_t from) {
+  for (size_t i = from; i < node->inputs().size(); ++i) {
+    if (!isParameter(node->input(i))) return false;
+  }
+  return true;
+}
+
+bool isConvolution(const Node* node) {
+  if (node->matches("aten::conv2d(Tensor input, Tensor weight, Tensor? bias=None, SymInt[2] stride=1, "
+                    "SymInt[2] padding=0, SymInt[2] dilation=1, SymInt groups=1) -> Tensor")) {
+    return isConstantTensor(node->input(1), 4) && isNoneOrConstantTensor(node->input(2), 1) &&
+           isIntList(node->input(3), 2) && isIntList(node->input(4), 2) && isIntList(node->input(5), 2) &&
+           allParameters(node, 6);
+  }
+  if (isKind(node, "aten::_convolution") && node->inputs().size() == 13) {
+    std::optional<c10::IValue> transposed = torch::jit::toIValue(node->input(6));
+    return isConstantTensor(node->input(1), 4) && isNoneOrConstantTensor(node->input(2), 1) &&
+           isIntList(node->input(3), 2) && isIntList(node->input(4), 2) && isIntList(node->input(5), 2) &&
+           transposed && transposed->isBool() && !transposed->toBool() && allParameters(node, 6);
+  }
+  return false;
+}
+
+bool isOne(Value* value) {
+  std::optional<c10::IValue> known = torch::jit::toIValue(value);
+  return known && ((known->isInt() && known->toInt() == 1) || (known->isDouble() && known->toDouble() == 1.0));
+}
+
+// The ops a region holds besides convolutions; `in_place` is set for the forms that write their
+// first input.
+bool isRegionOp(const Node* node, bool* in_place) {
+  *in_place = false;
+  if (node->matches("aten::relu(Tensor self) -> Tensor")) return true;
+  if (node->matches("aten::relu_(Tensor(a!) self) -> Tensor(a!)")) return *in_place = true;
+  // Node::matches caches the parsed schema under the literal's address: literals only.
+  if (node->matches("aten::sigmoid(Tensor self) -> Tensor") || node->matches("aten::silu(Tensor self) -> Tensor") ||
+      node->matches("aten::hardswish(Tensor self) -> Tensor"))
+    return true;
+  if (node->matches("aten::sigmoid_(Tensor(a!) self) -> Tensor(a!)") ||
+      node->matches("aten::silu_(Tensor(a!) self) -> Tensor(a!)") ||
+      node->matches("aten::hardswish_(Tensor(a!) self) -> Tensor(a!)"))
+    return *in_place = true;
+  if (node->matches("aten::mul.Tensor(Tensor self, Tensor other) -> Tensor")) return true;
+  if (node->matches("aten::mul_.Tensor(Tensor(a!) self, Tensor other) -> Tensor(a!)")) return *in_place = true;
+  if (node->matches("aten::hardtanh(Tensor self, Scalar min_val=-1, Scalar max_val=1) -> Tensor"))
+    return allParameters(node, 1);
+  if (node->matches("aten::hardtanh_(Tensor(a!) self, Scalar min_val=-1, Scalar max_val=1) -> Tensor(a!)"))
+    return allParameters(node, 1) && (*in_place = true);
+  if (node->matches("aten::add.Tensor(Tensor self, Tensor other, *, Scalar alpha=1) -> Tensor")) return isOne(node->input(2));
+  if (node->matches("aten::add_.Tensor(Tensor(a!) self, Tensor other, *, Scalar alpha=1) -> Tensor(a!)"))
+    return isOne(node->input(2)) && (*in_place = true);
+  if (node->matches("aten::max_pool2d(Tensor self, int[2] kernel_size, int[2] stride=[], int[2] padding=0, "
+                    "int[2] dilation=1, bool ceil_mode=False) -> Tensor"))
+    return allParameters(node, 1);
+  if (node->matches("aten::avg_pool2d(Tensor self, int[2] kernel_size, int[2] stride=[], int[2] padding=0, "
+                    "bool ceil_mode=False, bool count_include_pad=True, int? divisor_override=None) -> Tensor"))
+    return allParameters(node, 1) && node->input(6)->mustBeNone();
+  return false;
+}
+
+struct Region {
+  std::vector<Node*> nodes;
+  std::unordered_set<const Node*> members;
+  std::unordered_set<const Value*> inputs;  // activations read from outside
+  int convolutions = 0;
+
+  bool empty() const { return nodes.empty(); }
+  bool produces(const Value* value) const { return members.count(value->node()) > 0; }
+  void add(Node* node) {
+    nodes.push_back(node);
+    members.insert(node);
+    for (Value* input : node->inputs()) {
+      if (!produces(input) && input->type()->isSubtypeOf(*c10::TensorType::get()) &&
+          input->node()->kind() != torch::jit::prim::Constant)
+        inputs.insert(input);
+    }
+  }
+};
+
+// Whether `node` may join `region`: a convolution or region op whose tensors come from the region
+// or from before it; an in-place op only on a value the region made and only the region reads.
+bool mayJoin(const Region& region, Node* node) {
+  bool in_place = false;
+  if (!isConvolution(node) && !isRegionOp(node, &in_place)) return false;
+  if (!node->input(0)->type()->isSubtypeOf(*c10::TensorType::get())) return false;
+  if (isKind(node, "aten::add") || isKind(node, "aten::add_") || isKind(node, "aten::mul") || isKind(node, "aten::mul_")) {
+    if (!node->input(1)->type()->isSubtypeOf(*c10::TensorType::get())) return false;
+  }
+  if (in_place) {
+    Value* written = node->input(0);
+    if (!region.produces(written)) return false;
+    for (const torch::jit::Use& use : written->uses()) {
+      if (use.user != node && !region.members.count(use.user)) return false;
+    }
+  }
+  return true;
+}
+
+// The values of `region` read outside it (or returned by the graph).
+std::vector<Value*> regionOutputs(const Region& region) {
+  std::vector<Value*> outputs;
+  for (Node* node : region.nodes) {
+    for (Value* output : node->outputs()) {
+      for (const torch::jit::Use& use : output->uses()) {
+        if (!region.members.count(use.user)) {
+          outputs.push_back(output);
+          break;
+        }
+      }
+    }
+  }
+  return outputs;
+}
+
+// The region as a standalone graph: activations, then constant tensors, as inputs; non-tensor
+// constants copied in.
+std::shared_ptr<torch::jit::Graph> regionGraph(const Region& region, const std::vector<Value*>& outputs,
+                                                std::vector<Value*>& activations,
+                                                std::vector<Value*>& weights) {
+  for (Node* node : region.nodes) {
+    for (Value* input : node->inputs()) {
+      if (region.produces(input) || isParameter(input) || input->mustBeNone()) continue;
+      std::vector<Value*>& list = input->node()->kind() == torch::jit::prim::Constant ? weights : activations;
+      if (std::find(list.begin(), list.end(), input) == list.end()) list.push_back(input);
+    }
+  }
+  auto graph = std::make_shared<torch::jit::Graph>();
+  std::unordered_map<Value*, Value*> env;
+  for (Value* value : activations) env[value] = graph->addInput()->setType(c10::TensorType::get());
+  for (Value* value : weights) env[value] = graph->addInput()->setType(c10::TensorType::get());
+  std::function<Value*(Value*)> map = [&](Value* value) -> Value* {
+    auto found = env.find(value);
+    if (found != env.end()) return found->second;
+    // A parameter: a constant or a list of constants, copied into the subgraph.
+    Node* copy = graph->createClone(value->node(), map);
+    graph->appendNode(copy);
+    for (size_t i = 0; i < copy->outputs().size(); ++i) env[value->node()->output(i)] = copy->output(i);
+    return env.at(value);
+  };
+  for (Node* node : region.nodes) {
+    Node* copy = graph->createClone(node, map);
+    graph->appendNode(copy);
+    for (size_t i = 0; i < copy->outputs().size(); ++i) {
+      Value* result = copy->output(i);
+      if (result->type()->isSubtypeOf(*c10::TensorType::get())) result->setType(c10::TensorType::get());
+      env[node->output(i)] = result;
+    }
+  }
+  for (Value* output : outputs) graph->registerOutput(env.at(output));
+  // The text is parsed back at run time: no scopes (the IR parser does not read them).
+  for (Node* node : graph->nodes()) node->setScope(c10::make_intrusive<torch::jit::Scope>());
+  return graph;
+}
+
+// Replaces `region` by one kiln::conv_region op and a prim::ListUnpack of its results; false
+// where it does not qualify.
+bool replaceRegion(torch::jit::Graph& graph, const Region& region) {
+  if (region.convolutions < 2) return false;
+  std::vector<Value*> outputs = regionOutputs(region);
+  if (outputs.empty()) return false;
+  std::vector<Value*> activations, weights;
+  std::shared_ptr<torch::jit::Graph> subgraph = regionGraph(region, outputs, activations, weights);
+  if (activations.empty()) return false;
+  Node* last = region.nodes.back();
+  torch::jit::WithInsertPoint here(last->next());
+  Value* activation_list = insertList(graph, c10::TensorType::get(), activations);
+  Value* weight_list = insertList(graph, c10::TensorType::get(), weights);
+  Value* text = graph.insertConstant(subgraph->toString(/*print_source_locations=*/false));
+  Node* call = graph.create(c10::Symbol::fromQualString(kConvRegionOp), {activation_list, weight_list, text}, 1);
+  graph.insertNode(call);
+  call->output()->setType(c10::ListType::ofTensors());
+  call->setScope(last->scope());
+  if (last->callstack()) call->setCallStack(*last->callstack());
+  Node* unpack = graph.createListUnpack(call->output(), outputs.size());
+  graph.insertNode(unpack);
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    unpack->output(i)->setType(outputs[i]->type());
+    outputs[i]->replaceAllUsesWith(unpack->output(i));
+  }
+  for (auto it = region.nodes.rbegin(); it != region.nodes.rend(); ++it) (*it)->destroy();
+  return true;
+}
+
+}  // namespace
+
+int extractConvolutionRegions(std::shared_ptr<torch::jit::Graph>& graph) {
+  std::vector<Region> found;
+  {
+    torch::jit::AliasDb alias_db(graph);
+    Region current;
+    auto close = [&] {
+      if (!current.empty()) found.push_back(std::move(current));
+      current = Region{};
+    };
+    for (Node* node : graph->block()->nodes()) {
+      if (node->kind() == torch::jit::prim::Constant || (node->kind() == torch::jit::prim::ListConstruct &&
+                                                          isParameter(node->output())))
+        continue;
+      bool reads_region = false;
+      for (Value* input : node->inputs()) reads_region = reads_region || current.produces(input);
+      if (mayJoin(current, node)) {
+        if (!current.empty() && !reads_region) close();  // unconnected: a region of its own
+        current.add(node);
+        current.convolutions += isConvolution(node) ? 1 : 0;
+        continue;
+      }
+      if (current.empty()) continue;
+      const bool writes_inputs = alias_db.writesToAlias(node, current.inputs);
+      if (reads_region || writes_inputs || !node->blocks().empty() || node->hasSideEffects()) close();
+    }
+    close();
+  }
+  int replaced = 0;
+  for (const Region& region : found) replaced += replaceRegion(*graph, region) ? 1 : 0;
+  if (replaced > 0) torch::jit::EliminateDeadCode(graph);
+  return replaced;
+}
+
+}  // namespace kiln

@@ -1,0 +1,245 @@
+// kiln::conv_region (fuser/conv_regions.cpp): a run of convolutions with the ops between them, run
+// the fastest of three ways, measured on the first call of each shape (measured_choice.h):
+//   aten          the region's ops as written, by TorchScript's interpreter (the reference and
+//                 the fallback);
+//   kiln          kiln's library calls (kiln::conv2d with its epilogues, library_ops.cpp);
+//   onednn_graph  torch's oneDNN Graph bridge (the build of oneDNN torch ships) over the region:
+//                 compiled partitions that pass oneDNN's blocked layouts from one to the next and
+//                 keep the weights reordered in oneDNN's constant cache.
+// The last two are built once per input signature from the region's graph with its weights as
+// constants and every value's type recorded from one run of the aten way (what the profiling
+// executor would have recorded). A build goes when its weights are freed or written to.
+#include <torch/csrc/jit/codegen/onednn/interface.h>
+#include <torch/csrc/jit/ir/irparser.h>
+#include <torch/csrc/jit/runtime/interpreter.h>
+#include <torch/library.h>
+
+#include <functional>
+#include <mutex>
+#include <sstream>
+#include <unordered_map>
+
+#include "fuser/fusion_pass.h"
+#include "fuser/group_stats.h"
+#include "kiln/options.h"
+#include "torch_ops/measured_choice.h"
+
+namespace kiln {
+namespace {
+
+using torch::jit::Graph;
+using torch::jit::Node;
+using torch::jit::Value;
+
+constexpr const char* kAten = "aten";
+constexpr const char* kKiln = "kiln";
+constexpr const char* kOnednnGraph = "onednn_graph";
+
+// One region at one input signature: the two ways built for it (null where one could not be).
+struct RegionBuild {
+  std::vector<c10::weak_intrusive_ptr<c10::TensorImpl>> weights;  // the op's, watched
+  std::vector<int64_t> versions;                                  // their versions when built
+  std::shared_ptr<torch::jit::Code> kiln;
+  std::shared_ptr<torch::jit::Code> onednn;
+
+  bool stale() const {
+    for (size_t i = 0; i < weights.size(); ++i) {
+      c10::intrusive_ptr<c10::TensorImpl> weight = weights[i].lock();
+      if (!weight || static_cast<int64_t>(weight->version_counter().current_version()) != versions[i]) return true;
+    }
+    return false;
+  }
+};
+
+struct RegionProgram {
+  std::string text;
+  size_t hash = 0;
+  std::shared_ptr<torch::jit::Code> aten;
+  std::mutex mutex;
+  std::unordered_map<std::string, std::shared_ptr<RegionBuild>> builds;
+};
+
+std::shared_ptr<Graph> parseRegion(const std::string& text) {
+  auto graph = std::make_shared<Graph>();
+  torch::jit::parseIR(text, graph.get());
+  return graph;
+}
+
+std::shared_ptr<RegionProgram> programFor(const std::string& text) {
+  static std::mutex mutex;
+  static auto* programs = new std::unordered_map<std::string, std::shared_ptr<RegionProgram>>();
+  std::lock_guard<std::mutex> lock(mutex);
+  std::shared_ptr<RegionProgram>& program = (*programs)[text];
+  if (!program) {
+    auto made = std::make_shared<RegionProgram>();
+    made->text = text;
+    made->hash = std::hash<std::string>{}(text);
+    made->aten = std::make_shared<torch::jit::Code>(parseRegion(text), "kiln_conv_region_aten");
+    program = made;
+  }
+  return program;
+}
+
+std::vector<at::Tensor> runCode(torch::jit::Code& code, const std::vector<at::Tensor>& first,
+                                const std::vector<at::Tensor>& second = {}) {
+  torch::jit::Stack stack;
+  stack.reserve(first.size() + second.size());
+  for (const at::Tensor& tensor : first) stack.emplace_back(tensor);
+  for (const at::Tensor& tensor : second) stack.emplace_back(tensor);
+  torch::jit::InterpreterState(code).run(stack);
+  std::vector<at::Tensor> outputs;
+  outputs.reserve(stack.size());
+  for (const c10::IValue& value : stack) outputs.push_back(value.toTensor());
+  return outputs;
+}
+
+// The region's graph over these inputs: weights (aliases, so that the build does not keep the
+// caller's tensors alive) as constants, and every tensor value typed as one run records it.
+std::shared_ptr<Graph> specializedGraph(const std::string& text, const std::vector<at::Tensor>& activations,
+                                        const std::vector<at::Tensor>& weights) {
+  std::shared_ptr<Graph> graph = parseRegion(text);
+  const size_t count = activations.size();
+  TORCH_CHECK(graph->inputs().size() == count + weights.size(), "kiln::conv_region: the graph takes ",
+              graph->inputs().size(), " inputs, the op was given ", count + weights.size());
+  {
+    torch::jit::WithInsertPoint start(graph->block()->nodes().front());
+    for (size_t i = 0; i < weights.size(); ++i)
+      graph->inputs()[count + i]->replaceAllUsesWith(graph->insertConstant(weights[i].alias()));
+  }
+  for (size_t i = graph->inputs().size(); i > count; --i) graph->eraseInput(i - 1);
+  for (size_t i = 0; i < count; ++i) graph->inputs()[i]->setType(c10::TensorType::create(activations[i]));
+  // One run with every tensor value returned gives each its type.
+  std::shared_ptr<Graph> probe = graph->copy();
+  std::vector<Value*> values, probed;
+  auto collect = [](Graph& g, std::vector<Value*>& out) {
+    for (Node* node : g.nodes()) {
+      if (node->kind() == torch::jit::prim::Constant) continue;
+      for (Value* output : node->outputs()) {
+        if (output->type()->cast<c10::TensorType>()) out.push_back(output);
+      }
+    }
+  };
+  collect(*graph, values);
+  collect(*probe, probed);
+  for (Value* value : probed) probe->registerOutput(value);
+  torch::jit::Code code(probe, "kiln_conv_region_probe");
+  // On channels-last inputs: ATen's ops then give channels-last results, the layout oneDNN's
+  // convolutions read and write best, so oneDNN Graph's partitions exchange channels-last
+  // tensors where they exchange strided ones (the region's outputs; the op's consumers take any
+  // strides, library_fusion.cpp).
+  torch::jit::Stack stack;
+  for (const at::Tensor& activation : activations)
+    stack.emplace_back(activation.dim() == 4 ? activation.contiguous(at::MemoryFormat::ChannelsLast) : activation);
+  torch::jit::InterpreterState(code).run(stack);
+  const size_t results = graph->outputs().size();
+  TORCH_CHECK(stack.size() == results + values.size(), "kiln::conv_region: the probe returned ", stack.size(), " values");
+  for (size_t i = 0; i < values.size(); ++i) values[i]->setType(c10::TensorType::create(stack[results + i].toTensor()));
+  return graph;
+}
+
+void logBuildFailure(const RegionProgram& program, const char* way, const std::exception& error) {
+  log(LogLevel::kInfo, std::string("conv_region ") + std::to_string(program.hash) + ": the " + way +
+                           " way could not be built, not measured: " + error.what());
+}
+
+std::shared_ptr<RegionBuild> build(RegionProgram& program, const std::vector<at::Tensor>& activations,
+                                   const std::vector<at::Tensor>& weights) {
+  auto made = std::make_shared<RegionBuild>();
+  for (const at::Tensor& weight : weights) {
+    made->weights.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()));
+    made->versions.push_back(static_cast<int64_t>(weight._version()));
+  }
+  std::shared_ptr<Graph> graph;
+  try {
+    graph = specializedGraph(program.text, activations, weights);
+  } catch (const std::exception& error) {
+    logBuildFailure(program, "kiln and onednn_graph", error);
+    return made;
+  }
+  try {
+    std::shared_ptr<Graph> kiln_graph = graph->copy();
+    Options options = Options::global();
+    fuseLibraryCalls(kiln_graph, options, /*outputs_take_any_layout=*/true);
+    fuse(kiln_graph, options);  // what the library calls leave: elementwise groups
+    made->kiln = std::make_shared<torch::jit::Code>(kiln_graph, "kiln_conv_region_kiln");
+  } catch (const std::exception& error) {
+    logBuildFailure(program, kKiln, error);
+  }
+  try {
+    std::shared_ptr<Graph> onednn_graph = graph->copy();
+    torch::jit::fuser::onednn::fuseGraph(onednn_graph);
+    bool partitioned = false;
+    for (Node* node : onednn_graph->nodes()) {
+      for (torch::jit::Block* block : node->blocks()) {
+        for (Node* inner : block->nodes()) partitioned = partitioned || inner->kind() == torch::jit::prim::oneDNNFusionGroup;
+      }
+      partitioned = partitioned || node->kind() == torch::jit::prim::oneDNNFusionGroup;
+    }
+    if (partitioned) made->onednn = std::make_shared<torch::jit::Code>(onednn_graph, "kiln_conv_region_onednn");
+  } catch (const std::exception& error) {
+    logBuildFailure(program, kOnednnGraph, error);
+  }
+  return made;
+}
+
+// Shapes, strides and dtypes of the activations: what a build and a measured choice depend on.
+std::string signature(const std::vector<at::Tensor>& activations) {
+  std::ostringstream out;
+  for (const at::Tensor& tensor : activations) {
+    out << c10::toString(tensor.scalar_type()) << tensor.sizes() << tensor.strides() << ";";
+  }
+  return out.str();
+}
+
+std::shared_ptr<RegionBuild> buildFor(RegionProgram& program, const std::string& key,
+                                      const std::vector<at::Tensor>& activations, const std::vector<at::Tensor>& weights) {
+  std::ostringstream identity;
+  identity << key;
+  for (const at::Tensor& weight : weights) identity << "|" << weight.unsafeGetTensorImpl();
+  std::lock_guard<std::mutex> lock(program.mutex);
+  for (auto it = program.builds.begin(); it != program.builds.end();) {
+    it = it->second->stale() ? program.builds.erase(it) : std::next(it);
+  }
+  std::shared_ptr<RegionBuild>& found = program.builds[identity.str()];
+  if (!found) found = build(program, activations, weights);
+  return found;
+}
+
+std::vector<at::Tensor> convRegion(at::TensorList activation_list, at::TensorList weight_list, c10::string_view graph_text) {
+  const std::vector<at::Tensor> activations = activation_list.vec(), weights = weight_list.vec();
+  const std::string text(graph_text);
+  std::shared_ptr<RegionProgram> program = programFor(text);
+  GroupCounters& counters = groupCounters(text);
+  std::vector<MeasuredWayOfMany> ways;
+  ways.push_back({kAten, [&](const std::optional<at::Tensor>&) { return runCode(*program->aten, activations, weights); }});
+  bool measurable = !activations.empty();
+  for (const at::Tensor& tensor : activations) {
+    measurable = measurable && tensor.device().is_cpu() && tensor.layout() == at::kStrided &&
+                 (tensor.scalar_type() == at::kFloat || tensor.scalar_type() == at::kBFloat16);
+  }
+  // oneDNN Graph's partitions and the measuring have no autograd.
+  if (at::GradMode::is_enabled()) {
+    for (const at::Tensor& tensor : activations) measurable = measurable && !tensor.requires_grad();
+    for (const at::Tensor& tensor : weights) measurable = measurable && !tensor.requires_grad();
+  }
+  if (!measurable) return runFastest("", ways, counters);
+  const std::string key = "conv_region " + std::to_string(program->hash) + " " + signature(activations);
+  std::shared_ptr<RegionBuild> built = buildFor(*program, key, activations, weights);
+  if (built->kiln) {
+    ways.push_back({kKiln, [&](const std::optional<at::Tensor>&) { return runCode(*built->kiln, activations); }});
+  }
+  if (built->onednn) {
+    ways.push_back({kOnednnGraph, [&](const std::optional<at::Tensor>&) { return runCode(*built->onednn, activations); }});
+  }
+  return runFastest(key, ways, counters);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kiln, m) {
+  m.def("conv_region(Tensor[] activations, Tensor[] weights, str graph) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(kiln, CompositeImplicitAutograd, m) { m.impl("conv_region", &convRegion); }
+
+}  // namespace kiln
