@@ -249,6 +249,14 @@ void dropProfilesBetweenFusibleOps(Block* block) {
       feeds_fusible_only &= isFusibleNode(use.user) || hasFusibleFunctionalForm(use.user);
     }
     if (!feeds_fusible_only) continue;
+    // The record stays on the value: a pass after kiln's (the oneDNN Graph fuser reads every
+    // binary op's dtype) finds it there where the ops stay unfused, as it would have found it on
+    // the profile (the executor moves each profile's type to its value before its fusers).
+    if (node->hasAttribute(torch::jit::attr::profiled_type)) {
+      const c10::TypePtr profiled = node->ty(torch::jit::attr::profiled_type);
+      const auto current = node->input(0)->type()->cast<c10::TensorType>();
+      if (current && profiled->cast<c10::TensorType>() && !current->scalarType()) node->input(0)->setType(profiled);
+    }
     node->output()->replaceAllUsesWith(node->input(0));
     node->destroy();
   }

@@ -225,13 +225,30 @@ std::vector<at::Tensor> convRegion(at::TensorList activation_list, at::TensorLis
   if (!measurable) return runFastest("", ways, counters);
   const std::string key = "conv_region " + std::to_string(program->hash) + " " + signature(activations);
   std::shared_ptr<RegionBuild> built = buildFor(*program, key, activations, weights);
-  if (built->kiln) {
-    ways.push_back({kKiln, [&](const std::optional<at::Tensor>&) { return runCode(*built->kiln, activations); }});
+  // The ways read their code atomically: once measured, the slower ways' code is dropped.
+  auto codeOf = [](const std::shared_ptr<torch::jit::Code>& slot) {
+    std::shared_ptr<torch::jit::Code> code = std::atomic_load(&slot);
+    TORCH_CHECK(code, "kiln::conv_region: this way was measured slower and dropped");
+    return code;
+  };
+  if (std::atomic_load(&built->kiln)) {
+    ways.push_back({kKiln, [&](const std::optional<at::Tensor>&) { return runCode(*codeOf(built->kiln), activations); }});
   }
-  if (built->onednn) {
-    ways.push_back({kOnednnGraph, [&](const std::optional<at::Tensor>&) { return runCode(*built->onednn, activations); }});
+  if (std::atomic_load(&built->onednn)) {
+    ways.push_back({kOnednnGraph, [&](const std::optional<at::Tensor>&) {
+      return runCode(*codeOf(built->onednn), activations);
+    }});
   }
-  return runFastest(key, ways, counters);
+  std::vector<at::Tensor> results = runFastest(key, ways, counters);
+  // What the slower ways keep (kiln's prepacked weights, oneDNN Graph's compiled partitions) goes
+  // once the measured choice is known; a choice forced for testing keeps everything.
+  if (forcedChoice().empty()) {
+    if (std::optional<std::string> chosen = rememberedChoice(key)) {
+      if (*chosen != kKiln && std::atomic_load(&built->kiln)) std::atomic_store(&built->kiln, {});
+      if (*chosen != kOnednnGraph && std::atomic_load(&built->onednn)) std::atomic_store(&built->onednn, {});
+    }
+  }
+  return results;
 }
 
 }  // namespace

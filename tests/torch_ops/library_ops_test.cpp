@@ -22,6 +22,14 @@ namespace {
 
 using testing::closeTo;
 
+// These tests are of the library calls themselves: kiln::optimize without convolution regions
+// (conv_region_test.cpp has those).
+torch::jit::Module optimize(const torch::jit::Module& module) {
+  Options options = Options::global();
+  options.conv_regions = false;
+  return kiln::optimize(module, options);
+}
+
 // Forces every library call to run one way while alive ("" measures).
 struct ForcedChoice {
   explicit ForcedChoice(const std::string& choice) { forceChoice(choice); }

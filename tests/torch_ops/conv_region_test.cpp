@@ -1,0 +1,227 @@
+// Convolution regions (fuser/conv_regions.cpp, torch_ops/conv_region_op.cpp): which runs of
+// convolutions kiln::optimize hands to one kiln::conv_region op, where a region must end, and that
+// every way the op runs (ATen's ops, kiln's library calls, oneDNN Graph) gives eager's results on
+// fresh random inputs, saved and loaded, with autograd, and when a way fails.
+#include <gtest/gtest.h>
+#include <torch/csrc/jit/testing/file_check.h>
+#include <torch/script.h>
+
+#include <filesystem>
+
+#include "fuser/fusion_pass.h"
+#include "support/graph_testing.h"
+#include "torch_ops/measured_choice.h"
+
+namespace kiln {
+namespace {
+
+using testing::closeTo;
+
+struct ForcedChoice {
+  explicit ForcedChoice(const std::string& choice) { forceChoice(choice); }
+  ~ForcedChoice() { forceChoice(""); }
+};
+
+struct InjectedFault {
+  explicit InjectedFault(const std::string& stage) { call(stage); }
+  ~InjectedFault() { call("none"); }
+  static void call(const std::string& stage) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("kiln::_inject_fault", "");
+    torch::jit::Stack stack{stage};
+    op.callBoxed(&stack);
+  }
+};
+
+const char* const kRegionWays[] = {"aten", "kiln", "onednn_graph", ""};
+
+// Weights for the bodies below: w1 [c, c, 3, 3], w2 the same, w3 [2c, c, 1, 1] (a strided
+// downsample), biases, and batch-norm statistics that freezing folds into the convolutions.
+torch::jit::Module regionModule(const std::string& name, const std::string& body, int64_t c) {
+  torch::jit::Module m(name);
+  const double scale = 1.0 / std::sqrt(9.0 * static_cast<double>(c));
+  m.register_parameter("w1", torch::randn({c, c, 3, 3}) * scale, false);
+  m.register_parameter("w2", torch::randn({c, c, 3, 3}) * scale, false);
+  m.register_parameter("w3", torch::randn({2 * c, c, 1, 1}) / std::sqrt(static_cast<double>(c)), false);
+  m.register_parameter("b", torch::randn({c}), false);
+  m.register_parameter("gamma", torch::rand({c}) + 0.5, false);
+  m.register_parameter("beta", torch::randn({c}), false);
+  m.register_buffer("mean", torch::randn({c}) * 0.1);
+  m.register_buffer("var", torch::rand({c}) + 0.5);
+  m.define(body);
+  m.eval();
+  return m;
+}
+
+std::string graphText(torch::jit::Module& m) { return m.get_method("forward").graph()->toString(); }
+
+c10::IValue run(torch::jit::Module& m, std::vector<c10::IValue> inputs) { return m.forward(std::move(inputs)); }
+
+void expectSame(const c10::IValue& actual, const c10::IValue& expected, const std::string& what) {
+  std::vector<at::Tensor> a, e;
+  appendTensors(actual, a);
+  appendTensors(expected, e);
+  ASSERT_EQ(a.size(), e.size()) << what;
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_EQ(a[i].sizes(), e[i].sizes()) << what;
+    EXPECT_TRUE(closeTo(a[i], e[i], 8).all().item<bool>())
+        << what << " output " << i << ": max diff " << (a[i] - e[i]).abs().max().item<double>();
+    // The op's results are channels-last inside the graph; what the module returns has eager's strides.
+    EXPECT_EQ(a[i].strides(), e[i].strides()) << what << " output " << i;
+  }
+}
+
+// A ResNet-style stem and block with a strided downsample: conv + batch_norm + relu, max_pool,
+// conv, relu_, conv, residual add_, relu_, then a 1x1 stride-2 convolution with hardswish.
+const char* const kResNetBody = R"(
+def forward(self, x):
+  y = torch.conv2d(x, self.w1, self.b, 1, 1)
+  y = torch.batch_norm(y, self.gamma, self.beta, self.mean, self.var, False, 0.1, 1e-5, False)
+  y = torch.max_pool2d(torch.relu(y), [3, 3], [2, 2], [1, 1])
+  h = torch.relu_(torch.conv2d(y, self.w2, self.b, 1, 1))
+  z = torch.conv2d(h, self.w1, None, 1, 1)
+  z += y
+  z = torch.relu_(z)
+  return torch.hardswish(torch.conv2d(z, self.w3, None, 2, 0))
+)";
+
+TEST(ConvRegions, ResNetBlockIsOneRegionMatchingEagerEveryWay) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module eager = regionModule("RegionResNet", kResNetBody, 8);
+  torch::jit::Module fused = optimize(eager);
+  const std::string text = graphText(fused);
+  torch::jit::testing::FileCheck()
+      .check_count("kiln::conv_region(", 1, /*exactly=*/true)
+      ->check("prim::ListUnpack")
+      ->check_not("kiln::conv2d")
+      ->check_not("aten::_convolution")
+      ->run(text);
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    for (std::vector<int64_t> shape : {std::vector<int64_t>{1, 8, 16, 16}, std::vector<int64_t>{3, 8, 9, 13}}) {
+      at::Tensor x = torch::randn(shape);
+      expectSame(run(fused, {x}), run(eager, {x}), std::string("way '") + way + "'");
+      // A channels-last input (another signature) too.
+      at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+      expectSame(run(fused, {xc}), run(eager, {xc}), std::string("channels-last, way '") + way + "'");
+    }
+    Report rep = report(fused.get_method("forward").graph());
+    ASSERT_EQ(rep.groups.size(), 1u);
+    EXPECT_EQ(rep.groups[0].kind, "conv_region");
+    EXPECT_EQ(rep.groups[0].ops.size(), 10u);  // 4 convolutions, 6 other ops (the batch_norm folded)
+    if (*way != '\0') {
+      EXPECT_EQ(rep.groups[0].choice, way);
+    }
+  }
+}
+
+TEST(ConvRegions, RegionEndsWhereAnOutsideOpReadsOrWrites) {
+  torch::NoGradGuard no_grad;
+  // A sum reads the first convolution's result between the convolutions: the region must not
+  // move that convolution past it, so the first region ends there and has two outputs (the sum's
+  // input, and what the next convolutions read). A lone convolution is no region.
+  torch::jit::Module split = regionModule("RegionSplit", R"(
+def forward(self, x):
+  y = torch.relu(torch.conv2d(x, self.w1, self.b, 1, 1))
+  y = torch.relu(torch.conv2d(y, self.w2, self.b, 1, 1))
+  s = y.sum()
+  z = torch.conv2d(y, self.w1, self.b, 1, 1)
+  z = torch.relu(torch.conv2d(z, self.w2, self.b, 1, 1))
+  q = torch.sigmoid(torch.conv2d(x, self.w2, None, 1, 1)) * s
+  return z, q
+)", 6);
+  torch::jit::Module fused = optimize(split);
+  const std::string text = graphText(fused);
+  torch::jit::testing::FileCheck()
+      .check("kiln::conv_region(")
+      ->check("aten::sum")
+      ->check("kiln::conv_region(")
+      ->check_count("kiln::conv_region(", 0, /*exactly=*/true)
+      ->run(text);
+  EXPECT_NE(text.find("kiln::conv2d("), std::string::npos) << text;  // the lone convolution
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    at::Tensor x = torch::randn({2, 6, 10, 10});
+    expectSame(run(fused, {x}), run(split, {x}), std::string("way '") + way + "'");
+  }
+}
+
+TEST(ConvRegions, RegionsNeverWriteWhatOthersRead) {
+  torch::NoGradGuard no_grad;
+  // relu_ on the module's input, and on a value the module returns as well: neither may join a
+  // region (the caller's tensor, and a result read after the write). The caller's input must
+  // come back as eager leaves it.
+  torch::jit::Module writes = regionModule("RegionWrites", R"(
+def forward(self, x):
+  x = torch.relu_(x)
+  y = torch.conv2d(x, self.w1, self.b, 1, 1)
+  a = torch.conv2d(y, self.w2, self.b, 1, 1)
+  b = torch.relu_(a)
+  c = torch.conv2d(b, self.w1, None, 1, 1)
+  return c, a
+)", 4);
+  torch::jit::Module fused = optimize(writes);
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    at::Tensor x = torch::randn({1, 4, 8, 8});
+    at::Tensor x_fused = x.clone(), x_eager = x.clone();
+    c10::IValue expected = run(writes, {x_eager});
+    expectSame(run(fused, {x_fused}), expected, std::string("way '") + way + "'");
+    EXPECT_TRUE(x_fused.equal(x_eager)) << way;
+  }
+}
+
+TEST(ConvRegions, SavedModuleRunsAfterLoad) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module eager = regionModule("RegionSaved", kResNetBody, 4);
+  torch::jit::Module fused = optimize(eager);
+  const std::string path = ::testing::TempDir() + "kiln_conv_region.pt";
+  fused.save(path);
+  torch::jit::Module loaded = torch::jit::load(path);
+  EXPECT_NE(graphText(loaded).find("kiln::conv_region("), std::string::npos);
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    at::Tensor x = torch::randn({2, 4, 12, 12});
+    expectSame(run(loaded, {x}), run(eager, {x}), std::string("loaded, way '") + way + "'");
+  }
+  std::filesystem::remove(path);
+}
+
+TEST(ConvRegions, FailingWaysRunAtenOps) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module eager = regionModule("RegionFault", kResNetBody, 4);
+  torch::jit::Module fused = optimize(eager);
+  InjectedFault fault("library");
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    at::Tensor x = torch::randn({1, 4, 10, 10});
+    expectSame(run(fused, {x}), run(eager, {x}), std::string("way '") + way + "'");
+    EXPECT_EQ(report(fused.get_method("forward").graph()).groups[0].choice, "aten") << way;
+  }
+}
+
+TEST(ConvRegions, AutogradRecordsThroughAtenOps) {
+  torch::jit::Module eager = regionModule("RegionGrad", kResNetBody, 4);
+  torch::jit::Module fused = optimize(eager);
+  at::Tensor x = torch::randn({1, 4, 8, 8}).requires_grad_();
+  at::Tensor x2 = x.detach().clone().requires_grad_();
+  run(fused, {x}).toTensor().sum().backward();
+  run(eager, {x2}).toTensor().sum().backward();
+  ASSERT_TRUE(x.grad().defined());
+  EXPECT_TRUE(closeTo(x.grad(), x2.grad(), 8).all().item<bool>());
+}
+
+TEST(ConvRegions, OffWhereAskedAndInReducedPrecision) {
+  torch::jit::Module eager = regionModule("RegionOff", kResNetBody, 4);
+  Options options = Options::global();
+  options.conv_regions = false;
+  torch::jit::Module fused = optimize(eager, options);
+  EXPECT_EQ(graphText(fused).find("kiln::conv_region"), std::string::npos);
+  EXPECT_NE(graphText(fused).find("kiln::conv2d"), std::string::npos);
+  options.conv_regions = true;
+  options.precision = Precision::kBFloat16;
+  torch::jit::Module low = optimize(eager, options);
+  EXPECT_EQ(graphText(low).find("kiln::conv_region"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace kiln
