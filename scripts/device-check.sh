@@ -15,7 +15,8 @@
 #                    side, KILN_GPU_QUICK=1, a fresh kernel cache
 #   demo       45 s  `kiln demo --device cuda` on a fresh kernel cache, cold then warm
 #   bench     180 s  kiln_bench: the elementwise _Cuda benchmarks, then kiln, flash and cuDNN attention
-#                    at S = 1k, 4k, 16k (KILN_BENCH_FILTER=_Cuda runs every _Cuda benchmark instead);
+#                    at S = 1k, 4k, 16k, then kiln::linear's cuBLASLt GELU_BIAS against
+#                    at::_addmm_activation (KILN_BENCH_FILTER=_Cuda runs every _Cuda benchmark instead);
 #                    scripts/precision_gpu_check.py (BERT-base-shaped, 8 x 512, fp32 → kiln fp16);
 #                    scripts/reduction_bench.py, kiln and eager (KILN_REDUCTION_COMPILE=1 adds
 #                    torch.compile); scripts/elementwise_torch_compile.py
@@ -234,6 +235,10 @@ stage_bench() {
       --benchmark_out="$dir/kiln_bench_elementwise.json" --benchmark_out_format=json || rc=1
     step kiln_bench_attention 55 "$dir/kiln_bench_attention.txt" stdbuf -oL "$bin/kiln_bench" \
       --benchmark_filter="$attention" --benchmark_out="$dir/kiln_bench_attention.json" --benchmark_out_format=json || rc=1
+    # Issue 11's GPU target: kiln::linear's cuBLASLt GELU_BIAS against at::_addmm_activation.
+    step kiln_bench_library 25 "$dir/kiln_bench_library.txt" stdbuf -oL "$bin/kiln_bench" \
+      --benchmark_filter='^(Kiln_LinearBiasGelu|Baseline_AddmmActivation|Baseline_Eager_LinearGelu)_Cuda/' \
+      --benchmark_min_time=0.05 --benchmark_out="$dir/kiln_bench_library.json" --benchmark_out_format=json || rc=1
   fi
   # Issue 12's GPU target: a BERT-base-shaped fp32 model at 8 x 512 through kiln::optimize in fp16
   # against TorchScript's fp32 executor, kiln's attention inside (profiler).

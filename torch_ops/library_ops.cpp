@@ -11,6 +11,9 @@
 //            "onednn_m1"       the same on the weight prepacked for a one-row input: oneDNN then
 //                              picks another blocked layout, on AMX faster for some bf16 shapes
 //                              even with a thousand rows (BERT's 768 -> 768 and 3072 -> 768)
+//            "cublaslt"        CUDA tensors: one cublasLtMatmul, bias and relu / tanh-GELU as its
+//                              epilogue, a residual as its C (cublaslt.h); not measured, taken
+//                              wherever cuBLASLt can run the call
 //   conv2d:  "aten"            at::conv2d, then the epilogue
 //            "onednn"          mkldnn::_convolution_pointwise on a prepacked weight, add and
 //                              activation fused; its outputs are channels-last
@@ -30,11 +33,14 @@
 #include <torch/library.h>
 
 #include <functional>
+#include <mutex>
 #include <numeric>
 
 #include "fuser/group_stats.h"
 #include "fuser/library_calls.h"
 #include "kiln/options.h"
+#include "codegen/fault_injection.h"
+#include "torch_ops/cublaslt.h"
 #include "torch_ops/measured_choice.h"
 
 namespace kiln {
@@ -46,6 +52,7 @@ constexpr const char* kOneDnn = "onednn";
 constexpr const char* kOneDnnM1 = "onednn_m1";
 constexpr const char* kAtenPieces = "aten_pieces";
 constexpr const char* kOneDnnChannelsLast = "onednn_channels_last";
+constexpr const char* kCublasLt = "cublaslt";
 // What the ways make of a linear's weight (preparedWeight's `what`).
 constexpr const char* kPreparedTransposed = "transposed";
 constexpr const char* kPreparedOneDnn = "onednn linear";
@@ -223,7 +230,20 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   const bool same_kind = !bias || (bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == input.scalar_type() &&
                                    bias->device() == input.device());
   // Measuring times the ways on the host clock: only CPU calls are measured (a CUDA call returns
-  // before its kernel ran), so on CUDA ATen's op runs.
+  // before its kernel ran). On CUDA, cuBLASLt runs the call as one matmul with its epilogue where
+  // it can take it (cublaslt.h), ATen's ops where it cannot or fails.
+  if (input.is_cuda() && forcedChoice() != kAten && cublasLtRefusal(input, weight, bias, other, epilogue).empty()) {
+    try {
+      failIfInjected(FaultStage::kLibrary);
+      at::Tensor y = cublasLtLinear(input, weight, bias, other, epilogue);
+      counters.calls++;
+      counters.choice = kCublasLt;
+      return counted(y, counters, epilogue, {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
+    } catch (const std::exception& error) {
+      static std::once_flag logged;
+      std::call_once(logged, [&] { log(LogLevel::kWarning, std::string("cuBLASLt failed, running ATen's ops: ") + error.what()); });
+    }
+  }
   if (rows == 0 || !same_kind || weight.scalar_type() != input.scalar_type() || weight.device() != input.device() ||
       !at::isFloatingType(input.scalar_type()) || !input.device().is_cpu()) {
     return runFastest("", candidates, counters, other);
