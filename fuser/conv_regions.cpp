@@ -116,6 +116,13 @@ bool isRegionOp(const Node* node, bool* in_place) {
   if (node->matches("aten::add.Tensor(Tensor self, Tensor other, *, Scalar alpha=1) -> Tensor")) return isOne(node->input(2));
   if (node->matches("aten::add_.Tensor(Tensor(a!) self, Tensor other, *, Scalar alpha=1) -> Tensor(a!)"))
     return isOne(node->input(2)) && (*in_place = true);
+  if (node->matches("aten::batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+                    "Tensor? running_var, bool training, float momentum, float eps, bool cudnn_enabled) -> Tensor")) {
+    std::optional<c10::IValue> training = torch::jit::toIValue(node->input(5));
+    return isConstantTensor(node->input(1), 1) && isConstantTensor(node->input(2), 1) &&
+           isConstantTensor(node->input(3), 1) && isConstantTensor(node->input(4), 1) && training &&
+           training->isBool() && !training->toBool() && allParameters(node, 5);
+  }
   if (node->matches("aten::max_pool2d(Tensor self, int[2] kernel_size, int[2] stride=[], int[2] padding=0, "
                     "int[2] dilation=1, bool ceil_mode=False) -> Tensor"))
     return allParameters(node, 1);
@@ -248,9 +255,27 @@ bool replaceRegion(torch::jit::Graph& graph, const Region& region) {
   return true;
 }
 
+// aten::cat over a list built for it alone (prim::ListConstruct of tensors) along a constant dim:
+// the list and the cat join a region together.
+Node* catList(const Node* node) {
+  if (!node->matches("aten::cat(Tensor[] tensors, int dim=0) -> Tensor") || !isParameter(node->input(1))) return nullptr;
+  Node* list = node->input(0)->node();
+  if (list->kind() != torch::jit::prim::ListConstruct || list->output()->uses().size() != 1) return nullptr;
+  for (Value* item : list->inputs()) {
+    if (!item->type()->isSubtypeOf(*c10::TensorType::get()) || item->node()->kind() == torch::jit::prim::Constant)
+      return nullptr;
+  }
+  return list;
+}
+
 }  // namespace
 
 int extractConvolutionRegions(std::shared_ptr<torch::jit::Graph>& graph) {
+  // Each cat's own list right before it, so that the two are met together (the list only gathers
+  // values made before it; nothing else reads it).
+  for (Node* node : graph->block()->nodes()) {
+    if (Node* list = catList(node)) list->moveBefore(node);
+  }
   std::vector<Region> found;
   {
     torch::jit::AliasDb alias_db(graph);
@@ -263,10 +288,24 @@ int extractConvolutionRegions(std::shared_ptr<torch::jit::Graph>& graph) {
       if (node->kind() == torch::jit::prim::Constant || (node->kind() == torch::jit::prim::ListConstruct &&
                                                           isParameter(node->output())))
         continue;
+      // A cat's list is decided with the cat, which follows it.
+      if (node->kind() == torch::jit::prim::ListConstruct && node->output()->uses().size() == 1 &&
+          node->output()->uses()[0].user == node->next() && catList(node->next()) == node)
+        continue;
+      Node* list = catList(node);
       bool reads_region = false;
       for (Value* input : node->inputs()) reads_region = reads_region || current.produces(input);
+      if (list != nullptr) {
+        for (Value* input : list->inputs()) reads_region = reads_region || current.produces(input);
+      }
+      // Branches that do not read the region join it too (an Inception block's), so that their
+      // concatenation can: the op runs where the region's last node was, after all their inputs.
+      if (list != nullptr) {
+        current.add(list);
+        current.add(node);
+        continue;
+      }
       if (mayJoin(current, node)) {
-        if (!current.empty() && !reads_region) close();  // unconnected: a region of its own
         current.add(node);
         current.convolutions += isConvolution(node) ? 1 : 0;
         continue;

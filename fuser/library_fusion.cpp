@@ -275,7 +275,7 @@ bool followsLayout(const Node* node) {
       "aten::div", "aten::sigmoid", "aten::sigmoid_", "aten::hardswish", "aten::hardswish_",
       "aten::hardtanh", "aten::hardtanh_", "aten::clamp", "aten::clamp_", "aten::silu", "aten::silu_",
       "aten::gelu", "aten::tanh", "aten::dropout", "aten::max_pool2d", "aten::avg_pool2d",
-      "aten::adaptive_avg_pool2d", "aten::adaptive_max_pool2d", "aten::batch_norm", "aten::flatten",
+      "aten::adaptive_avg_pool2d", "aten::adaptive_max_pool2d", "aten::batch_norm", "aten::flatten", "aten::cat",
       "aten::reshape", "aten::detach"};
   return kinds.count(node->kind().toQualString()) != 0;
 }
@@ -315,6 +315,12 @@ void containChannelsLast(torch::jit::Graph& graph, const std::vector<Value*>& ch
       if (outputs_take_any_layout && user == graph.return_node()) continue;
       // Any operand of a layout-following op: a broadcast first operand ([N, C, 1, 1] times a
       // convolution's result) leaves the layout to the others.
+      // A list gathered for one cat: the cat takes any strides, its result follows them.
+      if (user->kind() == torch::jit::prim::ListConstruct && user->output()->uses().size() == 1 &&
+          isKind(user->output()->uses()[0].user, "aten::cat")) {
+        pending.push_back(user->output()->uses()[0].user->output());
+        continue;
+      }
       if (followsLayout(user)) {
         for (Value* output : user->outputs()) {
           if (output->type()->kind() == c10::TypeKind::TensorType) pending.push_back(output);

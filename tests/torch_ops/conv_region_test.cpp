@@ -6,6 +6,7 @@
 #include <torch/csrc/jit/testing/file_check.h>
 #include <torch/script.h>
 
+#include <algorithm>
 #include <filesystem>
 
 #include "fuser/fusion_pass.h"
@@ -116,9 +117,10 @@ TEST(ConvRegions, ResNetBlockIsOneRegionMatchingEagerEveryWay) {
 
 TEST(ConvRegions, RegionEndsWhereAnOutsideOpReadsOrWrites) {
   torch::NoGradGuard no_grad;
-  // A sum reads the first convolution's result between the convolutions: the region must not
-  // move that convolution past it, so the first region ends there and has two outputs (the sum's
-  // input, and what the next convolutions read). A lone convolution is no region.
+  // A sum reads the second convolution's result between the convolutions: the region must not
+  // move those convolutions past it, so the first region ends there. The second takes the rest,
+  // the branch that does not read it (q, from the module's input and the sum) included. A lone
+  // convolution is no region.
   torch::jit::Module split = regionModule("RegionSplit", R"(
 def forward(self, x):
   y = torch.relu(torch.conv2d(x, self.w1, self.b, 1, 1))
@@ -137,11 +139,51 @@ def forward(self, x):
       ->check("kiln::conv_region(")
       ->check_count("kiln::conv_region(", 0, /*exactly=*/true)
       ->run(text);
-  EXPECT_NE(text.find("kiln::conv2d("), std::string::npos) << text;  // the lone convolution
+  EXPECT_EQ(text.find("kiln::conv2d("), std::string::npos) << text;
+  Report rep = report(fused.get_method("forward").graph());
+  ASSERT_EQ(rep.groups.size(), 2u);
+  EXPECT_EQ(std::count(rep.groups[1].ops.begin(), rep.groups[1].ops.end(), "aten::sigmoid"), 1) << text;
   for (const char* way : kRegionWays) {
     ForcedChoice forced(way);
     at::Tensor x = torch::randn({2, 6, 10, 10});
     expectSame(run(fused, {x}), run(split, {x}), std::string("way '") + way + "'");
+  }
+  torch::jit::Module lone = regionModule("RegionLone", R"(
+def forward(self, x):
+  return torch.relu(torch.conv2d(x, self.w1, self.b, 1, 1)) + 1
+)", 6);
+  torch::jit::Module lone_fused = optimize(lone);
+  const std::string lone_text = graphText(lone_fused);
+  EXPECT_EQ(lone_text.find("kiln::conv_region("), std::string::npos) << lone_text;
+  EXPECT_NE(lone_text.find("kiln::conv2d("), std::string::npos) << lone_text;
+}
+
+TEST(ConvRegions, InceptionBranchesAndTheirConcatenationAreOneRegion) {
+  torch::NoGradGuard no_grad;
+  // Four branches from one input, concatenated (GoogLeNet's block), a batch_norm that cannot fold
+  // (it precedes its convolution, as DenseNet's), and a second concatenation whose list is built
+  // before a branch is computed.
+  torch::jit::Module inception = regionModule("RegionInception", R"(
+def forward(self, x):
+  a = torch.relu(torch.conv2d(x, self.w1, self.b, 1, 1))
+  b = torch.relu(torch.conv2d(torch.conv2d(x, self.w2, None, 1, 1), self.w1, self.b, 1, 1))
+  c = torch.conv2d(torch.max_pool2d(x, [3, 3], [1, 1], [1, 1]), self.w2, self.b, 1, 1)
+  y = torch.cat([a, b, c, x], 1)
+  n = torch.batch_norm(x, self.gamma, self.beta, self.mean, self.var, False, 0.1, 1e-5, False)
+  z = torch.conv2d(torch.relu(n), self.w1, None, 1, 1)
+  return torch.cat([y, z], 1)
+)", 4);
+  torch::jit::Module fused = optimize(inception);
+  const std::string text = graphText(fused);
+  torch::jit::testing::FileCheck()
+      .check_count("kiln::conv_region(", 1, /*exactly=*/true)
+      ->check_not("aten::cat")
+      ->check_not("aten::batch_norm")
+      ->run(text);
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    at::Tensor x = torch::randn({2, 4, 9, 11});
+    expectSame(run(fused, {x}), run(inception, {x}), std::string("way '") + way + "'");
   }
 }
 
