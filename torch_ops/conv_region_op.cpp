@@ -14,6 +14,7 @@
 #include <torch/csrc/jit/runtime/interpreter.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <chrono>
 #include <functional>
 #include <mutex>
@@ -90,6 +91,24 @@ std::shared_ptr<RegionProgram> programFor(const c10::intrusive_ptr<c10::ivalue::
   std::lock_guard<std::mutex> lock(mutex);
   auto known = by_object->find(text.get());
   if (known != by_object->end()) return known->second.second;
+  // A graph not seen before (a module loaded or optimized): what modules freed since left goes
+  // now, their strings, their programs and the builds that hold their weights.
+  for (auto it = by_object->begin(); it != by_object->end();) {
+    it = it->second.first.use_count() == 1 ? by_object->erase(it) : std::next(it);
+  }
+  for (auto it = by_text->begin(); it != by_text->end();) {
+    RegionProgram& old = *it->second;
+    {
+      std::lock_guard<std::mutex> program_lock(old.mutex);
+      for (auto build = old.builds.begin(); build != old.builds.end();) {
+        build = build->second->stale() ? old.builds.erase(build) : std::next(build);
+      }
+    }
+    std::shared_ptr<const FastPath> fast = std::atomic_load(&old.fast);
+    if (fast && std::any_of(fast->weights.begin(), fast->weights.end(), [](const auto& w) { return w.expired(); }))
+      std::atomic_store(&old.fast, std::shared_ptr<const FastPath>());
+    it = it->second.use_count() == 1 ? by_text->erase(it) : std::next(it);
+  }
   std::shared_ptr<RegionProgram>& program = (*by_text)[text->string()];
   if (!program) {
     auto made = std::make_shared<RegionProgram>();

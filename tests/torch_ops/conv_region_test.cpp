@@ -252,6 +252,39 @@ TEST(ConvRegions, AutogradRecordsThroughAtenOps) {
   EXPECT_TRUE(closeTo(x.grad(), x2.grad(), 8).all().item<bool>());
 }
 
+// The storages of the weights a fused module's regions read (constants of its graph).
+std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> regionWeightStorages(torch::jit::Module& m) {
+  std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> storages;
+  for (torch::jit::Node* node : m.get_method("forward").graph()->nodes()) {
+    if (node->kind().toQualString() != std::string("kiln::conv_region")) continue;
+    for (torch::jit::Value* weight : node->input(1)->node()->inputs())
+      storages.emplace_back(torch::jit::toIValue(weight)->toTensor().storage().getWeakStorageImpl());
+  }
+  return storages;
+}
+
+TEST(ConvRegions, FreedModuleLeavesNoWeightsBehind) {
+  torch::NoGradGuard no_grad;
+  std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> storages;
+  {
+    torch::jit::Module eager = regionModule("RegionFreed", kResNetBody, 4);
+    torch::jit::Module fused = optimize(eager);
+    storages = regionWeightStorages(fused);
+    // A forced way keeps every build (a measured one would drop those measured slower).
+    ForcedChoice forced("onednn_graph");
+    for (int call = 0; call < 2; ++call) run(fused, {torch::randn({1, 4, 8, 8})});
+  }
+  ASSERT_FALSE(storages.empty());
+  // The next module kiln meets (another region: its own program) clears what freed modules left.
+  torch::jit::Module next_eager = regionModule("RegionFreedNext", R"(
+def forward(self, x):
+  return torch.relu(torch.conv2d(torch.relu(torch.conv2d(x, self.w1, self.b, 1, 1)), self.w2, None, 1, 1))
+)", 4);
+  torch::jit::Module next = optimize(next_eager);
+  run(next, {torch::randn({1, 4, 8, 8})});
+  for (const auto& storage : storages) EXPECT_TRUE(storage.expired());
+}
+
 TEST(ConvRegions, OffWhereAskedAndInReducedPrecision) {
   torch::jit::Module eager = regionModule("RegionOff", kResNetBody, 4);
   Options options = Options::global();
