@@ -23,6 +23,7 @@
 #include <torch/jit.h>
 #include <torch/torch.h>
 
+#include "cuda_timing.h"
 #include "elementwise_chains.h"
 #include "kiln/kiln.h"
 
@@ -38,22 +39,10 @@ constexpr int64_t kTensorBytes = int64_t{256} << 20;
 // one, so the window measures the GPU, not the first call's host latency.
 constexpr int kCallsPerWindow = 10;
 
-// Seconds one call of `body` takes on the current stream: CUDA events around `calls` calls.
+// Seconds one call of `body` takes on the current stream (bench/cuda_timing.h).
 template <typename Body>
 double timeOnStream(Body&& body, int calls = kCallsPerWindow) {
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  cudaEventRecord(start, stream);
-  for (int i = 0; i < calls; ++i) body();
-  cudaEventRecord(stop, stream);
-  cudaEventSynchronize(stop);
-  float milliseconds = 0.0f;
-  cudaEventElapsedTime(&milliseconds, start, stop);
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return milliseconds / 1e3 / calls;
+  return kiln_bench::timeOnStream(std::forward<Body>(body), calls);
 }
 
 // The device-to-device copy rate (bytes read + written per second) of a 256 MiB tensor, the

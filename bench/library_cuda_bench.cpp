@@ -10,33 +10,16 @@
 // device exists.
 #include <ATen/ATen.h>
 #include <benchmark/benchmark.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
 #include <torch/cuda.h>
 #include <torch/script.h>
 
+#include "cuda_timing.h"
 #include "kiln/kiln.h"
 
 namespace {
 
 constexpr int kCalls = 10;
 
-template <typename Body>
-double secondsPerCall(Body&& body) {
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  cudaEventRecord(start, stream);
-  for (int i = 0; i < kCalls; ++i) body();
-  cudaEventRecord(stop, stream);
-  cudaEventSynchronize(stop);
-  float milliseconds = 0.0f;
-  cudaEventElapsedTime(&milliseconds, start, stop);
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return milliseconds / 1e3 / kCalls;
-}
 
 enum class Variant { kKiln, kAddmmActivation, kEager };
 
@@ -61,7 +44,7 @@ void runLinearGelu(benchmark::State& state, Variant variant) {
   };
   for (int i = 0; i < 3; ++i) call();
   torch::cuda::synchronize();
-  for (auto _ : state) state.SetIterationTime(secondsPerCall(call));
+  for (auto _ : state) state.SetIterationTime(kiln_bench::timeOnStream(call, kCalls));
   state.counters["TFLOP/s"] = benchmark::Counter(2.0 * static_cast<double>(m * k * n) / 1e12,
                                                  benchmark::Counter::kIsIterationInvariantRate);
   state.SetLabel(c10::toString(dtype));

@@ -11,27 +11,15 @@
 
 #include "fuser/fusion_pass.h"
 #include "support/graph_testing.h"
+#include "support/library_testing.h"
 #include "torch_ops/measured_choice.h"
 
 namespace kiln {
 namespace {
 
 using testing::closeTo;
-
-struct ForcedChoice {
-  explicit ForcedChoice(const std::string& choice) { forceChoice(choice); }
-  ~ForcedChoice() { forceChoice(""); }
-};
-
-struct InjectedFault {
-  explicit InjectedFault(const std::string& stage) { call(stage); }
-  ~InjectedFault() { call("none"); }
-  static void call(const std::string& stage) {
-    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("kiln::_inject_fault", "");
-    torch::jit::Stack stack{stage};
-    op.callBoxed(&stack);
-  }
-};
+using testing::ForcedChoice;
+using testing::InjectedFault;
 
 const char* const kRegionWays[] = {"aten", "kiln", "onednn_graph", ""};
 

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "support/graph_testing.h"
+#include "support/library_testing.h"
 #include "fuser/library_calls.h"
 #include "torch_ops/measured_choice.h"
 
@@ -21,6 +22,8 @@ namespace kiln {
 namespace {
 
 using testing::closeTo;
+using testing::ForcedChoice;
+using testing::InjectedFault;
 
 // These tests are of the library calls themselves: kiln::optimize without convolution regions
 // (conv_region_test.cpp has those).
@@ -29,22 +32,6 @@ torch::jit::Module optimize(const torch::jit::Module& module) {
   options.conv_regions = false;
   return kiln::optimize(module, options);
 }
-
-// Forces every library call to run one way while alive ("" measures).
-struct ForcedChoice {
-  explicit ForcedChoice(const std::string& choice) { forceChoice(choice); }
-  ~ForcedChoice() { forceChoice(""); }
-};
-
-struct InjectedFault {
-  explicit InjectedFault(const std::string& stage) { call(stage); }
-  ~InjectedFault() { call("none"); }
-  static void call(const std::string& stage) {
-    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("kiln::_inject_fault", "");
-    torch::jit::Stack stack{stage};
-    op.callBoxed(&stack);
-  }
-};
 
 // A module whose forward is `body`, with parameters w [n, k], b [n], and its eager twin: the same
 // module not optimized. Each test defines its own class name: scripted modules of one class share
