@@ -127,11 +127,6 @@ std::optional<Scalar> scalarOperand(Value* value) {
   return std::nullopt;
 }
 
-bool isConstantOne(Value* value) {
-  std::optional<c10::IValue> constant = torch::jit::toIValue(value);
-  return constant && ((constant->isInt() && constant->toInt() == 1) ||
-                      (constant->isDouble() && constant->toDouble() == 1.0));
-}
 
 bool isOverload(const Node* node, const char* name, const char* overload) {
   if (!isOp(node, name)) return false;

@@ -57,14 +57,6 @@ bool isConstantTensor(Value* value, int64_t dim) {
          at::isFloatingType(known->toTensor().scalar_type()) && !known->toTensor().requires_grad();
 }
 
-bool isNoneOrConstantTensor(Value* value, int64_t dim) { return value->mustBeNone() || isConstantTensor(value, dim); }
-
-bool isIntList(Value* value, size_t size) {
-  if (!isParameter(value)) return false;
-  std::optional<c10::IValue> known = torch::jit::toIValue(value);
-  return known && known->isIntList() && known->toIntList().size() == size;
-}
-
 bool allParameters(const Node* node, size_t from) {
   for (size_t i = from; i < node->inputs().size(); ++i) {
     if (!isParameter(node->input(i))) return false;
@@ -72,25 +64,11 @@ bool allParameters(const Node* node, size_t from) {
   return true;
 }
 
+// kiln::conv2d's convolution (library_fusion.cpp) whose arguments after the bias are constants
+// the region's graph can hold, over a floating weight and bias without autograd.
 bool isConvolution(const Node* node) {
-  if (node->matches("aten::conv2d(Tensor input, Tensor weight, Tensor? bias=None, SymInt[2] stride=1, "
-                    "SymInt[2] padding=0, SymInt[2] dilation=1, SymInt groups=1) -> Tensor")) {
-    return isConstantTensor(node->input(1), 4) && isNoneOrConstantTensor(node->input(2), 1) &&
-           isIntList(node->input(3), 2) && isIntList(node->input(4), 2) && isIntList(node->input(5), 2) &&
-           allParameters(node, 6);
-  }
-  if (isKind(node, "aten::_convolution") && node->inputs().size() == 13) {
-    std::optional<c10::IValue> transposed = torch::jit::toIValue(node->input(6));
-    return isConstantTensor(node->input(1), 4) && isNoneOrConstantTensor(node->input(2), 1) &&
-           isIntList(node->input(3), 2) && isIntList(node->input(4), 2) && isIntList(node->input(5), 2) &&
-           transposed && transposed->isBool() && !transposed->toBool() && allParameters(node, 6);
-  }
-  return false;
-}
-
-bool isOne(Value* value) {
-  std::optional<c10::IValue> known = torch::jit::toIValue(value);
-  return known && ((known->isInt() && known->toInt() == 1) || (known->isDouble() && known->toDouble() == 1.0));
+  if (!isLibraryConvolution(node) || !allParameters(node, 3)) return false;
+  return isConstantTensor(node->input(1), 4) && (node->input(2)->mustBeNone() || isConstantTensor(node->input(2), 1));
 }
 
 // The ops a region holds besides convolutions; `in_place` is set for the forms that write their
@@ -113,9 +91,9 @@ bool isRegionOp(const Node* node, bool* in_place) {
     return allParameters(node, 1);
   if (node->matches("aten::hardtanh_(Tensor(a!) self, Scalar min_val=-1, Scalar max_val=1) -> Tensor(a!)"))
     return allParameters(node, 1) && (*in_place = true);
-  if (node->matches("aten::add.Tensor(Tensor self, Tensor other, *, Scalar alpha=1) -> Tensor")) return isOne(node->input(2));
+  if (node->matches("aten::add.Tensor(Tensor self, Tensor other, *, Scalar alpha=1) -> Tensor")) return isConstantOne(node->input(2));
   if (node->matches("aten::add_.Tensor(Tensor(a!) self, Tensor other, *, Scalar alpha=1) -> Tensor(a!)"))
-    return isOne(node->input(2)) && (*in_place = true);
+    return isConstantOne(node->input(2)) && (*in_place = true);
   if (node->matches("aten::batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
                     "Tensor? running_var, bool training, float momentum, float eps, bool cudnn_enabled) -> Tensor")) {
     std::optional<c10::IValue> training = torch::jit::toIValue(node->input(5));

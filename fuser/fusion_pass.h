@@ -38,6 +38,14 @@ int fuseAttention(std::shared_ptr<torch::jit::Graph>& graph, const Options& opti
 int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& options,
                      bool outputs_take_any_layout = false);
 
+// A 2-D convolution kiln::conv2d can run (library_fusion.cpp): aten::conv2d, or aten::_convolution
+// not transposed, over a constant 4-D weight and a constant bias or none, with constant stride,
+// padding, dilation and groups.
+bool isLibraryConvolution(const torch::jit::Node* node);
+// A constant scalar equal to 1 (int or float): an add's alpha, addmm's beta and alpha as models
+// leave them.
+bool isConstantOne(torch::jit::Value* value);
+
 // Convolution regions (conv_regions.cpp): in a frozen float32 graph, each run of two or more
 // convolutions over constant weights, with the relu, clamp, residual add and pooling between them
 // and one output, becomes one kiln::conv_region op that runs it the fastest way measured (ATen,

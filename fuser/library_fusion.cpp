@@ -69,11 +69,6 @@ bool isBool(Value* value, bool expected) {
   return known && known->isBool() && known->toBool() == expected;
 }
 
-bool isOne(Value* value) {
-  std::optional<c10::IValue> known = constant(value);
-  return known && ((known->isInt() && known->toInt() == 1) || (known->isDouble() && known->toDouble() == 1.0));
-}
-
 // The activation `node` applies to its first input, if it is one the library can fuse.
 std::optional<Activation> activationOf(const Node* node) {
   const std::string kind = node->kind().toQualString();
@@ -112,18 +107,7 @@ Node* onlyUser(Value* value) { return value->uses().size() == 1 ? value->uses()[
 bool isLibraryRoot(const Node* node) {
   if (node->matches("aten::linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor"))
     return isConstantTensor(node->input(1), 2) && isNoneOrConstantTensor(node->input(2), 1);
-  if (node->matches("aten::conv2d(Tensor input, Tensor weight, Tensor? bias=None, SymInt[2] stride=1, "
-                    "SymInt[2] padding=0, SymInt[2] dilation=1, SymInt groups=1) -> Tensor")) {
-    return isConstantTensor(node->input(1), 4) && isNoneOrConstantTensor(node->input(2), 1) &&
-           isIntList(node->input(3), 2) && isIntList(node->input(4), 2) && isIntList(node->input(5), 2) &&
-           isInt(node->input(6));
-  }
-  if (isKind(node, "aten::_convolution") && node->inputs().size() == 13) {
-    return isConstantTensor(node->input(1), 4) && isNoneOrConstantTensor(node->input(2), 1) &&
-           isIntList(node->input(3), 2) && isIntList(node->input(4), 2) && isIntList(node->input(5), 2) &&
-           isBool(node->input(6), false) && isInt(node->input(8));
-  }
-  return false;
+  return isLibraryConvolution(node);
 }
 
 struct Chain {
@@ -147,7 +131,7 @@ Chain chainFrom(Node* root) {
       continue;
     }
     if (chain.epilogue.add == Epilogue::Add::kNone && chain.epilogue.activation == Activation::kNone &&
-        isTensorAdd(user) && isOne(user->input(2)) && user->input(0) != user->input(1)) {
+        isTensorAdd(user) && isConstantOne(user->input(2)) && user->input(0) != user->input(1)) {
       // A residual add that feeds a row op (BERT's add + layer_norm) stays for the elementwise
       // pass, which fuses it into the row kernel: the same bytes, and no row op on its own.
       const auto& add_uses = user->output()->uses();
@@ -313,14 +297,14 @@ void containChannelsLast(torch::jit::Graph& graph, const std::vector<Value*>& ch
       Node* user = use.user;
       if (ignoresLayout(user, use.offset) || listForConvRegions(user)) continue;
       if (outputs_take_any_layout && user == graph.return_node()) continue;
-      // Any operand of a layout-following op: a broadcast first operand ([N, C, 1, 1] times a
-      // convolution's result) leaves the layout to the others.
       // A list gathered for one cat: the cat takes any strides, its result follows them.
       if (user->kind() == torch::jit::prim::ListConstruct && user->output()->uses().size() == 1 &&
           isKind(user->output()->uses()[0].user, "aten::cat")) {
         pending.push_back(user->output()->uses()[0].user->output());
         continue;
       }
+      // Any operand of a layout-following op: a broadcast first operand ([N, C, 1, 1] times a
+      // convolution's result) leaves the layout to the others.
       if (followsLayout(user)) {
         for (Value* output : user->outputs()) {
           if (output->type()->kind() == c10::TypeKind::TensorType) pending.push_back(output);
@@ -410,12 +394,6 @@ std::optional<Epilogue> Epilogue::parse(const std::string& text) {
   return std::nullopt;
 }
 
-// A constant scalar equal to 1 (int or float): addmm's beta and alpha as models leave them.
-bool isConstantOne(Value* value) {
-  std::optional<c10::IValue> constant = torch::jit::toIValue(value);
-  return constant && ((constant->isInt() && constant->toInt() == 1) || (constant->isDouble() && constant->toDouble() == 1.0));
-}
-
 // addmm(b, x, W) (beta and alpha 1), mm(x, W) and matmul(x, W) over a constant 2-D floating W are
 // linear(x, Wᵀ, b): GPT-2's Conv1D, a hand-written x @ W. Rewritten to aten::linear, W transposed
 // once (its constant goes when nothing else reads it), so that the pattern below takes them and
@@ -455,6 +433,27 @@ void linearsFromMatrixProducts(torch::jit::Graph& graph, torch::jit::Block* bloc
     node->output()->replaceAllUsesWith(linear);
     node->destroy();
   }
+}
+
+// A 2-D convolution the library can run (fusion_pass.h).
+bool isLibraryConvolution(const Node* node) {
+  if (node->matches("aten::conv2d(Tensor input, Tensor weight, Tensor? bias=None, SymInt[2] stride=1, "
+                    "SymInt[2] padding=0, SymInt[2] dilation=1, SymInt groups=1) -> Tensor")) {
+    return isConstantTensor(node->input(1), 4) && isNoneOrConstantTensor(node->input(2), 1) &&
+           isIntList(node->input(3), 2) && isIntList(node->input(4), 2) && isIntList(node->input(5), 2) &&
+           isInt(node->input(6));
+  }
+  if (isKind(node, "aten::_convolution") && node->inputs().size() == 13) {
+    return isConstantTensor(node->input(1), 4) && isNoneOrConstantTensor(node->input(2), 1) &&
+           isIntList(node->input(3), 2) && isIntList(node->input(4), 2) && isIntList(node->input(5), 2) &&
+           isBool(node->input(6), false) && isInt(node->input(8));
+  }
+  return false;
+}
+
+bool isConstantOne(Value* value) {
+  std::optional<c10::IValue> known = constant(value);
+  return known && ((known->isInt() && known->toInt() == 1) || (known->isDouble() && known->toDouble() == 1.0));
 }
 
 int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& options, bool outputs_take_any_layout) {

@@ -14,7 +14,6 @@
 #include <torch/csrc/jit/runtime/interpreter.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <chrono>
 #include <functional>
 #include <mutex>
@@ -54,11 +53,11 @@ struct RegionBuild {
 };
 
 // What a call checks before anything else: the activations' dtypes, sizes and strides and the
-// weights (alive, unwritten) of the last measured signature, and the code its choice runs.
+// build (its weights alive and unwritten) of the last measured signature, and the code its
+// choice runs.
 struct FastPath {
   std::vector<int64_t> shape;
-  std::vector<c10::weak_intrusive_ptr<c10::TensorImpl>> weights;
-  std::vector<int64_t> versions;
+  std::shared_ptr<const RegionBuild> build;
   std::shared_ptr<torch::jit::Code> code;  // none: the aten way
   const char* choice = nullptr;
 };
@@ -72,6 +71,13 @@ struct RegionProgram {
   std::unordered_map<std::string, std::shared_ptr<RegionBuild>> builds;
   std::shared_ptr<const FastPath> fast;  // read and replaced atomically
 };
+
+// Drops the builds whose weights were freed or written to; the caller holds program.mutex.
+void dropStaleBuilds(RegionProgram& program) {
+  for (auto it = program.builds.begin(); it != program.builds.end();) {
+    it = it->second->stale() ? program.builds.erase(it) : std::next(it);
+  }
+}
 
 std::shared_ptr<Graph> parseRegion(const std::string& text) {
   auto graph = std::make_shared<Graph>();
@@ -100,13 +106,10 @@ std::shared_ptr<RegionProgram> programFor(const c10::intrusive_ptr<c10::ivalue::
     RegionProgram& old = *it->second;
     {
       std::lock_guard<std::mutex> program_lock(old.mutex);
-      for (auto build = old.builds.begin(); build != old.builds.end();) {
-        build = build->second->stale() ? old.builds.erase(build) : std::next(build);
-      }
+      dropStaleBuilds(old);
     }
     std::shared_ptr<const FastPath> fast = std::atomic_load(&old.fast);
-    if (fast && std::any_of(fast->weights.begin(), fast->weights.end(), [](const auto& w) { return w.expired(); }))
-      std::atomic_store(&old.fast, std::shared_ptr<const FastPath>());
+    if (fast && fast->build->stale()) std::atomic_store(&old.fast, std::shared_ptr<const FastPath>());
     it = it->second.use_count() == 1 ? by_text->erase(it) : std::next(it);
   }
   std::shared_ptr<RegionProgram>& program = (*by_text)[text->string()];
@@ -239,9 +242,7 @@ std::shared_ptr<RegionBuild> buildFor(RegionProgram& program, const std::string&
   identity << key;
   for (const at::Tensor& weight : weights) identity << "|" << weight.unsafeGetTensorImpl();
   std::lock_guard<std::mutex> lock(program.mutex);
-  for (auto it = program.builds.begin(); it != program.builds.end();) {
-    it = it->second->stale() ? program.builds.erase(it) : std::next(it);
-  }
+  dropStaleBuilds(program);
   std::shared_ptr<RegionBuild>& found = program.builds[identity.str()];
   if (!found) found = build(program, activations, weights);
   return found;
@@ -260,12 +261,13 @@ std::vector<int64_t> shapeOf(const std::vector<at::Tensor>& activations) {
   return shape;
 }
 
-bool sameWeights(const FastPath& fast, const std::vector<at::Tensor>& weights) {
-  if (fast.weights.size() != weights.size()) return false;
+// Whether `weights` are the build's own, alive and as they were when it was built.
+bool sameWeights(const RegionBuild& build, const std::vector<at::Tensor>& weights) {
+  if (build.weights.size() != weights.size()) return false;
   for (size_t i = 0; i < weights.size(); ++i) {
     const c10::TensorImpl* impl = weights[i].unsafeGetTensorImpl();
-    if (fast.weights[i]._unsafe_get_target() != impl || fast.weights[i].expired() ||
-        static_cast<int64_t>(impl->version_counter().current_version()) != fast.versions[i])
+    if (build.weights[i]._unsafe_get_target() != impl || build.weights[i].expired() ||
+        static_cast<int64_t>(impl->version_counter().current_version()) != build.versions[i])
       return false;
   }
   return true;
@@ -284,12 +286,12 @@ std::vector<at::Tensor> convRegion(RegionProgram& program, const std::vector<at:
     for (const at::Tensor& tensor : activations) measurable = measurable && !tensor.requires_grad();
     for (const at::Tensor& tensor : weights) measurable = measurable && !tensor.requires_grad();
   }
-  const bool forced = !forcedChoice().empty();
+  const bool forced = choiceForced();
   std::vector<int64_t> shape = measurable ? shapeOf(activations) : std::vector<int64_t>();
   // The fast path: the signature measured last, its choice run directly.
   if (measurable && !forced) {
     std::shared_ptr<const FastPath> fast = std::atomic_load(&program.fast);
-    if (fast && fast->shape == shape && sameWeights(*fast, weights)) {
+    if (fast && fast->shape == shape && sameWeights(*fast->build, weights)) {
       const auto start = std::chrono::steady_clock::now();
       std::vector<at::Tensor> results = fast->code ? runCode(*fast->code, activations) : runCode(*program.aten, activations, weights);
       counters.calls++;
@@ -328,10 +330,7 @@ std::vector<at::Tensor> convRegion(RegionProgram& program, const std::vector<at:
       if (*chosen != kOnednnGraph && std::atomic_load(&built->onednn)) std::atomic_store(&built->onednn, {});
       auto fast = std::make_shared<FastPath>();
       fast->shape = std::move(shape);
-      for (const at::Tensor& weight : weights) {
-        fast->weights.emplace_back(weight.getIntrusivePtr());
-        fast->versions.push_back(static_cast<int64_t>(weight._version()));
-      }
+      fast->build = built;
       if (*chosen == kKiln) {
         fast->code = std::atomic_load(&built->kiln);
         fast->choice = kKiln;

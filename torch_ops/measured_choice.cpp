@@ -106,10 +106,15 @@ void endMeasurement(const std::string& key) {
   measuring().erase(key);
 }
 
+std::atomic<bool> any_forced{false};
+
 void forceChoice(const std::string& choice) {
   std::lock_guard<std::mutex> lock(choices_mutex);
   forced() = choice;
+  any_forced = !choice.empty();
 }
+
+bool choiceForced() { return any_forced.load(std::memory_order_relaxed); }
 
 std::string forcedChoice() {
   std::lock_guard<std::mutex> lock(choices_mutex);

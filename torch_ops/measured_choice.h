@@ -71,5 +71,7 @@ void endMeasurement(const std::string& key);
 // Tests: makes every library call run `choice` where it can ("" measures again).
 void forceChoice(const std::string& choice);
 std::string forcedChoice();
+// Whether a choice is forced: a lock-free read for the calls' fast paths.
+bool choiceForced();
 
 }  // namespace kiln
