@@ -7,9 +7,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <limits>
 #include <mutex>
+#include <sstream>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -20,9 +22,23 @@
 namespace kiln {
 namespace {
 
+// A choice and what it rests on: each way's best time over every measurement so far, and how
+// many processes measured it. A choice measured while something else loaded the machine can be
+// wrong, so it is measured again by the next processes that meet it, each way keeping its best
+// time across them, until kSettledAfter measurements agree on a machine state.
+constexpr int kSettledAfter = 3;
+
+struct ChoiceRecord {
+  std::string choice;
+  int measurements = 0;
+  std::vector<std::pair<std::string, double>> best_ns;  // way, best time seen
+  bool measured_here = false;                            // this process measured it already
+  bool settled() const { return measurements >= kSettledAfter; }
+};
+
 std::mutex choices_mutex;
-std::unordered_map<std::string, std::string>& choices() {
-  static auto* table = new std::unordered_map<std::string, std::string>();
+std::unordered_map<std::string, ChoiceRecord>& choices() {
+  static auto* table = new std::unordered_map<std::string, ChoiceRecord>();
   return *table;
 }
 std::unordered_set<std::string>& measuring() {
@@ -75,25 +91,118 @@ std::string hostSignature() {
   return model + ", " + std::to_string(at::get_num_threads()) + " threads";
 }
 
-std::optional<std::string> rememberedChoice(const std::string& key) {
+namespace {
+
+// On disk: "kiln choice 2\n" then "choice NAME", "measurements N" and one "way NAME NS" per way,
+// a line each. A file holding only a way's name (what kiln wrote before) is a choice measured
+// once, with no times: measured again.
+constexpr const char* kRecordMagic = "kiln choice 2";
+
+std::string serialize(const ChoiceRecord& record) {
+  std::ostringstream out;
+  out << kRecordMagic << "\nchoice " << record.choice << "\nmeasurements " << record.measurements << "\n";
+  for (const auto& [way, ns] : record.best_ns) out << "way " << way << " " << ns << "\n";
+  return out.str();
+}
+
+std::optional<ChoiceRecord> parse(const std::string& text) {
+  ChoiceRecord record;
+  if (text.rfind(kRecordMagic, 0) != 0) {
+    if (text.empty() || text.find_first_of(" \n") != std::string::npos) return std::nullopt;
+    record.choice = text;
+    record.measurements = 1;
+    return record;
+  }
+  std::istringstream in(text.substr(std::strlen(kRecordMagic)));
+  std::string field;
+  while (in >> field) {
+    if (field == "choice") {
+      in >> record.choice;
+    } else if (field == "measurements") {
+      in >> record.measurements;
+    } else if (field == "way") {
+      std::string way;
+      double ns = 0;
+      in >> way >> ns;
+      if (in && std::isfinite(ns) && ns >= 0) record.best_ns.emplace_back(way, ns);
+    } else {
+      return std::nullopt;
+    }
+    if (!in) return std::nullopt;
+  }
+  if (record.choice.empty() || record.measurements < 1) return std::nullopt;
+  return record;
+}
+
+// What a call needs of the record for `key`: read from memory, else from the disk cache (kept in
+// memory from then on) and then `read` under the lock, so that a call copies no more than it uses.
+template <typename Read>
+auto readRecord(const std::string& key, Read read) -> std::optional<decltype(read(ChoiceRecord()))> {
   {
     std::lock_guard<std::mutex> lock(choices_mutex);
     auto found = choices().find(key);
-    if (found != choices().end()) return found->second;
+    if (found != choices().end()) return read(found->second);
   }
   std::optional<std::string> stored = choiceCache().load(diskKey(key));
-  if (!stored) return std::nullopt;
+  std::optional<ChoiceRecord> record = stored ? parse(*stored) : std::nullopt;
+  if (!record) return std::nullopt;
   std::lock_guard<std::mutex> lock(choices_mutex);
-  choices()[key] = *stored;
-  return stored;
+  return read(choices().emplace(key, *record).first->second);
 }
 
-void rememberChoice(const std::string& key, const std::string& choice) {
+std::optional<ChoiceRecord> recordFor(const std::string& key) {
+  return readRecord(key, [](const ChoiceRecord& record) { return record; });
+}
+
+// The remembered way, and whether this process should measure it again first.
+struct Remembered {
+  std::string choice;
+  bool measure_again = false;
+};
+std::optional<Remembered> remembered(const std::string& key) {
+  return readRecord(key, [](const ChoiceRecord& record) {
+    return Remembered{record.choice, !record.settled() && !record.measured_here};
+  });
+}
+
+// Folds one measurement (each usable way's best time in it) into the record for `key` and stores
+// it: each way keeps its best time across measurements; the fastest of those is the choice. A way
+// not usable in this measurement is not chosen.
+ChoiceRecord recordMeasurement(const std::string& key, const std::vector<std::pair<std::string, double>>& measured) {
+  std::optional<ChoiceRecord> earlier = recordFor(key);
+  ChoiceRecord record;
+  record.measurements = (earlier ? earlier->measurements : 0) + 1;
+  record.measured_here = true;
+  double best = std::numeric_limits<double>::infinity();
+  for (const auto& [way, ns] : measured) {
+    double kept = ns;
+    if (earlier) {
+      for (const auto& [earlier_way, earlier_ns] : earlier->best_ns) {
+        if (earlier_way == way) kept = std::min(kept, earlier_ns);
+      }
+    }
+    record.best_ns.emplace_back(way, kept);
+    if (kept < best) {
+      best = kept;
+      record.choice = way;
+    }
+  }
   {
     std::lock_guard<std::mutex> lock(choices_mutex);
-    choices()[key] = choice;
+    choices()[key] = record;
   }
-  choiceCache().store(diskKey(key), choice);
+  choiceCache().store(diskKey(key), serialize(record));
+  return record;
+}
+
+}  // namespace
+
+std::optional<std::string> rememberedChoice(const std::string& key) {
+  return readRecord(key, [](const ChoiceRecord& record) { return record.choice; });
+}
+
+int rememberedMeasurements(const std::string& key) {
+  return readRecord(key, [](const ChoiceRecord& record) { return record.measurements; }).value_or(0);
 }
 
 bool claimMeasurement(const std::string& key) {
@@ -104,6 +213,11 @@ bool claimMeasurement(const std::string& key) {
 void endMeasurement(const std::string& key) {
   std::lock_guard<std::mutex> lock(choices_mutex);
   measuring().erase(key);
+}
+
+void forgetChoicesInMemory() {
+  std::lock_guard<std::mutex> lock(choices_mutex);
+  choices().clear();
 }
 
 std::atomic<bool> any_forced{false};
@@ -258,11 +372,15 @@ Result runFastestOf(const std::string& key, const std::vector<BasicMeasuredWay<R
     if (std::optional<Result> result = runNamed(forced)) return *result;
     return finish(candidates[0].run(other), kAten);
   }
-  if (std::optional<std::string> remembered = rememberedChoice(key)) {
-    if (std::optional<Result> result = runNamed(*remembered)) return *result;
+  // A remembered choice runs, unless it is not settled yet and this process has not measured it:
+  // then this call measures again (another thread measuring meanwhile runs the remembered way).
+  const std::optional<Remembered> earlier = remembered(key);
+  auto runRemembered = [&]() -> Result {
+    if (std::optional<Result> result = runNamed(earlier->choice)) return *result;
     return finish(candidates[0].run(other), kAten);
-  }
-  if (!claimMeasurement(key)) return finish(candidates[0].run(other), kAten);
+  };
+  if (earlier && !earlier->measure_again) return runRemembered();
+  if (!claimMeasurement(key)) return earlier ? runRemembered() : finish(candidates[0].run(other), kAten);
   struct Claim {
     const std::string& key;
     ~Claim() { endMeasurement(key); }
@@ -309,12 +427,16 @@ Result runFastestOf(const std::string& key, const std::vector<BasicMeasuredWay<R
       }
     }
   }
+  std::vector<std::pair<std::string, double>> measured;
+  for (size_t i = 0; i < usable.size(); ++i) {
+    if (std::isfinite(fastest[i])) measured.emplace_back(usable[i]->name, fastest[i]);
+  }
+  // The choice over this and earlier processes' measurements (see recordMeasurement).
+  const ChoiceRecord record = recordMeasurement(key, measured);
   Result best_result = reference;
   const char* best_name = kAten;
-  double best_ns = std::numeric_limits<double>::infinity();
   for (size_t i = 0; i < usable.size(); ++i) {
-    if (fastest[i] < best_ns) {
-      best_ns = fastest[i];
+    if (record.choice == usable[i]->name && std::isfinite(fastest[i])) {
       best_name = usable[i]->name;
       best_result = results[i];
     }
@@ -327,8 +449,8 @@ Result runFastestOf(const std::string& key, const std::vector<BasicMeasuredWay<R
     if (weight == nullptr || candidate.name == best_name || candidate.keeps == nullptr) continue;
     if (best_keeps == nullptr || std::string(best_keeps) != candidate.keeps) forgetPreparedWeight(weight, candidate.keeps);
   }
-  rememberChoice(key, best_name);
-  log(LogLevel::kInfo, key + " runs " + best_name);
+  log(LogLevel::kInfo, key + " runs " + best_name + " (measured " + std::to_string(record.measurements) + " time" +
+                         (record.measurements == 1 ? "" : "s") + ")");
   return finish(best_result, best_name, /*timed=*/false);
 }
 

@@ -59,15 +59,21 @@ int64_t powerOfTwoAtLeast(int64_t n);
 // The machine a choice was measured on: CPU model and the thread count torch uses.
 std::string hostSignature();
 
-// The remembered choice for `key` (a shape class), from memory, else from the disk cache.
+// The remembered choice for `key` (a shape class), from memory, else from the disk cache. A choice
+// is measured again by each new process that meets it (each way keeping its best time across the
+// measurements) until it has been measured three times: one measurement made while the machine
+// was loaded does not decide for good.
 std::optional<std::string> rememberedChoice(const std::string& key);
-void rememberChoice(const std::string& key, const std::string& choice);
+// How many times the remembered choice for `key` has been measured (0: none remembered).
+int rememberedMeasurements(const std::string& key);
 
 // One thread measures a key at a time: claimMeasurement is true for the caller that should
 // measure (and must then call endMeasurement); others run the default way meanwhile.
 bool claimMeasurement(const std::string& key);
 void endMeasurement(const std::string& key);
 
+// Tests: forgets the choices held in memory, as a new process starts (the disk cache keeps them).
+void forgetChoicesInMemory();
 // Tests: makes every library call run `choice` where it can ("" measures again).
 void forceChoice(const std::string& choice);
 std::string forcedChoice();

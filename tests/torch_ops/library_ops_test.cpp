@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <torch/csrc/jit/testing/file_check.h>
 #include <torch/script.h>
+#include <torch/version.h>
 
 #include <filesystem>
 #include <random>
@@ -15,7 +16,9 @@
 
 #include "support/graph_testing.h"
 #include "support/library_testing.h"
+#include "codegen/kernel_cache.h"
 #include "fuser/library_calls.h"
+#include "kiln/options.h"
 #include "torch_ops/measured_choice.h"
 
 namespace kiln {
@@ -559,6 +562,88 @@ TEST(LibraryCalls, MeasuredChoiceIsRemembered) {
   at::Tensor x2 = torch::randn({13, 72});
   expectClose(forward(fused, {x2}), forward(eager, {x2}), 4, "remembered");
   EXPECT_EQ(report(fused.get_method("forward").graph()).groups[0].choice, *remembered);
+}
+
+// Two ways whose speed a test sets (sleeps), counting their runs.
+struct SleepingWays {
+  int reference_ms = 2, library_ms = 0;
+  int reference_runs = 0, library_runs = 0;
+  std::vector<MeasuredWay> ways() {
+    auto way = [](const char* name, int* sleep_ms, int* runs) {
+      return MeasuredWay{name, [=](const std::optional<at::Tensor>&) {
+                           ++*runs;
+                           std::this_thread::sleep_for(std::chrono::milliseconds(*sleep_ms));
+                           return torch::ones({2});
+                         }};
+    };
+    return {way("reference", &reference_ms, &reference_runs), way("library", &library_ms, &library_runs)};
+  }
+  std::string run(const std::string& key) {
+    reference_runs = library_runs = 0;
+    GroupCounters counters;
+    runFastest(key, ways(), counters);
+    return counters.choice.load();
+  }
+};
+
+std::string uniqueKey(const std::string& what) {
+  return what + " " + std::to_string(std::random_device()()) + " " + std::to_string(::getpid());
+}
+
+TEST(LibraryCalls, AChoiceIsMeasuredAgainUntilSettled) {
+  const std::string key = uniqueKey("measured again");
+  SleepingWays ways;
+  // The first process measures while the library way is slow (as when something else loads the
+  // machine): ATen's way is chosen.
+  ways.library_ms = 8;
+  EXPECT_EQ(ways.run(key), "reference");
+  EXPECT_EQ(rememberedMeasurements(key), 1);
+  // The same process does not measure again: one call, one run.
+  EXPECT_EQ(ways.run(key), "reference");
+  EXPECT_EQ(ways.reference_runs + ways.library_runs, 1);
+  // The next process, on a quiet machine, measures again and chooses the library way.
+  forgetChoicesInMemory();
+  ways.library_ms = 0;
+  EXPECT_EQ(ways.run(key), "library");
+  EXPECT_GT(ways.reference_runs, 1);
+  EXPECT_EQ(rememberedMeasurements(key), 2);
+  // A third process on a loaded machine again: each way keeps its best time, so the library way
+  // stays chosen; that is the third measurement.
+  forgetChoicesInMemory();
+  ways.library_ms = 8;
+  EXPECT_EQ(ways.run(key), "library");
+  EXPECT_EQ(rememberedMeasurements(key), 3);
+  // Settled: later processes run the choice without measuring.
+  forgetChoicesInMemory();
+  EXPECT_EQ(ways.run(key), "library");
+  EXPECT_EQ(ways.reference_runs, 0);
+  EXPECT_EQ(ways.library_runs, 1);
+  EXPECT_EQ(rememberedMeasurements(key), 3);
+}
+
+TEST(LibraryCalls, AChoiceFromAnOlderKilnIsMeasuredAgain) {
+  // What kiln wrote before choices carried their times: the way's name alone, under the same key.
+  const std::string key = uniqueKey("older choice");
+  KernelCacheKey disk;
+  disk.ir = "measured choice: " + key;
+  disk.arch = hostSignature();
+  disk.compiler = std::string("torch ") + TORCH_VERSION;
+  KernelCache cache(Options::global().cache_dir, Options::global().cache_max_mb << 20);
+  ASSERT_TRUE(cache.store(disk, "reference"));
+  forgetChoicesInMemory();
+  EXPECT_EQ(rememberedChoice(key), std::optional<std::string>("reference"));
+  EXPECT_EQ(rememberedMeasurements(key), 1);
+  SleepingWays ways;
+  EXPECT_EQ(ways.run(key), "library");
+  EXPECT_EQ(rememberedMeasurements(key), 2);
+  // A file that is neither form is no choice: measured afresh.
+  const std::string garbled = uniqueKey("garbled choice");
+  disk.ir = "measured choice: " + garbled;
+  ASSERT_TRUE(cache.store(disk, "kiln choice 2\nchoice library\nmeasurements x\n"));
+  forgetChoicesInMemory();
+  EXPECT_EQ(rememberedChoice(garbled), std::nullopt);
+  EXPECT_EQ(ways.run(garbled), "library");
+  EXPECT_EQ(rememberedMeasurements(garbled), 1);
 }
 
 TEST(LibraryCalls, MeasuringReleasesWhatTheSlowerWaysKeep) {
