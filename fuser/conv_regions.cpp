@@ -14,9 +14,13 @@
 // - lies in the graph's own block and holds at least two convolutions; its outputs are the values
 //   a node outside reads (or the graph returns), unpacked from the op's list;
 // - holds conv2d / _convolution (2-D, not transposed, constant weight and bias, constant
-//   arguments), relu, hardtanh, add (two tensors, alpha 1), max_pool2d and avg_pool2d with
-//   constant arguments; an in-place form only on a value made inside the region that nothing
-//   outside reads;
+//   arguments), linear over a constant weight, layer_norm, batch_norm, elementwise activations,
+//   add and mul of two tensors, pooling, mean, cat; an in-place form only on a value made inside
+//   the region that nothing outside reads;
+// - continues (never starts) with views of values it made that nothing else reads (view,
+//   reshape, flatten, permute, transpose, chunk, ...), and with the scalar shape arithmetic their
+//   sizes come from (aten::size, floor_divide, int lists), which is computed again outside where
+//   something outside reads it, so the op returns tensors only;
 // - ends where a node outside it reads one of its values, or writes memory its inputs may share,
 //   or holds blocks: the op runs where the region's last node was, so nothing in between may need
 //   a region value or change an input.
@@ -101,6 +105,23 @@ bool isRegionOp(const Node* node, bool* in_place) {
            isConstantTensor(node->input(3), 1) && isConstantTensor(node->input(4), 1) && training &&
            training->isBool() && !training->toBool() && allParameters(node, 5);
   }
+  if (node->matches("aten::tanh(Tensor self) -> Tensor") || node->matches("aten::hardsigmoid(Tensor self) -> Tensor"))
+    return true;
+  if (node->matches("aten::tanh_(Tensor(a!) self) -> Tensor(a!)") ||
+      node->matches("aten::hardsigmoid_(Tensor(a!) self) -> Tensor(a!)"))
+    return *in_place = true;
+  if (node->matches("aten::gelu(Tensor self, *, str approximate='none') -> Tensor")) return allParameters(node, 1);
+  if (node->matches("aten::linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor"))
+    return isConstantTensor(node->input(1), 2) && (node->input(2)->mustBeNone() || isConstantTensor(node->input(2), 1));
+  if (node->matches("aten::layer_norm(Tensor input, int[] normalized_shape, Tensor? weight=None, Tensor? bias=None, "
+                    "float eps=1e-05, bool cudnn_enable=True) -> Tensor")) {
+    return isParameter(node->input(1)) && allParameters(node, 4) &&
+           (node->input(2)->mustBeNone() || isConstantTensor(node->input(2), 1)) &&
+           (node->input(3)->mustBeNone() || isConstantTensor(node->input(3), 1));
+  }
+  if (node->matches("aten::adaptive_avg_pool2d(Tensor self, SymInt[2] output_size) -> Tensor")) return allParameters(node, 1);
+  if (node->matches("aten::mean.dim(Tensor self, int[1]? dim, bool keepdim=False, *, ScalarType? dtype=None) -> Tensor"))
+    return allParameters(node, 1);
   if (node->matches("aten::max_pool2d(Tensor self, int[2] kernel_size, int[2] stride=[], int[2] padding=0, "
                     "int[2] dilation=1, bool ceil_mode=False) -> Tensor"))
     return allParameters(node, 1);
@@ -108,6 +129,54 @@ bool isRegionOp(const Node* node, bool* in_place) {
                     "bool ceil_mode=False, bool count_include_pad=True, int? divisor_override=None) -> Tensor"))
     return allParameters(node, 1) && node->input(6)->mustBeNone();
   return false;
+}
+
+// Ops whose result may share its input's memory (views, and what returns its input as it is):
+// they join only over a value the region made that nothing else reads but the region's
+// aten::size, so that no value the region returns shares memory with its inputs or with another
+// value it returns.
+bool isViewOp(const Node* node) {
+  if (node->kind() == torch::jit::prim::ConstantChunk) return true;
+  // A chunk or split's list joins with the unpacking that alone reads it.
+  if (node->kind() == torch::jit::prim::ListUnpack) return node->input()->type()->isSubtypeOf(*c10::ListType::ofTensors());
+  if (node->matches("aten::chunk(Tensor(a -> *) self, int chunks, int dim=0) -> Tensor(a)[]") ||
+      node->matches("aten::split.Tensor(Tensor(a -> *) self, SymInt split_size, int dim=0) -> Tensor(a)[]")) {
+    const auto& uses = node->output()->uses();
+    return allParameters(node, 1) && uses.size() == 1 && uses[0].user->kind() == torch::jit::prim::ListUnpack;
+  }
+  if (node->matches("aten::view(Tensor(a) self, SymInt[] size) -> Tensor(a)") ||
+      node->matches("aten::reshape(Tensor(a) self, SymInt[] shape) -> Tensor(a)"))
+    return true;  // the sizes may be computed in the region (shape ops)
+  if (node->matches("aten::flatten.using_ints(Tensor(a) self, int start_dim=0, int end_dim=-1) -> Tensor(a)") ||
+      node->matches("aten::permute(Tensor(a) self, int[] dims) -> Tensor(a)") ||
+      node->matches("aten::transpose.int(Tensor(a) self, int dim0, int dim1) -> Tensor(a)") ||
+      node->matches("aten::contiguous(Tensor(a) self, *, MemoryFormat memory_format=contiguous_format) -> Tensor(a)") ||
+      node->matches("aten::unsqueeze(Tensor(a) self, int dim) -> Tensor(a)") ||
+      node->matches("aten::squeeze.dim(Tensor(a) self, int dim) -> Tensor(a)"))
+    return allParameters(node, 1);
+  if (node->matches("aten::dropout(Tensor input, float p, bool train) -> Tensor")) {
+    std::optional<c10::IValue> train = torch::jit::toIValue(node->input(2));
+    return allParameters(node, 1) && train && train->isBool() && !train->toBool();
+  }
+  return false;
+}
+
+// Scalar arithmetic on shapes (a channel shuffle's sizes: x.size(1) // groups): pure, cheap, and
+// cloned out of the region again where something outside reads its result (materializeOutside).
+bool isShapeOp(const Node* node) {
+  if (node->kind() == torch::jit::prim::NumToTensor) return true;
+  // `n, c, h, w = x.size()`
+  if (node->kind() == torch::jit::prim::ListUnpack) return node->input()->type()->isSubtypeOf(*c10::ListType::ofInts());
+  if (node->kind() == torch::jit::prim::ListConstruct) {
+    return node->output()->type()->isSubtypeOf(*c10::ListType::ofInts());
+  }
+  return node->matches("aten::size.int(Tensor self, int dim) -> int") ||
+         node->matches("aten::size(Tensor self) -> int[]") || node->matches("aten::Int.Tensor(Tensor a) -> int") ||
+         node->matches("aten::floor_divide.Scalar(Tensor self, Scalar other) -> Tensor") ||
+         node->matches("aten::floor_divide(Tensor self, Tensor other) -> Tensor") ||
+         node->matches("aten::floordiv.int(int a, int b) -> int") || node->matches("aten::mul.int(int a, int b) -> int") ||
+         node->matches("aten::add.int(int a, int b) -> int") || node->matches("aten::sub.int(int a, int b) -> int") ||
+         node->matches("aten::__getitem__.t(t[](a) list, int idx) -> t(*)");
 }
 
 struct Region {
@@ -132,6 +201,32 @@ struct Region {
 // Whether `node` may join `region`: a convolution or region op whose tensors come from the region
 // or from before it; an in-place op only on a value the region made and only the region reads.
 bool mayJoin(const Region& region, Node* node) {
+  // Shape ops and views continue a region; they never start one.
+  if (isShapeOp(node)) {
+    if (region.empty()) return false;
+    // What a shape op reads: the region's values, constants (a traced `// groups` divides by a
+    // constant tensor), or (aten::size) any tensor; never a scalar computed outside, which the region's graph could not take as an input.
+    const bool sizes_of = isKind(node, "aten::size");
+    for (Value* input : node->inputs()) {
+      if (region.produces(input) || isParameter(input) || input->node()->kind() == torch::jit::prim::Constant) continue;
+      if (sizes_of && input->type()->isSubtypeOf(*c10::TensorType::get())) continue;
+      return false;
+    }
+    return true;
+  }
+  if (isViewOp(node)) {
+    // Besides the view, only the region's aten::size may read the base (for its sizes).
+    Value* base = node->input(0);
+    if (!region.produces(base)) return false;
+    for (const torch::jit::Use& use : base->uses()) {
+      if (use.user != node && !(isKind(use.user, "aten::size") && region.members.count(use.user))) return false;
+    }
+    // A view's sizes: constants, or shape ops' results in the region.
+    for (size_t i = 1; i < node->inputs().size(); ++i) {
+      if (!isParameter(node->input(i)) && !region.produces(node->input(i))) return false;
+    }
+    return true;
+  }
   bool in_place = false;
   if (!isConvolution(node) && !isRegionOp(node, &in_place)) return false;
   if (!node->input(0)->type()->isSubtypeOf(*c10::TensorType::get())) return false;
@@ -199,9 +294,74 @@ std::shared_ptr<torch::jit::Graph> regionGraph(const Region& region, const std::
     }
   }
   for (Value* output : outputs) graph->registerOutput(env.at(output));
+  // A view reads its input's strides, which the ways change (kiln's and oneDNN Graph's results
+  // are channels-last); a reshape gives the same values from any strides. Nothing else reads a
+  // view's input (isViewOp), so whether the reshape copies is not seen.
+  for (auto it = graph->nodes().begin(); it != graph->nodes().end();) {
+    Node* node = *it++;
+    if (node->kind() != c10::Symbol::fromQualString("aten::view")) continue;
+    Node* reshape = graph->create(c10::Symbol::fromQualString("aten::reshape"), {node->input(0), node->input(1)}, 1);
+    reshape->insertBefore(node);
+    reshape->output()->setType(node->output()->type());
+    node->output()->replaceAllUsesWith(reshape->output());
+    node->destroy();
+  }
   // The text is parsed back at run time: no scopes (the IR parser does not read them).
   for (Node* node : graph->nodes()) node->setScope(c10::make_intrusive<torch::jit::Scope>());
   return graph;
+}
+
+// The values read outside `region` that its shape ops made (sizes, and what is computed from
+// them), and the shape ops that make them: after the region op these are computed again outside
+// from its results (materializeOutside), so the op returns tensors only. Adds to `outputs` the
+// tensors those shape ops read.
+std::vector<Node*> shapeOpsReadOutside(const Region& region, std::vector<Value*>& outputs) {
+  std::unordered_set<const Node*> needed;
+  std::function<void(Value*)> need = [&](Value* value) {
+    Node* node = value->node();
+    if (!region.members.count(node)) return;  // from outside: read as it is
+    if (!isShapeOp(node)) {
+      if (std::find(outputs.begin(), outputs.end(), value) == outputs.end()) outputs.push_back(value);
+      return;
+    }
+    if (!needed.insert(node).second) return;
+    for (Value* input : node->inputs()) need(input);
+  };
+  std::vector<Value*> shape_values;
+  for (Value* output : outputs) {
+    if (isShapeOp(output->node())) shape_values.push_back(output);
+  }
+  outputs.erase(std::remove_if(outputs.begin(), outputs.end(), [](Value* value) { return isShapeOp(value->node()); }),
+                outputs.end());
+  for (Value* value : shape_values) need(value);
+  std::vector<Node*> ordered;
+  for (Node* node : region.nodes) {
+    if (needed.count(node)) ordered.push_back(node);
+  }
+  return ordered;
+}
+
+// Clones `shape_ops` (in order) at the insertion point, reading the region op's results where they
+// read the region's tensors, and points the uses outside the region to the clones.
+void materializeOutside(torch::jit::Graph& graph, const Region& region, const std::vector<Node*>& shape_ops,
+                        const std::unordered_map<Value*, Value*>& unpacked) {
+  std::unordered_map<Value*, Value*> env(unpacked);
+  for (Node* node : shape_ops) {
+    Node* copy = graph.createClone(node, [&](Value* value) {
+      auto found = env.find(value);
+      return found != env.end() ? found->second : value;
+    });
+    graph.insertNode(copy);
+    for (size_t i = 0; i < node->outputs().size(); ++i) {
+      Value* original = node->output(i);
+      env[original] = copy->output(i);
+      std::vector<torch::jit::Use> outside;
+      for (const torch::jit::Use& use : original->uses()) {
+        if (!region.members.count(use.user)) outside.push_back(use);
+      }
+      for (const torch::jit::Use& use : outside) use.user->replaceInput(use.offset, copy->output(i));
+    }
+  }
 }
 
 // Replaces `region` by one kiln::conv_region op and a prim::ListUnpack of its results; false
@@ -209,6 +369,7 @@ std::shared_ptr<torch::jit::Graph> regionGraph(const Region& region, const std::
 bool replaceRegion(torch::jit::Graph& graph, const Region& region) {
   if (region.convolutions < 2) return false;
   std::vector<Value*> outputs = regionOutputs(region);
+  const std::vector<Node*> shape_ops = shapeOpsReadOutside(region, outputs);
   if (outputs.empty()) return false;
   std::vector<Value*> activations, weights;
   std::shared_ptr<torch::jit::Graph> subgraph = regionGraph(region, outputs, activations, weights);
@@ -225,10 +386,13 @@ bool replaceRegion(torch::jit::Graph& graph, const Region& region) {
   if (last->callstack()) call->setCallStack(*last->callstack());
   Node* unpack = graph.createListUnpack(call->output(), outputs.size());
   graph.insertNode(unpack);
+  std::unordered_map<Value*, Value*> unpacked;
   for (size_t i = 0; i < outputs.size(); ++i) {
     unpack->output(i)->setType(outputs[i]->type());
-    outputs[i]->replaceAllUsesWith(unpack->output(i));
+    unpacked[outputs[i]] = unpack->output(i);
   }
+  materializeOutside(graph, region, shape_ops, unpacked);
+  for (size_t i = 0; i < outputs.size(); ++i) outputs[i]->replaceAllUsesWith(unpack->output(i));
   for (auto it = region.nodes.rbegin(); it != region.nodes.rend(); ++it) (*it)->destroy();
   return true;
 }
@@ -247,6 +411,28 @@ Node* catList(const Node* node) {
 }
 
 }  // namespace
+
+std::vector<size_t> permutedRegionOutputs(const torch::jit::Graph& region) {
+  // Which values may carry a permute's strides: a permute's or transpose's result, and what any
+  // op but those that write a fresh contiguous result (contiguous, linear, layer_norm) makes of one.
+  std::unordered_set<const Value*> permuted;
+  for (const Node* node : region.nodes()) {
+    bool carries = isKind(node, "aten::permute") || isKind(node, "aten::transpose");
+    if (!carries && !isKind(node, "aten::contiguous") && !isKind(node, "aten::linear") && !isKind(node, "aten::layer_norm")) {
+      for (const Value* input : node->inputs()) carries = carries || permuted.count(input) > 0;
+    }
+    if (!carries) continue;
+    for (const Value* output : node->outputs()) {
+      if (output->type()->cast<c10::TensorType>() || output->type()->isSubtypeOf(*c10::ListType::ofTensors()))
+        permuted.insert(output);
+    }
+  }
+  std::vector<size_t> indices;
+  for (size_t i = 0; i < region.outputs().size(); ++i) {
+    if (permuted.count(region.outputs()[i])) indices.push_back(i);
+  }
+  return indices;
+}
 
 int extractConvolutionRegions(std::shared_ptr<torch::jit::Graph>& graph) {
   // Each cat's own list right before it, so that the two are met together (the list only gathers

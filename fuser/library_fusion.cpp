@@ -16,6 +16,7 @@
 // unknown op, control flow) gets aten::contiguous in front of it, so strides it could observe are
 // as before the rewrite.
 #include <torch/csrc/jit/ir/alias_analysis.h>
+#include <torch/csrc/jit/ir/irparser.h>
 
 #include <c10/util/StringUtil.h>
 
@@ -465,9 +466,18 @@ int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& o
   std::vector<Value*> channels_last;
   for (Node* node : graph->block()->nodes()) {
     if (node->kind().toQualString() != std::string(kConvRegionOp)) continue;
+    // Outputs whose strides follow a permute come back as ATen's ops give them.
+    std::vector<size_t> as_aten;
+    if (std::optional<c10::IValue> text = constant(node->input(2)); text && text->isString()) {
+      torch::jit::Graph region;
+      torch::jit::parseIR(text->toStringRef(), &region);
+      as_aten = permutedRegionOutputs(region);
+    }
     for (const torch::jit::Use& use : node->output()->uses()) {
       if (use.user->kind() != torch::jit::prim::ListUnpack) continue;
-      for (Value* output : use.user->outputs()) channels_last.push_back(output);
+      for (size_t i = 0; i < use.user->outputs().size(); ++i) {
+        if (std::find(as_aten.begin(), as_aten.end(), i) == as_aten.end()) channels_last.push_back(use.user->output(i));
+      }
     }
   }
   for (Node* root : roots) {

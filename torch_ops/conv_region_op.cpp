@@ -42,6 +42,9 @@ struct RegionBuild {
   std::vector<int64_t> versions;                                  // their versions when built
   std::shared_ptr<torch::jit::Code> kiln;
   std::shared_ptr<torch::jit::Code> onednn;
+  // For the outputs whose strides follow a permute (RegionProgram::as_aten): the strides ATen's
+  // ops give them at this signature, which the other ways' results are given too.
+  std::vector<std::pair<size_t, std::vector<int64_t>>> aten_strides;
 
   bool stale() const {
     for (size_t i = 0; i < weights.size(); ++i) {
@@ -66,6 +69,7 @@ struct RegionProgram {
   std::string text;
   size_t hash = 0;
   std::shared_ptr<torch::jit::Code> aten;
+  std::vector<size_t> as_aten;  // permutedRegionOutputs
   GroupCounters* counters = nullptr;
   std::mutex mutex;
   std::unordered_map<std::string, std::shared_ptr<RegionBuild>> builds;
@@ -117,7 +121,9 @@ std::shared_ptr<RegionProgram> programFor(const c10::intrusive_ptr<c10::ivalue::
     auto made = std::make_shared<RegionProgram>();
     made->text = text->string();
     made->hash = std::hash<std::string>{}(made->text);
-    made->aten = std::make_shared<torch::jit::Code>(parseRegion(made->text), "kiln_conv_region_aten");
+    std::shared_ptr<Graph> graph = parseRegion(made->text);
+    made->as_aten = permutedRegionOutputs(*graph);
+    made->aten = std::make_shared<torch::jit::Code>(graph, "kiln_conv_region_aten");
     made->counters = &groupCounters(made->text);
     program = made;
   }
@@ -187,12 +193,53 @@ void logBuildFailure(const RegionProgram& program, const char* way, const std::e
                            " way could not be built, not measured: " + error.what());
 }
 
+// The strides ATen's ops give the outputs `program.as_aten` at these inputs: from a run over meta
+// tensors (no data), or, where an op has no meta kernel, one real run.
+std::vector<std::pair<size_t, std::vector<int64_t>>> atenStrides(RegionProgram& program,
+                                                                 const std::vector<at::Tensor>& activations,
+                                                                 const std::vector<at::Tensor>& weights) {
+  if (program.as_aten.empty()) return {};
+  std::vector<at::Tensor> results;
+  try {
+    auto meta = [](const std::vector<at::Tensor>& tensors) {
+      std::vector<at::Tensor> out;
+      for (const at::Tensor& t : tensors) out.push_back(at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta)));
+      return out;
+    };
+    results = runCode(*program.aten, meta(activations), meta(weights));
+  } catch (const std::exception&) {
+    results = runCode(*program.aten, activations, weights);
+  }
+  std::vector<std::pair<size_t, std::vector<int64_t>>> strides;
+  for (size_t index : program.as_aten) {
+    if (index < results.size()) strides.emplace_back(index, results[index].strides().vec());
+  }
+  return strides;
+}
+
+// Gives the outputs that follow a permute ATen's strides, copying where a way's differ. Strides
+// that overlap (an expanded result) are left as they came.
+void restoreAtenStrides(const RegionBuild& build, std::vector<at::Tensor>& results) {
+  for (const auto& [index, strides] : build.aten_strides) {
+    if (index >= results.size() || results[index].strides() == c10::IntArrayRef(strides)) continue;
+    at::Tensor restrided = at::empty_strided(results[index].sizes(), strides, results[index].options());
+    if (!restrided.is_non_overlapping_and_dense()) continue;
+    results[index] = restrided.copy_(results[index]);
+  }
+}
+
 std::shared_ptr<RegionBuild> build(RegionProgram& program, const std::vector<at::Tensor>& activations,
                                    const std::vector<at::Tensor>& weights) {
   auto made = std::make_shared<RegionBuild>();
   for (const at::Tensor& weight : weights) {
     made->weights.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()));
     made->versions.push_back(static_cast<int64_t>(weight._version()));
+  }
+  try {
+    made->aten_strides = atenStrides(program, activations, weights);
+  } catch (const std::exception& error) {
+    logBuildFailure(program, "kiln and onednn_graph", error);
+    return made;
   }
   std::shared_ptr<Graph> graph;
   try {
@@ -294,6 +341,7 @@ std::vector<at::Tensor> convRegion(RegionProgram& program, const std::vector<at:
     if (fast && fast->shape == shape && sameWeights(*fast->build, weights)) {
       const auto start = std::chrono::steady_clock::now();
       std::vector<at::Tensor> results = fast->code ? runCode(*fast->code, activations) : runCode(*program.aten, activations, weights);
+      if (fast->code) restoreAtenStrides(*fast->build, results);
       counters.calls++;
       counters.timed_calls++;
       counters.timed_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
@@ -321,6 +369,7 @@ std::vector<at::Tensor> convRegion(RegionProgram& program, const std::vector<at:
     }});
   }
   std::vector<at::Tensor> results = runFastest(key, ways, counters);
+  restoreAtenStrides(*built, results);
   // What the slower ways keep (kiln's prepacked weights, oneDNN Graph's compiled partitions) goes
   // once the measured choice is known, and the next call with this signature takes the fast
   // path; a choice forced for testing keeps everything.

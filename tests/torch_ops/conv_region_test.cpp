@@ -36,6 +36,14 @@ torch::jit::Module regionModule(const std::string& name, const std::string& body
   m.register_parameter("beta", torch::randn({c}), false);
   m.register_buffer("mean", torch::randn({c}) * 0.1);
   m.register_buffer("var", torch::rand({c}) + 0.5);
+  // A ConvNeXt block's: linears c -> 2c -> c, a per-channel scale; a squeeze-excite's over c / 2.
+  m.register_parameter("fc_up", torch::randn({2 * c, c}) / std::sqrt(static_cast<double>(c)), false);
+  m.register_parameter("fc_up_b", torch::randn({2 * c}), false);
+  m.register_parameter("fc_down", torch::randn({c, 2 * c}) / std::sqrt(2.0 * static_cast<double>(c)), false);
+  m.register_parameter("scale", torch::rand({c, 1, 1}), false);
+  m.register_parameter("se1", torch::randn({c / 2, c / 2}), false);
+  m.register_parameter("se2", torch::randn({c / 2, c / 2}), false);
+  m.register_parameter("se_b", torch::randn({c / 2}), false);
   m.define(body);
   m.eval();
   return m;
@@ -44,6 +52,17 @@ torch::jit::Module regionModule(const std::string& name, const std::string& body
 std::string graphText(torch::jit::Module& m) { return m.get_method("forward").graph()->toString(); }
 
 c10::IValue run(torch::jit::Module& m, std::vector<c10::IValue> inputs) { return m.forward(std::move(inputs)); }
+
+// What eager gives, strides included: a fresh copy of `m` run with kiln's executor pass off (its
+// elementwise groups write contiguous results where eager's ops may follow a permuted operand).
+c10::IValue runEager(const torch::jit::Module& m, std::vector<c10::IValue> inputs) {
+  const bool was_enabled = enabled();
+  disable();
+  torch::jit::Module copy = m.clone();
+  c10::IValue result = copy.forward(std::move(inputs));
+  if (was_enabled) enable();
+  return result;
+}
 
 void expectSame(const c10::IValue& actual, const c10::IValue& expected, const std::string& what) {
   std::vector<at::Tensor> a, e;
@@ -172,6 +191,94 @@ def forward(self, x):
     ForcedChoice forced(way);
     at::Tensor x = torch::randn({2, 4, 9, 11});
     expectSame(run(fused, {x}), run(inception, {x}), std::string("way '") + way + "'");
+  }
+}
+
+TEST(ConvRegions, ChannelShuffleAndSqueezeExciteAreOneRegion) {
+  torch::NoGradGuard no_grad;
+  // ShuffleNet's channel shuffle (views whose sizes come from the input's) and chunk, a
+  // squeeze-excite through linears over a pooled, flattened half, the halves concatenated and
+  // convolved; one size is also returned, so it is computed again outside the region.
+  torch::jit::Module shuffle = regionModule("RegionShuffle", R"(
+def forward(self, x):
+  y = torch.relu(torch.conv2d(x, self.w1, self.b, 1, 1))
+  n, c, h, w = y.size()
+  y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+  p, q = y.chunk(2, 1)
+  s = torch.adaptive_avg_pool2d(q, [1, 1]).flatten(1)
+  s = torch.sigmoid(torch.linear(torch.relu(torch.linear(s, self.se1, None)), self.se2, self.se_b))
+  z = torch.cat([p, q * s.view(n, c // 2, 1, 1)], 1)
+  return torch.conv2d(z, self.w2, self.b, 1, 1), c // 2 + h
+)", 8);
+  torch::jit::Module fused = optimize(shuffle);
+  const std::string text = graphText(fused);
+  torch::jit::testing::FileCheck()
+      .check_count("kiln::conv_region(", 1, /*exactly=*/true)
+      ->check("prim::ListUnpack")
+      ->check("aten::size")  // the returned size, from the region's result
+      ->check_not("aten::view")
+      ->check_not("aten::linear")
+      ->check_not("kiln::linear")
+      ->check_not("aten::adaptive_avg_pool2d")
+      ->run(text);
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    for (std::vector<int64_t> shape : {std::vector<int64_t>{1, 8, 10, 10}, std::vector<int64_t>{3, 8, 7, 5}}) {
+      at::Tensor x = torch::randn(shape);
+      const c10::IValue actual = run(fused, {x}), expected = run(shuffle, {x});
+      expectSame(actual, expected, std::string("way '") + way + "'");
+      EXPECT_EQ(actual.toTupleRef().elements()[1].toInt(), expected.toTupleRef().elements()[1].toInt());
+    }
+  }
+}
+
+TEST(ConvRegions, ConvNeXtBlockIsOneRegion) {
+  torch::NoGradGuard no_grad;
+  // Depthwise-style convolution, channels-last permute, layer_norm, linear + gelu + linear,
+  // permute back, a per-channel scale and the residual, twice.
+  torch::jit::Module block = regionModule("RegionConvNeXt", R"(
+def forward(self, x):
+  for i in range(2):
+    y = torch.conv2d(x, self.w1, self.b, 1, 1).permute(0, 2, 3, 1)
+    y = torch.layer_norm(y, [8], self.gamma, self.beta, 1e-6)
+    y = torch.linear(torch.gelu(torch.linear(y, self.fc_up, self.fc_up_b)), self.fc_down, None)
+    x = self.scale * y.permute(0, 3, 1, 2) + x
+  return x
+)", 8);
+  torch::jit::Module fused = optimize(block);
+  const std::string text = graphText(fused);
+  torch::jit::testing::FileCheck()
+      .check_count("kiln::conv_region(", 1, /*exactly=*/true)
+      ->check_not("aten::layer_norm")
+      ->check_not("linear")
+      ->run(text);
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    at::Tensor x = torch::randn({2, 8, 6, 7});
+    const c10::IValue expected = runEager(block, {x});
+    // The permute leaves the result channels-last in eager: the region returns it so.
+    EXPECT_TRUE(expected.toTensor().is_contiguous(at::MemoryFormat::ChannelsLast));
+    expectSame(run(fused, {x}), expected, std::string("way '") + way + "'");
+  }
+}
+
+TEST(ConvRegions, ViewsJoinOnlyOverValuesNothingElseReads) {
+  torch::NoGradGuard no_grad;
+  // z is returned and flattened: the flatten stays outside, so the region returns no two values
+  // that share memory.
+  torch::jit::Module views = regionModule("RegionViews", R"(
+def forward(self, x):
+  z = torch.conv2d(torch.relu(torch.conv2d(x, self.w1, self.b, 1, 1)), self.w2, self.b, 1, 1)
+  f = z.flatten(1)
+  return f, z
+)", 4);
+  torch::jit::Module fused = optimize(views);
+  const std::string text = graphText(fused);
+  torch::jit::testing::FileCheck().check("kiln::conv_region(")->check("aten::flatten")->run(text);
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    at::Tensor x = torch::randn({2, 4, 5, 6});
+    expectSame(run(fused, {x}), run(views, {x}), std::string("way '") + way + "'");
   }
 }
 
