@@ -47,9 +47,10 @@ bool isLibraryConvolution(const torch::jit::Node* node);
 bool isConstantOne(torch::jit::Value* value);
 
 // Convolution regions (conv_regions.cpp): in a frozen float32 graph, each run of two or more
-// convolutions over constant weights, with the relu, clamp, residual add and pooling between them
-// and one output, becomes one kiln::conv_region op that runs it the fastest way measured (ATen,
-// kiln's library calls or oneDNN Graph). Runs before fuseLibraryCalls. Returns the count.
+// convolutions over constant weights, with the activations, residual adds, norms, linears,
+// pooling, concatenations and views between them, becomes one kiln::conv_region op that runs it
+// the fastest way measured (ATen, kiln's library calls or oneDNN Graph). Runs before
+// fuseLibraryCalls. Returns the count.
 int extractConvolutionRegions(std::shared_ptr<torch::jit::Graph>& graph);
 // The outputs of a region's graph whose strides may follow a permute or transpose inside it (a
 // ConvNeXt block's result). kiln::conv_region returns these with the strides ATen's ops give them,

@@ -5,8 +5,11 @@
 //   kiln          kiln's library calls (kiln::conv2d with its epilogues, library_ops.cpp);
 //   onednn_graph  torch's oneDNN Graph bridge (the build of oneDNN torch ships) over the region:
 //                 compiled partitions that pass oneDNN's blocked layouts from one to the next and
-//                 keep the weights reordered in oneDNN's constant cache.
-// The last two are built once per input signature from the region's graph with its weights as
+//                 keep the weights reordered in oneDNN's constant cache; channels-last tensors
+//                 between partitions;
+//   onednn_graph_as_given  the same with the strides eager gives between partitions, as torch's
+//                 own fuser has them (better where views and reshapes sit between partitions).
+// The others are built once per input signature from the region's graph with its weights as
 // constants and every value's type recorded from one run of the aten way (what the profiling
 // executor would have recorded). A build goes when its weights are freed or written to.
 #include <torch/csrc/jit/codegen/onednn/interface.h>
@@ -35,13 +38,18 @@ using torch::jit::Value;
 constexpr const char* kAten = "aten";
 constexpr const char* kKiln = "kiln";
 constexpr const char* kOnednnGraph = "onednn_graph";
+constexpr const char* kOnednnGraphAsGiven = "onednn_graph_as_given";
 
 // One region at one input signature: the two ways built for it (null where one could not be).
+// The ways a build makes, in RegionBuild::codes' order.
+constexpr const char* kBuiltWays[] = {kKiln, kOnednnGraph, kOnednnGraphAsGiven};
+
 struct RegionBuild {
   std::vector<c10::weak_intrusive_ptr<c10::TensorImpl>> weights;  // the op's, watched
   std::vector<int64_t> versions;                                  // their versions when built
-  std::shared_ptr<torch::jit::Code> kiln;
-  std::shared_ptr<torch::jit::Code> onednn;
+  // The ways besides aten, in kBuiltWays' order; a slot read and dropped atomically (null: not
+  // built, or measured slower and dropped).
+  std::shared_ptr<torch::jit::Code> codes[3];
   // For the outputs whose strides follow a permute (RegionProgram::as_aten): the strides ATen's
   // ops give them at this signature, which the other ways' results are given too.
   std::vector<std::pair<size_t, std::vector<int64_t>>> aten_strides;
@@ -147,7 +155,7 @@ std::vector<at::Tensor> runCode(torch::jit::Code& code, const std::vector<at::Te
 // The region's graph over these inputs: weights (aliases, so that the build does not keep the
 // caller's tensors alive) as constants, and every tensor value typed as one run records it.
 std::shared_ptr<Graph> specializedGraph(const std::string& text, const std::vector<at::Tensor>& activations,
-                                        const std::vector<at::Tensor>& weights) {
+                                        const std::vector<at::Tensor>& weights, bool channels_last) {
   std::shared_ptr<Graph> graph = parseRegion(text);
   const size_t count = activations.size();
   TORCH_CHECK(graph->inputs().size() == count + weights.size(), "kiln::conv_region: the graph takes ",
@@ -177,10 +185,13 @@ std::shared_ptr<Graph> specializedGraph(const std::string& text, const std::vect
   // On channels-last inputs: ATen's ops then give channels-last results, the layout oneDNN's
   // convolutions read and write best, so oneDNN Graph's partitions exchange channels-last
   // tensors where they exchange strided ones (the region's outputs; the op's consumers take any
-  // strides, library_fusion.cpp).
+  // strides, library_fusion.cpp). On the inputs as given: the strides eager gives, as torch's
+  // own fuser records them (views between partitions stay views).
   torch::jit::Stack stack;
-  for (const at::Tensor& activation : activations)
-    stack.emplace_back(activation.dim() == 4 ? activation.contiguous(at::MemoryFormat::ChannelsLast) : activation);
+  for (const at::Tensor& activation : activations) {
+    stack.emplace_back(channels_last && activation.dim() == 4 ? activation.contiguous(at::MemoryFormat::ChannelsLast)
+                                                             : activation);
+  }
   torch::jit::InterpreterState(code).run(stack);
   const size_t results = graph->outputs().size();
   TORCH_CHECK(stack.size() == results + values.size(), "kiln::conv_region: the probe returned ", stack.size(), " values");
@@ -228,6 +239,26 @@ void restoreAtenStrides(const RegionBuild& build, std::vector<at::Tensor>& resul
   }
 }
 
+// torch's oneDNN Graph bridge over a specialized graph: null where it makes no partition.
+std::shared_ptr<torch::jit::Code> onednnCode(const RegionProgram& program, const char* way,
+                                             const std::shared_ptr<Graph>& specialized) {
+  try {
+    std::shared_ptr<Graph> graph = specialized->copy();
+    torch::jit::fuser::onednn::fuseGraph(graph);
+    bool partitioned = false;
+    for (Node* node : graph->nodes()) {
+      for (torch::jit::Block* block : node->blocks()) {
+        for (Node* inner : block->nodes()) partitioned = partitioned || inner->kind() == torch::jit::prim::oneDNNFusionGroup;
+      }
+      partitioned = partitioned || node->kind() == torch::jit::prim::oneDNNFusionGroup;
+    }
+    if (partitioned) return std::make_shared<torch::jit::Code>(graph, std::string("kiln_conv_region_") + way);
+  } catch (const std::exception& error) {
+    logBuildFailure(program, way, error);
+  }
+  return nullptr;
+}
+
 std::shared_ptr<RegionBuild> build(RegionProgram& program, const std::vector<at::Tensor>& activations,
                                    const std::vector<at::Tensor>& weights) {
   auto made = std::make_shared<RegionBuild>();
@@ -243,7 +274,7 @@ std::shared_ptr<RegionBuild> build(RegionProgram& program, const std::vector<at:
   }
   std::shared_ptr<Graph> graph;
   try {
-    graph = specializedGraph(program.text, activations, weights);
+    graph = specializedGraph(program.text, activations, weights, /*channels_last=*/true);
   } catch (const std::exception& error) {
     logBuildFailure(program, "kiln and onednn_graph", error);
     return made;
@@ -253,23 +284,16 @@ std::shared_ptr<RegionBuild> build(RegionProgram& program, const std::vector<at:
     Options options = Options::global();
     fuseLibraryCalls(kiln_graph, options, /*outputs_take_any_layout=*/true);
     fuse(kiln_graph, options);  // what the library calls leave: elementwise groups
-    made->kiln = std::make_shared<torch::jit::Code>(kiln_graph, "kiln_conv_region_kiln");
+    made->codes[0] = std::make_shared<torch::jit::Code>(kiln_graph, "kiln_conv_region_kiln");
   } catch (const std::exception& error) {
     logBuildFailure(program, kKiln, error);
   }
+  made->codes[1] = onednnCode(program, kOnednnGraph, graph);
   try {
-    std::shared_ptr<Graph> onednn_graph = graph->copy();
-    torch::jit::fuser::onednn::fuseGraph(onednn_graph);
-    bool partitioned = false;
-    for (Node* node : onednn_graph->nodes()) {
-      for (torch::jit::Block* block : node->blocks()) {
-        for (Node* inner : block->nodes()) partitioned = partitioned || inner->kind() == torch::jit::prim::oneDNNFusionGroup;
-      }
-      partitioned = partitioned || node->kind() == torch::jit::prim::oneDNNFusionGroup;
-    }
-    if (partitioned) made->onednn = std::make_shared<torch::jit::Code>(onednn_graph, "kiln_conv_region_onednn");
+    made->codes[2] = onednnCode(program, kOnednnGraphAsGiven,
+                                specializedGraph(program.text, activations, weights, /*channels_last=*/false));
   } catch (const std::exception& error) {
-    logBuildFailure(program, kOnednnGraph, error);
+    logBuildFailure(program, kOnednnGraphAsGiven, error);
   }
   return made;
 }
@@ -360,12 +384,10 @@ std::vector<at::Tensor> convRegion(RegionProgram& program, const std::vector<at:
     TORCH_CHECK(code, "kiln::conv_region: this way was measured slower and dropped");
     return code;
   };
-  if (std::atomic_load(&built->kiln)) {
-    ways.push_back({kKiln, [&](const std::optional<at::Tensor>&) { return runCode(*codeOf(built->kiln), activations); }});
-  }
-  if (std::atomic_load(&built->onednn)) {
-    ways.push_back({kOnednnGraph, [&](const std::optional<at::Tensor>&) {
-      return runCode(*codeOf(built->onednn), activations);
+  for (size_t i = 0; i < std::size(kBuiltWays); ++i) {
+    if (!std::atomic_load(&built->codes[i])) continue;
+    ways.push_back({kBuiltWays[i], [&, i](const std::optional<at::Tensor>&) {
+      return runCode(*codeOf(built->codes[i]), activations);
     }});
   }
   std::vector<at::Tensor> results = runFastest(key, ways, counters);
@@ -375,19 +397,17 @@ std::vector<at::Tensor> convRegion(RegionProgram& program, const std::vector<at:
   // path; a choice forced for testing keeps everything.
   if (!forced) {
     if (std::optional<std::string> chosen = rememberedChoice(key)) {
-      if (*chosen != kKiln && std::atomic_load(&built->kiln)) std::atomic_store(&built->kiln, {});
-      if (*chosen != kOnednnGraph && std::atomic_load(&built->onednn)) std::atomic_store(&built->onednn, {});
       auto fast = std::make_shared<FastPath>();
       fast->shape = std::move(shape);
       fast->build = built;
-      if (*chosen == kKiln) {
-        fast->code = std::atomic_load(&built->kiln);
-        fast->choice = kKiln;
-      } else if (*chosen == kOnednnGraph) {
-        fast->code = std::atomic_load(&built->onednn);
-        fast->choice = kOnednnGraph;
-      } else {
-        fast->choice = kAten;
+      fast->choice = kAten;
+      for (size_t i = 0; i < std::size(kBuiltWays); ++i) {
+        if (*chosen == kBuiltWays[i]) {
+          fast->code = std::atomic_load(&built->codes[i]);
+          fast->choice = kBuiltWays[i];
+        } else if (std::atomic_load(&built->codes[i])) {
+          std::atomic_store(&built->codes[i], {});
+        }
       }
       // A remembered way that could not be built here runs as aten does.
       if (fast->choice != kAten && !fast->code) fast->choice = kAten;

@@ -21,7 +21,7 @@ using testing::closeTo;
 using testing::ForcedChoice;
 using testing::InjectedFault;
 
-const char* const kRegionWays[] = {"aten", "kiln", "onednn_graph", ""};
+const char* const kRegionWays[] = {"aten", "kiln", "onednn_graph", "onednn_graph_as_given", ""};
 
 // Weights for the bodies below: w1 [c, c, 3, 3], w2 the same, w3 [2c, c, 1, 1] (a strided
 // downsample), biases, and batch-norm statistics that freezing folds into the convolutions.
