@@ -412,28 +412,6 @@ Node* catList(const Node* node) {
 
 }  // namespace
 
-std::vector<size_t> permutedRegionOutputs(const torch::jit::Graph& region) {
-  // Which values may carry a permute's strides: a permute's or transpose's result, and what any
-  // op but those that write a fresh contiguous result (contiguous, linear, layer_norm) makes of one.
-  std::unordered_set<const Value*> permuted;
-  for (const Node* node : region.nodes()) {
-    bool carries = isKind(node, "aten::permute") || isKind(node, "aten::transpose");
-    if (!carries && !isKind(node, "aten::contiguous") && !isKind(node, "aten::linear") && !isKind(node, "aten::layer_norm")) {
-      for (const Value* input : node->inputs()) carries = carries || permuted.count(input) > 0;
-    }
-    if (!carries) continue;
-    for (const Value* output : node->outputs()) {
-      if (output->type()->cast<c10::TensorType>() || output->type()->isSubtypeOf(*c10::ListType::ofTensors()))
-        permuted.insert(output);
-    }
-  }
-  std::vector<size_t> indices;
-  for (size_t i = 0; i < region.outputs().size(); ++i) {
-    if (permuted.count(region.outputs()[i])) indices.push_back(i);
-  }
-  return indices;
-}
-
 int extractConvolutionRegions(std::shared_ptr<torch::jit::Graph>& graph) {
   // Each cat's own list right before it, so that the two are met together (the list only gathers
   // values made before it; nothing else reads it).

@@ -52,11 +52,6 @@ bool isConstantOne(torch::jit::Value* value);
 // the fastest way measured (ATen, kiln's library calls or oneDNN Graph). Runs before
 // fuseLibraryCalls. Returns the count.
 int extractConvolutionRegions(std::shared_ptr<torch::jit::Graph>& graph);
-// The outputs of a region's graph whose strides may follow a permute or transpose inside it (a
-// ConvNeXt block's result). kiln::conv_region returns these with the strides ATen's ops give them,
-// so no aten::contiguous goes before their consumers; its other outputs may come back
-// channels-last.
-std::vector<size_t> permutedRegionOutputs(const torch::jit::Graph& region);
 
 // Sibling linears (linear_siblings.cpp): kiln::linear calls reading one input with one epilogue
 // become one call over their stacked weights, each result a slice of its result. Run by

@@ -29,6 +29,7 @@ constexpr const char* kLinearOp = "kiln::linear";
 constexpr const char* kConv2dOp = "kiln::conv2d";
 // kiln::conv2d whose epilogue may write into `other` ("@other"); its schema says so.
 constexpr const char* kConv2dIntoOtherOp = "kiln::conv2d_into_other";
+constexpr const char* kEagerLayoutOp = "kiln::eager_layout";
 // kiln::cast_floating(Tensor x, int from, int to): x converted to dtype `to` when its dtype is
 // `from`, else x itself (reduced precision's casts, fuser/precision.cpp).
 constexpr const char* kCastFloatingOp = "kiln::cast_floating";

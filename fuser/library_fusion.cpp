@@ -16,12 +16,12 @@
 // unknown op, control flow) gets aten::contiguous in front of it, so strides it could observe are
 // as before the rewrite.
 #include <torch/csrc/jit/ir/alias_analysis.h>
-#include <torch/csrc/jit/ir/irparser.h>
 
 #include <c10/util/StringUtil.h>
 
 #include <algorithm>
 #include <sstream>
+#include <unordered_map>
 #include <unordered_set>
 
 #include "fuser/fusion_pass.h"
@@ -274,66 +274,73 @@ bool ignoresLayout(const Node* node, size_t input_index) {
   return false;
 }
 
-// Whether `user` only gathers its inputs for kiln::conv_region ops, which take any strides.
-bool listForConvRegions(const Node* user) {
-  if (user->kind() != torch::jit::prim::ListConstruct) return false;
-  for (const torch::jit::Use& use : user->output()->uses()) {
-    if (use.user->kind().toQualString() != std::string(kConvRegionOp)) return false;
-  }
-  return true;
-}
-
-// Puts aten::contiguous in front of every consumer that could see the channels-last strides of a
-// kiln::conv2d or kiln::conv_region result (directly or through layout-following ops).
-void containChannelsLast(torch::jit::Graph& graph, const std::vector<Value*>& channels_last,
+// Puts kiln::eager_layout in front of every consumer that could see the channels-last strides of
+// a kiln::conv2d result (directly or through layout-following ops): the result as eager would have
+// laid it out, like the first input up its chain of convolutions that no kiln::conv2d made
+// (`channels_last` pairs each result with its convolution's input).
+void containChannelsLast(torch::jit::Graph& graph, const std::vector<std::pair<Value*, Value*>>& channels_last,
                          bool outputs_take_any_layout) {
-  std::vector<Value*> pending = channels_last;
-  std::unordered_set<Value*> seen;
+  std::unordered_map<Value*, Value*> input_of;  // a convolution's result -> its input
+  std::unordered_map<Value*, Value*> origin;    // a value -> the convolution result it follows
+  std::vector<std::pair<Value*, Value*>> pending;
+  for (const auto& [result, input] : channels_last) {
+    input_of[result] = input;
+    pending.emplace_back(result, result);
+  }
   std::vector<std::pair<Value*, Node*>> guarded_uses;
   while (!pending.empty()) {
-    Value* value = pending.back();
+    auto [value, root] = pending.back();
     pending.pop_back();
-    if (!seen.insert(value).second) continue;
+    if (!origin.emplace(value, root).second) continue;
     for (const torch::jit::Use& use : value->uses()) {
       Node* user = use.user;
-      if (ignoresLayout(user, use.offset) || listForConvRegions(user)) continue;
+      if (ignoresLayout(user, use.offset)) continue;
       if (outputs_take_any_layout && user == graph.return_node()) continue;
       // A list gathered for one cat: the cat takes any strides, its result follows them.
       if (user->kind() == torch::jit::prim::ListConstruct && user->output()->uses().size() == 1 &&
           isKind(user->output()->uses()[0].user, "aten::cat")) {
-        pending.push_back(user->output()->uses()[0].user->output());
+        pending.emplace_back(user->output()->uses()[0].user->output(), root);
         continue;
       }
       // Any operand of a layout-following op: a broadcast first operand ([N, C, 1, 1] times a
       // convolution's result) leaves the layout to the others.
       if (followsLayout(user)) {
         for (Value* output : user->outputs()) {
-          if (output->type()->kind() == c10::TypeKind::TensorType) pending.push_back(output);
+          if (output->type()->kind() == c10::TypeKind::TensorType) pending.emplace_back(output, root);
         }
         continue;
       }
       guarded_uses.emplace_back(value, user);
     }
   }
-  // A value something writes in place (div_, a write through a view) is made contiguous once
-  // where it is produced, so every reader and writer shares one tensor; the others get a
-  // contiguous copy at the consumer that needs it.
+  // The layout eager gives a value: that of the input of the first convolution up its chain whose
+  // input is not itself a kiln::conv2d result's follower.
+  auto eagerLike = [&](Value* value) {
+    Value* like = input_of.at(origin.at(value));
+    for (size_t steps = 0; origin.count(like) && steps < input_of.size(); ++steps) like = input_of.at(origin.at(like));
+    return like;
+  };
+  // A value something writes in place (div_, a write through a view) is laid out once where it
+  // is produced, so every reader and writer shares one tensor; the others get a copy at the
+  // consumer that needs it.
   torch::jit::AliasDb alias_db(graph.shared_from_this());
   std::unordered_set<Value*> at_producer;
+  auto eagerLayout = [&](Value* value) {
+    Value* laid_out = graph.insert(c10::Symbol::fromQualString(kEagerLayoutOp), {value, eagerLike(value)});
+    laid_out->setType(value->type());
+    return laid_out;
+  };
   for (const auto& [value, user] : guarded_uses) {
     if (at_producer.count(value)) continue;
     if (alias_db.hasWriters(value)) {
       at_producer.insert(value);
       torch::jit::WithInsertPoint after(value->node()->next());
-      Value* contiguous = graph.insert(c10::Symbol::fromQualString("aten::contiguous"), {value});
-      contiguous->setType(value->type());
-      value->replaceAllUsesAfterNodeWith(contiguous->node(), contiguous);
+      Value* laid_out = eagerLayout(value);
+      value->replaceAllUsesAfterNodeWith(laid_out->node(), laid_out);
       continue;
     }
     torch::jit::WithInsertPoint here(user);
-    Value* contiguous = graph.insert(c10::Symbol::fromQualString("aten::contiguous"), {value});
-    contiguous->setType(value->type());
-    user->replaceInputWith(value, contiguous);
+    user->replaceInputWith(value, eagerLayout(value));
   }
 }
 
@@ -462,24 +469,9 @@ int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& o
   std::vector<Node*> roots;
   linearsFromMatrixProducts(*graph, graph->block());
   collectRoots(graph->block(), roots);
-  // Results that may be channels-last: oneDNN's convolutions' and the convolution regions'.
-  std::vector<Value*> channels_last;
-  for (Node* node : graph->block()->nodes()) {
-    if (node->kind().toQualString() != std::string(kConvRegionOp)) continue;
-    // Outputs whose strides follow a permute come back as ATen's ops give them.
-    std::vector<size_t> as_aten;
-    if (std::optional<c10::IValue> text = constant(node->input(2)); text && text->isString()) {
-      torch::jit::Graph region;
-      torch::jit::parseIR(text->toStringRef(), &region);
-      as_aten = permutedRegionOutputs(region);
-    }
-    for (const torch::jit::Use& use : node->output()->uses()) {
-      if (use.user->kind() != torch::jit::prim::ListUnpack) continue;
-      for (size_t i = 0; i < use.user->outputs().size(); ++i) {
-        if (std::find(as_aten.begin(), as_aten.end(), i) == as_aten.end()) channels_last.push_back(use.user->output(i));
-      }
-    }
-  }
+  // Results that may be channels-last: oneDNN's convolutions'. (A convolution region returns
+  // what ATen's ops would, strides included.)
+  std::vector<std::pair<Value*, Value*>> channels_last;  // a convolution's result, its input
   for (Node* root : roots) {
     Chain chain = chainFrom(root);
     // Only a chain with an epilogue needs alias analysis; its AliasDb is made for it alone (the
@@ -495,7 +487,7 @@ int fuseLibraryCalls(std::shared_ptr<torch::jit::Graph>& graph, const Options& o
       }
     }
     Node* call = replaceChain(*graph, chain);
-    if (!isKind(call, kLinearOp)) channels_last.push_back(call->output());
+    if (!isKind(call, kLinearOp)) channels_last.emplace_back(call->output(), call->input(0));
   }
   containChannelsLast(*graph, channels_last, outputs_take_any_layout);
   joinSiblingLinears(graph);

@@ -50,9 +50,9 @@ struct RegionBuild {
   // The ways besides aten, in kBuiltWays' order; a slot read and dropped atomically (null: not
   // built, or measured slower and dropped).
   std::shared_ptr<torch::jit::Code> codes[3];
-  // For the outputs whose strides follow a permute (RegionProgram::as_aten): the strides ATen's
-  // ops give them at this signature, which the other ways' results are given too.
-  std::vector<std::pair<size_t, std::vector<int64_t>>> aten_strides;
+  // The strides ATen's ops give each output at this signature, which the other ways' results
+  // are given too: the op returns what eager would, strides included.
+  std::vector<std::vector<int64_t>> aten_strides;
 
   bool stale() const {
     for (size_t i = 0; i < weights.size(); ++i) {
@@ -77,7 +77,6 @@ struct RegionProgram {
   std::string text;
   size_t hash = 0;
   std::shared_ptr<torch::jit::Code> aten;
-  std::vector<size_t> as_aten;  // permutedRegionOutputs
   GroupCounters* counters = nullptr;
   std::mutex mutex;
   std::unordered_map<std::string, std::shared_ptr<RegionBuild>> builds;
@@ -129,9 +128,7 @@ std::shared_ptr<RegionProgram> programFor(const c10::intrusive_ptr<c10::ivalue::
     auto made = std::make_shared<RegionProgram>();
     made->text = text->string();
     made->hash = std::hash<std::string>{}(made->text);
-    std::shared_ptr<Graph> graph = parseRegion(made->text);
-    made->as_aten = permutedRegionOutputs(*graph);
-    made->aten = std::make_shared<torch::jit::Code>(graph, "kiln_conv_region_aten");
+    made->aten = std::make_shared<torch::jit::Code>(parseRegion(made->text), "kiln_conv_region_aten");
     made->counters = &groupCounters(made->text);
     program = made;
   }
@@ -155,7 +152,8 @@ std::vector<at::Tensor> runCode(torch::jit::Code& code, const std::vector<at::Te
 // The region's graph over these inputs: weights (aliases, so that the build does not keep the
 // caller's tensors alive) as constants, and every tensor value typed as one run records it.
 std::shared_ptr<Graph> specializedGraph(const std::string& text, const std::vector<at::Tensor>& activations,
-                                        const std::vector<at::Tensor>& weights, bool channels_last) {
+                                        const std::vector<at::Tensor>& weights, bool channels_last,
+                                        std::vector<std::vector<int64_t>>* output_strides = nullptr) {
   std::shared_ptr<Graph> graph = parseRegion(text);
   const size_t count = activations.size();
   TORCH_CHECK(graph->inputs().size() == count + weights.size(), "kiln::conv_region: the graph takes ",
@@ -167,6 +165,18 @@ std::shared_ptr<Graph> specializedGraph(const std::string& text, const std::vect
   }
   for (size_t i = graph->inputs().size(); i > count; --i) graph->eraseInput(i - 1);
   for (size_t i = 0; i < count; ++i) graph->inputs()[i]->setType(c10::TensorType::create(activations[i]));
+  // Channels-last: 4-D inputs are made channels-last first, inside the graph, so that what runs
+  // is what the probe below records (a partition's guard sees the strides it was compiled for).
+  if (channels_last) {
+    torch::jit::WithInsertPoint start(graph->block()->nodes().front());
+    for (size_t i = 0; i < count; ++i) {
+      Value* input = graph->inputs()[i];
+      if (activations[i].dim() != 4) continue;
+      Value* converted = graph->insert(c10::Symbol::fromQualString("aten::contiguous"),
+                                       {input}, {torch::jit::NamedValue("memory_format", c10::MemoryFormat::ChannelsLast)});
+      input->replaceAllUsesAfterNodeWith(converted->node(), converted);
+    }
+  }
   // One run with every tensor value returned gives each its type.
   std::shared_ptr<Graph> probe = graph->copy();
   std::vector<Value*> values, probed;
@@ -182,20 +192,18 @@ std::shared_ptr<Graph> specializedGraph(const std::string& text, const std::vect
   collect(*probe, probed);
   for (Value* value : probed) probe->registerOutput(value);
   torch::jit::Code code(probe, "kiln_conv_region_probe");
-  // On channels-last inputs: ATen's ops then give channels-last results, the layout oneDNN's
-  // convolutions read and write best, so oneDNN Graph's partitions exchange channels-last
-  // tensors where they exchange strided ones (the region's outputs; the op's consumers take any
-  // strides, library_fusion.cpp). On the inputs as given: the strides eager gives, as torch's
-  // own fuser records them (views between partitions stay views).
-  torch::jit::Stack stack;
-  for (const at::Tensor& activation : activations) {
-    stack.emplace_back(channels_last && activation.dim() == 4 ? activation.contiguous(at::MemoryFormat::ChannelsLast)
-                                                             : activation);
-  }
+  // Channels-last: ATen's ops then give channels-last results, the layout oneDNN's convolutions
+  // read and write best, so oneDNN Graph's partitions exchange channels-last tensors where they
+  // exchange strided ones. As given: the strides eager gives, as torch's own fuser records them
+  // (views between partitions stay views), and the region's outputs as ATen's ops make them.
+  torch::jit::Stack stack(activations.begin(), activations.end());
   torch::jit::InterpreterState(code).run(stack);
   const size_t results = graph->outputs().size();
   TORCH_CHECK(stack.size() == results + values.size(), "kiln::conv_region: the probe returned ", stack.size(), " values");
   for (size_t i = 0; i < values.size(); ++i) values[i]->setType(c10::TensorType::create(stack[results + i].toTensor()));
+  if (output_strides) {
+    for (size_t i = 0; i < results; ++i) output_strides->push_back(stack[i].toTensor().strides().vec());
+  }
   return graph;
 }
 
@@ -204,38 +212,32 @@ void logBuildFailure(const RegionProgram& program, const char* way, const std::e
                            " way could not be built, not measured: " + error.what());
 }
 
-// The strides ATen's ops give the outputs `program.as_aten` at these inputs: from a run over meta
-// tensors (no data), or, where an op has no meta kernel, one real run.
-std::vector<std::pair<size_t, std::vector<int64_t>>> atenStrides(RegionProgram& program,
-                                                                 const std::vector<at::Tensor>& activations,
-                                                                 const std::vector<at::Tensor>& weights) {
-  if (program.as_aten.empty()) return {};
-  std::vector<at::Tensor> results;
-  try {
-    auto meta = [](const std::vector<at::Tensor>& tensors) {
-      std::vector<at::Tensor> out;
-      for (const at::Tensor& t : tensors) out.push_back(at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta)));
-      return out;
-    };
-    results = runCode(*program.aten, meta(activations), meta(weights));
-  } catch (const std::exception&) {
-    results = runCode(*program.aten, activations, weights);
+// Gives each output ATen's strides, copying where a way's differ. Strides that overlap (an
+// expanded result) are left as they came.
+void restoreAtenStrides(const RegionBuild& build, std::vector<at::Tensor>& results) {
+  for (size_t i = 0; i < results.size() && i < build.aten_strides.size(); ++i) {
+    const std::vector<int64_t>& strides = build.aten_strides[i];
+    if (results[i].strides() == c10::IntArrayRef(strides) || results[i].sizes().size() != strides.size()) continue;
+    at::Tensor restrided = at::empty_strided(results[i].sizes(), strides, results[i].options());
+    if (!restrided.is_non_overlapping_and_dense()) continue;
+    results[i] = restrided.copy_(results[i]);
   }
-  std::vector<std::pair<size_t, std::vector<int64_t>>> strides;
-  for (size_t index : program.as_aten) {
-    if (index < results.size()) strides.emplace_back(index, results[index].strides().vec());
-  }
-  return strides;
 }
 
-// Gives the outputs that follow a permute ATen's strides, copying where a way's differ. Strides
-// that overlap (an expanded result) are left as they came.
-void restoreAtenStrides(const RegionBuild& build, std::vector<at::Tensor>& results) {
-  for (const auto& [index, strides] : build.aten_strides) {
-    if (index >= results.size() || results[index].strides() == c10::IntArrayRef(strides)) continue;
-    at::Tensor restrided = at::empty_strided(results[index].sizes(), strides, results[index].options());
-    if (!restrided.is_non_overlapping_and_dense()) continue;
-    results[index] = restrided.copy_(results[index]);
+// The bridge guards each partition by its inputs' recorded types; where they do not match, a
+// prim::FallbackGraph runs its ops unfused. The profiling executor makes each such graph a
+// function first; here its ops go in place, so a way whose guard fails somewhere still runs
+// (slower, which measuring sees) instead of throwing.
+void inlineFallbackGraphs(torch::jit::Block* block) {
+  for (auto it = block->nodes().begin(); it != block->nodes().end();) {
+    Node* node = *it++;
+    for (torch::jit::Block* inner : node->blocks()) inlineFallbackGraphs(inner);
+    if (node->kind() != torch::jit::prim::FallbackGraph) continue;
+    torch::jit::WithInsertPoint here(node);
+    std::vector<Value*> outputs = torch::jit::insertGraph(*node->owningGraph(), *node->g(torch::jit::attr::Subgraph),
+                                                          node->inputs());
+    for (size_t i = 0; i < outputs.size(); ++i) node->output(i)->replaceAllUsesWith(outputs[i]);
+    node->destroy();
   }
 }
 
@@ -245,6 +247,7 @@ std::shared_ptr<torch::jit::Code> onednnCode(const RegionProgram& program, const
   try {
     std::shared_ptr<Graph> graph = specialized->copy();
     torch::jit::fuser::onednn::fuseGraph(graph);
+    inlineFallbackGraphs(graph->block());
     bool partitioned = false;
     for (Node* node : graph->nodes()) {
       for (torch::jit::Block* block : node->blocks()) {
@@ -266,10 +269,14 @@ std::shared_ptr<RegionBuild> build(RegionProgram& program, const std::vector<at:
     made->weights.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()));
     made->versions.push_back(static_cast<int64_t>(weight._version()));
   }
+  // The graph as given first: its probe is ATen's run, whose outputs' strides every way's
+  // results are given (no other way is built without them).
   try {
-    made->aten_strides = atenStrides(program, activations, weights);
+    made->codes[2] = onednnCode(program, kOnednnGraphAsGiven,
+                                specializedGraph(program.text, activations, weights, /*channels_last=*/false,
+                                                 &made->aten_strides));
   } catch (const std::exception& error) {
-    logBuildFailure(program, "kiln and onednn_graph", error);
+    logBuildFailure(program, "kiln, onednn_graph and onednn_graph_as_given", error);
     return made;
   }
   std::shared_ptr<Graph> graph;
@@ -289,12 +296,6 @@ std::shared_ptr<RegionBuild> build(RegionProgram& program, const std::vector<at:
     logBuildFailure(program, kKiln, error);
   }
   made->codes[1] = onednnCode(program, kOnednnGraph, graph);
-  try {
-    made->codes[2] = onednnCode(program, kOnednnGraphAsGiven,
-                                specializedGraph(program.text, activations, weights, /*channels_last=*/false));
-  } catch (const std::exception& error) {
-    logBuildFailure(program, kOnednnGraphAsGiven, error);
-  }
   return made;
 }
 

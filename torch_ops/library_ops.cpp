@@ -402,6 +402,14 @@ at::Tensor castFloating(const at::Tensor& x, int64_t from, int64_t to) {
   return x.to(static_cast<at::ScalarType>(to));
 }
 
+// The layout eager gives a convolution's result (and what elementwise ops make of it): that of
+// the convolution's input, channels-last where it is channels-last, contiguous otherwise.
+at::Tensor eagerLayout(const at::Tensor& x, const at::Tensor& like) {
+  const bool channels_last = x.dim() == 4 && like.dim() == 4 && !like.is_contiguous() &&
+                             like.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return x.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
@@ -413,6 +421,9 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
         "int[] padding, int[] dilation, int groups, str epilogue) -> Tensor(a!)");
   // Returns x itself when it is not of dtype `from`.
   m.def("cast_floating(Tensor(a) x, int from, int to) -> Tensor(a)");
+  // A kiln::conv2d result (channels-last, whatever its input) in the layout eager would have given
+  // it: that of `like`, the convolution's input. Returns x itself when it is in that layout.
+  m.def("eager_layout(Tensor(a) x, Tensor like) -> Tensor(a)");
   // Tests only: every library call runs this way where it can ("" measures again).
   m.def("_force_library_choice(str choice) -> ()", [](const std::string& choice) { forceChoice(choice); });
 }
@@ -422,6 +433,7 @@ TORCH_LIBRARY_IMPL(kiln, CompositeImplicitAutograd, m) {
   m.impl("conv2d", &conv2d);
   m.impl("conv2d_into_other", &conv2dIntoOther);
   m.impl("cast_floating", &castFloating);
+  m.impl("eager_layout", &eagerLayout);
 }
 
 }  // namespace kiln
