@@ -161,10 +161,28 @@ bool isViewOp(const Node* node) {
   return false;
 }
 
-// Scalar arithmetic on shapes (a channel shuffle's sizes: x.size(1) // groups): pure, cheap, and
-// cloned out of the region again where something outside reads its result (materializeOutside).
+// Scalar arithmetic on shapes (a channel shuffle's sizes: x.size(1) // groups) and the checks made
+// of it: pure but for the checks' raising, cheap, and cloned out of the region again where
+// something outside reads its result (materializeOutside).
+// A check that raises or does nothing and returns nothing: what TorchScript makes of an argument
+// check (F.adaptive_avg_pool2d's `if len(input.size()) <= ...: raise`). It joins a region, but
+// runs right after the region's op, from its results (materializeOutside): a node without outputs
+// does not survive the region's IR text, and nothing in the region reads what a check decides.
+bool isCheck(const Node* node) {
+  if (node->kind() != torch::jit::prim::If || !node->outputs().empty()) return false;
+  for (const torch::jit::Block* block : node->blocks()) {
+    for (const Node* inner : block->nodes()) {
+      if (inner->kind() != torch::jit::prim::RaiseException && inner->kind() != torch::jit::prim::Constant) return false;
+      for (const Value* input : inner->inputs()) {
+        if (input->node()->kind() != torch::jit::prim::Constant) return false;
+      }
+    }
+  }
+  return true;
+}
+
 bool isShapeOp(const Node* node) {
-  if (node->kind() == torch::jit::prim::NumToTensor) return true;
+  if (node->kind() == torch::jit::prim::NumToTensor || isCheck(node)) return true;
   // `n, c, h, w = x.size()`
   if (node->kind() == torch::jit::prim::ListUnpack) return node->input()->type()->isSubtypeOf(*c10::ListType::ofInts());
   if (node->kind() == torch::jit::prim::ListConstruct) {
@@ -176,6 +194,10 @@ bool isShapeOp(const Node* node) {
          node->matches("aten::floor_divide(Tensor self, Tensor other) -> Tensor") ||
          node->matches("aten::floordiv.int(int a, int b) -> int") || node->matches("aten::mul.int(int a, int b) -> int") ||
          node->matches("aten::add.int(int a, int b) -> int") || node->matches("aten::sub.int(int a, int b) -> int") ||
+         node->matches("aten::len.t(t[] a) -> int") || node->matches("aten::gt.int(int a, int b) -> bool") ||
+         node->matches("aten::lt.int(int a, int b) -> bool") || node->matches("aten::ge.int(int a, int b) -> bool") ||
+         node->matches("aten::le.int(int a, int b) -> bool") || node->matches("aten::eq.int(int a, int b) -> bool") ||
+         node->matches("aten::ne.int(int a, int b) -> bool") ||
          node->matches("aten::__getitem__.t(t[](a) list, int idx) -> t(*)");
 }
 
@@ -285,6 +307,7 @@ std::shared_ptr<torch::jit::Graph> regionGraph(const Region& region, const std::
     return env.at(value);
   };
   for (Node* node : region.nodes) {
+    if (isCheck(node)) continue;  // run after the op (shapeOpsReadOutside)
     Node* copy = graph->createClone(node, map);
     graph->appendNode(copy);
     for (size_t i = 0; i < copy->outputs().size(); ++i) {
@@ -306,15 +329,17 @@ std::shared_ptr<torch::jit::Graph> regionGraph(const Region& region, const std::
     node->output()->replaceAllUsesWith(reshape->output());
     node->destroy();
   }
+  // What only the checks read (their sizes and comparisons) goes; the checks run outside.
+  torch::jit::EliminateDeadCode(graph);
   // The text is parsed back at run time: no scopes (the IR parser does not read them).
   for (Node* node : graph->nodes()) node->setScope(c10::make_intrusive<torch::jit::Scope>());
   return graph;
 }
 
 // The values read outside `region` that its shape ops made (sizes, and what is computed from
-// them), and the shape ops that make them: after the region op these are computed again outside
-// from its results (materializeOutside), so the op returns tensors only. Adds to `outputs` the
-// tensors those shape ops read.
+// them), its checks, and the shape ops these need: after the region op they are computed again
+// outside from its results (materializeOutside), so the op returns tensors only. Adds to
+// `outputs` the tensors those shape ops read.
 std::vector<Node*> shapeOpsReadOutside(const Region& region, std::vector<Value*>& outputs) {
   std::unordered_set<const Node*> needed;
   std::function<void(Value*)> need = [&](Value* value) {
@@ -334,6 +359,11 @@ std::vector<Node*> shapeOpsReadOutside(const Region& region, std::vector<Value*>
   outputs.erase(std::remove_if(outputs.begin(), outputs.end(), [](Value* value) { return isShapeOp(value->node()); }),
                 outputs.end());
   for (Value* value : shape_values) need(value);
+  for (Node* node : region.nodes) {
+    if (isCheck(node) && needed.insert(node).second) {
+      for (Value* input : node->inputs()) need(input);
+    }
+  }
   std::vector<Node*> ordered;
   for (Node* node : region.nodes) {
     if (needed.count(node)) ordered.push_back(node);

@@ -233,6 +233,34 @@ def forward(self, x):
   }
 }
 
+TEST(ConvRegions, ArgumentChecksJoinTheRegion) {
+  torch::NoGradGuard no_grad;
+  // What scripting F.adaptive_avg_pool2d leaves between the convolutions: a check of the input's
+  // rank that raises, over sizes read from a region value. It does not split the region; it runs
+  // right after it, on the region's result.
+  torch::jit::Module checked = regionModule("RegionChecked", R"(
+def forward(self, x):
+  y = torch.relu(torch.conv2d(x, self.w1, self.b, 1, 1))
+  assert len(y.size()) > 2, "y must have more than 2 dimensions"
+  s = torch.sigmoid(torch.adaptive_avg_pool2d(y, [1, 1]))
+  return torch.conv2d(y * s, self.w2, self.b, 1, 1)
+)", 4);
+  torch::jit::Module fused = optimize(checked);
+  const std::string text = graphText(fused);
+  torch::jit::testing::FileCheck()
+      .check_count("kiln::conv_region(", 1, /*exactly=*/true)
+      ->check("aten::size")
+      ->check("prim::If")
+      ->check("prim::RaiseException")
+      ->check_not("kiln::conv2d")
+      ->run(text);
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    at::Tensor x = torch::randn({2, 4, 6, 5});
+    expectSame(run(fused, {x}), runEager(checked, {x}), std::string("way '") + way + "'");
+  }
+}
+
 TEST(ConvRegions, ConvNeXtBlockIsOneRegion) {
   torch::NoGradGuard no_grad;
   // Depthwise-style convolution, channels-last permute, layer_norm, linear + gelu + linear,
