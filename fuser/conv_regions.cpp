@@ -161,9 +161,6 @@ bool isViewOp(const Node* node) {
   return false;
 }
 
-// Scalar arithmetic on shapes (a channel shuffle's sizes: x.size(1) // groups) and the checks made
-// of it: pure but for the checks' raising, cheap, and cloned out of the region again where
-// something outside reads its result (materializeOutside).
 // A check that raises or does nothing and returns nothing: what TorchScript makes of an argument
 // check (F.adaptive_avg_pool2d's `if len(input.size()) <= ...: raise`). It joins a region, but
 // runs right after the region's op, from its results (materializeOutside): a node without outputs
@@ -181,6 +178,9 @@ bool isCheck(const Node* node) {
   return true;
 }
 
+// Scalar arithmetic on shapes (a channel shuffle's sizes: x.size(1) // groups) and the checks made
+// of it: pure but for the checks' raising, cheap, and cloned out of the region again where
+// something outside reads its result (materializeOutside).
 bool isShapeOp(const Node* node) {
   if (node->kind() == torch::jit::prim::NumToTensor || isCheck(node)) return true;
   // `n, c, h, w = x.size()`
@@ -227,7 +227,8 @@ bool mayJoin(const Region& region, Node* node) {
   if (isShapeOp(node)) {
     if (region.empty()) return false;
     // What a shape op reads: the region's values, constants (a traced `// groups` divides by a
-    // constant tensor), or (aten::size) any tensor; never a scalar computed outside, which the region's graph could not take as an input.
+    // constant tensor), or (aten::size) any tensor; never a scalar computed outside, which the
+    // region's graph could not take as an input.
     const bool sizes_of = isKind(node, "aten::size");
     for (Value* input : node->inputs()) {
       if (region.produces(input) || isParameter(input) || input->node()->kind() == torch::jit::prim::Constant) continue;

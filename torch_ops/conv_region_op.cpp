@@ -19,6 +19,7 @@
 
 #include <chrono>
 #include <functional>
+#include <iterator>
 #include <mutex>
 #include <sstream>
 #include <unordered_map>
@@ -40,16 +41,16 @@ constexpr const char* kKiln = "kiln";
 constexpr const char* kOnednnGraph = "onednn_graph";
 constexpr const char* kOnednnGraphAsGiven = "onednn_graph_as_given";
 
-// One region at one input signature: the two ways built for it (null where one could not be).
 // The ways a build makes, in RegionBuild::codes' order.
 constexpr const char* kBuiltWays[] = {kKiln, kOnednnGraph, kOnednnGraphAsGiven};
 
+// One region at one input signature: the ways built for it (null where one could not be).
 struct RegionBuild {
   std::vector<c10::weak_intrusive_ptr<c10::TensorImpl>> weights;  // the op's, watched
   std::vector<int64_t> versions;                                  // their versions when built
   // The ways besides aten, in kBuiltWays' order; a slot read and dropped atomically (null: not
   // built, or measured slower and dropped).
-  std::shared_ptr<torch::jit::Code> codes[3];
+  std::shared_ptr<torch::jit::Code> codes[std::size(kBuiltWays)];
   // The strides ATen's ops give each output at this signature, which the other ways' results
   // are given too: the op returns what eager would, strides included.
   std::vector<std::vector<int64_t>> aten_strides;
