@@ -194,14 +194,29 @@ class AttentionMatcher {
     Match match;
     match.sdpa = node;
     match.last = node;
-    match.nodes = {node};
-    match.query = node->input(0);
-    match.key = node->input(1);
-    match.value = node->input(2);
+    match.query = throughCopy(node->input(0), match);
+    match.key = throughCopy(node->input(1), match);
+    match.value = throughCopy(node->input(2), match);
+    match.nodes.push_back(node);
     if (!isNone(node->input(3))) match.mask = node->input(3);
     if (alwaysDrops(node->input(4), nullptr)) return std::nullopt;
     match.dropouts.emplace_back(node->input(4), nullptr);
     return match;
+  }
+
+  // What the fused op reads for an input of scaled_dot_product_attention: a contiguous copy made
+  // for it alone (`x.contiguous()`, as Hugging Face's SDPA integration makes of each of Q, K and V)
+  // is not needed, since kiln::attention reads any strides; the copy joins the match and runs
+  // only in the fallback, and the op reads the copy's source.
+  static Value* throughCopy(Value* input, Match& match) {
+    Node* producer = input->node();
+    if (!isOp(producer, "aten::contiguous") || producer->inputs().size() != 2 || input->uses().size() != 1)
+      return input;
+    std::optional<c10::IValue> format = torch::jit::toIValue(producer->input(1));
+    if (!format || !format->isInt() || format->toInt() != static_cast<int64_t>(c10::MemoryFormat::Contiguous))
+      return input;
+    match.nodes.push_back(producer);
+    return producer->input(0);
   }
 
   // The one node that consumes `value`, looking through prim::profile nodes (which join the
@@ -461,7 +476,7 @@ void replace(Graph& graph, const Match& match) {
     if (sdpa) {
       Node* node = match.sdpa;
       result = graph.insert(op(kAttentionOp),
-                            {node->input(0), node->input(1), node->input(2), mask, node->input(6), node->input(5),
+                            {match.query, match.key, match.value, mask, node->input(6), node->input(5),
                              constant(graph, heads_last)});
     } else {
       Value* keep = keep_given;

@@ -18,6 +18,10 @@
 //            "onednn"          mkldnn::_convolution_pointwise on a prepacked weight, add and
 //                              activation fused; its outputs are channels-last
 //            "onednn_channels_last"  the same on the input made channels-last first
+//            "aten_patches"    a patch embedding (kernel == stride, no padding, no dilation, one
+//                              group; ViT's, Swin's and ConvNeXt's stems and downsamplers): the
+//                              input's patches copied into rows, one addmm over the weight
+//                              flattened and transposed once, the epilogue; channels-last result
 //
 // The first call of a shape class (dtype, rows rounded up to a power of two, the weight's shape,
 // the epilogue, the layouts) times every way that can run it, checks each result against ATen's,
@@ -52,11 +56,13 @@ constexpr const char* kOneDnn = "onednn";
 constexpr const char* kOneDnnM1 = "onednn_m1";
 constexpr const char* kAtenPieces = "aten_pieces";
 constexpr const char* kOneDnnChannelsLast = "onednn_channels_last";
+constexpr const char* kAtenPatches = "aten_patches";
 constexpr const char* kCublasLt = "cublaslt";
 // What the ways make of a linear's weight (preparedWeight's `what`).
 constexpr const char* kPreparedTransposed = "transposed";
 constexpr const char* kPreparedOneDnn = "onednn linear";
 constexpr const char* kPreparedOneDnnM1 = "onednn linear, one row";
+constexpr const char* kPreparedPatches = "patches";
 
 // ---- The epilogue in ATen ops ----------------------------------------------------------------
 
@@ -357,11 +363,13 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
     }
     const auto [attr, algorithm] = onednnActivation(epilogue.activation);
     if (epilogue.add != Epilogue::Add::kNone && fuse_add) {
-      return kConvolutionPointwiseBinary.call(
-                       {x, *operand, packed, b, padding, stride, dilation, groups, "add", at::Scalar(1.0),
-                        epilogue.activation == Activation::kNone ? c10::IValue() : c10::IValue(attr), no_scalars,
-                        optionalString(algorithm)})
-          .toTensor();
+      // After a binary post-op ATen's operator fuses relu only; another activation runs after it.
+      const bool relu = epilogue.activation == Activation::kRelu;
+      at::Tensor y = kConvolutionPointwiseBinary.call(
+                                 {x, *operand, packed, b, padding, stride, dilation, groups, "add", at::Scalar(1.0),
+                                  relu ? c10::IValue("relu") : c10::IValue(), no_scalars, c10::IValue()})
+                           .toTensor();
+      return relu ? y : activate(y, epilogue.activation, true);
     }
     if (epilogue.add == Epilogue::Add::kNone) {
       return kConvolutionPointwise.call(
@@ -379,6 +387,26 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
     candidates.push_back({kOneDnnChannelsLast, [&](const std::optional<at::Tensor>& operand) {
       return runOneDnn(input.contiguous(at::MemoryFormat::ChannelsLast), operand);
     }, prepared_conv.c_str()});
+  }
+  const bool patches = groups == 1 && weight.size(2) == stride[0] && weight.size(3) == stride[1] &&
+                       padding[0] == 0 && padding[1] == 0 && dilation[0] == 1 && dilation[1] == 1 &&
+                       weight.size(2) * weight.size(3) > 1;
+  if (patches) {
+    candidates.push_back({kAtenPatches, [&](const std::optional<at::Tensor>& operand) {
+      const int64_t batch = input.size(0), channels = input.size(1), kh = weight.size(2), kw = weight.size(3);
+      const int64_t oh = out_sizes[2], ow = out_sizes[3], n = weight.size(0);
+      at::Tensor flat_weight =
+          preparedWeight(weight, kPreparedPatches, [&] { return weight.reshape({n, -1}).t().contiguous(); });
+      // [N, C, OH·KH, OW·KW] (the rows and columns no patch covers left out) as
+      // [N, OH, OW, C, KH, KW]: one row per patch, in the weight's order.
+      at::Tensor rows = input.narrow(2, 0, oh * kh)
+                            .narrow(3, 0, ow * kw)
+                            .reshape({batch, channels, oh, kh, ow, kw})
+                            .permute({0, 2, 4, 1, 3, 5})
+                            .reshape({batch * oh * ow, channels * kh * kw});
+      at::Tensor y = bias ? at::addmm(*bias, rows, flat_weight) : at::mm(rows, flat_weight);
+      return atenEpilogue(y.view({batch, oh, ow, n}).permute({0, 3, 1, 2}), epilogue, operand, false, into_other);
+    }, kPreparedPatches});
   }
   const std::string key = "conv2d " + std::string(c10::toString(input.scalar_type())) + " batch<=" +
                           std::to_string(powerOfTwoAtLeast(input.size(0))) + " input " + c10::Join(",", input.sizes().slice(1)) +

@@ -382,6 +382,44 @@ TEST(AttentionPattern, ScaledDotProductAttentionBecomesKilnAttention) {
                              torch::randn({2, 1, 40, 40}), false});
 }
 
+// Hugging Face's SDPA integration copies Q, K and V with .contiguous() before the call. kiln's op
+// reads any strides, so the copies run only in the fallback; a copy something else reads stays.
+TEST(AttentionPattern, ContiguousCopiesOfTheInputsRunOnlyInTheFallback) {
+  const std::string copied = R"IR(
+graph(%q : Tensor, %k : Tensor, %v : Tensor, %mask : Tensor?):
+  %none : NoneType = prim::Constant()
+  %zero : float = prim::Constant[value=0.]()
+  %false : bool = prim::Constant[value=0]()
+  %format : int = prim::Constant[value=0]()
+  %qc : Tensor = aten::contiguous(%q, %format)
+  %kc : Tensor = aten::contiguous(%k, %format)
+  %vc : Tensor = aten::contiguous(%v, %format)
+  %out : Tensor = aten::scaled_dot_product_attention(%qc, %kc, %vc, %mask, %zero, %false, %none, %false)
+  return (%out))IR";
+  auto graph = fused(copied);
+  FileCheck()
+      .check_not("aten::contiguous")
+      ->check("kiln::attention_guard(%q, %k, %v")
+      ->check("kiln::attention(%q, %k, %v")
+      ->check_count("aten::contiguous", 3, /*exactly=*/true)
+      ->check("aten::scaled_dot_product_attention")
+      ->run(*graph);
+  expectFusedMatches(copied, {heads(2, 4, 17, 16), heads(2, 4, 17, 16), heads(2, 4, 17, 16), c10::IValue()});
+  expectFusedMatches(copied, {heads(2, 4, 17, 16), heads(2, 4, 9, 16), heads(2, 4, 9, 16), torch::randn({2, 1, 1, 9})});
+
+  // The key's copy is returned too: it stays where it was, the fused op reads it.
+  std::string shared = copied;
+  shared.replace(shared.find("return (%out)"), std::string("return (%out)").size(), "return (%out, %kc)");
+  auto kept = fused(shared);
+  FileCheck()
+      .check_count("aten::contiguous(%k", 1, /*exactly=*/true)
+      ->check("kiln::attention(%q, %")
+      ->check("aten::contiguous(%q")
+      ->check("aten::contiguous(%v")
+      ->run(*kept);
+  expectFusedMatches(shared, {heads(2, 4, 17, 16), heads(2, 4, 17, 16), heads(2, 4, 17, 16), c10::IValue()});
+}
+
 // BERT's context layer: the attention result goes through transpose(1, 2) and a reshape to
 // [B, S, H*D]; the op is told to store it heads-last, so the reshape copies nothing. A result used
 // any other way keeps the usual layout.

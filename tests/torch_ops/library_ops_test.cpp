@@ -220,6 +220,62 @@ def forward(self, x):
   }
 }
 
+// A patch embedding (kernel == stride, no padding): ViT's stem, Swin's and ConvNeXt's
+// downsamplers. The "aten_patches" way copies the patches into rows and runs one addmm; sizes the
+// kernel does not divide leave their last rows and columns out, as the convolution does. The
+// result keeps eager's values and, where strides are seen (ViT's flatten + transpose), eager's
+// strides. A convolution that is not a patch embedding never runs this way.
+TEST(LibraryCalls, PatchEmbeddingsRunAsOneGemm) {
+  torch::NoGradGuard no_grad;
+  int index = 0;
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    torch::jit::Module eager("PatchEmbedding" + std::to_string(index++));
+    eager.register_parameter("w", (torch::randn({24, 3, 4, 4}) / 7.0).to(dtype), false);
+    eager.register_parameter("b", torch::randn({24}).to(dtype), false);
+    eager.register_parameter("w2", (torch::randn({16, 24, 2, 2}) / 10.0).to(dtype), false);
+    eager.define(R"(
+def forward(self, x, r):
+  y = torch.conv2d(x, self.w, self.b, 4)
+  tokens = y.flatten(2).transpose(1, 2)
+  z = torch.gelu(torch.conv2d(y, self.w2, None, 2) + r)
+  return tokens, z
+)");
+    eager.eval();
+    torch::jit::Module fused = optimize(eager);
+    torch::jit::testing::FileCheck().check_count("kiln::conv2d", 2, /*exactly=*/true)->run(graphText(fused));
+    for (const char* way : {"aten_patches", "aten", ""}) {
+      ForcedChoice forced(way);
+      for (const auto& [batch, h, w] : {std::tuple<int64_t, int64_t, int64_t>{2, 16, 16}, {1, 19, 18}}) {
+        at::Tensor x = torch::randn({batch, 3, h, w}).to(dtype);
+        at::Tensor r = torch::randn({batch, 16, h / 8, w / 8}).to(dtype);
+        auto expected = eager.forward({x, r}).toTuple()->elements();
+        auto actual = fused.forward({x, r}).toTuple()->elements();
+        const std::string what = std::string("way '") + way + "' " + c10::toString(dtype) + " " + std::to_string(h);
+        for (size_t i = 0; i < 2; ++i) {
+          expectClose(actual[i].toTensor(), expected[i].toTensor(), dtype == at::kBFloat16 ? 16 : 8, what);
+          EXPECT_EQ(actual[i].toTensor().strides(), expected[i].toTensor().strides()) << what << " output " << i;
+        }
+      }
+      if (std::string(way) == "aten_patches") {
+        for (const GroupReport& group : report(fused.get_method("forward").graph()).groups) EXPECT_EQ(group.choice, way);
+      }
+    }
+  }
+  // Not a patch embedding: a padded one, an overlapping one.
+  torch::jit::Module other("NotPatches");
+  other.register_parameter("w", torch::randn({8, 3, 4, 4}), false);
+  other.define(R"(
+def forward(self, x):
+  return torch.conv2d(x, self.w, None, 4, 1) + torch.conv2d(x, self.w, None, 2)[:, :, ::2, ::2][:, :, :5, :5]
+)");
+  other.eval();
+  torch::jit::Module fused = optimize(other);
+  ForcedChoice forced("aten_patches");
+  at::Tensor x = torch::randn({1, 3, 20, 20});
+  expectClose(fused.forward({x}).toTensor(), other.forward({x}).toTensor(), 8, "not patches");
+  for (const GroupReport& group : report(fused.get_method("forward").graph()).groups) EXPECT_NE(group.choice, "aten_patches");
+}
+
 TEST(LibraryCalls, ResidualIsNotOverwrittenWhereSomeoneReadsIt) {
   torch::NoGradGuard no_grad;
   // The residual is the module's input (the caller's tensor) in one, and is read again after the
