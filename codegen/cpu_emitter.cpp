@@ -1,17 +1,13 @@
 // The CPU backend's emitter (see cpu_emitter.h); cpu_kernel.h has the kernel's calling convention.
 #include "codegen/cpu_emitter.h"
 
-#include <llvm/ADT/StringMap.h>
 #include <llvm/ExecutionEngine/Orc/JITTargetMachineBuilder.h>
 #include <llvm/IR/IRBuilder.h>
 #include <llvm/IR/Verifier.h>
 #include <llvm/MC/TargetRegistry.h>
-#include <llvm/Support/TargetSelect.h>
 #include <llvm/Support/raw_ostream.h>
-#include <llvm/TargetParser/Host.h>
 
 #include <cmath>
-#include <mutex>
 #include <stdexcept>
 
 #include "codegen/cpu_math.h"
@@ -748,43 +744,7 @@ struct Emitter {
   }
 };
 
-std::string describeFeatures() {
-  llvm::StringMap<bool> features;
-  llvm::sys::getHostCPUFeatures(features);
-  std::string joined;
-  for (const auto& entry : features) {
-    if (!joined.empty()) joined += ",";
-    joined += (entry.getValue() ? "+" : "-") + entry.getKey().str();
-  }
-  return joined;
-}
-
 }  // namespace
-
-void initializeLlvm() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    llvm::InitializeNativeTarget();
-    llvm::InitializeNativeTargetAsmPrinter();
-    llvm::InitializeNativeTargetAsmParser();
-  });
-}
-
-const CpuTarget& CpuTarget::host() {
-  // Never destroyed: a background compile may still read it while the process exits.
-  static const CpuTarget& target = *[] {
-    auto* t = new CpuTarget();
-    llvm::StringMap<bool> features;
-    llvm::sys::getHostCPUFeatures(features);
-    auto has = [&](const char* name) { return features.count(name) && features[name]; };
-    t->vector_bits = has("avx512f") ? 512 : has("avx2") ? 256 : 128;
-    t->cpu = llvm::sys::getHostCPUName().str();
-    t->features = describeFeatures();
-    t->triple = llvm::sys::getProcessTriple();
-    return t;
-  }();
-  return target;
-}
 
 EmittedModule emitCpuModule(const ir::Kernel& kernel, const CpuLayout& layout) {
   failIfInjected(FaultStage::kCompile);

@@ -1,5 +1,7 @@
 #include "tools/cli_args.h"
 
+#include <sstream>
+
 namespace kiln::cli {
 
 std::string Args::value(const std::string& flag, const std::string& fallback) const {
@@ -58,6 +60,18 @@ int64_t Args::intValue(const std::string& flag, int64_t fallback, int64_t min, i
                      std::to_string(max));
   }
   return number;
+}
+
+std::string errorLine(const std::string& message) {
+  std::vector<std::string> lines;
+  std::istringstream stream(message);
+  for (std::string line; std::getline(stream, line);) {
+    const size_t start = line.find_first_not_of(" \t\r");
+    if (start != std::string::npos) lines.push_back(line.substr(start));
+  }
+  if (lines.empty()) return "unknown error";
+  const bool traceback = message.find("Traceback of TorchScript") != std::string::npos;
+  return traceback ? lines.back() : lines.front();
 }
 
 }  // namespace kiln::cli

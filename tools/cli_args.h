@@ -31,4 +31,8 @@ struct Args {
 Args parse(int argc, char** argv, int first, const std::set<std::string>& value_flags,
            const std::set<std::string>& switch_flags);
 
+// The one line of a torch error worth printing: a TorchScript traceback ends with the error
+// itself ("RuntimeError: ..."); any other message starts with it.
+std::string errorLine(const std::string& message);
+
 }  // namespace kiln::cli

@@ -38,6 +38,7 @@
 #include "kiln/kiln.h"
 #include "tools/cli_args.h"
 #include "tools/bench_command.h"
+#include "tools/compile_command.h"
 #include "tools/demo_model.h"
 #include "tools/roofline.h"
 
@@ -45,6 +46,7 @@ namespace {
 
 using kiln::cli::Args;
 using kiln::cli::UsageError;
+using kiln::cli::errorLine;
 
 // An error printed as the one line "kiln: MESSAGE" (no usage hint) with its exit code.
 struct CliError : std::runtime_error {
@@ -80,20 +82,6 @@ constexpr const char* kUsage =
     "  cache info|clear [--json]                     the disk cache: where, how full; empty it\n";
 
 bool cudaAvailable() { return torch::cuda::is_available(); }
-
-// The one line of a torch error worth printing: a TorchScript traceback ends with the error
-// itself ("RuntimeError: ..."); any other message starts with it.
-std::string errorLine(const std::string& message) {
-  std::vector<std::string> lines;
-  std::istringstream stream(message);
-  for (std::string line; std::getline(stream, line);) {
-    const size_t start = line.find_first_not_of(" \t\r");
-    if (start != std::string::npos) lines.push_back(line.substr(start));
-  }
-  if (lines.empty()) return "unknown error";
-  const bool traceback = message.find("Traceback of TorchScript") != std::string::npos;
-  return traceback ? lines.back() : lines.front();
-}
 
 // Every file the CLI writes goes through here: on failure the old file is untouched, exit code 1.
 void writeOutput(const std::string& path, const std::string& contents) {
@@ -556,50 +544,6 @@ int runFuse(const Args& args) {
   return 0;
 }
 
-// One recorded kernel, obtained for the CLI's target: from the disk cache or compiled.
-struct CompiledForCli {
-  std::string name;
-  std::string specialization;
-  bool from_cache = false;
-  double compile_ms = 0;  // compiling (0 when cached)
-  double fetch_ms = 0;    // obtaining it, cache lookup included
-  int registers = -1;     // CUDA only
-  int spill_bytes = 0;
-  size_t binary_bytes = 0;
-  std::string cache_key;
-  std::string error;
-};
-
-CompiledForCli obtainForCli(const kiln::RecordedKernel& recorded, const std::string& arch) {
-  CompiledForCli out;
-  try {
-    if (arch == "host") {
-      kiln::CpuKernelResult result = kiln::obtainCpuKernel(recorded.kernel, recorded.cpu_layout);
-      out.name = "kiln_" + recorded.kernel.name + "_" + result.cache_key.substr(0, 8);
-      out.specialization = "layout " + recorded.cpu_layout.toString();
-      out.from_cache = result.from_cache;
-      out.fetch_ms = result.fetch_ms;
-      out.compile_ms = result.from_cache ? 0 : result.fetch_ms;
-      out.cache_key = result.cache_key;
-      return out;
-    }
-    kiln::CudaKernelBinary binary = kiln::obtainCudaKernel(recorded.kernel, *recorded.cuda, arch, recorded.options.fast_math);
-    out.name = binary.name + "_" + binary.cache_key.substr(0, 8);
-    out.specialization = recorded.cuda->toString();
-    out.from_cache = binary.from_cache;
-    out.compile_ms = binary.compile_ms;
-    out.fetch_ms = binary.fetch_ms;
-    out.registers = binary.registers;
-    out.spill_bytes = binary.spill_bytes;
-    out.binary_bytes = binary.binary.size();
-    out.cache_key = binary.cache_key;
-  } catch (const std::exception& error) {
-    out.name = "kiln_" + recorded.kernel.name;
-    out.error = errorLine(error.what());
-  }
-  return out;
-}
-
 // Runs the fused model on the CPU with the example inputs, recording the kernel each fusion group
 // would need for --arch (the host's CPU, or a GPU with the same shapes), through kiln::optimize
 // and through the executor pass, then compiles them into the disk cache, in parallel across
@@ -647,69 +591,7 @@ int runCompile(const Args& args) {
       else skipped.push_back(recorded.cuda_skipped);
     }
   }
-  // Compiles are independent: each worker takes the next kernel until none is left.
-  std::vector<CompiledForCli> results(wanted.size());
-  std::atomic<size_t> next{0};
-  // On a terminal (and without --json), one line that counts the kernels done, rewritten in place.
-  const bool progress = !args.has("--json") && isatty(STDERR_FILENO);
-  std::atomic<size_t> done{0};
-  std::mutex progress_mutex;
-  auto worker = [&] {
-    for (size_t i = next++; i < wanted.size(); i = next++) {
-      results[i] = obtainForCli(wanted[i], arch);
-      const size_t finished = ++done;
-      if (!progress) continue;
-      std::lock_guard<std::mutex> lock(progress_mutex);
-      std::fprintf(stderr, "\rkiln compile: kernel %zu of %zu for %s%s", finished, wanted.size(), arch.c_str(),
-                   finished == wanted.size() ? "\n" : "");
-      std::fflush(stderr);
-    }
-  };
-  const auto start = std::chrono::steady_clock::now();
-  std::vector<std::thread> workers;
-  for (int64_t j = 1; j < std::min<int64_t>(jobs, static_cast<int64_t>(wanted.size())); ++j) workers.emplace_back(worker);
-  worker();
-  for (std::thread& thread : workers) thread.join();
-  const double wall_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-
-  int compiled = 0, cached = 0, failed = 0;
-  std::ostringstream kernels;
-  for (size_t i = 0; i < results.size(); ++i) {
-    const CompiledForCli& r = results[i];
-    (!r.error.empty() ? failed : r.from_cache ? cached : compiled)++;
-    const char* status = !r.error.empty() ? "failed" : r.from_cache ? "cached" : "compiled";
-    if (args.has("--json")) {
-      kernels << (i ? ", " : "") << "{\"name\": " << kiln::jsonQuote(r.name)
-              << ", \"specialization\": " << kiln::jsonQuote(r.specialization) << ", \"status\": \"" << status << "\""
-              << ", \"compile_ms\": " << r.compile_ms << ", \"fetch_ms\": " << r.fetch_ms
-              << ", \"registers\": " << r.registers << ", \"spill_bytes\": " << r.spill_bytes
-              << ", \"binary_bytes\": " << r.binary_bytes << ", \"cache_key\": " << kiln::jsonQuote(r.cache_key)
-              << ", \"error\": " << kiln::jsonQuote(r.error) << "}";
-    } else if (!r.error.empty()) {
-      std::printf("%-32s failed: %s\n", r.name.c_str(), r.error.c_str());
-    } else if (arch == "host") {
-      std::printf("%-32s %-16s %-9s %8.1f ms\n", r.name.c_str(), r.specialization.c_str(), status, r.fetch_ms);
-    } else {
-      std::printf("%-32s %-22s %-9s %8.1f ms  %3d registers  %d spill bytes\n", r.name.c_str(), r.specialization.c_str(),
-                  status, r.from_cache ? r.fetch_ms : r.compile_ms, r.registers, r.spill_bytes);
-    }
-  }
-  const kiln::KernelCache::Info info = kiln::KernelCache::global().info();
-  const std::string compiler = arch == "host" ? "llvm " + kiln::llvmVersion() : "nvrtc " + kiln::cuda::nvrtcVersion();
-  if (args.has("--json")) {
-    std::cout << "{\"arch\": " << kiln::jsonQuote(arch) << ", \"compiler\": " << kiln::jsonQuote(compiler)
-              << ", \"cache_dir\": " << kiln::jsonQuote(info.dir) << ", \"jobs\": " << jobs
-              << ", \"wall_ms\": " << wall_ms << ", \"compiled\": " << compiled << ", \"cached\": " << cached
-              << ", \"failed\": " << failed << ", \"kernels\": [" << kernels.str() << "], \"skipped\": [";
-    for (size_t i = 0; i < skipped.size(); ++i) std::cout << (i ? ", " : "") << kiln::jsonQuote(skipped[i]);
-    std::cout << "]}\n";
-  } else {
-    std::printf("%zu kernels for %s: %d compiled, %d from the cache, %d failed, in %.0f ms on %lld threads (%s)\n",
-                results.size(), arch.c_str(), compiled, cached, failed, wall_ms, static_cast<long long>(jobs),
-                info.dir.c_str());
-    for (const std::string& why : skipped) std::printf("skipped a group: %s\n", why.c_str());
-  }
-  return failed == 0 ? 0 : 1;
+  return kiln::cli::compileKernels(wanted, skipped, arch, jobs, args.has("--json"));
 }
 
 int runCache(const Args& args) {

@@ -231,6 +231,7 @@ void forceChoice(const std::string& choice) {
 bool choiceForced() { return any_forced.load(std::memory_order_relaxed); }
 
 std::string forcedChoice() {
+  if (!choiceForced()) return std::string();  // every call asks: no lock unless a test forces
   std::lock_guard<std::mutex> lock(choices_mutex);
   return forced();
 }

@@ -406,6 +406,14 @@ graph(%q : Tensor, %k : Tensor, %v : Tensor, %mask : Tensor?):
       ->run(*graph);
   expectFusedMatches(copied, {heads(2, 4, 17, 16), heads(2, 4, 17, 16), heads(2, 4, 17, 16), c10::IValue()});
   expectFusedMatches(copied, {heads(2, 4, 17, 16), heads(2, 4, 9, 16), heads(2, 4, 9, 16), torch::randn({2, 1, 1, 9})});
+  // Q, K and V sliced from one joined projection [B, S, 3·H·D], as kiln's sibling linears leave
+  // them: rows three times as far apart as the heads span, in every dtype the CPU kernels take.
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    at::Tensor joined = torch::randn({2, 33, 3 * 4 * 32}).to(dtype);
+    std::vector<at::Tensor> qkv;
+    for (int64_t i = 0; i < 3; ++i) qkv.push_back(joined.narrow(2, i * 128, 128).view({2, 33, 4, 32}).permute({0, 2, 1, 3}));
+    expectFusedMatches(copied, {qkv[0], qkv[1], qkv[2], (torch::rand({2, 1, 33, 33}) > 0.2)});
+  }
 
   // The key's copy is returned too: it stays where it was, the fused op reads it.
   std::string shared = copied;
