@@ -53,6 +53,12 @@ void forgetPreparedWeight(const at::TensorImpl* weight, const std::string& what)
 // How many prepared copies of live weights are kept.
 int64_t preparedWeightCount();
 
+// Weights of at least this many bytes are timed cold when measuring (runFastest): in a model, a
+// weight this large has left the core's cache (2 MiB of L2 here) by the next call that reads it.
+constexpr size_t kColdWeightBytes = size_t{1} << 20;
+// Evicts the weight and every copy prepared of it from the CPU's caches; returns the bytes.
+size_t evictWeightFromCaches(const at::TensorImpl* weight);
+
 // The smallest power of two >= n: a batch or row count's shape class.
 int64_t powerOfTwoAtLeast(int64_t n);
 

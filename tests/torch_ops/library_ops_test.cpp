@@ -742,6 +742,31 @@ TEST(LibraryCalls, MeasuringReleasesWhatTheSlowerWaysKeep) {
   EXPECT_LE(preparedWeightCount() - before, 1);
 }
 
+// A weight of a megabyte or more is timed cold (in a model it has left the core's cache by the
+// next call that reads it): before each timed run its memory and every copy prepared of it are
+// evicted. What the eviction covers: the weight and the copies the ways made, and nothing else.
+TEST(LibraryCalls, LargeWeightsAreTimedCold) {
+  torch::NoGradGuard no_grad;
+  const at::Tensor weight = torch::randn({512, 512});  // exactly kColdWeightBytes
+  ASSERT_GE(weight.nbytes(), kColdWeightBytes);
+  EXPECT_EQ(evictWeightFromCaches(weight.unsafeGetTensorImpl()), weight.nbytes());
+  const at::Tensor transposed = preparedWeight(weight, "cold test copy", [&] { return weight.t().contiguous(); });
+  EXPECT_EQ(evictWeightFromCaches(weight.unsafeGetTensorImpl()), weight.nbytes() + transposed.nbytes());
+  // A view: its storage, the whole base (what a read of it may touch); the copies are the base's.
+  EXPECT_EQ(evictWeightFromCaches(weight.narrow(0, 0, 8).unsafeGetTensorImpl()), weight.nbytes());
+  forgetPreparedWeight(weight.unsafeGetTensorImpl(), "cold test copy");
+  EXPECT_EQ(evictWeightFromCaches(weight.unsafeGetTensorImpl()), weight.nbytes());
+  EXPECT_EQ(evictWeightFromCaches(nullptr), 0u);
+
+  // Measuring a call over such a weight still chooses a way that agrees with ATen's.
+  const int64_t k = 1024 + static_cast<int64_t>(std::random_device()() % 512);
+  torch::jit::Module eager = linearModule("LinearCold", "def forward(self, x):\n  return torch.relu(torch.linear(x, self.w, self.b))\n", k, 300);
+  torch::jit::Module fused = optimize(eager);
+  at::Tensor x = torch::randn({7, k});
+  expectClose(forward(fused, {x}), forward(eager, {x}), 4, "measured cold");
+  expectClose(forward(fused, {x}), forward(eager, {x}), 4, "the choice");
+}
+
 TEST(LibraryCalls, ThreadsShareOneModuleWhileItMeasures) {
   // A shape class no other test uses: the first calls of eight threads race to measure it; one
   // measures, the others run ATen's ops meanwhile, and every result is eager's.
