@@ -256,6 +256,9 @@ std::shared_ptr<torch::jit::Code> onednnCode(const RegionProgram& program, const
       }
       partitioned = partitioned || node->kind() == torch::jit::prim::oneDNNFusionGroup;
     }
+    if (Options::global().log_level >= LogLevel::kDebug)
+      log(LogLevel::kDebug, std::string("conv_region ") + std::to_string(program.hash) + ": the " + way + " way:\n" +
+                                graph->toString());
     if (partitioned) return std::make_shared<torch::jit::Code>(graph, std::string("kiln_conv_region_") + way);
   } catch (const std::exception& error) {
     logBuildFailure(program, way, error);

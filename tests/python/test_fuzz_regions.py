@@ -2,7 +2,7 @@
 (convolution + batch_norm + activation, residual adds in and out of place, depthwise and grouped
 convolutions, pooling, squeeze-excite through linears or 1x1 convolutions, ShuffleNet's channel
 shuffle with sizes read from the tensor and its chunk, Inception branches and their cat, ConvNeXt
-blocks with permutes, layer_norm and an MLP, heads through adaptive pooling or mean, flatten and
+blocks with permutes, layer_norm and an MLP, patchify stems and 2x2 patch downsamplers, heads through adaptive pooling or mean, flatten and
 linear), with random channels, kernels, strides and activations. Some return an intermediate
 feature map or a size besides the head. Each is traced (every other one scripted too),
 optimized by kiln.optimize on an example input, and run with each way a region has forced (aten,
@@ -144,12 +144,24 @@ class Net(nn.Module):
     def __init__(self, rng):
         super().__init__()
         c = rng.choice([4, 6, 8])
-        self.stem = ConvBnAct(rng, 3, c, stride=rng.choice([1, 2]))
+        # A patchify stem (ViT's, ConvNeXt's: kernel == stride, no padding) or a convolution.
+        patch_stem = rng.random() < 0.2
+        if patch_stem:
+            k = rng.choice([2, 4])
+            self.stem = nn.Conv2d(3, c, k, k, bias=rng.random() < 0.5)
+            self.description = [f"patch stem {k}x{k} 3->{c}"]
+        else:
+            self.stem = ConvBnAct(rng, 3, c, stride=rng.choice([1, 2]))
+            self.description = [f"stem 3->{c}"]
         blocks: List[nn.Module] = []
-        self.description = [f"stem 3->{c}"]
-        for _ in range(rng.randint(2, 6)):
+        for number in range(rng.randint(2, 6)):
             kind = rng.choice(["conv", "residual", "se", "shuffle", "inception", "convnext", "pool", "down"])
-            if kind == "conv":
+            # A 2x2 patch downsampler (ConvNeXt's) first, where the feature map is at least 4 wide.
+            if number == 0 and not patch_stem and rng.random() < 0.3:
+                kind = "patch"
+            if kind == "patch":
+                out, block = 2 * c, nn.Sequential(nn.Conv2d(c, 2 * c, 2, 2, bias=rng.random() < 0.5), activation(rng))
+            elif kind == "conv":
                 out = rng.choice([c, c + 2, 2 * c])
                 block = ConvBnAct(rng, c, out, kernel=rng.choice([1, 3]), groups=rng.choice([1, c]) if out % c == 0 else 1)
             elif kind == "residual":
