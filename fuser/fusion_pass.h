@@ -53,6 +53,13 @@ bool isConstantOne(torch::jit::Value* value);
 // fuseLibraryCalls. Returns the count.
 int extractConvolutionRegions(std::shared_ptr<torch::jit::Graph>& graph);
 
+// nn.MultiheadAttention's fast path (native_attention.cpp): in a frozen graph, each
+// aten::_native_multi_head_attention of self-attention without a mask, its weights unread, over
+// constant weights, becomes the linear, scaled_dot_product_attention and linear it stands for, so
+// that the library-call and attention passes take them. Runs before fuseLibraryCalls. Returns the
+// count.
+int decomposeNativeAttention(std::shared_ptr<torch::jit::Graph>& graph);
+
 // Sibling linears (linear_siblings.cpp): kiln::linear calls reading one input with one epilogue
 // become one call over their stacked weights, each result a slice of its result. Run by
 // fuseLibraryCalls. Returns the number of linears joined.

@@ -86,6 +86,8 @@ torch::jit::Module optimizeWith(const torch::jit::Module& module, const Options&
     // What torch.jit.freeze does after freezing: dropout removed, linears on one input
     // concatenated, batch_norm and constant add/mul folded into convolutions and linears.
     torch::jit::OptimizeFrozenGraph(graph, /*optimize_numerics=*/true);
+    // nn.MultiheadAttention's fast path as its linears and attention, which the passes below take.
+    if (!options.disabled) decomposeNativeAttention(graph);
     // Runs of convolutions (float32): one op each, run the fastest of ATen, kiln's library calls
     // and oneDNN Graph, measured on their shapes (conv_regions.cpp).
     if (!options.disabled && options.conv_regions && options.precision == Precision::kFloat32)

@@ -1,0 +1,127 @@
+// nn.MultiheadAttention's fast path, aten::_native_multi_head_attention, as the ops it stands for
+// (kiln::optimize, frozen graphs): torchvision's ViT and every eval-mode self-attention through
+// nn.MultiheadAttention reach it, and neither torch's fusers nor kiln's passes see inside it. As
+// ops, its two projections become library calls (kiln::linear: oneDNN's prepacked weights or
+// ATen's, measured) and its attention kiln's (attention_fusion.cpp), which stores the result
+// heads-last so that the merge of the heads copies nothing:
+//
+//   %out, %weights = aten::_native_multi_head_attention(%x, %x, %x, E, H, %w_qkv, %b_qkv, %w_o, %b_o,
+//                                                       None, need_weights, average, None)
+// becomes
+//   %b, %s, %e = prim::ListUnpack(aten::size(%x))            (a query not 3-D raises here)
+//   %qkv = aten::linear(%x, %w_qkv, %b_qkv)                  [B, S, 3E]
+//   %q = aten::slice(%qkv, -1, 0, E) ... %k, %v              [B, S, E] each
+//   %q4 = aten::transpose(aten::view(%q, [%b, %s, H, E/H]), 1, 2) ...
+//   %y = aten::scaled_dot_product_attention(%q4, %k4, %v4, None, 0., False, None, False)
+//   %out = aten::linear(aten::reshape(aten::transpose(%y, 1, 2), [%b, %s, E]), %w_o, %b_o)
+//
+// the sequence ATen's own CUDA path and SDPA-based implementations follow (its CPU path prescales
+// the queries before one bmm; float32 results agree to rounding). Only self-attention (one value
+// for query, key and value) without a mask, with the attention weights unread, over constant
+// weights of the shapes E and H imply; anything else is left as it is.
+#include <torch/csrc/jit/ir/ir.h>
+
+#include "fuser/fusion_pass.h"
+
+namespace kiln {
+namespace {
+
+using torch::jit::Graph;
+using torch::jit::Node;
+using torch::jit::Value;
+
+c10::Symbol op(const char* name) { return c10::Symbol::fromQualString(name); }
+
+std::optional<at::Tensor> constantTensor(Value* value) {
+  if (value->node()->kind() != torch::jit::prim::Constant) return std::nullopt;
+  std::optional<c10::IValue> known = torch::jit::toIValue(value);
+  if (!known || !known->isTensor()) return std::nullopt;
+  return known->toTensor();
+}
+
+std::optional<int64_t> constantInt(Value* value) {
+  std::optional<c10::IValue> known = torch::jit::toIValue(value);
+  if (!known || !known->isInt()) return std::nullopt;
+  return known->toInt();
+}
+
+// The embedding width and head count when `node` is a call this pass replaces.
+std::optional<std::pair<int64_t, int64_t>> replaceable(const Node* node) {
+  if (!node->matches("aten::_native_multi_head_attention(Tensor query, Tensor key, Tensor value, int embed_dim, "
+                     "int num_head, Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight, Tensor proj_bias, "
+                     "Tensor? mask=None, bool need_weights=True, bool average_attn_weights=True, "
+                     "int? mask_type=None) -> (Tensor, Tensor)"))
+    return std::nullopt;
+  if (node->input(0) != node->input(1) || node->input(1) != node->input(2)) return std::nullopt;
+  if (!node->input(9)->mustBeNone() || node->output(1)->hasUses()) return std::nullopt;
+  std::optional<int64_t> embed = constantInt(node->input(3)), heads = constantInt(node->input(4));
+  if (!embed || !heads || *embed <= 0 || *heads <= 0 || *embed % *heads != 0) return std::nullopt;
+  std::optional<at::Tensor> qkv_weight = constantTensor(node->input(5)), qkv_bias = constantTensor(node->input(6));
+  std::optional<at::Tensor> proj_weight = constantTensor(node->input(7)), proj_bias = constantTensor(node->input(8));
+  if (!qkv_weight || !qkv_bias || !proj_weight || !proj_bias) return std::nullopt;
+  const int64_t e = *embed;
+  if (qkv_weight->sizes() != at::IntArrayRef({3 * e, e}) || qkv_bias->sizes() != at::IntArrayRef({3 * e}) ||
+      proj_weight->sizes() != at::IntArrayRef({e, e}) || proj_bias->sizes() != at::IntArrayRef({e}))
+    return std::nullopt;
+  return std::make_pair(e, *heads);
+}
+
+void replace(Graph& graph, Node* node, int64_t embed, int64_t heads) {
+  torch::jit::WithInsertPoint here(node);
+  auto constant = [&](const c10::IValue& value) { return graph.insertConstant(value); };
+  Value* x = node->input(0);
+  Value* sizes = graph.insert(op("aten::size"), {x});
+  Node* first = sizes->node();
+  Node* unpack = graph.insertNode(graph.createListUnpack(sizes, 3));
+  Value* batch = unpack->output(0);
+  Value* sequence = unpack->output(1);
+  Value* qkv = graph.insert(op("aten::linear"), {x, node->input(5), node->input(6)});
+  const int64_t head_dim = embed / heads;
+  Value* head_sizes = graph.insertNode(graph.createList(c10::IntType::get(), {batch, sequence, constant(heads),
+                                                                             constant(head_dim)}))
+                          ->output();
+  std::vector<Value*> parts;
+  for (int64_t i = 0; i < 3; ++i) {
+    Value* part = graph.insert(op("aten::slice"), {qkv, constant(int64_t{-1}), constant(i * embed),
+                                                   constant((i + 1) * embed), constant(int64_t{1})});
+    Value* split = graph.insert(op("aten::view"), {part, head_sizes});
+    parts.push_back(graph.insert(op("aten::transpose"), {split, constant(int64_t{1}), constant(int64_t{2})}));
+  }
+  Value* none = graph.insertNode(graph.createNone())->output();
+  // As TorchScript records the call: every argument positional (scale and enable_gqa are
+  // keyword-only in the schema, which Graph::insert would insist on).
+  Node* sdpa = graph.create(op("aten::scaled_dot_product_attention"),
+                            {parts[0], parts[1], parts[2], none, constant(0.0), constant(false), none, constant(false)});
+  graph.insertNode(sdpa)->output()->setType(c10::TensorType::get());
+  Value* attended = sdpa->output();
+  Value* merged_sizes =
+      graph.insertNode(graph.createList(c10::IntType::get(), {batch, sequence, constant(embed)}))->output();
+  Value* merged = graph.insert(op("aten::reshape"),
+                               {graph.insert(op("aten::transpose"), {attended, constant(int64_t{1}), constant(int64_t{2})}),
+                                merged_sizes});
+  Value* out = graph.insert(op("aten::linear"), {merged, node->input(7), node->input(8)});
+  for (Node* made = first; made != node; made = made->next()) made->copyMetadata(node);
+  node->output(0)->replaceAllUsesWith(out);
+  node->destroy();
+}
+
+void decomposeIn(Graph& graph, torch::jit::Block* block, int& count) {
+  for (auto it = block->nodes().begin(); it != block->nodes().end();) {
+    Node* node = *it++;
+    for (torch::jit::Block* inner : node->blocks()) decomposeIn(graph, inner, count);
+    if (std::optional<std::pair<int64_t, int64_t>> shape = replaceable(node)) {
+      replace(graph, node, shape->first, shape->second);
+      ++count;
+    }
+  }
+}
+
+}  // namespace
+
+int decomposeNativeAttention(std::shared_ptr<torch::jit::Graph>& graph) {
+  int count = 0;
+  decomposeIn(*graph, graph->block(), count);
+  return count;
+}
+
+}  // namespace kiln
