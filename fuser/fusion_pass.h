@@ -53,9 +53,10 @@ bool isConstantOne(torch::jit::Value* value);
 // fuseLibraryCalls. Returns the count.
 int extractConvolutionRegions(std::shared_ptr<torch::jit::Graph>& graph);
 
-// nn.MultiheadAttention's fast path (native_attention.cpp): in a frozen graph, each
-// aten::_native_multi_head_attention of self-attention without a mask, its weights unread, over
-// constant weights, becomes the linear, scaled_dot_product_attention and linear it stands for, so
+// nn.MultiheadAttention's and nn.TransformerEncoderLayer's fast paths (native_attention.cpp): in a
+// frozen graph, each aten::_native_multi_head_attention of self-attention without a mask, its
+// weights unread, and each aten::_transformer_encoder_layer_fwd without a mask, over constant
+// weights, becomes the linears, scaled_dot_product_attention, norms and adds it stands for, so
 // that the library-call and attention passes take them. Runs before fuseLibraryCalls. Returns the
 // count.
 int decomposeNativeAttention(std::shared_ptr<torch::jit::Graph>& graph);

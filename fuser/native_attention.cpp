@@ -1,5 +1,5 @@
 // nn.MultiheadAttention's fast path, aten::_native_multi_head_attention, as the ops it stands for
-// (kiln::optimize, frozen graphs): torchvision's ViT and every eval-mode self-attention through
+// (kiln::optimize, frozen graphs), and nn.TransformerEncoderLayer's, which holds it (below): torchvision's ViT and every eval-mode self-attention through
 // nn.MultiheadAttention reach it, and neither torch's fusers nor kiln's passes see inside it. As
 // ops, its two projections become library calls (kiln::linear: oneDNN's prepacked weights or
 // ATen's, measured) and its attention kiln's (attention_fusion.cpp), which stores the result
@@ -66,16 +66,15 @@ std::optional<std::pair<int64_t, int64_t>> replaceable(const Node* node) {
   return std::make_pair(e, *heads);
 }
 
-void replace(Graph& graph, Node* node, int64_t embed, int64_t heads) {
-  torch::jit::WithInsertPoint here(node);
+// Emits the self-attention of `x` (before the insertion point) and returns its result.
+Value* selfAttention(Graph& graph, Value* x, int64_t embed, int64_t heads, Value* qkv_weight, Value* qkv_bias,
+                     Value* proj_weight, Value* proj_bias) {
   auto constant = [&](const c10::IValue& value) { return graph.insertConstant(value); };
-  Value* x = node->input(0);
   Value* sizes = graph.insert(op("aten::size"), {x});
-  Node* first = sizes->node();
   Node* unpack = graph.insertNode(graph.createListUnpack(sizes, 3));
   Value* batch = unpack->output(0);
   Value* sequence = unpack->output(1);
-  Value* qkv = graph.insert(op("aten::linear"), {x, node->input(5), node->input(6)});
+  Value* qkv = graph.insert(op("aten::linear"), {x, qkv_weight, qkv_bias});
   const int64_t head_dim = embed / heads;
   Value* head_sizes = graph.insertNode(graph.createList(c10::IntType::get(), {batch, sequence, constant(heads),
                                                                              constant(head_dim)}))
@@ -93,16 +92,105 @@ void replace(Graph& graph, Node* node, int64_t embed, int64_t heads) {
   Node* sdpa = graph.create(op("aten::scaled_dot_product_attention"),
                             {parts[0], parts[1], parts[2], none, constant(0.0), constant(false), none, constant(false)});
   graph.insertNode(sdpa)->output()->setType(c10::TensorType::get());
-  Value* attended = sdpa->output();
   Value* merged_sizes =
       graph.insertNode(graph.createList(c10::IntType::get(), {batch, sequence, constant(embed)}))->output();
   Value* merged = graph.insert(op("aten::reshape"),
-                               {graph.insert(op("aten::transpose"), {attended, constant(int64_t{1}), constant(int64_t{2})}),
+                               {graph.insert(op("aten::transpose"), {sdpa->output(), constant(int64_t{1}), constant(int64_t{2})}),
                                 merged_sizes});
-  Value* out = graph.insert(op("aten::linear"), {merged, node->input(7), node->input(8)});
+  return graph.insert(op("aten::linear"), {merged, proj_weight, proj_bias});
+}
+
+// What the replaced node's source location, scope and call stack were, on every node made for it.
+void replaceWith(Node* node, Value* result, Node* first) {
   for (Node* made = first; made != node; made = made->next()) made->copyMetadata(node);
-  node->output(0)->replaceAllUsesWith(out);
+  node->output(0)->replaceAllUsesWith(result);
   node->destroy();
+}
+
+void replace(Graph& graph, Node* node, int64_t embed, int64_t heads) {
+  torch::jit::WithInsertPoint here(node);
+  Node* first = node->prev();
+  Value* out = selfAttention(graph, node->input(0), embed, heads, node->input(5), node->input(6), node->input(7),
+                             node->input(8));
+  replaceWith(node, out, first->next());
+}
+
+// nn.TransformerEncoderLayer's fast path, aten::_transformer_encoder_layer_fwd: with norm_first,
+//   x = src + attention(norm1(src));  x = x + ffn(norm2(x))
+// else
+//   x = norm1(src + attention(src));  x = norm2(x + ffn(x))
+// ffn(y) = linear2(activation(linear1(y))), gelu or relu; no mask. Its width and head count from
+// its weights, as for the attention alone.
+std::optional<std::pair<int64_t, int64_t>> replaceableLayer(const Node* node) {
+  if (!node->matches("aten::_transformer_encoder_layer_fwd(Tensor src, int embed_dim, int num_heads, "
+                     "Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight, Tensor proj_bias, bool use_gelu, "
+                     "bool norm_first, float eps, Tensor norm_weight_1, Tensor norm_bias_1, Tensor norm_weight_2, "
+                     "Tensor norm_bias_2, Tensor ffn_weight_1, Tensor ffn_bias_1, Tensor ffn_weight_2, "
+                     "Tensor ffn_bias_2, Tensor? mask=None, int? mask_type=None) -> Tensor"))
+    return std::nullopt;
+  if (!node->input(18)->mustBeNone()) return std::nullopt;
+  std::optional<int64_t> embed = constantInt(node->input(1)), heads = constantInt(node->input(2));
+  if (!embed || !heads || *embed <= 0 || *heads <= 0 || *embed % *heads != 0) return std::nullopt;
+  for (int i : {7, 8, 9}) {
+    if (!torch::jit::toIValue(node->input(i))) return std::nullopt;
+  }
+  const int64_t e = *embed;
+  // Inputs 3-6 (the attention's weights) and 10-17 (the norms' and the feed-forward's).
+  std::optional<at::Tensor> tensors[12];
+  for (int i = 0; i < 12; ++i) {
+    tensors[i] = constantTensor(node->input(i < 4 ? 3 + i : 6 + i));
+    if (!tensors[i]) return std::nullopt;
+  }
+  const at::Tensor& ffn_weight_1 = *tensors[8];
+  if (ffn_weight_1.dim() != 2 || ffn_weight_1.size(1) != e) return std::nullopt;
+  const int64_t hidden = ffn_weight_1.size(0);
+  const std::vector<std::vector<int64_t>> expected = {{3 * e, e}, {3 * e}, {e, e}, {e}, {e}, {e}, {e}, {e},
+                                                      {hidden, e}, {hidden}, {e, hidden}, {e}};
+  for (size_t i = 0; i < expected.size(); ++i) {
+    if (tensors[i]->sizes() != at::IntArrayRef(expected[i])) return std::nullopt;
+  }
+  return std::make_pair(e, *heads);
+}
+
+void replaceLayer(Graph& graph, Node* node, int64_t embed) {
+  torch::jit::WithInsertPoint here(node);
+  Node* first = node->prev();
+  auto constant = [&](const c10::IValue& value) { return graph.insertConstant(value); };
+  const int64_t heads = *constantInt(node->input(2));
+  const bool gelu = torch::jit::toIValue(node->input(7))->toBool();
+  const bool norm_first = torch::jit::toIValue(node->input(8))->toBool();
+  Value* eps = node->input(9);
+  Value* shape = graph.insertNode(graph.createList(c10::IntType::get(), {constant(embed)}))->output();
+  auto norm = [&](Value* x, int which) {
+    return graph.insert(op("aten::layer_norm"),
+                        {x, shape, node->input(which == 1 ? 10 : 12), node->input(which == 1 ? 11 : 13), eps, constant(true)});
+  };
+  // Created as TorchScript records them, every argument positional (alpha and approximate are
+  // keyword-only, and Graph::insert would pick aten::add.Scalar for two tensors).
+  auto positional = [&](const char* name, std::vector<Value*> inputs) {
+    Node* made = graph.insertNode(graph.create(op(name), inputs));
+    made->output()->setType(c10::TensorType::get());
+    return made->output();
+  };
+  auto add = [&](Value* a, Value* b) { return positional("aten::add", {a, b, constant(int64_t{1})}); };
+  auto ffn = [&](Value* x) {
+    Value* hidden = graph.insert(op("aten::linear"), {x, node->input(14), node->input(15)});
+    hidden = gelu ? positional("aten::gelu", {hidden, constant(std::string("none"))}) : positional("aten::relu", {hidden});
+    return graph.insert(op("aten::linear"), {hidden, node->input(16), node->input(17)});
+  };
+  auto attention = [&](Value* x) {
+    return selfAttention(graph, x, embed, heads, node->input(3), node->input(4), node->input(5), node->input(6));
+  };
+  Value* src = node->input(0);
+  Value* x = nullptr;
+  if (norm_first) {
+    x = add(src, attention(norm(src, 1)));
+    x = add(x, ffn(norm(x, 2)));
+  } else {
+    x = norm(add(src, attention(src)), 1);
+    x = norm(add(x, ffn(x)), 2);
+  }
+  replaceWith(node, x, first->next());
 }
 
 void decomposeIn(Graph& graph, torch::jit::Block* block, int& count) {
@@ -111,6 +199,9 @@ void decomposeIn(Graph& graph, torch::jit::Block* block, int& count) {
     for (torch::jit::Block* inner : node->blocks()) decomposeIn(graph, inner, count);
     if (std::optional<std::pair<int64_t, int64_t>> shape = replaceable(node)) {
       replace(graph, node, shape->first, shape->second);
+      ++count;
+    } else if (std::optional<std::pair<int64_t, int64_t>> layer = replaceableLayer(node)) {
+      replaceLayer(graph, node, layer->first);
       ++count;
     }
   }

@@ -8,6 +8,8 @@
 #include <torch/csrc/jit/testing/file_check.h>
 #include <torch/script.h>
 
+#include <functional>
+
 #include "kiln/kiln.h"
 #include "support/library_testing.h"
 
@@ -19,13 +21,15 @@ using testing::ForcedChoice;
 
 // A module whose forward is `body`, with nn.MultiheadAttention's parameters for width `embed`.
 torch::jit::Module attentionModule(const std::string& name, const std::string& body, int64_t embed,
-                                   at::ScalarType dtype = at::kFloat) {
+                                   at::ScalarType dtype = at::kFloat,
+                                   const std::function<void(torch::jit::Module&)>& more_parameters = {}) {
   torch::jit::Module m(name);
   const double scale = 1.0 / std::sqrt(static_cast<double>(embed));
   m.register_parameter("w_qkv", (torch::randn({3 * embed, embed}) * scale).to(dtype), false);
   m.register_parameter("b_qkv", (torch::randn({3 * embed}) * 0.1).to(dtype), false);
   m.register_parameter("w_o", (torch::randn({embed, embed}) * scale).to(dtype), false);
   m.register_parameter("b_o", (torch::randn({embed}) * 0.1).to(dtype), false);
+  if (more_parameters) more_parameters(m);
   m.define(body);
   m.eval();
   return m;
@@ -66,6 +70,41 @@ TEST(NativeAttention, SelfAttentionBecomesLibraryCallsAndKilnAttention) {
         expectClose(fused.forward({x}).toTensor(), eager.forward({x}).toTensor(), dtype == at::kFloat ? 1e-5 : 3e-2,
                     std::string("way '") + way + "' " + c10::toString(dtype) + " " + std::to_string(batch) + "x" +
                         std::to_string(sequence));
+      }
+    }
+  }
+}
+
+// nn.TransformerEncoderLayer's fast path: the whole layer (attention, two norms, feed-forward with
+// relu or gelu, before or after the norms) as its ops; the results match the op's own.
+TEST(NativeAttention, EncoderLayerBecomesItsOps) {
+  torch::NoGradGuard no_grad;
+  int index = 0;
+  for (const char* gelu : {"False", "True"}) {
+    for (const char* norm_first : {"False", "True"}) {
+      torch::jit::Module eager = attentionModule("NativeLayer" + std::to_string(index++), std::string(R"(
+def forward(self, x):
+  return torch._transformer_encoder_layer_fwd(x, 48, 4, self.w_qkv, self.b_qkv, self.w_o, self.b_o, )") +
+                                                     gelu + ", " + norm_first + R"(, 1e-5,
+      self.n1w, self.n1b, self.n2w, self.n2b, self.f1w, self.f1b, self.f2w, self.f2b, None, None)
+)",
+                                                 48, at::kFloat, [](torch::jit::Module& m) {
+        for (const char* name : {"n1w", "n2w"}) m.register_parameter(name, torch::rand({48}) + 0.5, false);
+        for (const char* name : {"n1b", "n2b", "f2b"}) m.register_parameter(name, torch::randn({48}) * 0.1, false);
+        m.register_parameter("f1w", torch::randn({96, 48}) / 7.0, false);
+        m.register_parameter("f1b", torch::randn({96}) * 0.1, false);
+        m.register_parameter("f2w", torch::randn({48, 96}) / 10.0, false);
+      });
+      const std::string what = std::string("gelu ") + gelu + ", norm_first " + norm_first;
+      torch::jit::Module fused = kiln::optimize(eager);
+      FileCheck()
+          .check_not("aten::_transformer_encoder_layer_fwd")
+          ->check("kiln::attention(")
+          ->check_count("kiln::linear(", 3)
+          ->run(graphText(fused));
+      for (const auto& [batch, sequence] : {std::pair<int64_t, int64_t>{1, 17}, {3, 5}}) {
+        at::Tensor x = torch::randn({batch, sequence, 48});
+        expectClose(fused.forward({x}).toTensor(), eager.forward({x}).toTensor(), 1e-5, what);
       }
     }
   }
