@@ -3,7 +3,7 @@
 // ATen over a transposed weight, oneDNN with post-ops, oneDNN on channels-last input) gives eager's
 // results, on fresh random inputs, in fp32 and bf16; that a residual is written in place only
 // where no one can see it; that the strides a module returns stay as eager's; that autograd,
-// saving, failures and the measured choice behave.
+// saving and failures behave (measured_choice_test.cpp has the measured choice).
 #include <gtest/gtest.h>
 #include <torch/csrc/jit/testing/file_check.h>
 #include <torch/script.h>
@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "support/graph_testing.h"
+#include "support/library_modules.h"
 #include "support/library_testing.h"
 #include "codegen/kernel_cache.h"
 #include "fuser/library_calls.h"
@@ -27,38 +28,12 @@ namespace {
 using testing::closeTo;
 using testing::ForcedChoice;
 using testing::InjectedFault;
-
-// These tests are of the library calls themselves: kiln::optimize without convolution regions
-// (conv_region_test.cpp has those).
-torch::jit::Module optimize(const torch::jit::Module& module) {
-  Options options = Options::global();
-  options.conv_regions = false;
-  return kiln::optimize(module, options);
-}
-
-// A module whose forward is `body`, with parameters w [n, k], b [n], and its eager twin: the same
-// module not optimized. Each test defines its own class name: scripted modules of one class share
-// their compiled methods.
-torch::jit::Module linearModule(const std::string& name, const std::string& body, int64_t k, int64_t n,
-                                at::ScalarType dtype = at::kFloat) {
-  torch::jit::Module m(name);
-  m.register_parameter("w", (torch::randn({n, k}) / std::sqrt(static_cast<double>(k))).to(dtype), false);
-  m.register_parameter("b", torch::randn({n}).to(dtype), false);
-  m.define(body);
-  m.eval();
-  return m;
-}
-
-at::Tensor forward(torch::jit::Module& m, std::vector<c10::IValue> inputs) { return m.forward(std::move(inputs)).toTensor(); }
+using testing::expectClose;
+using testing::forward;
+using testing::linearModule;
+using testing::optimize;
 
 std::string graphText(torch::jit::Module& m) { return m.get_method("forward").graph()->toString(); }
-
-void expectClose(const at::Tensor& actual, const at::Tensor& expected, double scale, const std::string& what) {
-  ASSERT_EQ(actual.sizes(), expected.sizes()) << what;
-  ASSERT_EQ(actual.scalar_type(), expected.scalar_type()) << what;
-  EXPECT_TRUE(closeTo(actual, expected, scale).all().item<bool>())
-      << what << ": max diff " << (actual.to(at::kDouble) - expected.to(at::kDouble)).abs().max().item<double>();
-}
 
 const char* const kLinearWays[] = {"aten", "aten_transposed", "onednn", "onednn_m1", ""};
 // Sibling linears joined into one call also run as separate GEMMs again.
@@ -601,170 +576,6 @@ TEST(LibraryCalls, PiecesAreReadBackAndChecked) {
   } catch (const std::exception& error) {
     EXPECT_NE(std::string(error.what()).find("add up to 6 rows"), std::string::npos) << error.what();
   }
-}
-
-TEST(LibraryCalls, MeasuredChoiceIsRemembered) {
-  torch::NoGradGuard no_grad;
-  // A shape class no other test uses: K = 72, N = 56.
-  torch::jit::Module eager = linearModule("LinearMeasured", "def forward(self, x):\n  return torch.tanh(torch.linear(x, self.w, self.b))\n", 72, 56);
-  torch::jit::Module fused = optimize(eager);
-  at::Tensor x = torch::randn({9, 72});
-  expectClose(forward(fused, {x}), forward(eager, {x}), 4, "measured");
-  const std::string key = "linear Float rows<=16 K=72 N=56 bias epilogue=tanh input contiguous";
-  std::optional<std::string> remembered = rememberedChoice(key);
-  ASSERT_TRUE(remembered.has_value());
-  EXPECT_EQ(report(fused.get_method("forward").graph()).groups[0].choice, *remembered);
-  // Another shape in the class runs the remembered way without measuring again.
-  at::Tensor x2 = torch::randn({13, 72});
-  expectClose(forward(fused, {x2}), forward(eager, {x2}), 4, "remembered");
-  EXPECT_EQ(report(fused.get_method("forward").graph()).groups[0].choice, *remembered);
-}
-
-// Two ways whose speed a test sets (sleeps), counting their runs.
-struct SleepingWays {
-  int reference_ms = 2, library_ms = 0;
-  int reference_runs = 0, library_runs = 0;
-  std::vector<MeasuredWay> ways() {
-    auto way = [](const char* name, int* sleep_ms, int* runs) {
-      return MeasuredWay{name, [=](const std::optional<at::Tensor>&) {
-                           ++*runs;
-                           std::this_thread::sleep_for(std::chrono::milliseconds(*sleep_ms));
-                           return torch::ones({2});
-                         }};
-    };
-    return {way("reference", &reference_ms, &reference_runs), way("library", &library_ms, &library_runs)};
-  }
-  std::string run(const std::string& key) {
-    reference_runs = library_runs = 0;
-    GroupCounters counters;
-    runFastest(key, ways(), counters);
-    return counters.choice.load();
-  }
-};
-
-std::string uniqueKey(const std::string& what) {
-  return what + " " + std::to_string(std::random_device()()) + " " + std::to_string(::getpid());
-}
-
-TEST(LibraryCalls, AChoiceIsMeasuredAgainUntilSettled) {
-  const std::string key = uniqueKey("measured again");
-  SleepingWays ways;
-  // The first process measures while the library way is slow (as when something else loads the
-  // machine): ATen's way is chosen.
-  ways.library_ms = 8;
-  EXPECT_EQ(ways.run(key), "reference");
-  EXPECT_EQ(rememberedMeasurements(key), 1);
-  // The same process does not measure again: one call, one run.
-  EXPECT_EQ(ways.run(key), "reference");
-  EXPECT_EQ(ways.reference_runs + ways.library_runs, 1);
-  // The next process, on a quiet machine, measures again and chooses the library way.
-  forgetChoicesInMemory();
-  ways.library_ms = 0;
-  EXPECT_EQ(ways.run(key), "library");
-  EXPECT_GT(ways.reference_runs, 1);
-  EXPECT_EQ(rememberedMeasurements(key), 2);
-  // A third process on a loaded machine again: each way keeps its best time, so the library way
-  // stays chosen; that is the third measurement.
-  forgetChoicesInMemory();
-  ways.library_ms = 8;
-  EXPECT_EQ(ways.run(key), "library");
-  EXPECT_EQ(rememberedMeasurements(key), 3);
-  // Settled: later processes run the choice without measuring.
-  forgetChoicesInMemory();
-  EXPECT_EQ(ways.run(key), "library");
-  EXPECT_EQ(ways.reference_runs, 0);
-  EXPECT_EQ(ways.library_runs, 1);
-  EXPECT_EQ(rememberedMeasurements(key), 3);
-}
-
-TEST(LibraryCalls, AChoiceFromAnOlderKilnIsMeasuredAgain) {
-  // What kiln wrote before choices carried their times: the way's name alone, under the same key.
-  const std::string key = uniqueKey("older choice");
-  KernelCacheKey disk;
-  disk.ir = "measured choice: " + key;
-  disk.arch = hostSignature();
-  disk.compiler = std::string("torch ") + TORCH_VERSION;
-  KernelCache cache(Options::global().cache_dir, Options::global().cache_max_mb << 20);
-  ASSERT_TRUE(cache.store(disk, "reference"));
-  forgetChoicesInMemory();
-  EXPECT_EQ(rememberedChoice(key), std::optional<std::string>("reference"));
-  EXPECT_EQ(rememberedMeasurements(key), 1);
-  SleepingWays ways;
-  EXPECT_EQ(ways.run(key), "library");
-  EXPECT_EQ(rememberedMeasurements(key), 2);
-  // A file that is neither form is no choice: measured afresh.
-  const std::string garbled = uniqueKey("garbled choice");
-  disk.ir = "measured choice: " + garbled;
-  ASSERT_TRUE(cache.store(disk, "kiln choice 2\nchoice library\nmeasurements x\n"));
-  forgetChoicesInMemory();
-  EXPECT_EQ(rememberedChoice(garbled), std::nullopt);
-  EXPECT_EQ(ways.run(garbled), "library");
-  EXPECT_EQ(rememberedMeasurements(garbled), 1);
-}
-
-TEST(LibraryCalls, MeasuringReleasesWhatTheSlowerWaysKeep) {
-  torch::NoGradGuard no_grad;
-  // A shape class no earlier run has measured (the choice is remembered on disk).
-  const std::string key = "release test " + std::to_string(std::random_device()()) + std::to_string(::getpid());
-  const at::Tensor weight = torch::randn({4, 4});
-  auto way = [&](const char* name, const char* keeps, int sleep_ms) {
-    return MeasuredWay{name, [=](const std::optional<at::Tensor>&) {
-                         if (keeps != nullptr) preparedWeight(weight, keeps, [&] { return weight.t().contiguous(); });
-                         std::this_thread::sleep_for(std::chrono::milliseconds(sleep_ms));
-                         return torch::ones({2});
-                       },
-                       keeps};
-  };
-  std::vector<MeasuredWay> ways = {way("reference", nullptr, 3), way("slow", "copy a", 3), way("fast", "copy b", 0),
-                                   way("fast_too", "copy b", 3)};
-  GroupCounters counters;
-  runFastest(key, ways, counters, std::nullopt, false, weight.unsafeGetTensorImpl());
-  EXPECT_EQ(counters.choice, "fast");
-  // The slow way's copy goes; the winner's, which another way shares, stays: asking for each
-  // again makes only the released one anew.
-  std::vector<std::string> released;
-  for (const char* keeps : {"copy a", "copy b"}) {
-    preparedWeight(weight, keeps, [&] {
-      released.push_back(keeps);
-      return weight.t().contiguous();
-    });
-  }
-  EXPECT_EQ(released, std::vector<std::string>{"copy a"});
-
-  // A real linear: measuring runs every way, and afterwards only the chosen way's copy of the
-  // weight is kept.
-  const int64_t k = 300 + static_cast<int64_t>(std::random_device()() % 5000);
-  torch::jit::Module eager = linearModule("LinearReleases", "def forward(self, x):\n  return torch.linear(x, self.w, self.b)\n", k, 40);
-  torch::jit::Module fused = optimize(eager);
-  const int64_t before = preparedWeightCount();
-  at::Tensor x = torch::randn({5, k});
-  expectClose(forward(fused, {x}), forward(eager, {x}), 4, "measured");
-  EXPECT_LE(preparedWeightCount() - before, 1);
-}
-
-// A weight of a megabyte or more is timed cold (in a model it has left the core's cache by the
-// next call that reads it): before each timed run its memory and every copy prepared of it are
-// evicted. What the eviction covers: the weight and the copies the ways made, and nothing else.
-TEST(LibraryCalls, LargeWeightsAreTimedCold) {
-  torch::NoGradGuard no_grad;
-  const at::Tensor weight = torch::randn({512, 512});  // exactly kColdWeightBytes
-  ASSERT_GE(weight.nbytes(), kColdWeightBytes);
-  EXPECT_EQ(evictWeightFromCaches(weight.unsafeGetTensorImpl()), weight.nbytes());
-  const at::Tensor transposed = preparedWeight(weight, "cold test copy", [&] { return weight.t().contiguous(); });
-  EXPECT_EQ(evictWeightFromCaches(weight.unsafeGetTensorImpl()), weight.nbytes() + transposed.nbytes());
-  // A view: its storage, the whole base (what a read of it may touch); the copies are the base's.
-  EXPECT_EQ(evictWeightFromCaches(weight.narrow(0, 0, 8).unsafeGetTensorImpl()), weight.nbytes());
-  forgetPreparedWeight(weight.unsafeGetTensorImpl(), "cold test copy");
-  EXPECT_EQ(evictWeightFromCaches(weight.unsafeGetTensorImpl()), weight.nbytes());
-  EXPECT_EQ(evictWeightFromCaches(nullptr), 0u);
-
-  // Measuring a call over such a weight still chooses a way that agrees with ATen's.
-  const int64_t k = 1024 + static_cast<int64_t>(std::random_device()() % 512);
-  torch::jit::Module eager = linearModule("LinearCold", "def forward(self, x):\n  return torch.relu(torch.linear(x, self.w, self.b))\n", k, 300);
-  torch::jit::Module fused = optimize(eager);
-  at::Tensor x = torch::randn({7, k});
-  expectClose(forward(fused, {x}), forward(eager, {x}), 4, "measured cold");
-  expectClose(forward(fused, {x}), forward(eager, {x}), 4, "the choice");
 }
 
 TEST(LibraryCalls, ThreadsShareOneModuleWhileItMeasures) {
