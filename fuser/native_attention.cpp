@@ -1,9 +1,10 @@
 // nn.MultiheadAttention's fast path, aten::_native_multi_head_attention, as the ops it stands for
-// (kiln::optimize, frozen graphs), and nn.TransformerEncoderLayer's, which holds it (below): torchvision's ViT and every eval-mode self-attention through
-// nn.MultiheadAttention reach it, and neither torch's fusers nor kiln's passes see inside it. As
-// ops, its two projections become library calls (kiln::linear: oneDNN's prepacked weights or
-// ATen's, measured) and its attention kiln's (attention_fusion.cpp), which stores the result
-// heads-last so that the merge of the heads copies nothing:
+// (kiln::optimize, frozen graphs), and nn.TransformerEncoderLayer's, which holds it (below):
+// torchvision's ViT and every eval-mode self-attention through nn.MultiheadAttention reach it,
+// and neither torch's fusers nor kiln's passes see inside it. As ops, its two projections become
+// library calls (kiln::linear: oneDNN's prepacked weights or ATen's, measured) and its attention
+// kiln's (attention_fusion.cpp), which stores the result heads-last so that the merge of the heads
+// copies nothing:
 //
 //   %out, %weights = aten::_native_multi_head_attention(%x, %x, %x, E, H, %w_qkv, %b_qkv, %w_o, %b_o,
 //                                                       None, need_weights, average, None)
@@ -45,6 +46,21 @@ std::optional<int64_t> constantInt(Value* value) {
   return known->toInt();
 }
 
+// The embedding width and head count (inputs `embed_at` and `embed_at` + 1, constants that divide)
+// when the attention's weights (the four inputs from `weights_at`: qkv weight and bias, projection
+// weight and bias) are constants of the shapes they imply.
+std::optional<std::pair<int64_t, int64_t>> attentionShape(const Node* node, size_t embed_at, size_t weights_at) {
+  std::optional<int64_t> embed = constantInt(node->input(embed_at)), heads = constantInt(node->input(embed_at + 1));
+  if (!embed || !heads || *embed <= 0 || *heads <= 0 || *embed % *heads != 0) return std::nullopt;
+  const int64_t e = *embed;
+  const std::vector<std::vector<int64_t>> expected = {{3 * e, e}, {3 * e}, {e, e}, {e}};
+  for (size_t i = 0; i < expected.size(); ++i) {
+    std::optional<at::Tensor> weight = constantTensor(node->input(weights_at + i));
+    if (!weight || weight->sizes() != at::IntArrayRef(expected[i])) return std::nullopt;
+  }
+  return std::make_pair(e, *heads);
+}
+
 // The embedding width and head count when `node` is a call this pass replaces.
 std::optional<std::pair<int64_t, int64_t>> replaceable(const Node* node) {
   if (!node->matches("aten::_native_multi_head_attention(Tensor query, Tensor key, Tensor value, int embed_dim, "
@@ -54,16 +70,7 @@ std::optional<std::pair<int64_t, int64_t>> replaceable(const Node* node) {
     return std::nullopt;
   if (node->input(0) != node->input(1) || node->input(1) != node->input(2)) return std::nullopt;
   if (!node->input(9)->mustBeNone() || node->output(1)->hasUses()) return std::nullopt;
-  std::optional<int64_t> embed = constantInt(node->input(3)), heads = constantInt(node->input(4));
-  if (!embed || !heads || *embed <= 0 || *heads <= 0 || *embed % *heads != 0) return std::nullopt;
-  std::optional<at::Tensor> qkv_weight = constantTensor(node->input(5)), qkv_bias = constantTensor(node->input(6));
-  std::optional<at::Tensor> proj_weight = constantTensor(node->input(7)), proj_bias = constantTensor(node->input(8));
-  if (!qkv_weight || !qkv_bias || !proj_weight || !proj_bias) return std::nullopt;
-  const int64_t e = *embed;
-  if (qkv_weight->sizes() != at::IntArrayRef({3 * e, e}) || qkv_bias->sizes() != at::IntArrayRef({3 * e}) ||
-      proj_weight->sizes() != at::IntArrayRef({e, e}) || proj_bias->sizes() != at::IntArrayRef({e}))
-    return std::nullopt;
-  return std::make_pair(e, *heads);
+  return attentionShape(node, 3, 5);
 }
 
 // Emits the self-attention of `x` (before the insertion point) and returns its result.
@@ -129,34 +136,28 @@ std::optional<std::pair<int64_t, int64_t>> replaceableLayer(const Node* node) {
                      "Tensor ffn_bias_2, Tensor? mask=None, int? mask_type=None) -> Tensor"))
     return std::nullopt;
   if (!node->input(18)->mustBeNone()) return std::nullopt;
-  std::optional<int64_t> embed = constantInt(node->input(1)), heads = constantInt(node->input(2));
-  if (!embed || !heads || *embed <= 0 || *heads <= 0 || *embed % *heads != 0) return std::nullopt;
+  std::optional<std::pair<int64_t, int64_t>> shape = attentionShape(node, 1, 3);
+  if (!shape) return std::nullopt;
   for (int i : {7, 8, 9}) {
     if (!torch::jit::toIValue(node->input(i))) return std::nullopt;
   }
-  const int64_t e = *embed;
-  // Inputs 3-6 (the attention's weights) and 10-17 (the norms' and the feed-forward's).
-  std::optional<at::Tensor> tensors[12];
-  for (int i = 0; i < 12; ++i) {
-    tensors[i] = constantTensor(node->input(i < 4 ? 3 + i : 6 + i));
-    if (!tensors[i]) return std::nullopt;
-  }
-  const at::Tensor& ffn_weight_1 = *tensors[8];
-  if (ffn_weight_1.dim() != 2 || ffn_weight_1.size(1) != e) return std::nullopt;
-  const int64_t hidden = ffn_weight_1.size(0);
-  const std::vector<std::vector<int64_t>> expected = {{3 * e, e}, {3 * e}, {e, e}, {e}, {e}, {e}, {e}, {e},
-                                                      {hidden, e}, {hidden}, {e, hidden}, {e}};
+  // Inputs 10-17: the norms' weights and biases, the feed-forward's.
+  const int64_t e = shape->first;
+  std::optional<at::Tensor> ffn_weight_1 = constantTensor(node->input(14));
+  if (!ffn_weight_1 || ffn_weight_1->dim() != 2 || ffn_weight_1->size(1) != e) return std::nullopt;
+  const int64_t hidden = ffn_weight_1->size(0);
+  const std::vector<std::vector<int64_t>> expected = {{e}, {e}, {e}, {e}, {hidden, e}, {hidden}, {e, hidden}, {e}};
   for (size_t i = 0; i < expected.size(); ++i) {
-    if (tensors[i]->sizes() != at::IntArrayRef(expected[i])) return std::nullopt;
+    std::optional<at::Tensor> weight = constantTensor(node->input(10 + i));
+    if (!weight || weight->sizes() != at::IntArrayRef(expected[i])) return std::nullopt;
   }
-  return std::make_pair(e, *heads);
+  return shape;
 }
 
-void replaceLayer(Graph& graph, Node* node, int64_t embed) {
+void replaceLayer(Graph& graph, Node* node, int64_t embed, int64_t heads) {
   torch::jit::WithInsertPoint here(node);
   Node* first = node->prev();
   auto constant = [&](const c10::IValue& value) { return graph.insertConstant(value); };
-  const int64_t heads = *constantInt(node->input(2));
   const bool gelu = torch::jit::toIValue(node->input(7))->toBool();
   const bool norm_first = torch::jit::toIValue(node->input(8))->toBool();
   Value* eps = node->input(9);
@@ -201,7 +202,7 @@ void decomposeIn(Graph& graph, torch::jit::Block* block, int& count) {
       replace(graph, node, shape->first, shape->second);
       ++count;
     } else if (std::optional<std::pair<int64_t, int64_t>> layer = replaceableLayer(node)) {
-      replaceLayer(graph, node, layer->first);
+      replaceLayer(graph, node, layer->first, layer->second);
       ++count;
     }
   }
