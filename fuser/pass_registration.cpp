@@ -74,6 +74,31 @@ namespace {
 
 // kiln::optimize's work; `plan_precision` says how many leading ops of the prepared graph keep
 // float32 (none without it).
+// CanonicalizeOps makes a chunk whose chunk count and dim are constants a prim::ConstantChunk,
+// which a module cannot be saved with (its code prints without the two, and loading it fails).
+// Those that kiln's groups did not take go back to aten::chunk and a list unpack.
+void restoreChunks(torch::jit::Block* block) {
+  for (auto it = block->nodes().begin(); it != block->nodes().end();) {
+    torch::jit::Node* node = *it++;
+    for (torch::jit::Block* inner : node->blocks()) restoreChunks(inner);
+    if (node->kind() != torch::jit::prim::ConstantChunk) continue;
+    torch::jit::Graph& graph = *node->owningGraph();
+    torch::jit::WithInsertPoint here(node);
+    torch::jit::Value* chunks = graph.insertConstant(node->i(torch::jit::attr::chunks));
+    torch::jit::Value* dim = graph.insertConstant(node->i(torch::jit::attr::dim));
+    torch::jit::Node* chunk = graph.insertNode(graph.create(torch::jit::aten::chunk, {node->input(), chunks, dim}));
+    chunk->output()->setType(c10::ListType::ofTensors());
+    chunk->copyMetadata(node);
+    torch::jit::Node* unpack = graph.insertNode(graph.createListUnpack(chunk->output(), node->outputs().size()));
+    unpack->copyMetadata(node);
+    for (size_t i = 0; i < node->outputs().size(); ++i) {
+      unpack->output(i)->setType(node->output(i)->type());
+      node->output(i)->replaceAllUsesWith(unpack->output(i));
+    }
+    node->destroy();
+  }
+}
+
 using PlanPrecision = std::function<int64_t(const std::shared_ptr<torch::jit::Graph>&, const torch::jit::Module&)>;
 
 torch::jit::Module optimizeWith(const torch::jit::Module& module, const Options& options,
@@ -111,6 +136,7 @@ torch::jit::Module optimizeWith(const torch::jit::Module& module, const Options&
     // The rewrites leave the constants they replaced (weights transposed, stacked with their
     // siblings', converted to the low dtype); a dead constant still holds its tensor.
     torch::jit::EliminateDeadCode(graph);
+    restoreChunks(graph->block());
   }
   return frozen;
 }

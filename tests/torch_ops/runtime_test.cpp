@@ -4,6 +4,7 @@
 #include <torch/jit.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 
+#include <sstream>
 #include <thread>
 
 #include "support/graph_testing.h"
@@ -166,6 +167,31 @@ TEST(Runtime, OptimizedModuleSurvivesSaveAndLoad) {
   at::Tensor expected = runModule(cell, x, h);
   EXPECT_TRUE(sameTensor(runModule(loaded, x, h), expected));
   EXPECT_NE(loaded.get_method("forward").graph()->toString().find("kiln::fusion_group"), std::string::npos);
+}
+
+// DeBERTa's attention splits its joined projection with chunk(3, dim=-1) and multiplies the parts.
+// The executor's canonical form of that chunk cannot be saved, so an optimized module must not
+// keep it.
+TEST(Runtime, ChunksOutsideGroupsSurviveSaveAndLoad) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module m("Chunks");
+  m.register_parameter("w", torch::randn({8, 24}) * 0.3, false);
+  m.define(R"JIT(
+def forward(self, x):
+    q, k, v = torch.matmul(x, self.w).chunk(3, dim=-1)
+    scores = torch.matmul(q, k.transpose(0, 1))
+    return torch.matmul(torch.softmax(scores, dim=-1), v) + torch.tanh(v) * 0.5
+)JIT");
+  m.eval();
+  torch::jit::Module fused = optimize(m);
+  std::ostringstream saved;
+  fused.save(saved);
+  std::istringstream in(saved.str());
+  torch::jit::Module loaded = torch::jit::load(in);
+  at::Tensor x = torch::randn({6, 8});
+  at::Tensor expected = m.forward({x}).toTensor();
+  EXPECT_TRUE(torch::allclose(fused.forward({x}).toTensor(), expected, 1e-5, 1e-6));
+  EXPECT_TRUE(torch::allclose(loaded.forward({x}).toTensor(), expected, 1e-5, 1e-6));
 }
 
 }  // namespace
