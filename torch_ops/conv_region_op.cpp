@@ -242,6 +242,53 @@ void inlineFallbackGraphs(torch::jit::Block* block) {
   }
 }
 
+// Whether a oneDNN Graph partition reads one of its inputs in two ops (a convolution's input that
+// is also added to its result). torch's bridge lists such an input once per reading op, finds the
+// input oneDNN offers to compute in place in that list, and then takes the tensor at that
+// position from the node's inputs (LlgaKernel::prepareRunArgs): past the end of them (a crash:
+// timm's RepViT, two `conv(x) + conv1(x) + x` blocks in a row) or the wrong tensor.
+bool readsAnInputTwice(Node* group) {
+  for (Value* input : group->g(torch::jit::attr::Subgraph)->inputs()) {
+    if (input->uses().size() > 1) return true;
+  }
+  return false;
+}
+
+// Makes the partition that produces `value` (through a guard and the If that runs the partition)
+// write it in eager's strides, not oneDNN's own layout: what reads it now includes ATen's ops.
+void producePlain(Value* value) {
+  if (value->node()->kind() == torch::jit::prim::oneDNNFusionGuard) value = value->node()->input(value->offset());
+  Node* branch = value->node();
+  if (branch->kind() != torch::jit::prim::If) return;
+  Value* made = branch->blocks()[0]->outputs()[value->offset()];
+  Node* group = made->node();
+  const c10::Symbol layouts = c10::Symbol::attr("output_layouts");
+  if (group->kind() != torch::jit::prim::oneDNNFusionGroup || !group->hasAttribute(layouts)) return;
+  std::vector<int64_t> kept = group->is(layouts);
+  if (made->offset() < kept.size()) kept[made->offset()] = 0;
+  group->is_(layouts, kept);
+}
+
+// The partitions readsAnInputTwice finds run their unfused ops instead: the branch that runs the
+// partition is never taken, and the partitions that feed it write eager's layout. Returns how many.
+int avoidPartitionsReadingTwice(torch::jit::Block* block) {
+  int avoided = 0;
+  for (Node* node : block->nodes()) {
+    for (torch::jit::Block* inner : node->blocks()) avoided += avoidPartitionsReadingTwice(inner);
+    if (node->kind() != torch::jit::prim::If) continue;
+    Node* hazard = nullptr;
+    for (Node* inner : node->blocks()[0]->nodes()) {
+      if (inner->kind() == torch::jit::prim::oneDNNFusionGroup && readsAnInputTwice(inner)) hazard = inner;
+    }
+    if (hazard == nullptr) continue;
+    for (Value* input : hazard->inputs()) producePlain(input);
+    torch::jit::WithInsertPoint here(node);
+    node->replaceInput(0, node->owningGraph()->insertConstant(false));
+    ++avoided;
+  }
+  return avoided;
+}
+
 // torch's oneDNN Graph bridge over a specialized graph: null where it makes no partition.
 std::shared_ptr<torch::jit::Code> onednnCode(const RegionProgram& program, const char* way,
                                              const std::shared_ptr<Graph>& specialized) {
@@ -249,8 +296,13 @@ std::shared_ptr<torch::jit::Code> onednnCode(const RegionProgram& program, const
     std::shared_ptr<Graph> graph = specialized->copy();
     torch::jit::fuser::onednn::fuseGraph(graph);
     inlineFallbackGraphs(graph->block());
+    const int avoided = avoidPartitionsReadingTwice(graph->block());
+    if (avoided > 0)
+      log(LogLevel::kDebug, std::string("conv_region ") + std::to_string(program.hash) + ": the " + way + " way runs " +
+                                std::to_string(avoided) + " partitions as ATen ops (an input read twice)");
     bool partitioned = false;
     for (Node* node : graph->nodes()) {
+      if (node->kind() == torch::jit::prim::If && node->input(0)->node()->kind() == torch::jit::prim::Constant) continue;
       for (torch::jit::Block* block : node->blocks()) {
         for (Node* inner : block->nodes()) partitioned = partitioned || inner->kind() == torch::jit::prim::oneDNNFusionGroup;
       }

@@ -291,6 +291,31 @@ def forward(self, x):
   }
 }
 
+// timm's RepViT: a block's input is read by two convolutions and added to their sum. oneDNN Graph
+// makes the block one partition that reads its input twice, which torch's bridge mishandles once
+// the input arrives in oneDNN's own layout and oneDNN offers to compute in place (the oneDNN Graph
+// fuser crashes on such a model); those partitions run as ATen ops, and the partitions feeding
+// them write eager's layout, which ATen's ops read.
+TEST(ConvRegions, PartitionsReadingAnInputTwiceRunTheirOps) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module blocks = regionModule("RegionReadTwice", R"(
+def forward(self, x):
+  for i in range(3):
+    x = torch.relu(torch.conv2d(x, self.w2, None, 1, 1))
+    x = torch.conv2d(x, self.w1, None, 1, 1) + torch.conv2d(x, self.w2, self.b, 1, 1) + x
+  return torch.relu(x)
+)", 8);
+  torch::jit::Module fused = optimize(blocks);
+  torch::jit::testing::FileCheck().check_count("kiln::conv_region(", 1, /*exactly=*/true)->run(graphText(fused));
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    for (int call = 0; call < 3; ++call) {
+      at::Tensor x = torch::randn({1, 8, 12, 12});
+      expectSame(run(fused, {x}), runEager(blocks, {x}), std::string("way '") + way + "'");
+    }
+  }
+}
+
 TEST(ConvRegions, ViewsJoinOnlyOverValuesNothingElseReads) {
   torch::NoGradGuard no_grad;
   // z is returned and flattened: the flatten stays outside, so the region returns no two values
