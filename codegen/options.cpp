@@ -6,6 +6,9 @@
 #include <cstring>
 #include <mutex>
 #include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
 
 namespace kiln {
 namespace {
@@ -80,6 +83,18 @@ void log(LogLevel level, const std::string& message) {
   std::lock_guard<std::mutex> lock(mutex);
   static const char* names[] = {"warning", "info", "debug"};
   std::fprintf(stderr, "kiln %s: %s\n", names[static_cast<int>(level)], message.c_str());
+}
+
+std::string errorLine(const std::string& message) {
+  std::vector<std::string> lines;
+  std::istringstream stream(message);
+  for (std::string line; std::getline(stream, line);) {
+    const size_t start = line.find_first_not_of(" \t\r");
+    if (start != std::string::npos) lines.push_back(line.substr(start));
+  }
+  if (lines.empty()) return "unknown error";
+  const bool traceback = message.find("Traceback of TorchScript") != std::string::npos;
+  return traceback ? lines.back() : lines.front();
 }
 
 const char* precisionName(Precision precision) {

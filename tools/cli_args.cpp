@@ -62,16 +62,4 @@ int64_t Args::intValue(const std::string& flag, int64_t fallback, int64_t min, i
   return number;
 }
 
-std::string errorLine(const std::string& message) {
-  std::vector<std::string> lines;
-  std::istringstream stream(message);
-  for (std::string line; std::getline(stream, line);) {
-    const size_t start = line.find_first_not_of(" \t\r");
-    if (start != std::string::npos) lines.push_back(line.substr(start));
-  }
-  if (lines.empty()) return "unknown error";
-  const bool traceback = message.find("Traceback of TorchScript") != std::string::npos;
-  return traceback ? lines.back() : lines.front();
-}
-
 }  // namespace kiln::cli

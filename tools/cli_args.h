@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "kiln/options.h"
+
 namespace kiln::cli {
 
 struct UsageError : std::runtime_error {
@@ -31,8 +33,7 @@ struct Args {
 Args parse(int argc, char** argv, int first, const std::set<std::string>& value_flags,
            const std::set<std::string>& switch_flags);
 
-// The one line of a torch error worth printing: a TorchScript traceback ends with the error
-// itself ("RuntimeError: ..."); any other message starts with it.
-std::string errorLine(const std::string& message);
+// The one line of a torch error worth printing (kiln/options.h).
+using kiln::errorLine;
 
 }  // namespace kiln::cli

@@ -13,10 +13,12 @@
 // constants and every value's type recorded from one run of the aten way (what the profiling
 // executor would have recorded). A build goes when its weights are freed or written to.
 #include <torch/csrc/jit/codegen/onednn/interface.h>
+#include <torch/csrc/jit/ir/constants.h>
 #include <torch/csrc/jit/ir/irparser.h>
 #include <torch/csrc/jit/runtime/interpreter.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <chrono>
 #include <functional>
 #include <iterator>
@@ -150,6 +152,32 @@ std::vector<at::Tensor> runCode(torch::jit::Code& code, const std::vector<at::Te
   return outputs;
 }
 
+// A traced `x * 1.7` holds 1.7 as a 0-dim float64 constant tensor, which torch's oneDNN Graph
+// bridge mishandles: it converts x to float64 (a convolution after it then fails: timm's NFNets),
+// and a 0-dim tensor of x's dtype makes a partition oneDNN cannot compile. As a number, the
+// bridge gives it x's dtype itself. ATen computes the same either way (a 0-dim operand does not
+// change a floating tensor's dtype). `x`'s type is the probe's.
+void scalarConstantsAsNumbers(torch::jit::Block* block) {
+  static const c10::Symbol arithmetic[] = {torch::jit::aten::add, torch::jit::aten::sub, torch::jit::aten::mul,
+                                           torch::jit::aten::div};
+  for (Node* node : block->nodes()) {
+    for (torch::jit::Block* inner : node->blocks()) scalarConstantsAsNumbers(inner);
+    if (std::find(std::begin(arithmetic), std::end(arithmetic), node->kind()) == std::end(arithmetic)) continue;
+    if (node->inputs().size() < 2 || node->inputs().size() > 3) continue;
+    Value* constant = node->input(1);
+    auto operand = node->input(0)->type()->cast<c10::TensorType>();
+    if (constant->node()->kind() != torch::jit::prim::Constant || !operand || !operand->scalarType() ||
+        !operand->dim() || *operand->dim() == 0 || !at::isFloatingType(*operand->scalarType()))
+      continue;
+    std::optional<c10::IValue> value = torch::jit::toIValue(constant);
+    if (!value || !value->isTensor()) continue;
+    const at::Tensor tensor = value->toTensor();
+    if (tensor.dim() != 0 || !at::isFloatingType(tensor.scalar_type()) || tensor.requires_grad()) continue;
+    torch::jit::WithInsertPoint here(node);
+    node->replaceInput(1, node->owningGraph()->insertConstant(tensor.item<double>()));
+  }
+}
+
 // The region's graph over these inputs: weights (aliases, so that the build does not keep the
 // caller's tensors alive) as constants, and every tensor value typed as one run records it.
 std::shared_ptr<Graph> specializedGraph(const std::string& text, const std::vector<at::Tensor>& activations,
@@ -205,6 +233,7 @@ std::shared_ptr<Graph> specializedGraph(const std::string& text, const std::vect
   if (output_strides) {
     for (size_t i = 0; i < results; ++i) output_strides->push_back(stack[i].toTensor().strides().vec());
   }
+  scalarConstantsAsNumbers(graph->block());
   return graph;
 }
 
@@ -443,9 +472,12 @@ std::vector<at::Tensor> convRegion(RegionProgram& program, const std::vector<at:
   };
   for (size_t i = 0; i < std::size(kBuiltWays); ++i) {
     if (!std::atomic_load(&built->codes[i])) continue;
+    // oneDNN cannot compile some partitions (strided slices of channels-last tensors, some
+    // fusions): such a way is logged as info, not a warning, and not used.
+    const LogLevel failure = kBuiltWays[i] == kKiln ? LogLevel::kWarning : LogLevel::kInfo;
     ways.push_back({kBuiltWays[i], [&, i](const std::optional<at::Tensor>&) {
       return runCode(*codeOf(built->codes[i]), activations);
-    }});
+    }, nullptr, failure});
   }
   std::vector<at::Tensor> results = runFastest(key, ways, counters);
   restoreAtenStrides(*built, results);

@@ -352,13 +352,13 @@ bool agrees(const at::Tensor& result, const at::Tensor& reference) {
   return error <= tolerance * (scale + 1e-6) || (std::isnan(error) && a.isnan().equal(b.isnan()));
 }
 
-void logOnce(const std::string& key, const std::string& message) {
+void logOnce(const std::string& key, const std::string& message, LogLevel level = LogLevel::kWarning) {
   static std::mutex mutex;
   static auto* seen = new std::unordered_map<std::string, bool>();
   std::lock_guard<std::mutex> lock(mutex);
   if ((*seen)[key]) return;
   (*seen)[key] = true;
-  log(LogLevel::kWarning, message);
+  log(level, message);
 }
 
 bool agrees(const std::vector<at::Tensor>& result, const std::vector<at::Tensor>& reference) {
@@ -403,7 +403,7 @@ Result runFastestOf(const std::string& key, const std::vector<BasicMeasuredWay<R
         return finish(runWay(candidate, candidates[0], other), candidate.name);
       } catch (const std::exception& error) {
         logOnce(key + name, std::string(candidate.name) + " failed for " + key + ", running ATen's ops: " +
-                                error.what());
+                                errorLine(error.what()), candidate.failure_level);
       }
     }
     return std::nullopt;
@@ -449,7 +449,8 @@ Result runFastestOf(const std::string& key, const std::vector<BasicMeasuredWay<R
       }
       usable.push_back(&candidate);
     } catch (const std::exception& error) {
-      logOnce(key + candidate.name, std::string(candidate.name) + " failed for " + key + "; not used: " + error.what());
+      logOnce(key + candidate.name, std::string(candidate.name) + " failed for " + key + "; not used: " + errorLine(error.what()),
+              candidate.failure_level);
     }
   }
   const bool cold_weight = weight != nullptr && weight->has_storage() && weight->device_type() == c10::DeviceType::CPU &&
@@ -469,7 +470,8 @@ Result runFastestOf(const std::string& key, const std::vector<BasicMeasuredWay<R
         results[i] = runWay(*usable[i], candidates[0], operand);
         fastest[i] = std::min<double>(fastest[i], std::chrono::duration<double, std::nano>(Clock::now() - begin).count());
       } catch (const std::exception& error) {
-        logOnce(key + usable[i]->name, std::string(usable[i]->name) + " failed for " + key + "; not used: " + error.what());
+        logOnce(key + usable[i]->name, std::string(usable[i]->name) + " failed for " + key + "; not used: " + errorLine(error.what()),
+                usable[i]->failure_level);
         fastest[i] = std::numeric_limits<double>::infinity();
       }
     }

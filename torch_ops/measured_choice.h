@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "fuser/group_stats.h"
+#include "kiln/options.h"
 
 namespace kiln {
 
@@ -24,6 +25,9 @@ struct BasicMeasuredWay {
   // What the way keeps of the call's weight (preparedWeight's `what`: a transposed or prepacked
   // copy), if anything: dropped once measuring has chosen a way that keeps something else.
   const char* keeps = nullptr;
+  // How a failure of this way is logged: a warning, or info for a way expected to refuse some
+  // inputs (oneDNN Graph partitions that oneDNN cannot compile).
+  LogLevel failure_level = LogLevel::kWarning;
 };
 using MeasuredWay = BasicMeasuredWay<at::Tensor>;
 using MeasuredWayOfMany = BasicMeasuredWay<std::vector<at::Tensor>>;

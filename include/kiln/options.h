@@ -69,4 +69,8 @@ struct KernelOptions {
 // Logging that honours Options::log_level; writes one line to stderr.
 void log(LogLevel level, const std::string& message);
 
+// The one line of a torch error worth printing: a TorchScript traceback ends with the error
+// itself ("RuntimeError: ..."); any other message starts with it.
+std::string errorLine(const std::string& message);
+
 }  // namespace kiln

@@ -79,6 +79,21 @@ class Residual(nn.Module):
         return torch.relu(y + x)
 
 
+class RepVgg(nn.Module):
+    """RepVGG's and RepViT's training-time block: 3x3 and 1x1 convolutions of x, plus x itself (one
+    oneDNN Graph partition that reads its input twice)."""
+
+    def __init__(self, rng, c):
+        super().__init__()
+        groups = rng.choice([1, c])
+        self.a = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, groups=groups, bias=False), batch_norm(c))
+        self.b = nn.Conv2d(c, c, 1, 1, 0, groups=groups)
+        self.norm = batch_norm(c) if rng.random() < 0.5 else nn.Identity()
+
+    def forward(self, x):
+        return self.norm(self.a(x) + self.b(x) + x)
+
+
 class SqueezeExcite(nn.Module):
     def __init__(self, rng, c):
         super().__init__()
@@ -155,7 +170,7 @@ class Net(nn.Module):
             self.description = [f"stem 3->{c}"]
         blocks: List[nn.Module] = []
         for number in range(rng.randint(2, 6)):
-            kind = rng.choice(["conv", "residual", "se", "shuffle", "inception", "convnext", "pool", "down"])
+            kind = rng.choice(["conv", "residual", "se", "shuffle", "inception", "convnext", "pool", "down", "repvgg"])
             # A 2x2 patch downsampler (ConvNeXt's) first, where the feature map is at least 4 wide.
             if number == 0 and not patch_stem and rng.random() < 0.3:
                 kind = "patch"
@@ -166,6 +181,8 @@ class Net(nn.Module):
                 block = ConvBnAct(rng, c, out, kernel=rng.choice([1, 3]), groups=rng.choice([1, c]) if out % c == 0 else 1)
             elif kind == "residual":
                 out, block = c, Residual(rng, c)
+            elif kind == "repvgg":
+                out, block = c, RepVgg(rng, c)
             elif kind == "se":
                 out, block = c, SqueezeExcite(rng, c)
             elif kind == "shuffle" and c % 2 == 0:

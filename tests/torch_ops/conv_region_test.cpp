@@ -316,6 +316,31 @@ def forward(self, x):
   }
 }
 
+// timm's NFNets scale activations by a float64 0-dim constant (a traced `x * 1.7`). Every way
+// runs, oneDNN Graph's included (its bridge would convert x to float64 and fail at the next
+// convolution).
+TEST(ConvRegions, Float64ScalarConstantsKeepTheOperandsDtype) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module scaled = regionModule("RegionScaled", R"(
+def forward(self, x):
+  y = torch.relu(torch.conv2d(x, self.w1, self.b, 1, 1))
+  y = y * torch.tensor(1.7, dtype=7)
+  return torch.relu(torch.conv2d(y, self.w2, None, 1, 1)) + torch.tensor(0.5, dtype=7)
+)", 8);
+  torch::jit::Module fused = optimize(scaled);
+  torch::jit::testing::FileCheck().check_count("kiln::conv_region(", 1, /*exactly=*/true)->run(graphText(fused));
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    at::Tensor x = torch::randn({1, 8, 10, 10});
+    const c10::IValue expected = runEager(scaled, {x});
+    EXPECT_EQ(expected.toTensor().scalar_type(), at::kFloat);
+    expectSame(run(fused, {x}), expected, std::string("way '") + way + "'");
+    if (*way != '\0') {
+      EXPECT_EQ(report(fused.get_method("forward").graph()).groups[0].choice, way);
+    }
+  }
+}
+
 TEST(ConvRegions, ViewsJoinOnlyOverValuesNothingElseReads) {
   torch::NoGradGuard no_grad;
   // z is returned and flattened: the flatten stays outside, so the region returns no two values
