@@ -35,9 +35,9 @@ using testing::optimize;
 
 std::string graphText(torch::jit::Module& m) { return m.get_method("forward").graph()->toString(); }
 
-const char* const kLinearWays[] = {"aten", "aten_transposed", "onednn", "onednn_m1", ""};
+const char* const kLinearWays[] = {"aten", "aten_transposed", "onednn", "onednn_m1", "onednn_rows", ""};
 // Sibling linears joined into one call also run as separate GEMMs again.
-const char* const kJoinedLinearWays[] = {"aten", "aten_transposed", "aten_pieces", "onednn", "onednn_m1", ""};
+const char* const kJoinedLinearWays[] = {"aten", "aten_transposed", "aten_pieces", "onednn", "onednn_m1", "onednn_rows", ""};
 const char* const kConvWays[] = {"aten", "onednn", "onednn_channels_last", ""};
 
 struct EpilogueCase {
