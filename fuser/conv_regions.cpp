@@ -18,9 +18,9 @@
 //   add and mul of two tensors, pooling, mean, cat; an in-place form only on a value made inside
 //   the region that nothing outside reads;
 // - continues (never starts) with views of values it made that nothing else reads (view,
-//   reshape, flatten, permute, transpose, chunk, ...), and with the scalar shape arithmetic their
-//   sizes come from (aten::size, floor_divide, int lists), which is computed again outside where
-//   something outside reads it, so the op returns tensors only;
+//   reshape, flatten, permute, transpose, chunk, slice, ...), and with the scalar shape
+//   arithmetic their sizes come from (aten::size, floor_divide, int lists), which is computed
+//   again outside where something outside reads it, so the op returns tensors only;
 // - ends where a node outside it reads one of its values, or writes memory its inputs may share,
 //   or holds blocks: the op runs where the region's last node was, so nothing in between may need
 //   a region value or change an input.
@@ -152,7 +152,9 @@ bool isViewOp(const Node* node) {
       node->matches("aten::transpose.int(Tensor(a) self, int dim0, int dim1) -> Tensor(a)") ||
       node->matches("aten::contiguous(Tensor(a) self, *, MemoryFormat memory_format=contiguous_format) -> Tensor(a)") ||
       node->matches("aten::unsqueeze(Tensor(a) self, int dim) -> Tensor(a)") ||
-      node->matches("aten::squeeze.dim(Tensor(a) self, int dim) -> Tensor(a)"))
+      node->matches("aten::squeeze.dim(Tensor(a) self, int dim) -> Tensor(a)") ||
+      // GhostNet's `out[:, :self.out_chs]` after its concatenation
+      node->matches("aten::slice.Tensor(Tensor(a) self, int dim=0, SymInt? start=None, SymInt? end=None, SymInt step=1) -> Tensor(a)"))
     return allParameters(node, 1);
   if (node->matches("aten::dropout(Tensor input, float p, bool train) -> Tensor")) {
     std::optional<c10::IValue> train = torch::jit::toIValue(node->input(2));

@@ -94,6 +94,27 @@ class RepVgg(nn.Module):
         return self.norm(self.a(x) + self.b(x) + x)
 
 
+class Ghost(nn.Module):
+    """GhostNet's module: a convolution and a cheap depthwise one of its result, concatenated,
+    sliced back to the width, the residual added (in place half the time)."""
+
+    def __init__(self, rng, c):
+        super().__init__()
+        half = (c + 1) // 2
+        self.primary = ConvBnAct(rng, c, half, kernel=1)
+        self.cheap = nn.Conv2d(half, half, 3, 1, 1, groups=half)
+        self.c = c
+        self.in_place = rng.random() < 0.5
+
+    def forward(self, x):
+        y = self.primary(x)
+        out = torch.cat([y, self.cheap(y)], 1)[:, :self.c, :, :]
+        if self.in_place:
+            out += x
+            return out
+        return out + x
+
+
 class SqueezeExcite(nn.Module):
     def __init__(self, rng, c):
         super().__init__()
@@ -170,7 +191,7 @@ class Net(nn.Module):
             self.description = [f"stem 3->{c}"]
         blocks: List[nn.Module] = []
         for number in range(rng.randint(2, 6)):
-            kind = rng.choice(["conv", "residual", "se", "shuffle", "inception", "convnext", "pool", "down", "repvgg"])
+            kind = rng.choice(["conv", "residual", "se", "shuffle", "inception", "convnext", "pool", "down", "repvgg", "ghost"])
             # A 2x2 patch downsampler (ConvNeXt's) first, where the feature map is at least 4 wide.
             if number == 0 and not patch_stem and rng.random() < 0.3:
                 kind = "patch"
@@ -183,6 +204,8 @@ class Net(nn.Module):
                 out, block = c, Residual(rng, c)
             elif kind == "repvgg":
                 out, block = c, RepVgg(rng, c)
+            elif kind == "ghost":
+                out, block = c, Ghost(rng, c)
             elif kind == "se":
                 out, block = c, SqueezeExcite(rng, c)
             elif kind == "shuffle" and c % 2 == 0:

@@ -341,6 +341,35 @@ def forward(self, x):
   }
 }
 
+// GhostNet's module: a convolution and a cheap one of its result, concatenated and sliced back to
+// the output width, the residual added in place into the slice; twice, in one region.
+TEST(ConvRegions, GhostModuleSlicesJoinTheRegion) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module ghost = regionModule("RegionGhost", R"(
+def forward(self, x):
+  for i in range(2):
+    y = torch.relu(torch.conv2d(x, self.w1, self.b, 1, 1))
+    out = torch.cat([y, torch.conv2d(y, self.w2, None, 1, 1)], 1)
+    out = out[:, :8, :, :]
+    out += x
+    x = out
+  return x
+)", 8);
+  torch::jit::Module fused = optimize(ghost);
+  torch::jit::testing::FileCheck()
+      .check_count("kiln::conv_region(", 1, /*exactly=*/true)
+      ->check_not("aten::slice")
+      ->check_not("aten::add_")
+      ->run(graphText(fused));
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    at::Tensor x = torch::randn({1, 8, 10, 10});
+    const at::Tensor before = x.clone();
+    expectSame(run(fused, {x}), runEager(ghost, {x}), std::string("way '") + way + "'");
+    EXPECT_TRUE(x.equal(before)) << "way '" << way << "' wrote its input";
+  }
+}
+
 TEST(ConvRegions, ViewsJoinOnlyOverValuesNothingElseReads) {
   torch::NoGradGuard no_grad;
   // z is returned and flattened: the flatten stays outside, so the region returns no two values
