@@ -15,8 +15,8 @@
 //   a node outside reads (or the graph returns), unpacked from the op's list;
 // - holds conv2d / _convolution (2-D, not transposed, constant weight and bias, constant
 //   arguments), linear over a constant weight, layer_norm, batch_norm, elementwise activations,
-//   add and mul of two tensors, pooling, mean, cat; an in-place form only on a value made inside
-//   the region that nothing outside reads;
+//   add, sub and mul of two tensors, pooling, mean, cat; an in-place form only on a value made
+//   inside the region that nothing outside reads;
 // - continues (never starts) with views of values it made that nothing else reads (view,
 //   reshape, flatten, permute, transpose, chunk, slice, ...), and with the scalar shape
 //   arithmetic their sizes come from (aten::size, floor_divide, int lists), which is computed
@@ -97,6 +97,10 @@ bool isRegionOp(const Node* node, bool* in_place) {
     return allParameters(node, 1) && (*in_place = true);
   if (node->matches("aten::add.Tensor(Tensor self, Tensor other, *, Scalar alpha=1) -> Tensor")) return isConstantOne(node->input(2));
   if (node->matches("aten::add_.Tensor(Tensor(a!) self, Tensor other, *, Scalar alpha=1) -> Tensor(a!)"))
+    return isConstantOne(node->input(2)) && (*in_place = true);
+  // FastViT's RepMixer: x + mixer(x) - norm(x)
+  if (node->matches("aten::sub.Tensor(Tensor self, Tensor other, *, Scalar alpha=1) -> Tensor")) return isConstantOne(node->input(2));
+  if (node->matches("aten::sub_.Tensor(Tensor(a!) self, Tensor other, *, Scalar alpha=1) -> Tensor(a!)"))
     return isConstantOne(node->input(2)) && (*in_place = true);
   if (node->matches("aten::batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
                     "Tensor? running_var, bool training, float momentum, float eps, bool cudnn_enabled) -> Tensor")) {
@@ -255,7 +259,8 @@ bool mayJoin(const Region& region, Node* node) {
   bool in_place = false;
   if (!isConvolution(node) && !isRegionOp(node, &in_place)) return false;
   if (!node->input(0)->type()->isSubtypeOf(*c10::TensorType::get())) return false;
-  if (isKind(node, "aten::add") || isKind(node, "aten::add_") || isKind(node, "aten::mul") || isKind(node, "aten::mul_")) {
+  if (isKind(node, "aten::add") || isKind(node, "aten::add_") || isKind(node, "aten::sub") || isKind(node, "aten::sub_") ||
+      isKind(node, "aten::mul") || isKind(node, "aten::mul_")) {
     if (!node->input(1)->type()->isSubtypeOf(*c10::TensorType::get())) return false;
   }
   if (in_place) {

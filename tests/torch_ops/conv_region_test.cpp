@@ -370,6 +370,28 @@ def forward(self, x):
   }
 }
 
+// FastViT's RepMixer: x + mixer(x) - norm(x), a subtraction of two tensors, joins the region.
+TEST(ConvRegions, RepMixerSubtractionJoinsTheRegion) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module mixer = regionModule("RegionRepMixer", R"(
+def forward(self, x):
+  for i in range(2):
+    x = torch.relu(torch.conv2d(x, self.w1, self.b, 1, 1))
+    x = x + torch.conv2d(x, self.w2, None, 1, 1) - torch.batch_norm(x, self.gamma, self.beta, self.mean, self.var, False, 0.1, 1e-5, False)
+  return x
+)", 8);
+  torch::jit::Module fused = optimize(mixer);
+  torch::jit::testing::FileCheck()
+      .check_count("kiln::conv_region(", 1, /*exactly=*/true)
+      ->check_not("aten::sub")
+      ->run(graphText(fused));
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    at::Tensor x = torch::randn({1, 8, 10, 10});
+    expectSame(run(fused, {x}), runEager(mixer, {x}), std::string("way '") + way + "'");
+  }
+}
+
 TEST(ConvRegions, ViewsJoinOnlyOverValuesNothingElseReads) {
   torch::NoGradGuard no_grad;
   // z is returned and flattened: the flatten stays outside, so the region returns no two values
