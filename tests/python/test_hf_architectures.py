@@ -41,6 +41,7 @@ import torchvision  # noqa: E402
 import transformers as T  # noqa: E402
 
 import kiln  # noqa: E402
+from test_zoo import flatten  # noqa: E402  (every tensor of a nested output, in order)
 
 RTOL = 1e-4
 ATOL = 1e-4
@@ -159,16 +160,6 @@ def hf_inputs(kind, config, batch, seq, gen):
         size = size if isinstance(size, int) else size[0]
         return (torch.randn(batch, 3, size, size, generator=gen),)
     return (torch.randn(batch, 400 + seq, generator=gen),)  # audio
-
-
-def flatten(value):
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in flatten(item)]
-    if isinstance(value, dict):
-        return [t for key in sorted(value) for t in flatten(value[key])]
-    return []
 
 
 def compare(actual, expected):
