@@ -72,8 +72,6 @@ void fuse(std::shared_ptr<torch::jit::Graph>& graph, const Options& options) {
 
 namespace {
 
-// kiln::optimize's work; `plan_precision` says how many leading ops of the prepared graph keep
-// float32 (none without it).
 // CanonicalizeOps makes a chunk whose chunk count and dim are constants a prim::ConstantChunk,
 // which a module cannot be saved with (its code prints without the two, and loading it fails).
 // Those that kiln's groups did not take go back to aten::chunk and a list unpack.
@@ -99,6 +97,8 @@ void restoreChunks(torch::jit::Block* block) {
   }
 }
 
+// kiln::optimize's work; `plan_precision` says how many leading ops of the prepared graph keep
+// float32 (none without it).
 using PlanPrecision = std::function<int64_t(const std::shared_ptr<torch::jit::Graph>&, const torch::jit::Module&)>;
 
 torch::jit::Module optimizeWith(const torch::jit::Module& module, const Options& options,

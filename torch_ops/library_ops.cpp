@@ -317,7 +317,7 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
     }, prepared_for_rows.c_str()});
   }
   const std::string key = "linear " + std::string(c10::toString(input.scalar_type())) + " rows<=" +
-                          std::to_string(powerOfTwoAtLeast(rows)) + " K=" + std::to_string(k) + " N=" +
+                          std::to_string(class_rows) + " K=" + std::to_string(k) + " N=" +
                           std::to_string(n) + (bias ? " bias" : "") + " epilogue=" + epilogue_text + " input " +
                           layoutName(input) + (other ? " other " + layoutName(*other) + " " + c10::toString(other->scalar_type()) : "");
   return counted(runFastest(key, candidates, counters, other, false, weight.unsafeGetTensorImpl()), counters, epilogue,
