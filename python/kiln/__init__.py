@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -206,7 +206,7 @@ def optimize(module: Union[torch.jit.ScriptModule, torch.nn.Module], example_inp
                         raise RuntimeError(f"kiln.optimize: {entry['output']}'s cosine {entry['cosine']:.6f} to fp32 "
                                            f"is below min_cosine {min_cosine:g}")
         elif check:
-            _check_outputs(actual, expected)
+            _check_outputs(actual, expected, _computed_dtypes(scripted))
     return fused
 
 
@@ -249,7 +249,47 @@ def _flatten(value: Any, prefix: str = "output") -> list:
     return []
 
 
-def _check_outputs(actual: Any, expected: Any) -> None:
+# How far a fused output may be from the unfused one, by the least precise dtype it was computed in.
+_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4, torch.float64: 1e-10}
+# c10::ScalarType's numbers for the floating dtypes, as a graph's `dtype` arguments hold them.
+_SCALAR_TYPES = {5: torch.float16, 6: torch.float32, 7: torch.float64, 15: torch.bfloat16}
+
+
+def _computed_dtypes(module: torch.jit.ScriptModule) -> set:
+    """The floating dtypes ``module``'s forward computes in, as far as its graph says: the types a
+    trace records on its values, and constant ``dtype`` arguments (``x.float()``, ``softmax(...,
+    dtype=...)``). A float64 model that computes its norms in float32 (Hugging Face's LLaMA,
+    ConvNeXt) is checked with float32's tolerance."""
+    found = set()
+    try:
+        graph = module.inlined_graph
+    except (AttributeError, RuntimeError):
+        return found
+
+    def visit(block) -> None:
+        for node in block.nodes():
+            for value in node.outputs():
+                kind = value.type()
+                if isinstance(kind, torch._C.TensorType) and kind.dtype() in _TOLERANCE:
+                    found.add(kind.dtype())
+            schema = node.schema()
+            if schema != "(no schema)":
+                for argument, value in zip(torch._C.parse_schema(schema).arguments, node.inputs()):
+                    if argument.name == "dtype" and value.node().kind() == "prim::Constant":
+                        number = value.toIValue()
+                        if isinstance(number, int) and number in _SCALAR_TYPES:
+                            found.add(_SCALAR_TYPES[number])
+            for inner in node.blocks():
+                visit(inner)
+
+    visit(graph)
+    return found
+
+
+def _check_outputs(actual: Any, expected: Any, computed: Iterable[torch.dtype] = ()) -> None:
+    """Raises where a fused output differs from the unfused one beyond the tolerance of its dtype,
+    or of the least precise of ``computed`` (the dtypes the module computes in) where that is larger."""
+    floor = max((_TOLERANCE[dtype] for dtype in computed if dtype in _TOLERANCE), default=0.0)
     for (name, a), (_, e) in zip(_flatten(actual), _flatten(expected)):
         if a.shape != e.shape or a.dtype != e.dtype:
             raise RuntimeError(f"kiln.optimize: {name} is {a.dtype}{list(a.shape)} fused, "
@@ -259,7 +299,7 @@ def _check_outputs(actual: Any, expected: Any) -> None:
             # in another order than ATen (folded batch_norm, oneDNN's blocking), an error that
             # scales with the output, not with the element (an element near 0 in an output of
             # magnitude 1e3 moves by about 1e3 ulps of float32).
-            tolerance = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-10}.get(a.dtype, 1e-4)
+            tolerance = max(_TOLERANCE.get(a.dtype, 1e-4), floor)
             finite = e[e.isfinite()]
             scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
             if not torch.allclose(a.double(), e.double(), rtol=tolerance, atol=tolerance * scale, equal_nan=True):

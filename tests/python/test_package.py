@@ -274,6 +274,38 @@ def test_the_fused_output_check_scales_with_the_output():
         kiln._check_outputs(torch.tensor([1e-3]), torch.tensor([0.0]))
 
 
+class Float32Norm(torch.nn.Module):
+    """An RMS norm computed in float32 whatever the input's dtype, as Hugging Face's LLaMA has it."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(32, dtype=torch.float64))
+
+    def forward(self, x):
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * y.to(x.dtype)
+
+
+def test_a_float64_model_that_computes_in_float32_is_checked_at_float32s_tolerance():
+    # The check's tolerance follows the least precise dtype the module computes in: a float64
+    # output from float32 arithmetic differs by float32's rounding, not a kiln error.
+    x = torch.randn(4, 32, dtype=torch.float64)
+    traced = torch.jit.trace(Float32Norm(), x)
+    assert kiln._computed_dtypes(traced) == {torch.float32, torch.float64}
+    assert torch.float32 in kiln._computed_dtypes(torch.jit.script(Float32Norm()))
+    expected = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    off_by_float32 = expected * (1 + 3e-7)
+    kiln._check_outputs(off_by_float32, expected, {torch.float32, torch.float64})
+    with pytest.raises(RuntimeError, match="tolerance 1e-10"):
+        kiln._check_outputs(off_by_float32, expected, {torch.float64})
+    with torch.no_grad():
+        fused = kiln.optimize(traced, (x,))
+        fresh = torch.randn(4, 32, dtype=torch.float64)
+        torch.testing.assert_close(fused(fresh), traced(fresh),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_a_traced_python_number_promotes_as_a_number(tmp_path):
     # Tracing freezes `a * 0.5` as a 0-dim double tensor marked as a wrapped number: an int tensor
     # times it is float32, as in eager, not float64 (a 0-dim double tensor's own promotion). Saved
