@@ -20,7 +20,13 @@ Tolerance as test_zoo's: |actual - expected| <= 1e-4 |expected| + 1e-4 max|expec
 Decoders take a 4-D float mask (causal, with padding): Transformers 4.53 builds its own masks with
 torch.vmap, which torch.jit.trace cannot trace. Whisper is left out for that reason.
 
-usage: test_hf_architectures.py LIBKILN [MODEL...]
+--dtype runs the models with their weights and floating inputs in bfloat16, float16 or float64
+(a deployed model in another dtype than the float32 kiln is measured in); the tolerance is then
+that of the least precise dtype the traced module computes in, as kiln.optimize's own check takes
+it (a float64 LLaMA computes its norms in float32). --channels-last gives image inputs (4-D) the
+channels-last layout. ctest runs a subset of the models for each.
+
+usage: test_hf_architectures.py LIBKILN [--dtype bfloat16|float16|float64] [--channels-last] [MODEL...]
 """
 import os
 import sys
@@ -43,8 +49,9 @@ import transformers as T  # noqa: E402
 import kiln  # noqa: E402
 from test_zoo import flatten  # noqa: E402  (every tensor of a nested output, in order)
 
-RTOL = 1e-4
-ATOL = 1e-4
+TOLERANCE = 1e-4  # in float32; see tolerance()
+DTYPE = torch.float32  # --dtype
+CHANNELS_LAST = False  # --channels-last
 VOCAB = 1000
 ENCODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=VOCAB)
 DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=128)
@@ -162,7 +169,24 @@ def hf_inputs(kind, config, batch, seq, gen):
     return (torch.randn(batch, 400 + seq, generator=gen),)  # audio
 
 
-def compare(actual, expected):
+def tolerance(traced):
+    """float32's, or that of the least precise dtype `traced` computes in where larger (the dtypes
+    its graph records, as kiln.optimize's check finds them)."""
+    dtypes = kiln._computed_dtypes(traced) | {DTYPE}
+    return max(TOLERANCE if d == torch.float32 else kiln._TOLERANCE[d] for d in dtypes if d in kiln._TOLERANCE)
+
+
+def as_variant(tensor):
+    """A floating input in --dtype, an image batch channels-last with --channels-last."""
+    if not tensor.is_floating_point():
+        return tensor
+    tensor = tensor.to(DTYPE)
+    if CHANNELS_LAST and tensor.dim() == 4:
+        tensor = tensor.contiguous(memory_format=torch.channels_last)
+    return tensor
+
+
+def compare(actual, expected, tol=TOLERANCE):
     """Asserts every output tensor matches; returns the largest difference relative to max|expected|."""
     actual, expected = flatten(actual), flatten(expected)
     assert len(actual) == len(expected), f"{len(actual)} output tensors, expected {len(expected)}"
@@ -176,7 +200,7 @@ def compare(actual, expected):
             continue
         diff = (a - e).abs()
         scale = e.abs().max()
-        bad = int((diff > RTOL * e.abs() + ATOL * scale).sum())
+        bad = int((diff > tol * e.abs() + tol * scale).sum())
         relative = float(diff.max() / (scale + 1e-12))
         assert bad == 0, f"{bad} of {e.numel()} elements out of tolerance, largest difference {relative:.2e} of max|expected|"
         worst = max(worst, relative)
@@ -187,16 +211,17 @@ def routes(name, make_trace, example, fresh, other):
     """Runs every route; returns one line of results."""
     with torch.no_grad():
         traced = make_trace()
+        tol = tolerance(traced)
         want = traced(*fresh)
         optimized = kiln.optimize(traced, example)
-        results = [f"optimize {compare(optimized(*fresh), want):.1e}"]
-        compare(optimized(*fresh), want)
+        results = [f"optimize {compare(optimized(*fresh), want, tol):.1e}"]
+        compare(optimized(*fresh), want, tol)
         if other is not None:
-            results.append(f"other shape {compare(optimized(*other), traced(*other)):.1e}")
+            results.append(f"other shape {compare(optimized(*other), traced(*other), tol):.1e}")
         path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"kiln_arch_{os.getpid()}_{name}.pt")
         try:
             optimized.save(path)
-            results.append(f"file {compare(torch.jit.load(path)(*fresh), want):.1e}")
+            results.append(f"file {compare(torch.jit.load(path)(*fresh), want, tol):.1e}")
         finally:
             if os.path.exists(path):
                 os.remove(path)
@@ -205,7 +230,7 @@ def routes(name, make_trace, example, fresh, other):
             again = make_trace()
             for _ in range(4):
                 again(*fresh)
-            results.append(f"pass {compare(again(*fresh), want):.1e}")
+            results.append(f"pass {compare(again(*fresh), want, tol):.1e}")
         finally:
             kiln.disable()
         kinds = {}
@@ -222,16 +247,21 @@ def run_hf(name):
     if hasattr(config, "use_cache"):
         config.use_cache = False
     torch.manual_seed(0)
-    model = Keywords(model_class(config).eval(), ARGUMENT_NAMES[kind]).eval()
+    model = Keywords(model_class(config).eval(), ARGUMENT_NAMES[kind]).eval().to(DTYPE)
     gen = torch.Generator().manual_seed(1)
-    example, fresh = hf_inputs(kind, config, 2, 12, gen), hf_inputs(kind, config, 2, 12, gen)
-    other = hf_inputs(kind, config, 3, 8, gen) if kind != "image" else None
+
+    def inputs(batch, seq):
+        return tuple(as_variant(tensor) for tensor in hf_inputs(kind, config, batch, seq, gen))
+
+    example, fresh = inputs(2, 12), inputs(2, 12)
+    other = inputs(3, 8) if kind != "image" else None
 
     def make_trace():
         return torch.jit.trace(model, example, strict=False, check_trace=False)
 
     with torch.no_grad():
-        compare(make_trace()(*fresh), model(*fresh))
+        traced = make_trace()
+        compare(traced(*fresh), model(*fresh), tolerance(traced))
     return routes(name, make_trace, example, fresh, other)
 
 
@@ -244,9 +274,9 @@ def run_torchvision(name):
     with torch.no_grad():
         for _ in range(2):
             model(*[torch.randn(2, *shape[1:]) for _ in range(inputs)])
-    model.eval()
-    example = tuple(torch.randn(*shape) for _ in range(inputs))
-    fresh = tuple(torch.randn(*shape) for _ in range(inputs))
+    model.eval().to(DTYPE)
+    example = tuple(as_variant(torch.randn(*shape)) for _ in range(inputs))
+    fresh = tuple(as_variant(torch.randn(*shape)) for _ in range(inputs))
 
     def make_trace():
         if how == "script":
@@ -254,13 +284,23 @@ def run_torchvision(name):
         return torch.jit.trace(model, example, check_trace=False)
 
     with torch.no_grad():
-        compare(make_trace()(*fresh), model(*fresh))
+        traced = make_trace()
+        compare(traced(*fresh), model(*fresh), tolerance(traced))
     return routes(name, make_trace, example, fresh, None)
 
 
 def main():
+    global DTYPE, CHANNELS_LAST
     torch.set_num_threads(2)
-    names = sys.argv[2:] or list(HF_MODELS) + list(TORCHVISION_MODELS)
+    names = sys.argv[2:]
+    if "--channels-last" in names:
+        CHANNELS_LAST = True
+        names.remove("--channels-last")
+    if "--dtype" in names:
+        at = names.index("--dtype")
+        DTYPE = getattr(torch, names[at + 1])
+        del names[at:at + 2]
+    names = names or list(HF_MODELS) + list(TORCHVISION_MODELS)
     failures = []
     for name in names:
         start = time.time()
