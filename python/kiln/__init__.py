@@ -266,19 +266,27 @@ def _computed_dtypes(module: torch.jit.ScriptModule) -> set:
     except (AttributeError, RuntimeError):
         return found
 
+    names: Dict[str, list] = {}  # argument names by schema text
+
+    def argument_names(schema: str) -> list:
+        if schema not in names:
+            try:
+                names[schema] = [argument.name for argument in torch._C.parse_schema(schema).arguments]
+            except RuntimeError:  # "(no schema)", or one this torch cannot parse back
+                names[schema] = []
+        return names[schema]
+
     def visit(block) -> None:
         for node in block.nodes():
             for value in node.outputs():
                 kind = value.type()
                 if isinstance(kind, torch._C.TensorType) and kind.dtype() in _TOLERANCE:
                     found.add(kind.dtype())
-            schema = node.schema()
-            if schema != "(no schema)":
-                for argument, value in zip(torch._C.parse_schema(schema).arguments, node.inputs()):
-                    if argument.name == "dtype" and value.node().kind() == "prim::Constant":
-                        number = value.toIValue()
-                        if isinstance(number, int) and number in _SCALAR_TYPES:
-                            found.add(_SCALAR_TYPES[number])
+            for name, value in zip(argument_names(node.schema()), node.inputs()):
+                if name == "dtype" and value.node().kind() == "prim::Constant":
+                    number = value.toIValue()
+                    if isinstance(number, int) and number in _SCALAR_TYPES:
+                        found.add(_SCALAR_TYPES[number])
             for inner in node.blocks():
                 visit(inner)
 
