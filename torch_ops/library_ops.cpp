@@ -338,14 +338,16 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
                         writesIntoOther(epilogue, operand, y.sizes(), y.scalar_type(), input, grad));
   }});
   GroupCounters& counters = libraryCounters(weight.unsafeGetTensorImpl());
-  const bool onednn = !grad && input.dim() == 4 && weight.dim() == 4 && input.numel() > 0 && plainCpuTensor(input) &&
-                      plainCpuTensor(weight) && onednnTakesDtype(input.scalar_type()) &&
-                      weight.scalar_type() == input.scalar_type() && groups > 0 && stride.size() == 2 &&
-                      padding.size() == 2 && dilation.size() == 2 && input.size(1) == weight.size(1) * groups &&
-                      weight.size(0) % groups == 0 &&
-                      (!bias || (plainCpuTensor(*bias) && bias->scalar_type() == input.scalar_type() &&
-                                 bias->dim() == 1 && bias->size(0) == weight.size(0)));
-  if (!onednn) return runFastest("", candidates, counters, other, epilogue.into_other);
+  // A call the other ways can take; oneDNN's only in a dtype it takes (bfloat16 not on every CPU).
+  const bool plain = !grad && input.dim() == 4 && weight.dim() == 4 && input.numel() > 0 && plainCpuTensor(input) &&
+                     plainCpuTensor(weight) && at::isFloatingType(input.scalar_type()) &&
+                     weight.scalar_type() == input.scalar_type() && groups > 0 && stride.size() == 2 &&
+                     padding.size() == 2 && dilation.size() == 2 && input.size(1) == weight.size(1) * groups &&
+                     weight.size(0) % groups == 0 &&
+                     (!bias || (plainCpuTensor(*bias) && bias->scalar_type() == input.scalar_type() &&
+                                bias->dim() == 1 && bias->size(0) == weight.size(0)));
+  if (!plain) return runFastest("", candidates, counters, other, epilogue.into_other);
+  const bool onednn = onednnTakesDtype(input.scalar_type());
   std::vector<int64_t> out_sizes = {input.size(0), weight.size(0)};
   for (int d = 0; d < 2; ++d) {
     const int64_t extent = dilation[d] * (weight.size(2 + d) - 1) + 1;
@@ -393,9 +395,11 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
                        .toTensor();
     return atenEpilogue(y, epilogue, operand, false, into_other);
   };
-  candidates.push_back({kOneDnn, [&](const std::optional<at::Tensor>& operand) { return runOneDnn(input, operand); },
-                        prepared_conv.c_str()});
-  if (!input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+  if (onednn) {
+    candidates.push_back({kOneDnn, [&](const std::optional<at::Tensor>& operand) { return runOneDnn(input, operand); },
+                          prepared_conv.c_str()});
+  }
+  if (onednn && !input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     candidates.push_back({kOneDnnChannelsLast, [&](const std::optional<at::Tensor>& operand) {
       return runOneDnn(input.contiguous(at::MemoryFormat::ChannelsLast), operand);
     }, prepared_conv.c_str()});

@@ -89,7 +89,7 @@ TEST(LibraryCalls, LinearEpiloguesMatchEagerEveryWayInFp32AndBf16) {
         ASSERT_EQ(rep.groups.size(), 1u);
         EXPECT_EQ(rep.groups[0].kind, "linear");
         if (*way != '\0') {
-          EXPECT_EQ(rep.groups[0].choice, way) << c.expression;
+          EXPECT_EQ(rep.groups[0].choice, testing::wayRun(way, dtype)) << c.expression << " " << c10::toString(dtype);
         }
       }
     }
@@ -171,7 +171,8 @@ def forward(self, x):
       }
       // Every convolution can run these two ways: none fell back.
       if (std::string(way) == "aten" || std::string(way) == "onednn") {
-        for (const GroupReport& group : report(fused.get_method("forward").graph()).groups) EXPECT_EQ(group.choice, way);
+        for (const GroupReport& group : report(fused.get_method("forward").graph()).groups)
+          EXPECT_EQ(group.choice, testing::wayRun(way, dtype)) << c10::toString(dtype);
       }
     }
   }
