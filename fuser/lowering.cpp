@@ -167,6 +167,35 @@ KILN_LOWER(lowerSilu) {
   return L.binary(Op::kDiv, x, L.binary(Op::kAdd, one, L.unary(Op::kExp, L.unary(Op::kNeg, x))));
 }
 
+// How this CPU's eager computes float32 gelu (half and bfloat16 compute in it) on a contiguous
+// tensor at the extremes, which differs between CPUs: on AVX-512 through oneDNN's kernel, x past
+// half of the largest float overflows to inf ((x·(1 + erf))·0.5) and ±inf gives NaN (its erf has
+// no value there); on an AVX2-only CPU, x·0.5·(1 + erf): 3e38 stays finite, +inf gives inf.
+// Probed once, from eager itself.
+struct EagerGelu {
+  bool overflows = true;   // (x·(1 + erf))·0.5, else x·0.5·(1 + erf)
+  bool nan_at_inf = true;  // NaN at ±inf whatever the formula gives
+};
+
+const EagerGelu& eagerGelu() {
+  static const EagerGelu probed = [] {
+    EagerGelu result;
+    try {
+      at::NoGradGuard no_grad;
+      // Long enough for the vectorized loop (a tail of a few elements may take another path).
+      at::Tensor x = at::full({64}, 3e38, at::kFloat);
+      x[1] = INFINITY;
+      at::Tensor y = at::gelu(x, "none");
+      result.overflows = std::isinf(y[0].item<float>());
+      result.nan_at_inf = std::isnan(y[1].item<float>());
+    } catch (const std::exception&) {
+      // Keep the oneDNN behaviour kiln was first written against.
+    }
+    return result;
+  }();
+  return probed;
+}
+
 KILN_LOWER(lowerGelu) {
   int x = L.as(v[0], ct);
   auto approximate = torch::jit::toIValue(n->input(1));
@@ -179,15 +208,21 @@ KILN_LOWER(lowerGelu) {
                          L.binary(Op::kAdd, x, L.binary(Op::kMul, L.constant(0.044715, ct), cube)));
     return L.binary(Op::kMul, L.binary(Op::kMul, half, x), L.binary(Op::kAdd, one, L.unary(Op::kTanh, inner)));
   }
-  // As eager computes it on a contiguous tensor. float32 (half and bfloat16 compute in it) on the
-  // CPU: (x·(1 + erf(x/√2)))·0.5 with NaN at ±inf (oneDNN's kernel: x past half of the largest
-  // float overflows to inf, zeros keep x's sign, its erf has no value at ±inf). float64 and CUDA:
-  // x·0.5·(1 + erf(x/√2)), ATen's own loop. Eager's scalar loop on the CPU (strided tensors)
-  // differs from oneDNN's at the extremes; kiln follows the contiguous case everywhere.
+  // As eager computes it on a contiguous tensor. float32 on the CPU: as this CPU's eager does
+  // (eagerGelu). float64 and CUDA: x·0.5·(1 + erf(x/√2)), ATen's own loop. Eager's scalar loop on
+  // the CPU (strided tensors) differs from the vectorized one at the extremes; kiln follows the
+  // contiguous case everywhere.
   int erf = L.unary(Op::kErf, L.binary(Op::kMul, x, L.constant(M_SQRT1_2, ct)));
   int one_plus_erf = L.binary(Op::kAdd, L.constant(1, ct), erf);
-  if (ct == at::kDouble || L.cuda) return L.binary(Op::kMul, L.binary(Op::kMul, x, half), one_plus_erf);
+  const bool cpu_float = ct != at::kDouble && !L.cuda;
+  if (!cpu_float || !eagerGelu().overflows) {
+    int gelu = L.binary(Op::kMul, L.binary(Op::kMul, x, half), one_plus_erf);
+    if (!cpu_float || !eagerGelu().nan_at_inf) return gelu;
+    int infinite = L.binary(Op::kEq, L.unary(Op::kAbs, x), L.constant(INFINITY, ct));
+    return L.select(infinite, L.constant(NAN, ct), gelu);
+  }
   int gelu = L.binary(Op::kMul, L.binary(Op::kMul, x, one_plus_erf), half);
+  if (!eagerGelu().nan_at_inf) return gelu;
   int infinite = L.binary(Op::kEq, L.unary(Op::kAbs, x), L.constant(INFINITY, ct));
   return L.select(infinite, L.constant(NAN, ct), gelu);
 }
