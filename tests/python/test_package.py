@@ -306,6 +306,23 @@ def test_a_float64_model_that_computes_in_float32_is_checked_at_float32s_toleran
                                    rtol=1e-5, atol=1e-5)
 
 
+class GeluTimesTwo(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.gelu(x) * 2.0
+
+
+def test_gelu_at_the_extremes_is_what_this_cpus_eager_gives():
+    # Eager's float32 gelu at +-inf and near the largest float depends on the CPU (through oneDNN
+    # on AVX-512: NaN at +inf, 3e38 overflows to inf; on an AVX2-only CPU: inf, and 3e38 stays
+    # finite); kiln's kernel gives what eager gives on the CPU it runs on.
+    x = torch.tensor([float("inf"), float("-inf"), 3e38, -3e38, 2e38, 1.0, -1.0, float("nan")] * 8)
+    traced = torch.jit.trace(GeluTimesTwo(), x)
+    with torch.no_grad():
+        fused = kiln.optimize(traced, (x,))
+        assert [group["kind"] for group in kiln.report(fused)["groups"]] == ["elementwise"]
+        torch.testing.assert_close(fused(x), traced(x), equal_nan=True, rtol=1e-6, atol=0)
+
+
 def test_a_traced_python_number_promotes_as_a_number(tmp_path):
     # Tracing freezes `a * 0.5` as a 0-dim double tensor marked as a wrapped number: an int tensor
     # times it is float32, as in eager, not float64 (a 0-dim double tensor's own promotion). Saved
