@@ -215,14 +215,9 @@ KILN_LOWER(lowerGelu) {
   int erf = L.unary(Op::kErf, L.binary(Op::kMul, x, L.constant(M_SQRT1_2, ct)));
   int one_plus_erf = L.binary(Op::kAdd, L.constant(1, ct), erf);
   const bool cpu_float = ct != at::kDouble && !L.cuda;
-  if (!cpu_float || !eagerGelu().overflows) {
-    int gelu = L.binary(Op::kMul, L.binary(Op::kMul, x, half), one_plus_erf);
-    if (!cpu_float || !eagerGelu().nan_at_inf) return gelu;
-    int infinite = L.binary(Op::kEq, L.unary(Op::kAbs, x), L.constant(INFINITY, ct));
-    return L.select(infinite, L.constant(NAN, ct), gelu);
-  }
-  int gelu = L.binary(Op::kMul, L.binary(Op::kMul, x, one_plus_erf), half);
-  if (!eagerGelu().nan_at_inf) return gelu;
+  int gelu = cpu_float && eagerGelu().overflows ? L.binary(Op::kMul, L.binary(Op::kMul, x, one_plus_erf), half)
+                                                : L.binary(Op::kMul, L.binary(Op::kMul, x, half), one_plus_erf);
+  if (!cpu_float || !eagerGelu().nan_at_inf) return gelu;
   int infinite = L.binary(Op::kEq, L.unary(Op::kAbs, x), L.constant(INFINITY, ct));
   return L.select(infinite, L.constant(NAN, ct), gelu);
 }
