@@ -1,7 +1,8 @@
 // The lowering's shared vocabulary (internal to fuser/): an operand as the lowering sees it, the
 // builder op formulas write IR with, and an op's rule (which inputs are operands, its formula,
 // and what a row reduction needs). fuser/lowering.cpp holds the elementwise formulas and the
-// walk over a group; fuser/row_lowering.cpp the row reductions.
+// walk over a group; fuser/activation_lowering.cpp the activations; fuser/row_lowering.cpp the
+// row reductions.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -136,6 +137,9 @@ struct Lowerer {
 
 #define KILN_LOWER(name) \
   int name(Lowerer& L, const Node* n, const std::vector<Operand>& v, at::ScalarType out, at::ScalarType ct)
+
+// The activations' rules (fuser/activation_lowering.cpp), added to the op table.
+void addActivationRules(std::unordered_map<std::string, OpRule>& table);
 
 // The row reductions' rules (fuser/row_lowering.cpp), added to the op table.
 void addRowReductionRules(std::unordered_map<std::string, OpRule>& table);

@@ -50,6 +50,7 @@
 #include "codegen/fault_injection.h"
 #include "torch_ops/cublaslt.h"
 #include "torch_ops/measured_choice.h"
+#include "torch_ops/onednn_dtypes.h"
 
 namespace kiln {
 namespace {
@@ -133,24 +134,6 @@ const MkldnnOp kReorderConvolutionWeight("mkldnn::_reorder_convolution_weight", 
 const MkldnnOp kConvolutionPointwise("mkldnn::_convolution_pointwise", "");
 const MkldnnOp kConvolutionPointwiseBinary("mkldnn::_convolution_pointwise", "binary");
 const MkldnnOp kConvolutionPointwiseBinaryInPlace("mkldnn::_convolution_pointwise_", "binary");
-
-bool onednnTakesDtype(at::ScalarType dtype) {
-  if (dtype == at::kFloat) return true;
-  if (dtype != at::kBFloat16) return false;
-  static const bool bf16 = [] {
-    // Registered only in builds of torch with oneDNN.
-    std::optional<c10::OperatorHandle> op = c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
-    if (!op) return false;
-    try {
-      torch::jit::Stack stack;
-      op->callBoxed(&stack);
-      return stack.front().toBool();
-    } catch (const std::exception&) {
-      return false;
-    }
-  }();
-  return bf16;
-}
 
 // oneDNN's post-op name and algorithm for an activation.
 std::pair<std::string, std::optional<std::string>> onednnActivation(Activation activation) {
@@ -455,6 +438,24 @@ at::Tensor eagerLayout(const at::Tensor& x, const at::Tensor& like) {
 }
 
 }  // namespace
+
+bool onednnTakesDtype(at::ScalarType dtype) {
+  if (dtype == at::kFloat) return true;
+  if (dtype != at::kBFloat16) return false;
+  static const bool bf16 = [] {
+    // Registered only in builds of torch with oneDNN.
+    std::optional<c10::OperatorHandle> op = c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
+    if (!op) return false;
+    try {
+      torch::jit::Stack stack;
+      op->callBoxed(&stack);
+      return stack.front().toBool();
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return bf16;
+}
 
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
   m.def("linear(Tensor input, Tensor weight, Tensor? bias, Tensor? other, str epilogue) -> Tensor");

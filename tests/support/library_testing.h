@@ -4,10 +4,10 @@
 
 #include <torch/script.h>
 
-#include <optional>
 #include <string>
 
 #include "torch_ops/measured_choice.h"
+#include "torch_ops/onednn_dtypes.h"
 
 namespace kiln::testing {
 
@@ -28,23 +28,10 @@ struct InjectedFault {
   }
 };
 
-// Whether torch's oneDNN runs bfloat16 on this CPU (AVX-512 BF16 or AMX: not on an AVX2-only
-// one); where it does not, no oneDNN way is offered for a bfloat16 call.
-inline bool onednnTakesBf16() {
-  static const bool supported = [] {
-    std::optional<c10::OperatorHandle> op = c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
-    if (!op) return false;
-    torch::jit::Stack stack;
-    op->callBoxed(&stack);
-    return stack.front().toBool();
-  }();
-  return supported;
-}
-
 // The way a call forced to run `way` in `dtype` reports: that way where this machine offers it,
 // else ATen's ops.
 inline std::string wayRun(const std::string& way, at::ScalarType dtype) {
-  const bool offered = dtype != at::kBFloat16 || way.rfind("onednn", 0) != 0 || onednnTakesBf16();
+  const bool offered = dtype != at::kBFloat16 || way.rfind("onednn", 0) != 0 || onednnTakesDtype(at::kBFloat16);
   return offered ? way : "aten";
 }
 
