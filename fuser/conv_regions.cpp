@@ -1,9 +1,12 @@
-// Convolution regions (kiln::optimize, float32): a run of convolutions over constant weights with
-// the relu, clamp, residual add and pooling between them becomes one kiln::conv_region op, which
-// runs the region the fastest of three ways measured on its shapes (torch_ops/conv_region_op.cpp):
-// ATen's ops, kiln's library calls, or oneDNN Graph (the build torch ships), whose compiled
-// partitions keep oneDNN's blocked layouts from one convolution to the next and cost a few
-// microseconds a call where each ATen oneDNN call costs tens.
+// Convolution regions (kiln::optimize, float32): a run of convolutions and linears over constant
+// weights with the relu, clamp, residual add, layer_norm and pooling between them becomes one
+// kiln::conv_region op, which runs the region the fastest of three ways measured on its shapes
+// (torch_ops/conv_region_op.cpp): ATen's ops, kiln's library calls, or oneDNN Graph (the build
+// torch ships), whose compiled partitions keep oneDNN's blocked layouts from one convolution or
+// GEMM to the next and cost a few microseconds a call where each ATen oneDNN call costs tens. A
+// transformer's layers are regions too: what lies between two attentions (the output projection,
+// residual, layer_norm, MLP and the next query/key/value projection), attention itself staying
+// outside as kiln::attention.
 //
 //   %ys = kiln::conv_region(%activations, %weights, "graph(...)")
 //   %y0, %y1 = prim::ListUnpack(%ys)
@@ -11,12 +14,13 @@
 // The string is the region's subgraph in TorchScript IR, its inputs the activations then the
 // weights and biases (graph constants, passed as inputs so that the op saves and loads as any
 // other). A region:
-// - lies in the graph's own block and holds at least two convolutions; its outputs are the values
-//   a node outside reads (or the graph returns), unpacked from the op's list;
+// - lies in the graph's own block and holds at least two convolutions or linears; its outputs are
+//   the values a node outside reads (or the graph returns), unpacked from the op's list;
 // - holds conv2d / _convolution (2-D, not transposed, constant weight and bias, constant
 //   arguments), linear over a constant weight, layer_norm, batch_norm, elementwise activations,
-//   add, sub and mul of two tensors, pooling, mean, cat; an in-place form only on a value made
-//   inside the region that nothing outside reads;
+//   add, sub and mul of two tensors, pooling, mean, cat (with a constant expanded for it alone:
+//   ViT's class token); an in-place form only on a value made inside the region that nothing
+//   outside reads;
 // - continues (never starts) with views of values it made that nothing else reads (view,
 //   reshape, flatten, permute, transpose, chunk, slice, ...), and with the scalar shape
 //   arithmetic their sizes come from (aten::size, floor_divide, int lists), which is computed
@@ -212,6 +216,7 @@ struct Region {
   std::unordered_set<const Node*> members;
   std::unordered_set<const Value*> inputs;  // activations read from outside
   int convolutions = 0;
+  int linears = 0;
 
   bool empty() const { return nodes.empty(); }
   bool produces(const Value* value) const { return members.count(value->node()) > 0; }
@@ -225,6 +230,34 @@ struct Region {
     }
   }
 };
+
+// aten::cat over a list built for it alone (prim::ListConstruct of tensors) along a constant dim:
+// the list and the cat join a region together.
+Node* catList(const Node* node) {
+  if (!node->matches("aten::cat(Tensor[] tensors, int dim=0) -> Tensor") || !isParameter(node->input(1))) return nullptr;
+  Node* list = node->input(0)->node();
+  if (list->kind() != torch::jit::prim::ListConstruct || list->output()->uses().size() != 1) return nullptr;
+  for (Value* item : list->inputs()) {
+    if (!item->type()->isSubtypeOf(*c10::TensorType::get()) || item->node()->kind() == torch::jit::prim::Constant)
+      return nullptr;
+  }
+  return list;
+}
+
+// A constant expanded to sizes the region computes, read only by the list a cat concatenates:
+// ViT's and DeiT's class (and distillation) tokens, one per image, joined to the patches.
+bool isTokenExpand(const Region& region, const Node* node) {
+  if (region.empty() || !node->matches("aten::expand(Tensor(a) self, SymInt[] size, *, bool implicit=False) -> Tensor(a)"))
+    return false;
+  Value* token = node->input(0);
+  if (token->node()->kind() != torch::jit::prim::Constant || !token->type()->isSubtypeOf(*c10::TensorType::get()))
+    return false;
+  if (!(isParameter(node->input(1)) || region.produces(node->input(1))) || !isParameter(node->input(2))) return false;
+  const auto& uses = node->output()->uses();
+  if (uses.size() != 1 || uses[0].user->kind() != torch::jit::prim::ListConstruct) return false;
+  const Node* list = uses[0].user;
+  return list->output()->uses().size() == 1 && catList(list->output()->uses()[0].user) == list;
+}
 
 // Whether `node` may join `region`: a convolution or region op whose tensors come from the region
 // or from before it; an in-place op only on a value the region made and only the region reads.
@@ -243,6 +276,7 @@ bool mayJoin(const Region& region, Node* node) {
     }
     return true;
   }
+  if (isTokenExpand(region, node)) return true;
   if (isViewOp(node)) {
     // Besides the view, only the region's aten::size may read the base (for its sizes).
     Value* base = node->input(0);
@@ -259,6 +293,15 @@ bool mayJoin(const Region& region, Node* node) {
   bool in_place = false;
   if (!isConvolution(node) && !isRegionOp(node, &in_place)) return false;
   if (!node->input(0)->type()->isSubtypeOf(*c10::TensorType::get())) return false;
+  // An op over constants alone (Swin V2's position-bias MLP over its constant table of
+  // coordinates) stays outside: torch's oneDNN Graph bridge crashes on a partition without
+  // inputs (LlgaGraphHelper), and the oneDNN Graph fuser fails on such a model.
+  bool reads_activation = false;
+  for (Value* input : node->inputs()) {
+    reads_activation = reads_activation || (input->type()->isSubtypeOf(*c10::TensorType::get()) &&
+                                            input->node()->kind() != torch::jit::prim::Constant);
+  }
+  if (!reads_activation) return false;
   if (isKind(node, "aten::add") || isKind(node, "aten::add_") || isKind(node, "aten::sub") || isKind(node, "aten::sub_") ||
       isKind(node, "aten::mul") || isKind(node, "aten::mul_")) {
     if (!node->input(1)->type()->isSubtypeOf(*c10::TensorType::get())) return false;
@@ -405,7 +448,7 @@ void materializeOutside(torch::jit::Graph& graph, const Region& region, const st
 // Replaces `region` by one kiln::conv_region op and a prim::ListUnpack of its results; false
 // where it does not qualify.
 bool replaceRegion(torch::jit::Graph& graph, const Region& region) {
-  if (region.convolutions < 2) return false;
+  if (region.convolutions + region.linears < 2) return false;
   std::vector<Value*> outputs = regionOutputs(region);
   const std::vector<Node*> shape_ops = shapeOpsReadOutside(region, outputs);
   if (outputs.empty()) return false;
@@ -433,19 +476,6 @@ bool replaceRegion(torch::jit::Graph& graph, const Region& region) {
   for (size_t i = 0; i < outputs.size(); ++i) outputs[i]->replaceAllUsesWith(unpack->output(i));
   for (auto it = region.nodes.rbegin(); it != region.nodes.rend(); ++it) (*it)->destroy();
   return true;
-}
-
-// aten::cat over a list built for it alone (prim::ListConstruct of tensors) along a constant dim:
-// the list and the cat join a region together.
-Node* catList(const Node* node) {
-  if (!node->matches("aten::cat(Tensor[] tensors, int dim=0) -> Tensor") || !isParameter(node->input(1))) return nullptr;
-  Node* list = node->input(0)->node();
-  if (list->kind() != torch::jit::prim::ListConstruct || list->output()->uses().size() != 1) return nullptr;
-  for (Value* item : list->inputs()) {
-    if (!item->type()->isSubtypeOf(*c10::TensorType::get()) || item->node()->kind() == torch::jit::prim::Constant)
-      return nullptr;
-  }
-  return list;
 }
 
 }  // namespace
@@ -488,6 +518,7 @@ int extractConvolutionRegions(std::shared_ptr<torch::jit::Graph>& graph) {
       if (mayJoin(current, node)) {
         current.add(node);
         current.convolutions += isConvolution(node) ? 1 : 0;
+        current.linears += isKind(node, "aten::linear") ? 1 : 0;
         continue;
       }
       if (current.empty()) continue;

@@ -283,6 +283,23 @@ bool readsAnInputTwice(Node* group) {
   return false;
 }
 
+// Whether a partition returns an add of a layer_norm's result (Swin V2's post-norm residual,
+// x + norm(mlp(x))). oneDNN offers to compute the add in place of its other operand, and torch's
+// bridge takes the wrong tensor for that operand: a wrong result (x + norm(a) off by the size of
+// its values), or with a norm without weight and bias an index past the node's inputs. The oneDNN
+// Graph fuser gives such models wrong results; followed by any other op in its partition, the add
+// is computed right.
+bool returnsAnAddOfALayerNorm(Node* group) {
+  for (Value* output : group->g(torch::jit::attr::Subgraph)->outputs()) {
+    const Node* node = output->node();
+    if (node->kind() != torch::jit::aten::add) continue;
+    for (const Value* operand : node->inputs()) {
+      if (operand->node()->kind() == torch::jit::aten::layer_norm) return true;
+    }
+  }
+  return false;
+}
+
 // Makes the partition that produces `value` (through a guard and the If that runs the partition)
 // write it in eager's strides, not oneDNN's own layout: what reads it now includes ATen's ops.
 void producePlain(Value* value) {
@@ -298,16 +315,19 @@ void producePlain(Value* value) {
   group->is_(layouts, kept);
 }
 
-// The partitions readsAnInputTwice finds run their unfused ops instead: the branch that runs the
-// partition is never taken, and the partitions that feed it write eager's layout. Returns how many.
-int avoidPartitionsReadingTwice(torch::jit::Block* block) {
+// The partitions torch's bridge mishandles (readsAnInputTwice, returnsAnAddOfALayerNorm) run their
+// unfused ops instead: the branch that runs the partition is never taken, and the partitions that
+// feed it write eager's layout. Returns how many.
+int avoidMishandledPartitions(torch::jit::Block* block) {
   int avoided = 0;
   for (Node* node : block->nodes()) {
-    for (torch::jit::Block* inner : node->blocks()) avoided += avoidPartitionsReadingTwice(inner);
+    for (torch::jit::Block* inner : node->blocks()) avoided += avoidMishandledPartitions(inner);
     if (node->kind() != torch::jit::prim::If) continue;
     Node* hazard = nullptr;
     for (Node* inner : node->blocks()[0]->nodes()) {
-      if (inner->kind() == torch::jit::prim::oneDNNFusionGroup && readsAnInputTwice(inner)) hazard = inner;
+      if (inner->kind() == torch::jit::prim::oneDNNFusionGroup &&
+          (readsAnInputTwice(inner) || returnsAnAddOfALayerNorm(inner)))
+        hazard = inner;
     }
     if (hazard == nullptr) continue;
     for (Value* input : hazard->inputs()) producePlain(input);
@@ -325,10 +345,10 @@ std::shared_ptr<torch::jit::Code> onednnCode(const RegionProgram& program, const
     std::shared_ptr<Graph> graph = specialized->copy();
     torch::jit::fuser::onednn::fuseGraph(graph);
     inlineFallbackGraphs(graph->block());
-    const int avoided = avoidPartitionsReadingTwice(graph->block());
+    const int avoided = avoidMishandledPartitions(graph->block());
     if (avoided > 0)
       log(LogLevel::kDebug, std::string("conv_region ") + std::to_string(program.hash) + ": the " + way + " way runs " +
-                                std::to_string(avoided) + " partitions as ATen ops (an input read twice)");
+                                std::to_string(avoided) + " partitions as ATen ops (torch's bridge mishandles them)");
     bool partitioned = false;
     for (Node* node : graph->nodes()) {
       if (node->kind() == torch::jit::prim::If && node->input(0)->node()->kind() == torch::jit::prim::Constant) continue;
@@ -380,7 +400,9 @@ std::shared_ptr<RegionBuild> build(RegionProgram& program, const std::vector<at:
   } catch (const std::exception& error) {
     logBuildFailure(program, kKiln, error);
   }
-  made->codes[1] = onednnCode(program, kOnednnGraph, graph);
+  // Channels-last changes only 4-D inputs: without them this way is the one built above.
+  const bool four_dim = std::any_of(activations.begin(), activations.end(), [](const at::Tensor& t) { return t.dim() == 4; });
+  if (four_dim) made->codes[1] = onednnCode(program, kOnednnGraph, graph);
   return made;
 }
 

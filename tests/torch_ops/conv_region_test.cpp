@@ -291,6 +291,79 @@ def forward(self, x):
   }
 }
 
+// A ViT's encoder: between two attentions, the output projection, residual, layer_norm, MLP and
+// the next query/key/value projection are one region, and so are the stem's patch embedding,
+// class token (a constant expanded to the batch and concatenated), position embedding and first
+// projection:
+// linears pass oneDNN's blocked layouts to each other through oneDNN Graph as convolutions do.
+// Attention stays outside, as kiln::attention. Sequence length and batch change between calls.
+TEST(ConvRegions, TransformerLayersBetweenAttentionsAreRegions) {
+  torch::NoGradGuard no_grad;
+  const int64_t c = 16;
+  torch::jit::Module vit("RegionViT");
+  auto param = [&](const char* name, std::vector<int64_t> shape, double scale) {
+    vit.register_parameter(name, torch::randn(shape) * scale, false);
+  };
+  param("embed_w", {c, 24}, 1.0 / std::sqrt(24.0));
+  param("embed_b", {c}, 0.1);
+  param("cls", {1, 1, c}, 1.0);
+  param("pos", {1, 1, c}, 0.1);
+  for (const char* prefix : {"a_", "b_"}) {
+    const std::string p(prefix);
+    param((p + "ln1_w").c_str(), {c}, 1.0);
+    param((p + "ln1_b").c_str(), {c}, 0.1);
+    param((p + "qkv_w").c_str(), {3 * c, c}, 1.0 / std::sqrt(c));
+    param((p + "qkv_b").c_str(), {3 * c}, 0.1);
+    param((p + "proj_w").c_str(), {c, c}, 1.0 / std::sqrt(c));
+    param((p + "proj_b").c_str(), {c}, 0.1);
+    param((p + "ln2_w").c_str(), {c}, 1.0);
+    param((p + "ln2_b").c_str(), {c}, 0.1);
+    param((p + "fc1_w").c_str(), {4 * c, c}, 1.0 / std::sqrt(c));
+    param((p + "fc1_b").c_str(), {4 * c}, 0.1);
+    param((p + "fc2_w").c_str(), {c, 4 * c}, 1.0 / std::sqrt(4 * c));
+    param((p + "fc2_b").c_str(), {c}, 0.1);
+  }
+  std::string body = R"(
+def forward(self, patches):
+  e = torch.linear(patches, self.embed_w, self.embed_b)
+  x = torch.cat([self.cls.expand(e.size(0), -1, -1), e], 1) + self.pos
+)";
+  for (const char* p : {"a_", "b_"}) {
+    std::string layer = R"(
+  n, s, c = x.size()
+  qkv = torch.linear(torch.layer_norm(x, [16], self.P_ln1_w, self.P_ln1_b, 1e-6), self.P_qkv_w, self.P_qkv_b)
+  q, k, v = qkv.reshape(n, s, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+  a = torch.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, s, c)
+  x = x + torch.linear(a, self.P_proj_w, self.P_proj_b)
+  h = torch.linear(torch.layer_norm(x, [16], self.P_ln2_w, self.P_ln2_b, 1e-6), self.P_fc1_w, self.P_fc1_b)
+  x = x + torch.linear(torch.gelu(h), self.P_fc2_w, self.P_fc2_b)
+)";
+    for (size_t at = layer.find("P_"); at != std::string::npos; at = layer.find("P_", at)) layer.replace(at, 2, p);
+    body += layer;
+  }
+  body += "  return x\n";
+  vit.define(body);
+  vit.eval();
+  torch::jit::Module fused = optimize(vit);
+  const std::string text = graphText(fused);
+  // Stem to the first projection; the first layer's output projection and MLP to the second's
+  // projection; the second's output projection and MLP.
+  torch::jit::testing::FileCheck()
+      .check_count("kiln::conv_region(", 3, /*exactly=*/true)
+      ->check_not("aten::linear")
+      ->check_not("kiln::linear")
+      ->check_not("aten::expand")
+      ->run(text);
+  torch::jit::testing::FileCheck().check_count("kiln::attention(", 2, /*exactly=*/true)->run(text);
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    for (std::vector<int64_t> shape : {std::vector<int64_t>{1, 9, 24}, std::vector<int64_t>{3, 16, 24}}) {
+      at::Tensor patches = torch::randn(shape);
+      expectSame(run(fused, {patches}), runEager(vit, {patches}), std::string("way '") + way + "'");
+    }
+  }
+}
+
 // timm's RepViT: a block's input is read by two convolutions and added to their sum. oneDNN Graph
 // makes the block one partition that reads its input twice, which torch's bridge mishandles once
 // the input arrives in oneDNN's own layout and oneDNN offers to compute in place (the oneDNN Graph
@@ -311,6 +384,29 @@ def forward(self, x):
     ForcedChoice forced(way);
     for (int call = 0; call < 3; ++call) {
       at::Tensor x = torch::randn({1, 8, 12, 12});
+      expectSame(run(fused, {x}), runEager(blocks, {x}), std::string("way '") + way + "'");
+    }
+  }
+}
+
+// Swin V2's post-norm residual, x + norm(mlp(x)): torch's bridge computes a partition that
+// returns an add of a layer_norm's result wrongly (the oneDNN Graph fuser gives such a block
+// results off by the size of its values); those partitions run as ATen ops.
+TEST(ConvRegions, PostNormResidualAddsRunTheirOps) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module blocks = regionModule("RegionPostNorm", R"(
+def forward(self, x):
+  for i in range(2):
+    h = torch.linear(torch.gelu(torch.linear(x, self.fc_up, self.fc_up_b)), self.fc_down, None)
+    x = x + torch.layer_norm(h, [8], self.gamma, self.beta, 1e-5)
+  return x
+)", 8);
+  torch::jit::Module fused = optimize(blocks);
+  torch::jit::testing::FileCheck().check_count("kiln::conv_region(", 1, /*exactly=*/true)->run(graphText(fused));
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    for (std::vector<int64_t> shape : {std::vector<int64_t>{2, 10, 8}, std::vector<int64_t>{1, 4, 4, 8}}) {
+      at::Tensor x = torch::randn(shape);
       expectSame(run(fused, {x}), runEager(blocks, {x}), std::string("way '") + way + "'");
     }
   }

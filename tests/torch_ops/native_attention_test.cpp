@@ -97,14 +97,21 @@ def forward(self, x):
       });
       const std::string what = std::string("gelu ") + gelu + ", norm_first " + norm_first;
       torch::jit::Module fused = kiln::optimize(eager);
+      // After attention, the output projection, norms and feed-forward are one region (its three
+      // linears; fuser/conv_regions.cpp).
       FileCheck()
           .check_not("aten::_transformer_encoder_layer_fwd")
           ->check("kiln::attention(")
-          ->check_count("kiln::linear(", 3)
+          ->check_count("kiln::conv_region(", 1, /*exactly=*/true)
+          ->check_not("aten::linear")
           ->run(graphText(fused));
-      for (const auto& [batch, sequence] : {std::pair<int64_t, int64_t>{1, 17}, {3, 5}}) {
-        at::Tensor x = torch::randn({batch, sequence, 48});
-        expectClose(fused.forward({x}).toTensor(), eager.forward({x}).toTensor(), 1e-5, what);
+      for (const char* way : {"", "aten", "kiln", "onednn_graph_as_given"}) {
+        ForcedChoice forced(way);
+        for (const auto& [batch, sequence] : {std::pair<int64_t, int64_t>{1, 17}, {3, 5}}) {
+          at::Tensor x = torch::randn({batch, sequence, 48});
+          expectClose(fused.forward({x}).toTensor(), eager.forward({x}).toTensor(), 1e-5,
+                      what + ", way '" + way + "'");
+        }
       }
     }
   }
