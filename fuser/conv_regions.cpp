@@ -478,9 +478,33 @@ bool replaceRegion(torch::jit::Graph& graph, const Region& region) {
   return true;
 }
 
+// `x.reshape_as(other)` as `x.reshape(other.size())`, the same op: the other tensor is then read
+// for its sizes only, which lets a view of it join a region (timm's LeViT flattens each linear's
+// result for its batch norm and reshapes the normalized rows back as the linear's result).
+void reshapeAsAsReshape(torch::jit::Graph& graph) {
+  for (auto it = graph.block()->nodes().begin(); it != graph.block()->nodes().end();) {
+    Node* node = *it++;
+    if (!node->matches("aten::reshape_as(Tensor(a) self, Tensor other) -> Tensor(a)")) continue;
+    // The sizes are read right where `other` is made, so that a view of it made before the
+    // reshape finds every other reader of it in the region already.
+    Value* sizes = nullptr;
+    {
+      torch::jit::WithInsertPoint made(node->input(1)->node()->next());
+      sizes = graph.insert(c10::Symbol::fromQualString("aten::size"), {node->input(1)});
+    }
+    torch::jit::WithInsertPoint here(node);
+    Value* reshaped = graph.insert(c10::Symbol::fromQualString("aten::reshape"), {node->input(0), sizes});
+    reshaped->setType(node->output()->type());
+    reshaped->node()->copyMetadata(node);
+    node->output()->replaceAllUsesWith(reshaped);
+    node->destroy();
+  }
+}
+
 }  // namespace
 
 int extractConvolutionRegions(std::shared_ptr<torch::jit::Graph>& graph) {
+  reshapeAsAsReshape(*graph);
   // Each cat's own list right before it, so that the two are met together (the list only gathers
   // values made before it; nothing else reads it).
   for (Node* node : graph->block()->nodes()) {

@@ -83,8 +83,16 @@ struct RegionProgram {
   GroupCounters* counters = nullptr;
   std::mutex mutex;
   std::unordered_map<std::string, std::shared_ptr<RegionBuild>> builds;
+  int onednn_builds = 0;  // the input signatures oneDNN Graph was built for
   std::shared_ptr<const FastPath> fast;  // read and replaced atomically
 };
+
+// The input signatures of one region that oneDNN Graph is built and measured for. Its partitions
+// are compiled for exact shapes, so a transformer called with many sequence lengths would compile
+// and measure them once per length (a BERT-base layer stack: 1.6 s for each new length against
+// 0.5 s without regions) and keep every build; past these, a new signature builds only kiln's
+// way (its library calls measure once per power-of-two class of rows) and ATen's.
+constexpr int kOnednnSignatures = 8;
 
 // Drops the builds whose weights were freed or written to; the caller holds program.mutex.
 void dropStaleBuilds(RegionProgram& program) {
@@ -367,8 +375,9 @@ std::shared_ptr<torch::jit::Code> onednnCode(const RegionProgram& program, const
   return nullptr;
 }
 
+// The ways for one signature; oneDNN Graph's only where `onednn` (kOnednnSignatures).
 std::shared_ptr<RegionBuild> build(RegionProgram& program, const std::vector<at::Tensor>& activations,
-                                   const std::vector<at::Tensor>& weights) {
+                                   const std::vector<at::Tensor>& weights, bool onednn) {
   auto made = std::make_shared<RegionBuild>();
   for (const at::Tensor& weight : weights) {
     made->weights.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()));
@@ -376,20 +385,24 @@ std::shared_ptr<RegionBuild> build(RegionProgram& program, const std::vector<at:
   }
   // The graph as given first: its probe is ATen's run, whose outputs' strides every way's
   // results are given (no other way is built without them).
+  std::shared_ptr<Graph> given;
   try {
-    made->codes[2] = onednnCode(program, kOnednnGraphAsGiven,
-                                specializedGraph(program.text, activations, weights, /*channels_last=*/false,
-                                                 &made->aten_strides));
+    given = specializedGraph(program.text, activations, weights, /*channels_last=*/false, &made->aten_strides);
   } catch (const std::exception& error) {
     logBuildFailure(program, "kiln, onednn_graph and onednn_graph_as_given", error);
     return made;
   }
-  std::shared_ptr<Graph> graph;
-  try {
-    graph = specializedGraph(program.text, activations, weights, /*channels_last=*/true);
-  } catch (const std::exception& error) {
-    logBuildFailure(program, "kiln and onednn_graph", error);
-    return made;
+  if (onednn) made->codes[2] = onednnCode(program, kOnednnGraphAsGiven, given);
+  // Channels-last changes only 4-D inputs: without them that graph is the one above.
+  const bool four_dim = std::any_of(activations.begin(), activations.end(), [](const at::Tensor& t) { return t.dim() == 4; });
+  std::shared_ptr<Graph> graph = given;
+  if (four_dim) {
+    try {
+      graph = specializedGraph(program.text, activations, weights, /*channels_last=*/true);
+    } catch (const std::exception& error) {
+      logBuildFailure(program, "kiln and onednn_graph", error);
+      return made;
+    }
   }
   try {
     std::shared_ptr<Graph> kiln_graph = graph->copy();
@@ -400,9 +413,7 @@ std::shared_ptr<RegionBuild> build(RegionProgram& program, const std::vector<at:
   } catch (const std::exception& error) {
     logBuildFailure(program, kKiln, error);
   }
-  // Channels-last changes only 4-D inputs: without them this way is the one built above.
-  const bool four_dim = std::any_of(activations.begin(), activations.end(), [](const at::Tensor& t) { return t.dim() == 4; });
-  if (four_dim) made->codes[1] = onednnCode(program, kOnednnGraph, graph);
+  if (onednn && four_dim) made->codes[1] = onednnCode(program, kOnednnGraph, graph);
   return made;
 }
 
@@ -423,7 +434,17 @@ std::shared_ptr<RegionBuild> buildFor(RegionProgram& program, const std::string&
   std::lock_guard<std::mutex> lock(program.mutex);
   dropStaleBuilds(program);
   std::shared_ptr<RegionBuild>& found = program.builds[identity.str()];
-  if (!found) found = build(program, activations, weights);
+  if (!found) {
+    const bool onednn = program.onednn_builds < kOnednnSignatures;
+    if (onednn) {
+      ++program.onednn_builds;
+    } else if (program.onednn_builds == kOnednnSignatures) {
+      ++program.onednn_builds;  // logged once
+      log(LogLevel::kInfo, "conv_region " + std::to_string(program.hash) + ": " + std::to_string(kOnednnSignatures) +
+                               " input signatures built with oneDNN Graph; further ones run kiln's or ATen's way");
+    }
+    found = build(program, activations, weights, onednn);
+  }
   return found;
 }
 

@@ -364,6 +364,58 @@ def forward(self, patches):
   }
 }
 
+// timm's LeViT: each linear's result flattened for a batch norm and the normalized rows reshaped
+// back with reshape_as, which reads the linear's result for its sizes only: the region takes
+// the whole block, reshape_as included.
+TEST(ConvRegions, LinearBatchNormReshapeAsJoinsTheRegion) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module block = regionModule("RegionLeViT", R"(
+def forward(self, x):
+  for i in range(2):
+    h = torch.hardswish(torch.linear(x, self.fc_up, self.fc_up_b))
+    y = torch.linear(h, self.fc_down, None)
+    y = torch.batch_norm(y.flatten(0, 1), self.gamma, self.beta, self.mean, self.var, False, 0.1, 1e-5, False).reshape_as(y)
+    x = x + y
+  return x
+)", 8);
+  torch::jit::Module fused = optimize(block);
+  const std::string text = graphText(fused);
+  torch::jit::testing::FileCheck()
+      .check_count("kiln::conv_region(", 1, /*exactly=*/true)
+      ->check_not("linear")
+      ->check_not("batch_norm")
+      ->check_not("reshape_as")
+      ->run(text);
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    for (std::vector<int64_t> shape : {std::vector<int64_t>{2, 10, 8}, std::vector<int64_t>{1, 49, 8}}) {
+      at::Tensor x = torch::randn(shape);
+      expectSame(run(fused, {x}), runEager(block, {x}), std::string("way '") + way + "'");
+    }
+  }
+}
+
+// A region called with many input signatures (a transformer's sequence lengths) builds and
+// measures oneDNN Graph for the first eight only; later ones run kiln's way or ATen's, and every
+// one matches eager.
+TEST(ConvRegions, OneDnnGraphIsBuiltForTheFirstEightSignatures) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module mlp = regionModule("RegionLengths", R"(
+def forward(self, x):
+  return x + torch.linear(torch.gelu(torch.linear(x, self.fc_up, self.fc_up_b)), self.fc_down, None)
+)", 8);
+  torch::jit::Module fused = optimize(mlp);
+  torch::jit::testing::FileCheck().check_count("kiln::conv_region(", 1, /*exactly=*/true)->run(graphText(fused));
+  for (int64_t length = 1; length <= 12; ++length) {
+    at::Tensor x = torch::randn({1, length, 8});
+    expectSame(run(fused, {x}), runEager(mlp, {x}), "length " + std::to_string(length));
+    const std::string choice = report(fused.get_method("forward").graph()).groups.at(0).choice;
+    if (length > 8) {
+      EXPECT_TRUE(choice == "kiln" || choice == "aten") << "length " << length << ": " << choice;
+    }
+  }
+}
+
 // timm's RepViT: a block's input is read by two convolutions and added to their sum. oneDNN Graph
 // makes the block one partition that reads its input twice, which torch's bridge mishandles once
 // the input arrives in oneDNN's own layout and oneDNN offers to compute in place (the oneDNN Graph
