@@ -79,6 +79,18 @@ void expectSame(const c10::IValue& actual, const c10::IValue& expected, const st
   }
 }
 
+// Every way (and measuring) gives eager's results, strides included, on fresh inputs of each shape.
+void expectEveryWayMatchesEager(torch::jit::Module& fused, const torch::jit::Module& eager,
+                                const std::vector<std::vector<int64_t>>& shapes) {
+  for (const char* way : kRegionWays) {
+    ForcedChoice forced(way);
+    for (const std::vector<int64_t>& shape : shapes) {
+      at::Tensor x = torch::randn(shape);
+      expectSame(run(fused, {x}), runEager(eager, {x}), std::string("way '") + way + "'");
+    }
+  }
+}
+
 // A ResNet-style stem and block with a strided downsample: conv + batch_norm + relu, max_pool,
 // conv, relu_, conv, residual add_, relu_, then a 1x1 stride-2 convolution with hardswish.
 const char* const kResNetBody = R"(
@@ -355,13 +367,7 @@ def forward(self, patches):
       ->check_not("aten::expand")
       ->run(text);
   torch::jit::testing::FileCheck().check_count("kiln::attention(", 2, /*exactly=*/true)->run(text);
-  for (const char* way : kRegionWays) {
-    ForcedChoice forced(way);
-    for (std::vector<int64_t> shape : {std::vector<int64_t>{1, 9, 24}, std::vector<int64_t>{3, 16, 24}}) {
-      at::Tensor patches = torch::randn(shape);
-      expectSame(run(fused, {patches}), runEager(vit, {patches}), std::string("way '") + way + "'");
-    }
-  }
+  expectEveryWayMatchesEager(fused, vit, {{1, 9, 24}, {3, 16, 24}});
 }
 
 // timm's LeViT: each linear's result flattened for a batch norm and the normalized rows reshaped
@@ -386,13 +392,7 @@ def forward(self, x):
       ->check_not("batch_norm")
       ->check_not("reshape_as")
       ->run(text);
-  for (const char* way : kRegionWays) {
-    ForcedChoice forced(way);
-    for (std::vector<int64_t> shape : {std::vector<int64_t>{2, 10, 8}, std::vector<int64_t>{1, 49, 8}}) {
-      at::Tensor x = torch::randn(shape);
-      expectSame(run(fused, {x}), runEager(block, {x}), std::string("way '") + way + "'");
-    }
-  }
+  expectEveryWayMatchesEager(fused, block, {{2, 10, 8}, {1, 49, 8}});
 }
 
 // A region called with many input signatures (a transformer's sequence lengths) builds and
@@ -455,13 +455,7 @@ def forward(self, x):
 )", 8);
   torch::jit::Module fused = optimize(blocks);
   torch::jit::testing::FileCheck().check_count("kiln::conv_region(", 1, /*exactly=*/true)->run(graphText(fused));
-  for (const char* way : kRegionWays) {
-    ForcedChoice forced(way);
-    for (std::vector<int64_t> shape : {std::vector<int64_t>{2, 10, 8}, std::vector<int64_t>{1, 4, 4, 8}}) {
-      at::Tensor x = torch::randn(shape);
-      expectSame(run(fused, {x}), runEager(blocks, {x}), std::string("way '") + way + "'");
-    }
-  }
+  expectEveryWayMatchesEager(fused, blocks, {{2, 10, 8}, {1, 4, 4, 8}});
 }
 
 // timm's NFNets scale activations by a float64 0-dim constant (a traced `x * 1.7`). Every way
