@@ -129,7 +129,7 @@ void chainArgs(benchmark::internal::Benchmark* bench) {
   for (int64_t broadcast : {0, 1})
     for (int64_t dtype : {0, 1})
       for (int64_t ops : {2, 4, 8}) bench->Args({ops, dtype, broadcast});
-  bench->ArgNames({"ops", "bf16", "bcast"})->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+  bench->ArgNames({"ops", "bf16", "bcast"})->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.05);
 }
 
 const bool registered = [] {
@@ -146,7 +146,7 @@ const bool registered = [] {
       ->ArgNames({"ops", "bf16", "bcast"})
       ->UseManualTime()
       ->Unit(benchmark::kMicrosecond)
-      ->MinTime(0.2);
+      ->MinTime(0.05);
   benchmark::RegisterBenchmark("Kiln_LaunchOverhead_Cuda", [](benchmark::State& state) {
     runLaunchOverhead(state, Mode::kKiln);
   })->Unit(benchmark::kMicrosecond);

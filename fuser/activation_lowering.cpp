@@ -88,12 +88,16 @@ int hardsigmoidCore(Lowerer& L, int x, at::ScalarType ct) {
   int shifted = L.binary(Op::kAdd, x, L.constant(3, ct));
   return L.binary(Op::kMin, L.binary(Op::kMax, shifted, L.constant(0, ct)), L.constant(6, ct));
 }
-KILN_LOWER(lowerHardsigmoid) {
-  return L.binary(Op::kDiv, hardsigmoidCore(L, L.as(v[0], ct), ct), L.constant(6, ct));
+// The last step of both: eager's CPU kernel divides by 6; its CUDA kernel multiplies by
+// 1.0f / 6.0f, a float constant even in float64 (3e-8 off a sixth).
+int timesOneSixth(Lowerer& L, int x, at::ScalarType ct) {
+  if (L.cuda) return L.binary(Op::kMul, x, L.constant(static_cast<double>(1.0f / 6.0f), ct));
+  return L.binary(Op::kDiv, x, L.constant(6, ct));
 }
+KILN_LOWER(lowerHardsigmoid) { return timesOneSixth(L, hardsigmoidCore(L, L.as(v[0], ct), ct), ct); }
 KILN_LOWER(lowerHardswish) {
   int x = L.as(v[0], ct);
-  return L.binary(Op::kDiv, L.binary(Op::kMul, x, hardsigmoidCore(L, x, ct)), L.constant(6, ct));
+  return timesOneSixth(L, L.binary(Op::kMul, x, hardsigmoidCore(L, x, ct)), ct);
 }
 
 KILN_LOWER(lowerSoftplus) {

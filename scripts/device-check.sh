@@ -222,21 +222,22 @@ stage_bench() {
     note "no device: kiln_bench's _Cuda set is empty; CPU variants instead"
     return "$rc"
   fi
-  # Benchmarks carry their own MinTime (0.2 s); --benchmark_min_time shortens the rest. stdbuf: a
-  # run cut short keeps its console lines (its JSON is written at the end).
+  # Benchmarks carry their own MinTime (0.05 s of GPU time in windows of 10 calls; attention 0.2 s);
+  # --benchmark_min_time shortens the rest. stdbuf: a run cut short keeps its console lines (its
+  # JSON is written at the end).
   if [[ -n ${KILN_BENCH_FILTER:-} ]]; then
     step kiln_bench 100 "$dir/kiln_bench.txt" stdbuf -oL "$bin/kiln_bench" --benchmark_filter="$KILN_BENCH_FILTER" \
       --benchmark_min_time=0.05 --benchmark_out="$dir/kiln_bench.json" --benchmark_out_format=json || rc=1
   else
     elementwise='^(Kiln_Cuda|Baseline_Eager_Cuda|Baseline_TorchFuser_Cuda|Baseline_Copy_Cuda|Kiln_LaunchOverhead_Cuda|Baseline_EagerLaunch_Cuda)(/|$)'
-    attention='^(Kiln_Attention|Baseline_Sdpa_Flash|Baseline_Sdpa_Cudnn)_Cuda/S:(1024|4096|16384)/'
+    attention='^(Kiln_Attention|Baseline_Sdpa_Flash|Baseline_Sdpa_Cudnn|Baseline_Unfused)_Cuda/S:(512|1024|4096)/D:64/bf16:0/'
     step kiln_bench_elementwise 50 "$dir/kiln_bench_elementwise.txt" stdbuf -oL "$bin/kiln_bench" \
       --benchmark_filter="$elementwise" --benchmark_min_time=0.05 \
       --benchmark_out="$dir/kiln_bench_elementwise.json" --benchmark_out_format=json || rc=1
     step kiln_bench_attention 55 "$dir/kiln_bench_attention.txt" stdbuf -oL "$bin/kiln_bench" \
       --benchmark_filter="$attention" --benchmark_out="$dir/kiln_bench_attention.json" --benchmark_out_format=json || rc=1
     # Issue 11's GPU target: kiln::linear's cuBLASLt GELU_BIAS against at::_addmm_activation.
-    step kiln_bench_library 25 "$dir/kiln_bench_library.txt" stdbuf -oL "$bin/kiln_bench" \
+    step kiln_bench_library 40 "$dir/kiln_bench_library.txt" stdbuf -oL "$bin/kiln_bench" \
       --benchmark_filter='^(Kiln_LinearBiasGelu|Baseline_AddmmActivation|Baseline_Eager_LinearGelu)_Cuda/' \
       --benchmark_min_time=0.05 --benchmark_out="$dir/kiln_bench_library.json" --benchmark_out_format=json || rc=1
   fi

@@ -51,6 +51,9 @@ struct AttentionProblem {
   // A query whose every score is -inf: 0 as scaled_dot_product_attention gives (false), or NaN as
   // softmax gives in the explicit form (true).
   bool empty_rows_nan = false;
+  // The explicit form in float16 or bfloat16, whose graph holds the scores in that dtype: each
+  // scaled, masked score is rounded to it (a row of finfo.min-masked scores then ties as in eager).
+  bool scores_in_dtype = false;
   void* output = nullptr;  // [batch, query_len, value_dim] at these offsets and row stride:
   std::vector<int64_t> output_offsets;  // elements, one per flattened batch index; empty: contiguous
   int64_t output_row_stride = 0;        // 0: value_dim (columns are always adjacent)

@@ -129,6 +129,7 @@ at::Tensor runCuda(AttentionOperands operands) {
     params.fill_adds_mask = operands.fill_adds_mask;
   }
   params.empty_rows_nan = operands.empty_rows_nan;
+  params.scores_in_dtype = operands.scores_in_dtype;
 
   const c10::cuda::CUDAGuard device_guard(query.device());
   const cudaError_t status =

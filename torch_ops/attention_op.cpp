@@ -120,6 +120,8 @@ cpu::AttentionProblem cpuProblem(const AttentionOperands& operands) {
   problem.causal = operands.causal;
   problem.scale = operands.scale;
   problem.empty_rows_nan = operands.empty_rows_nan;
+  problem.scores_in_dtype = operands.scores_in_dtype &&
+                            (problem.dtype == at::kHalf || problem.dtype == at::kBFloat16);
   problem.output = operands.output.data_ptr();
   problem.output_offsets = batchOffsets(operands.output, batch_rank);
   problem.output_row_stride = operands.output.stride(-2);
@@ -222,6 +224,9 @@ bool attentionGuardChecks(const at::Tensor& query, const at::Tensor& key, const 
   if (key.device() != query.device() || value.device() != query.device() ||
       !kernelFor(query, key, value))
     return false;
+  // On CUDA, scaled_dot_product_attention's own backends (FlashAttention-2, cuDNN) ran 2.4 to 4.3
+  // times faster than kiln's kernel on an H200 (docs/gpu-results.md): the original op keeps it.
+  if (sdpa && query.is_cuda()) return false;
   for (int64_t d = 0; d < rank - 2; ++d)
     if (key.size(d) != query.size(d) || value.size(d) != query.size(d)) return false;
   if (key.size(-1) != query.size(-1) || value.size(-2) != key.size(-2)) return false;
@@ -351,6 +356,7 @@ AttentionOperands checkAttentionExplicit(const at::Tensor& query, const at::Tens
               "kiln::attention_explicit: fill_adds_mask needs a mask");
   AttentionOperands operands = checkAttention(query, key, value, mask, scale, /*causal=*/false);
   operands.empty_rows_nan = true;
+  operands.scores_in_dtype = true;
   if (keep.has_value() && keep->defined()) {
     checkOperand(*keep, "keep", query);
     TORCH_CHECK(keep->scalar_type() == at::kBool,

@@ -24,6 +24,7 @@ struct AttentionOperands {
   double fill = 0.0;  // rounded to the query's dtype
   bool fill_adds_mask = false;
   bool empty_rows_nan = false;
+  bool scores_in_dtype = false;  // the explicit form: its graph holds the scores in the dtype
   at::Tensor output;  // contiguous [batch_shape..., query_len, value_dim]
 };
 

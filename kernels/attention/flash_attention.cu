@@ -106,6 +106,18 @@ __device__ __forceinline__ int64_t batchOffset(const AttentionParams& p, const i
   return offset;
 }
 
+// x rounded to T and back: a score as the explicit form's graph holds it.
+template <typename T>
+__device__ __forceinline__ float roundedTo(float x);
+template <>
+__device__ __forceinline__ float roundedTo<__half>(float x) {
+  return __half2float(__float2half_rn(x));
+}
+template <>
+__device__ __forceinline__ float roundedTo<__nv_bfloat16>(float x) {
+  return __bfloat162float(__float2bfloat16_rn(x));
+}
+
 __device__ __forceinline__ float maskValue(MaskDtype dtype, const void* base, int64_t offset) {
   switch (dtype) {
     case MaskDtype::kFloat:
@@ -231,6 +243,7 @@ __global__ void __launch_bounds__(kThreads)
             if (!keep[keep_base + row * p.fill_keep.row_stride + column * p.fill_keep.col_stride])
               s = p.fill_adds_mask ? p.fill + additive : p.fill;
           }
+          if (p.scores_in_dtype) s = roundedTo<T>(s);
         }
         scores[t][i] = s;
         tile_max[i / 2] = fmaxf(tile_max[i / 2], s);

@@ -27,6 +27,8 @@ with tempfile.TemporaryDirectory() as cache:
         assert ran, run["report"]
     assert cold["kernel_cache"]["misses"] > 0 and cold["kernel_cache"]["stores"] == cold["kernel_cache"]["misses"], cold
     assert warm["kernel_cache"]["misses"] == 0, warm["kernel_cache"]
-    assert warm["kernel_cache"]["hits"] == cold["kernel_cache"]["stores"], (cold["kernel_cache"], warm["kernel_cache"])
+    # Every lookup of the cold run hits in the warm one; groups sharing a kernel hit already cold.
+    lookups = cold["kernel_cache"]["hits"] + cold["kernel_cache"]["misses"]
+    assert warm["kernel_cache"]["hits"] == lookups, (cold["kernel_cache"], warm["kernel_cache"])
     print(f"cold: {cold['kernel_cache']}, warm: {warm['kernel_cache']}, fused {warm['fused_ms']:.3f} ms vs "
           f"unfused {warm['unfused_ms']:.3f} ms")

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <torch/csrc/jit/passes/inliner.h>
 #include <torch/jit.h>
 #include <torch/torch.h>
 
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "support/graph_testing.h"
+#include "support/op_cases.h"
 
 namespace kiln::testing {
 
@@ -124,8 +126,10 @@ inline FuzzCase makeCase(uint64_t seed, c10::Device device = c10::kCPU) {
 
 // Fuses `graphs` random graphs (KILN_FUZZ_GRAPHS overrides the count, KILN_FUZZ_SEED the first
 // seed, fresh each run otherwise; `offset` is added, for shards) and runs each against eager on
-// `device`. Returns how many fused calls ran kiln's kernel.
-inline int64_t checkFuzzGraphsMatchEager(c10::Device device, int64_t default_graphs, int64_t offset = 0) {
+// `device`. Returns how many fused calls ran kiln's kernel. emulated_cuda: the kernels are CUDA's
+// run on the CPU, expected to compute as eager's CUDA kernels do (hardswish, op_cases.h).
+inline int64_t checkFuzzGraphsMatchEager(c10::Device device, int64_t default_graphs, int64_t offset = 0,
+                                         bool emulated_cuda = false) {
   const int64_t graphs = envInt("KILN_FUZZ_GRAPHS", default_graphs);
   const uint64_t first = static_cast<uint64_t>(
       envInt("KILN_FUZZ_SEED", static_cast<int64_t>(std::random_device{}() & 0x7fffffff) + 1) + offset);
@@ -137,10 +141,21 @@ inline int64_t checkFuzzGraphsMatchEager(c10::Device device, int64_t default_gra
     FuzzCase c = makeCase(seed, device);
     SCOPED_TRACE("seed " + std::to_string(seed) + " (KILN_FUZZ_SEED=" + std::to_string(seed) +
                  " KILN_FUZZ_GRAPHS=1 reproduces)\n" + c.source);
-    std::shared_ptr<torch::jit::Graph> original;
+    std::shared_ptr<torch::jit::Graph> original, reference;
     try {
       auto unit = torch::jit::compile(c.source);
       original = torch::jit::toGraphFunction(unit->get_function("f")).graph()->copy();
+      reference = original;
+      if (emulated_cuda && c.source.find("torch.hardswish(") != std::string::npos) {
+        std::string source = c.source;
+        for (size_t at = source.find("torch.hardswish("); at != std::string::npos; at = source.find("torch.hardswish("))
+          source.replace(at, 16, "hardswish_cuda(");
+        auto cuda_unit = torch::jit::compile(
+            "def hardswish_cuda(x):\n    return x * torch.clamp(x + 3, 0, 6) * " KILN_CUDA_SIXTH
+            " if x.dtype == 7 else torch.hardswish(x)\n" + source);
+        reference = torch::jit::toGraphFunction(cuda_unit->get_function("f")).graph()->copy();
+        torch::jit::Inline(*reference);
+      }
     } catch (const std::exception& error) {
       ADD_FAILURE() << "fuzzer wrote invalid TorchScript: " << error.what();
       return kernel_calls;
@@ -149,7 +164,7 @@ inline int64_t checkFuzzGraphsMatchEager(c10::Device device, int64_t default_gra
     fuse(graph, testOptions());
     std::vector<c10::IValue> expected;
     try {
-      expected = runGraph(original, c.inputs);
+      expected = runGraph(reference, c.inputs);
     } catch (const std::exception&) {
       EXPECT_ANY_THROW(runGraph(graph, c.inputs));
       continue;

@@ -21,7 +21,14 @@ struct OpCase {
   // rounds an intermediate to the storage type where its scalar loop (0-dim operands, loop tails)
   // does not, so an element of eager's result may come from either; kiln computes as this does.
   const char* opmath_expression = nullptr;
+  // Where eager's CUDA kernel computes otherwise than its CPU one: the op as the CUDA kernel does,
+  // the expected value of a CUDA kernel run on the CPU (the emulator).
+  const char* cuda_expression = nullptr;
 };
+
+// hardsigmoid and hardswish on CUDA end with * (1.0f / 6.0f), a float constant even in float64;
+// on the CPU with / 6.
+#define KILN_CUDA_SIXTH "0.1666666716337204"
 
 inline const OpCase kOps[] = {
     {"add", "x + y"}, {"add_alpha", "torch.add(x, y, alpha=2)"}, {"add_scalar", "x + 3"},
@@ -44,7 +51,10 @@ inline const OpCase kOps[] = {
     {"leaky_relu", "torch.leaky_relu(x, 0.1)", true}, {"elu", "torch.elu(x, 0.7)", true},
     {"silu", "torch.silu(x)", true}, {"gelu", "torch.gelu(x)", true},
     {"gelu_tanh", "torch.gelu(x, approximate='tanh')", true}, {"hardtanh", "torch.hardtanh(x, -0.5, 0.7)"},
-    {"hardsigmoid", "torch.hardsigmoid(x)", true}, {"hardswish", "torch.hardswish(x)", true},
+    {"hardsigmoid", "torch.hardsigmoid(x)", true, nullptr,
+     "torch.clamp(x + 3, 0, 6) * " KILN_CUDA_SIXTH " if x.dtype == 7 else torch.hardsigmoid(x)"},
+    {"hardswish", "torch.hardswish(x)", true, nullptr,
+     "x * torch.clamp(x + 3, 0, 6) * " KILN_CUDA_SIXTH " if x.dtype == 7 else torch.hardswish(x)"},
     {"softplus", "torch.softplus(x, 2.0, 3.0)", true}, {"erf", "torch.erf(x)"},
     {"erfc", "torch.erfc(x)"}, {"clamp", "torch.clamp(x, -1, 1)"}, {"clamp_min", "torch.clamp_min(x, 0.5)"},
     {"clamp_max", "torch.clamp_max(x, 0.5)"}, {"minimum", "torch.minimum(x, y)"},
@@ -93,10 +103,13 @@ inline at::Tensor inLayout(Layout layout, at::ScalarType dtype, c10::Device devi
 }
 
 // Fuses `op` alone and runs it against eager on `device` in every dtype and layout. On
-// float32 contiguous inputs the kernel itself must have run (no fallback).
-inline void checkOpMatchesEager(const OpCase& op, c10::Device device) {
+// float32 contiguous inputs the kernel itself must have run (no fallback). emulated_cuda: the
+// kernels are CUDA's run on the CPU, expected to compute as eager's CUDA kernels do.
+inline void checkOpMatchesEager(const OpCase& op, c10::Device device, bool emulated_cuda = false) {
   std::string source = std::string("def f(x, y, m):\n    return ") + op.expression + "\n";
   if (op.opmath_expression) source += std::string("def opmath(x, y, m):\n    return ") + op.opmath_expression + "\n";
+  const bool as_cuda = emulated_cuda && op.cuda_expression;
+  if (as_cuda) source += std::string("def cuda(x, y, m):\n    return ") + op.cuda_expression + "\n";
   auto unit = torch::jit::compile(source);
   auto& function = torch::jit::toGraphFunction(unit->get_function("f"));
   for (at::ScalarType dtype : kDTypes) {
@@ -118,7 +131,7 @@ inline void checkOpMatchesEager(const OpCase& op, c10::Device device) {
       ASSERT_FALSE(before.groups.empty()) << "op not fused: " << *graph;
       std::vector<c10::IValue> expected, actual;
       try {
-        expected = runGraph(original, inputs);
+        expected = as_cuda ? std::vector<c10::IValue>{unit->get_function("cuda")(inputs)} : runGraph(original, inputs);
       } catch (const std::exception&) {
         // Eager rejects this dtype; the fused graph must reject it the same way.
         EXPECT_ANY_THROW(runGraph(graph, inputs));

@@ -272,6 +272,26 @@ TEST_P(AttentionKernel, HalfAndDouble) {
   }
 }
 
+// The explicit form in float16 and bfloat16 holds its scores in that dtype: a query whose every
+// key is masked by a large negative number (finfo.min in float16, -10000 in bfloat16) sees scores
+// that all round to that number, so eager averages V there; kiln must too, not attend by the
+// float32 scores underneath.
+TEST_P(AttentionKernel, ExplicitFormMaskedRowsTieAsInEager) {
+  for (auto [dtype, lowest] : {std::pair<at::ScalarType, double>{at::kHalf, -65504.0}, {at::kBFloat16, -10000.0}}) {
+    SCOPED_TRACE(dtype);
+    const int64_t s = 80, d = 64;
+    at::Tensor q = randn({2, 2, s, d}, dtype), k = randn({2, 2, s, d}, dtype), v = randn({2, 2, s, d}, dtype);
+    at::Tensor mask = torch::zeros({2, 1, s, s}, dtype);
+    mask.index_put_({1, 0, at::indexing::Slice(0, 10)}, lowest);  // batch 1: queries 0-9 see no key
+    at::Tensor eager = at::matmul(at::softmax(at::matmul(q, k.transpose(-1, -2)) * 0.125 + mask, -1), v);
+    at::Tensor out = attentionExplicit(q, k, v, mask, std::nullopt, 0.125, 0.0, false);
+    EXPECT_TRUE(close(out, eager, dtype, 2.0));
+    // Those queries average V, as eager's ties give.
+    at::Tensor average = v.select(0, 1).mean(1, true).expand({2, 10, d});
+    EXPECT_TRUE(close(out.select(0, 1).narrow(1, 0, 10), average.to(at::kDouble), dtype, 2.0));
+  }
+}
+
 TEST_P(AttentionKernel, EmptySequences) {
   at::Tensor q = randn({2, 3, 5, 16}, at::kFloat);
   at::Tensor k = randn({2, 3, 9, 16}, at::kFloat);

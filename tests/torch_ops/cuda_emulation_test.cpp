@@ -23,7 +23,7 @@ class EmulatedCudaOpCoverage : public ::testing::TestWithParam<OpCase> {};
 
 TEST_P(EmulatedCudaOpCoverage, MatchesEagerForEveryDtypeAndLayout) {
   CudaEmulation emulate;
-  checkOpMatchesEager(GetParam(), c10::kCPU);
+  checkOpMatchesEager(GetParam(), c10::kCPU, /*emulated_cuda=*/true);
 }
 
 INSTANTIATE_TEST_SUITE_P(Ops, EmulatedCudaOpCoverage, ::testing::ValuesIn(kOps),
@@ -35,7 +35,7 @@ class EmulatedCudaFuzz : public ::testing::TestWithParam<int> {};
 TEST_P(EmulatedCudaFuzz, RandomGraphsMatchEager) {
   CudaEmulation emulate;
   const int64_t graphs = envInt("KILN_FUZZ_GRAPHS", 60);
-  const int64_t kernel_calls = checkFuzzGraphsMatchEager(c10::kCPU, graphs, graphs * GetParam());
+  const int64_t kernel_calls = checkFuzzGraphsMatchEager(c10::kCPU, graphs, graphs * GetParam(), /*emulated_cuda=*/true);
   EXPECT_GT(kernel_calls, graphs / 4) << "most fused groups should have run the emulated CUDA kernel";
 }
 

@@ -358,6 +358,20 @@ void scaleAndMask(float* row, int64_t n, float scale, const void* mask_row) {
   }
 }
 
+// The explicit form's scores as its graph holds them: each rounded to bfloat16 (to nearest even)
+// and back, 16 at a time.
+void roundToBFloat16(float* scores, int64_t rows, int64_t key_count) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = scores + i * kKeyBlock;
+    for (int64_t j = 0; j < key_count; j += 16) {
+      const __mmask16 lanes = firstLanes(key_count - j);
+      const __m256i rounded = asIntegers(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(lanes, row + j)));
+      _mm512_mask_storeu_ps(row + j, lanes,
+                            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16)));
+    }
+  }
+}
+
 // scaleAndMask<form> for the block's rows of valid queries.
 template <MaskForm kForm>
 void scaleAndMaskRows(const AttentionProblem& problem, int64_t batch_index, int64_t query0,
@@ -412,8 +426,8 @@ void attendQueries(const AttentionProblem& problem, const Packed& packed, int64_
   // Masks are added to scaled scores, so then the scores are scaled first; without masks the
   // scale is folded into the exponential's argument (exp(s * scale - max * scale)). Masks that
   // vectorMasks does not take go the general way: scaled, then applied one score at a time.
-  const bool masked =
-      problem.mask_kind != MaskKind::kNone || problem.has_fill_keep || scale <= 0.0f;
+  const bool masked = problem.mask_kind != MaskKind::kNone || problem.has_fill_keep ||
+                      problem.scores_in_dtype || scale <= 0.0f;
   const float factor = masked ? 1.0f : scale;
   const bool vector_masks = vectorMasks(problem);
   const MaskForm form = vector_masks ? maskForm(problem) : MaskForm::kNone;
@@ -443,6 +457,7 @@ void attendQueries(const AttentionProblem& problem, const Packed& packed, int64_
       if (!vector_masks)
         applyMasks(problem, batch_index, query0, query_count, key0, key_count, scores, kKeyBlock,
                    int64_t{1});
+      if (problem.scores_in_dtype) roundToBFloat16(scores, query_count, key_count);
     }
     const int64_t padded = roundUp(key_count, kDepth);
     for (int64_t i = 0; i < rows; ++i) {

@@ -302,9 +302,10 @@ void attendQueryBlock(const AttentionProblem& problem, int64_t batch_index, int6
     });
     // Masks change scores after the tiles took their max; the max is then taken again.
     const bool causal_diagonal = problem.causal && key0 + key_count - 1 > query0;
-    const bool rescan_max =
-        problem.mask_kind != MaskKind::kNone || problem.has_fill_keep || causal_diagonal;
+    const bool rescan_max = problem.mask_kind != MaskKind::kNone || problem.has_fill_keep ||
+                            causal_diagonal || problem.scores_in_dtype;
     applyMasks(problem, batch_index, query0, query_count, key0, key_count, scores_t, 1, kBlock);
+    roundScores(problem, query_count, key_count, scores_t, 1, kBlock);
     if (causal_diagonal) {
       for (int64_t j = 0; j < key_count; ++j) {
         const int64_t first_seen_by = std::min(key0 + j - query0, query_count);

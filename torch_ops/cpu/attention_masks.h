@@ -114,5 +114,22 @@ void applyMasks(const AttentionProblem& problem, int64_t batch_index, int64_t qu
   withMaskType(problem.fill_adds_mask ? problem.mask_dtype : c10::ScalarType::Float, apply);
 }
 
+// problem.scores_in_dtype: each valid score of the block rounded to the problem's dtype.
+template <typename acc_t>
+void roundScores(const AttentionProblem& problem, int64_t query_count, int64_t key_count,
+                 acc_t* scores, int64_t query_step, int64_t key_step) {
+  if (!problem.scores_in_dtype) return;
+  const auto round = [&](auto typed_zero) {
+    using dtype_t = decltype(typed_zero);
+    for (int64_t i = 0; i < query_count; ++i)
+      for (int64_t j = 0; j < key_count; ++j) {
+        acc_t& score = scores[i * query_step + j * key_step];
+        score = static_cast<acc_t>(static_cast<float>(dtype_t(static_cast<float>(score))));
+      }
+  };
+  if (problem.dtype == c10::ScalarType::Half) round(c10::Half());
+  if (problem.dtype == c10::ScalarType::BFloat16) round(c10::BFloat16());
+}
+
 }  // namespace
 }  // namespace kiln::cpu

@@ -51,6 +51,10 @@ struct AttentionParams {
   float fill = 0.0f;
   bool fill_adds_mask = false;
   bool empty_rows_nan = false;  // a query whose every score is -inf: NaN (softmax) or 0 (SDPA)
+  // The explicit form, whose graph holds the scores in the inputs' dtype: each scaled, masked
+  // score is rounded to it (a row of finfo.min-masked scores then ties as in eager: -65504 plus a
+  // score is -65504 in float16, not in float32).
+  bool scores_in_dtype = false;
 };
 
 // Head dims with a compiled kernel.
