@@ -218,7 +218,7 @@ stage_bench() {
     step torch_compile 30 "$dir/torch_compile.txt" "$py" scripts/elementwise_torch_compile.py --repeats 3 \
       --json "$dir/torch_compile.json" || rc=1
     step precision 30 "$dir/precision.txt" "$py" scripts/precision_gpu_check.py "$lib/libkiln.so" --device cpu \
-      --batch 2 --seq 32 --layers 2 --rounds 3 --json "$dir/precision.json" || rc=1
+      --batch 2 --seq 32 --layers 2 --rounds 3 --json "$dir/precision.json" --profile "$dir/precision-profile.txt" || rc=1
     note "no device: kiln_bench's _Cuda set is empty; CPU variants instead"
     return "$rc"
   fi
@@ -243,8 +243,8 @@ stage_bench() {
   fi
   # Issue 12's GPU target: a BERT-base-shaped fp32 model at 8 x 512 through kiln::optimize in fp16
   # against TorchScript's fp32 executor, kiln's attention inside (profiler).
-  step precision 45 "$dir/precision.txt" "$py" scripts/precision_gpu_check.py "$lib/libkiln.so" --device cuda \
-    --batch 8 --seq 512 --rounds 10 --json "$dir/precision.json" || rc=1
+  step precision 60 "$dir/precision.txt" "$py" scripts/precision_gpu_check.py "$lib/libkiln.so" --device cuda \
+    --batch 8 --seq 512 --rounds 10 --json "$dir/precision.json" --profile "$dir/precision-profile.txt" || rc=1
   [[ ${KILN_REDUCTION_COMPILE:-0} == 1 ]] && compile=()
   step reductions 35 "$dir/reductions.txt" "$py" scripts/reduction_bench.py --library "$lib/libkiln.so" --repeats 20 \
     "${compile[@]}" --json "$dir/reductions.json" || rc=1

@@ -74,6 +74,8 @@ def main():
     parser.add_argument("--precision", default="fp16", choices=("fp16", "bf16"))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--json")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="write the profiler's top kernels of the low-dtype model, TorchScript and kiln")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -124,6 +126,16 @@ def main():
         with torch.profiler.profile(activities=activities) as prof:
             fused(*example)
             synchronize(device)
+        if args.profile:
+            sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+            with open(args.profile, "w") as out:
+                for name in (f"torchscript_{args.precision}_model", f"kiln_{args.precision}_model"):
+                    with torch.profiler.profile(activities=activities) as low_prof:
+                        for _ in range(3):
+                            routes[name](*example)
+                        synchronize(device)
+                    out.write(f"== {name}, 3 calls\n")
+                    out.write(low_prof.key_averages().table(sort_by=sort, row_limit=25) + "\n\n")
     events = prof.events()
     attention_calls = sum(1 for e in events if e.name in ("kiln::attention", "kiln::attention_explicit"))
     kiln_kernels = sorted({e.name for e in events if e.device_type == torch.autograd.DeviceType.CUDA and "kiln" in e.name})
