@@ -14,6 +14,8 @@
 #include <dlfcn.h>
 
 #include <array>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <unordered_map>
 #endif
@@ -86,7 +88,7 @@ cublasLtHandle_t handleFor(c10::DeviceIndex device) {
   return handles[device];
 }
 
-// Descriptors made and destroyed with the call.
+// Descriptors of one shape, dtype, epilogue and alignment: made once with the plan that holds them.
 struct Descriptors {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
@@ -101,9 +103,14 @@ struct Descriptors {
   }
 };
 
-struct Algorithm {
-  cublasLtMatmulAlgo_t algo;
+// What a call of one key needs besides its pointers: its descriptors and the heuristic's algorithm.
+// The bias pointer is an attribute of the shared matmul descriptor, so a call sets it and enqueues
+// its matmul under the plan's lock.
+struct Plan {
+  Descriptors d;
+  cublasLtMatmulAlgo_t algo{};
   size_t workspace = 0;
+  std::mutex mutex;
 };
 
 constexpr size_t kMaxWorkspace = size_t{32} << 20;
@@ -178,75 +185,80 @@ at::Tensor cublasLtLinear(const at::Tensor& input, const at::Tensor& weight, con
   const bool add = epilogue.add != Epilogue::Add::kNone;
 
   const at::ScalarType dtype = input.scalar_type();
-  const cudaDataType_t type = dataType(dtype);
-  const cublasComputeType_t compute = dtype == at::kFloat ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
   cublasLtEpilogue_t which = bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
   if (epilogue.activation == Activation::kRelu) which = bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
   if (epilogue.activation == Activation::kGeluTanh) which = bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
-
-  Descriptors d;
-  check(lt.desc_create(&d.op, compute, CUDA_R_32F), "matmul descriptor");
-  const cublasOperation_t transposed = CUBLAS_OP_T, plain = CUBLAS_OP_N;
-  check(lt.desc_set(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &transposed, sizeof transposed), "TRANSA");
-  check(lt.desc_set(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &plain, sizeof plain), "TRANSB");
-  check(lt.desc_set(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &which, sizeof which), "EPILOGUE");
-  if (bias) {
-    const void* bias_data = bias->const_data_ptr();
-    check(lt.desc_set(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_data, sizeof bias_data), "BIAS_POINTER");
-  }
-  check(lt.layout_create(&d.a, type, static_cast<uint64_t>(k), static_cast<uint64_t>(n), k), "layout of A");
-  check(lt.layout_create(&d.b, type, static_cast<uint64_t>(k), static_cast<uint64_t>(m), k), "layout of B");
-  check(lt.layout_create(&d.c, type, static_cast<uint64_t>(n), static_cast<uint64_t>(m), n), "layout of C and D");
-
-  // The heuristic's answer for this device, dtype, shape, epilogue and alignment, asked once.
   const int align_a = alignment(weight), align_b = alignment(input), align_c = add ? alignment(*other) : 16,
             align_d = alignment(out);
-  std::string key = std::to_string(input.device().index()) + " " + c10::toString(dtype) + " " + std::to_string(m) +
-                    "x" + std::to_string(n) + "x" + std::to_string(k) + " epilogue " + std::to_string(which) +
-                    (add ? " add" : "") + " align " + std::to_string(align_a) + "," + std::to_string(align_b) + "," +
-                    std::to_string(align_c) + "," + std::to_string(align_d);
-  static std::mutex mutex;
-  static auto* algorithms = new std::unordered_map<std::string, Algorithm>();
-  Algorithm chosen;
-  bool known = false;
+  const std::array<int64_t, 11> key = {input.device().index(), static_cast<int64_t>(dtype), m, n, k, which, add,
+                                       align_a, align_b, align_c, align_d};
+  static std::mutex plans_mutex;
+  static auto* plans = new std::map<std::array<int64_t, 11>, std::unique_ptr<Plan>>();
+  Plan* plan = nullptr;
   {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto found = algorithms->find(key);
-    if (found != algorithms->end()) {
-      chosen = found->second;
-      known = true;
+    std::lock_guard<std::mutex> lock(plans_mutex);
+    std::unique_ptr<Plan>& slot = (*plans)[key];
+    if (!slot) {
+      // Made under the lock, once per key: the heuristic's answer for this device, dtype, shape,
+      // epilogue and alignment. A failure leaves no plan, and the next call asks again.
+      auto made = std::make_unique<Plan>();
+      Descriptors& d = made->d;
+      const cudaDataType_t type = dataType(dtype);
+      const cublasComputeType_t compute = dtype == at::kFloat ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+      try {
+        check(lt.desc_create(&d.op, compute, CUDA_R_32F), "matmul descriptor");
+        const cublasOperation_t transposed = CUBLAS_OP_T, plain = CUBLAS_OP_N;
+        check(lt.desc_set(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &transposed, sizeof transposed), "TRANSA");
+        check(lt.desc_set(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &plain, sizeof plain), "TRANSB");
+        check(lt.desc_set(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &which, sizeof which), "EPILOGUE");
+        check(lt.layout_create(&d.a, type, static_cast<uint64_t>(k), static_cast<uint64_t>(n), k), "layout of A");
+        check(lt.layout_create(&d.b, type, static_cast<uint64_t>(k), static_cast<uint64_t>(m), k), "layout of B");
+        check(lt.layout_create(&d.c, type, static_cast<uint64_t>(n), static_cast<uint64_t>(m), n), "layout of C and D");
+        check(lt.preference_create(&d.preference), "preference");
+        const uint64_t max_workspace = kMaxWorkspace;
+        check(lt.preference_set(d.preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &max_workspace,
+                                sizeof max_workspace),
+              "workspace preference");
+        const std::array<std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t>, 4> alignments = {{
+            {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, static_cast<uint32_t>(align_a)},
+            {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, static_cast<uint32_t>(align_b)},
+            {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, static_cast<uint32_t>(align_c)},
+            {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, static_cast<uint32_t>(align_d)},
+        }};
+        for (const auto& [attribute, bytes] : alignments)
+          check(lt.preference_set(d.preference, attribute, &bytes, sizeof bytes), "alignment preference");
+        cublasLtMatmulHeuristicResult_t result{};
+        int returned = 0;
+        check(lt.heuristic(handleFor(input.device().index()), d.op, d.a, d.b, d.c, d.c, d.preference, 1, &result,
+                           &returned),
+              "heuristic");
+        TORCH_CHECK(returned > 0, "kiln: cuBLASLt's heuristic has no algorithm for ", m, "x", n, "x", k, " in ",
+                    dtype, " with epilogue ", which);
+        made->algo = result.algo;
+        made->workspace = result.workspaceSize;
+      } catch (...) {
+        plans->erase(key);
+        throw;
+      }
+      slot = std::move(made);
     }
+    plan = slot.get();
   }
   cublasLtHandle_t handle = handleFor(input.device().index());
-  if (!known) {
-    check(lt.preference_create(&d.preference), "preference");
-    const uint64_t max_workspace = kMaxWorkspace;
-    check(lt.preference_set(d.preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &max_workspace, sizeof max_workspace),
-          "workspace preference");
-    const std::array<std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t>, 4> alignments = {{
-        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, static_cast<uint32_t>(align_a)},
-        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, static_cast<uint32_t>(align_b)},
-        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, static_cast<uint32_t>(align_c)},
-        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, static_cast<uint32_t>(align_d)},
-    }};
-    for (const auto& [attribute, bytes] : alignments)
-      check(lt.preference_set(d.preference, attribute, &bytes, sizeof bytes), "alignment preference");
-    cublasLtMatmulHeuristicResult_t result{};
-    int returned = 0;
-    check(lt.heuristic(handle, d.op, d.a, d.b, d.c, d.c, d.preference, 1, &result, &returned), "heuristic");
-    TORCH_CHECK(returned > 0, "kiln: cuBLASLt's heuristic has no algorithm for ", key);
-    chosen = Algorithm{result.algo, result.workspaceSize};
-    std::lock_guard<std::mutex> lock(mutex);
-    algorithms->emplace(key, chosen);
-  }
   // The workspace from torch's caching allocator (reused across calls, capturable).
-  at::Tensor workspace = at::empty({static_cast<int64_t>(std::max<size_t>(chosen.workspace, 1))},
+  at::Tensor workspace = at::empty({static_cast<int64_t>(std::max<size_t>(plan->workspace, 1))},
                                    input.options().dtype(at::kByte));
   const float alpha = 1.0f, beta = add ? 1.0f : 0.0f;
   const void* c_data = add ? other->const_data_ptr() : out.const_data_ptr();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
+  std::lock_guard<std::mutex> lock(plan->mutex);
+  if (bias) {
+    const void* bias_data = bias->const_data_ptr();
+    check(lt.desc_set(plan->d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_data, sizeof bias_data), "BIAS_POINTER");
+  }
+  const Descriptors& d = plan->d;
   check(lt.matmul(handle, d.op, &alpha, weight.const_data_ptr(), d.a, input.const_data_ptr(), d.b, &beta, c_data, d.c,
-                  out.data_ptr(), d.c, &chosen.algo, workspace.data_ptr(), chosen.workspace, stream),
+                  out.data_ptr(), d.c, &plan->algo, workspace.data_ptr(), plan->workspace, stream),
         "matmul");
   return out;
 #endif

@@ -185,7 +185,7 @@ TEST(GpuAttention, ScaledDotProductAttentionKeepsTorchsBackends) {
   torch::jit::Module module("Sdpa");
   module.define(R"JIT(
 def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return torch.scaled_dot_product_attention(q, k, v, is_causal=True)
 )JIT");
   module.eval();
   at::Tensor q = randn({2, 8, 256, 64}, at::kHalf), k = randn({2, 8, 256, 64}, at::kHalf),
