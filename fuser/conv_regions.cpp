@@ -58,11 +58,16 @@ bool isParameter(Value* value) {
   return false;
 }
 
+// A weight, bias or norm parameter a region takes: a float32 CPU tensor. oneDNN Graph is what a
+// region is for; on CUDA (or in another dtype) the region could only run ATen's ops, in place of
+// kiln's own fusions and cuBLASLt's epilogues (an H200 ran BERT's fp16 layers as regions before).
 bool isConstantTensor(Value* value, int64_t dim) {
   if (value->node()->kind() != torch::jit::prim::Constant) return false;
   std::optional<c10::IValue> known = torch::jit::toIValue(value);
-  return known && known->isTensor() && known->toTensor().dim() == dim && known->toTensor().layout() == at::kStrided &&
-         at::isFloatingType(known->toTensor().scalar_type()) && !known->toTensor().requires_grad();
+  if (!known || !known->isTensor()) return false;
+  const at::Tensor& tensor = known->toTensor();
+  return tensor.dim() == dim && tensor.layout() == at::kStrided && tensor.is_cpu() &&
+         tensor.scalar_type() == at::kFloat && !tensor.requires_grad();
 }
 
 bool allParameters(const Node* node, size_t from) {

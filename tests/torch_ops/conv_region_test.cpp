@@ -663,6 +663,15 @@ TEST(ConvRegions, OffWhereAskedAndInReducedPrecision) {
   options.precision = Precision::kBFloat16;
   torch::jit::Module low = optimize(eager, options);
   EXPECT_EQ(graphText(low).find("kiln::conv_region"), std::string::npos);
+  // A model whose weights are not float32 CPU tensors (float64 here; float16 or CUDA alike) makes
+  // no region: there it could only run ATen's ops in place of kiln's own fusions.
+  options.precision = Precision::kFloat32;
+  torch::jit::Module wide = eager.clone();
+  wide.to(at::kDouble);
+  torch::jit::Module fused_wide = optimize(wide, options);
+  EXPECT_EQ(graphText(fused_wide).find("kiln::conv_region"), std::string::npos);
+  at::Tensor x = torch::randn({2, 4, 9, 9}, at::kDouble);
+  EXPECT_TRUE(fused_wide.forward({x}).toTensor().allclose(wide.forward({x}).toTensor(), 1e-10, 1e-10));
 }
 
 }  // namespace
