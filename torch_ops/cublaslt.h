@@ -6,8 +6,8 @@
 // GEMMs would. The algorithm is cuBLASLt's heuristic's first answer, asked once per device,
 // dtype, shape, epilogue and alignment and kept with that key's descriptors (a call sets only its
 // bias pointer: made each call, they left a 4096 x 768 -> 768 GEMM at 21.2 µs on an H200, kept
-// 12.7 µs); the
-// workspace comes from torch's caching allocator; the call goes on torch's current stream.
+// 12.7 µs); the workspace comes from torch's caching allocator; the call goes on torch's current
+// stream.
 #pragma once
 
 #include <ATen/ATen.h>
