@@ -2,7 +2,7 @@
 # The GPU check in one call on the GPU machine, with binaries built here and carried there. Here:
 #   scripts/pack-device.sh              packs .device/ (payload.tar.gz, about 35 MiB; ignored by git)
 #   scripts/device-check.sh --dry-run   the whole check against that payload, without a GPU
-# then one call on the GPU machine (about 8 minutes):
+# then one call on the GPU machine (6 to 8 minutes):
 #   run(command="scripts/device-check.sh", carry=[".device"], timeout_s=540)
 # Stages, each under `timeout` with its own limit, all within KILN_DEVICE_BUDGET_S (480 s):
 #   unpack     60 s  unpacks the payload and checks it against its manifest; nvidia-smi; checks that
@@ -14,12 +14,14 @@
 #   gpu_tests 180 s  kiln_gpu_tests, every `gpu` test, in KILN_GPU_SHARDS (8) gtest shards side by
 #                    side, KILN_GPU_QUICK=1, a fresh kernel cache
 #   demo       45 s  `kiln demo --device cuda` on a fresh kernel cache, cold then warm
-#   bench     180 s  kiln_bench: the elementwise _Cuda benchmarks, then kiln, flash and cuDNN attention
-#                    at S = 1k, 4k, 16k, then kiln::linear's cuBLASLt GELU_BIAS against
+#   bench     330 s  kiln_bench: the elementwise _Cuda benchmarks, then kiln, flash, cuDNN attention
+#                    and the unfused graph at S = 512, 1k, 4k, then kiln::linear's cuBLASLt GELU_BIAS against
 #                    at::_addmm_activation (KILN_BENCH_FILTER=_Cuda runs every _Cuda benchmark instead);
 #                    scripts/precision_gpu_check.py (BERT-base-shaped, 8 x 512, fp32 → kiln fp16);
-#                    scripts/reduction_bench.py, kiln and eager (KILN_REDUCTION_COMPILE=1 adds
-#                    torch.compile); scripts/elementwise_torch_compile.py
+#                    tests/python/test_hf_architectures.py --device cuda on 12 architectures
+#                    (KILN_GPU_MODELS), and 5 in float16; scripts/reduction_bench.py, kiln and
+#                    eager (KILN_REDUCTION_COMPILE=1 adds torch.compile);
+#                    scripts/elementwise_torch_compile.py
 # summary.md is written after every stage, so a run cut short still leaves one, and printed last.
 # Results under $OUT (build-device-check/ where OUT is unset), at most 8 files: summary.md,
 # gpu-tests.log, gpu-tests.xml, bench.json, rest.tar.gz (every other log and result).
@@ -219,6 +221,8 @@ stage_bench() {
       --json "$dir/torch_compile.json" || rc=1
     step precision 30 "$dir/precision.txt" "$py" scripts/precision_gpu_check.py "$lib/libkiln.so" --device cpu \
       --batch 2 --seq 32 --layers 2 --rounds 3 --json "$dir/precision.json" --profile "$dir/precision-profile.txt" || rc=1
+    step models 120 "$dir/models.txt" "$py" tests/python/test_hf_architectures.py "$lib/libkiln.so" --device cpu \
+      bert_classifier resnet18_scripted || rc=1
     note "no device: kiln_bench's _Cuda set is empty; CPU variants instead"
     return "$rc"
   fi
@@ -245,6 +249,16 @@ stage_bench() {
   # against TorchScript's fp32 executor, kiln's attention inside (profiler).
   step precision 60 "$dir/precision.txt" "$py" scripts/precision_gpu_check.py "$lib/libkiln.so" --device cuda \
     --batch 8 --seq 512 --rounds 10 --json "$dir/precision.json" --profile "$dir/precision-profile.txt" || rc=1
+  # Real architectures on CUDA through every route (tests/python/test_hf_architectures.py: optimize,
+  # another shape, saved and loaded, the executor pass), in float32 then float16; a subset sized to
+  # the step (KILN_GPU_MODELS names others). That machine's Transformers is its own version: a
+  # failure before kiln runs says so.
+  local models
+  read -r -a models <<< "${KILN_GPU_MODELS:-bert_classifier deberta_v2 llama gpt_neox t5 bart clip_vision swin convnext resnet18_scripted mobilenet_v3_large_scripted vit_b_32}"
+  step models 100 "$dir/models.txt" "$py" tests/python/test_hf_architectures.py "$lib/libkiln.so" --device cuda \
+    "${models[@]}" || rc=1
+  step models_fp16 60 "$dir/models-fp16.txt" "$py" tests/python/test_hf_architectures.py "$lib/libkiln.so" \
+    --device cuda --dtype float16 bert_classifier llama swin convnext resnet18_scripted || rc=1
   [[ ${KILN_REDUCTION_COMPILE:-0} == 1 ]] && compile=()
   step reductions 35 "$dir/reductions.txt" "$py" scripts/reduction_bench.py --library "$lib/libkiln.so" --repeats 20 \
     "${compile[@]}" --json "$dir/reductions.json" || rc=1
@@ -359,7 +373,7 @@ fi
 if [[ -f $work/route.env ]]; then
   run_stage gpu_tests 180
   run_stage demo 45  # before the benchmarks: short, and a check rather than a measurement
-  run_stage bench 180
+  run_stage bench 330
 else
   failed=1
 fi

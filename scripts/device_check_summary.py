@@ -177,7 +177,9 @@ def bench(work, out):
                         ("torch.compile on the elementwise chains (scripts/elementwise_torch_compile.py)",
                          "torch_compile.txt"),
                         ("An fp32 BERT-base-shaped model in reduced precision (scripts/precision_gpu_check.py)",
-                         "precision.txt")):
+                         "precision.txt"),
+                        ("Architectures through every route (tests/python/test_hf_architectures.py)", "models.txt"),
+                        ("The same in float16", "models-fp16.txt")):
         block = text_block(os.path.join(folder, name))
         if block:
             section += ["", "### " + title, ""] + block

@@ -24,9 +24,12 @@ torch.vmap, which torch.jit.trace cannot trace. Whisper is left out for that rea
 (a deployed model in another dtype than the float32 kiln is measured in); the tolerance is then
 that of the least precise dtype the traced module computes in, as kiln.optimize's own check takes
 it (a float64 LLaMA computes its norms in float32). --channels-last gives image inputs (4-D) the
-channels-last layout. ctest runs a subset of the models for each.
+channels-last layout. ctest runs a subset of the models for each. --device cuda runs them on a GPU
+(scripts/device-check.sh does, in float32 and float16); a failure before kiln runs (the trace, or
+the traced module against eager) says so, since that machine's Transformers is another version.
 
-usage: test_hf_architectures.py LIBKILN [--dtype bfloat16|float16|float64] [--channels-last] [MODEL...]
+usage: test_hf_architectures.py LIBKILN [--dtype bfloat16|float16|float64] [--channels-last]
+                                [--device cpu|cuda] [MODEL...]
 """
 import os
 import sys
@@ -52,6 +55,7 @@ from test_zoo import flatten  # noqa: E402  (every tensor of a nested output, in
 TOLERANCE = 1e-4  # in float32; see tolerance()
 DTYPE = torch.float32  # --dtype
 CHANNELS_LAST = False  # --channels-last
+DEVICE = torch.device("cpu")  # --device
 VOCAB = 1000
 ENCODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=VOCAB)
 DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=128)
@@ -177,7 +181,9 @@ def tolerance(traced):
 
 
 def as_variant(tensor):
-    """A floating input in --dtype, an image batch channels-last with --channels-last."""
+    """An input on --device; a floating one in --dtype, an image batch channels-last with
+    --channels-last."""
+    tensor = tensor.to(DEVICE)
     if not tensor.is_floating_point():
         return tensor
     tensor = tensor.to(DTYPE)
@@ -205,6 +211,15 @@ def compare(actual, expected, tol=TOLERANCE):
         assert bad == 0, f"{bad} of {e.numel()} elements out of tolerance, largest difference {relative:.2e} of max|expected|"
         worst = max(worst, relative)
     return worst
+
+
+def before_kiln(check):
+    """The trace against eager, before kiln runs; its failure is reported as such."""
+    try:
+        with torch.no_grad():
+            check()
+    except Exception as error:
+        raise RuntimeError(f"before kiln ran (the trace, or the traced module against eager): {error}") from error
 
 
 def routes(name, make_trace, example, fresh, other):
@@ -247,7 +262,7 @@ def run_hf(name):
     if hasattr(config, "use_cache"):
         config.use_cache = False
     torch.manual_seed(0)
-    model = Keywords(model_class(config).eval(), ARGUMENT_NAMES[kind]).eval().to(DTYPE)
+    model = Keywords(model_class(config).eval(), ARGUMENT_NAMES[kind]).eval().to(DTYPE).to(DEVICE)
     gen = torch.Generator().manual_seed(1)
 
     def inputs(batch, seq):
@@ -259,9 +274,11 @@ def run_hf(name):
     def make_trace():
         return torch.jit.trace(model, example, strict=False, check_trace=False)
 
-    with torch.no_grad():
+    def trace_matches_eager():
         traced = make_trace()
         compare(traced(*fresh), model(*fresh), tolerance(traced))
+
+    before_kiln(trace_matches_eager)
     return routes(name, make_trace, example, fresh, other)
 
 
@@ -274,7 +291,7 @@ def run_torchvision(name):
     with torch.no_grad():
         for _ in range(2):
             model(*[torch.randn(2, *shape[1:]) for _ in range(inputs)])
-    model.eval().to(DTYPE)
+    model.eval().to(DTYPE).to(DEVICE)
     example = tuple(as_variant(torch.randn(*shape)) for _ in range(inputs))
     fresh = tuple(as_variant(torch.randn(*shape)) for _ in range(inputs))
 
@@ -283,19 +300,25 @@ def run_torchvision(name):
             return torch.jit.script(model)
         return torch.jit.trace(model, example, check_trace=False)
 
-    with torch.no_grad():
+    def trace_matches_eager():
         traced = make_trace()
         compare(traced(*fresh), model(*fresh), tolerance(traced))
+
+    before_kiln(trace_matches_eager)
     return routes(name, make_trace, example, fresh, None)
 
 
 def main():
-    global DTYPE, CHANNELS_LAST
+    global DTYPE, CHANNELS_LAST, DEVICE
     torch.set_num_threads(2)
     names = sys.argv[2:]
     if "--channels-last" in names:
         CHANNELS_LAST = True
         names.remove("--channels-last")
+    if "--device" in names:
+        at = names.index("--device")
+        DEVICE = torch.device(names[at + 1])
+        del names[at:at + 2]
     if "--dtype" in names:
         at = names.index("--dtype")
         DTYPE = getattr(torch, names[at + 1])
