@@ -17,7 +17,6 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <unordered_map>
 #endif
 
 namespace kiln {
@@ -192,6 +191,7 @@ at::Tensor cublasLtLinear(const at::Tensor& input, const at::Tensor& weight, con
             align_d = alignment(out);
   const std::array<int64_t, 11> key = {input.device().index(), static_cast<int64_t>(dtype), m, n, k, which, add,
                                        align_a, align_b, align_c, align_d};
+  cublasLtHandle_t handle = handleFor(input.device().index());
   static std::mutex plans_mutex;
   static auto* plans = new std::map<std::array<int64_t, 11>, std::unique_ptr<Plan>>();
   Plan* plan = nullptr;
@@ -229,9 +229,7 @@ at::Tensor cublasLtLinear(const at::Tensor& input, const at::Tensor& weight, con
           check(lt.preference_set(d.preference, attribute, &bytes, sizeof bytes), "alignment preference");
         cublasLtMatmulHeuristicResult_t result{};
         int returned = 0;
-        check(lt.heuristic(handleFor(input.device().index()), d.op, d.a, d.b, d.c, d.c, d.preference, 1, &result,
-                           &returned),
-              "heuristic");
+        check(lt.heuristic(handle, d.op, d.a, d.b, d.c, d.c, d.preference, 1, &result, &returned), "heuristic");
         TORCH_CHECK(returned > 0, "kiln: cuBLASLt's heuristic has no algorithm for ", m, "x", n, "x", k, " in ",
                     dtype, " with epilogue ", which);
         made->algo = result.algo;
@@ -244,7 +242,6 @@ at::Tensor cublasLtLinear(const at::Tensor& input, const at::Tensor& weight, con
     }
     plan = slot.get();
   }
-  cublasLtHandle_t handle = handleFor(input.device().index());
   // The workspace from torch's caching allocator (reused across calls, capturable).
   at::Tensor workspace = at::empty({static_cast<int64_t>(std::max<size_t>(plan->workspace, 1))},
                                    input.options().dtype(at::kByte));

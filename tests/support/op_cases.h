@@ -29,6 +29,9 @@ struct OpCase {
 // hardsigmoid and hardswish on CUDA end with * (1.0f / 6.0f), a float constant even in float64;
 // on the CPU with / 6.
 #define KILN_CUDA_SIXTH "0.1666666716337204"
+// hardswish(x) as eager's CUDA kernel computes it, in TorchScript (the fuzzer's reference too).
+#define KILN_CUDA_HARDSWISH \
+  "x * torch.clamp(x + 3, 0, 6) * " KILN_CUDA_SIXTH " if x.dtype == 7 else torch.hardswish(x)"
 
 inline const OpCase kOps[] = {
     {"add", "x + y"}, {"add_alpha", "torch.add(x, y, alpha=2)"}, {"add_scalar", "x + 3"},
@@ -53,8 +56,7 @@ inline const OpCase kOps[] = {
     {"gelu_tanh", "torch.gelu(x, approximate='tanh')", true}, {"hardtanh", "torch.hardtanh(x, -0.5, 0.7)"},
     {"hardsigmoid", "torch.hardsigmoid(x)", true, nullptr,
      "torch.clamp(x + 3, 0, 6) * " KILN_CUDA_SIXTH " if x.dtype == 7 else torch.hardsigmoid(x)"},
-    {"hardswish", "torch.hardswish(x)", true, nullptr,
-     "x * torch.clamp(x + 3, 0, 6) * " KILN_CUDA_SIXTH " if x.dtype == 7 else torch.hardswish(x)"},
+    {"hardswish", "torch.hardswish(x)", true, nullptr, KILN_CUDA_HARDSWISH},
     {"softplus", "torch.softplus(x, 2.0, 3.0)", true}, {"erf", "torch.erf(x)"},
     {"erfc", "torch.erfc(x)"}, {"clamp", "torch.clamp(x, -1, 1)"}, {"clamp_min", "torch.clamp_min(x, 0.5)"},
     {"clamp_max", "torch.clamp_max(x, 0.5)"}, {"minimum", "torch.minimum(x, y)"},
