@@ -6,6 +6,10 @@
 //   LinearBiasAdd/M/K/N/bf16    its down-projection and attention output: linear + bias + residual
 //   ConvBnRelu/batch/C/H        ResNet-18's 3x3 layers: conv + batch_norm + relu (Kiln: the
 //                               batch_norm folded into the weight, as kiln::optimize does)
+//   LinearCall/M/K/N            what a call costs beyond its GEMM: a toy transformer's linear
+//                               (32 x 64 -> 64 + bias), Baseline ATen's addmm over the weight
+//                               transposed once (the way measuring picks there), Kiln the same
+//                               through kiln::linear; both called boxed, as the interpreter does
 #include <ATen/ATen.h>
 #include <benchmark/benchmark.h>
 #include <torch/script.h>
@@ -114,6 +118,28 @@ void Kiln_ConvBnRelu(benchmark::State& state) {
   setConvCounters(state);
 }
 
+void Baseline_LinearCall(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  const int64_t m = state.range(0), k = state.range(1), n = state.range(2);
+  LinearOperands o(m, k, n, at::kFloat);
+  const at::Tensor transposed = o.w.t().contiguous();
+  // Called boxed, as TorchScript's interpreter calls both.
+  static const auto addmm = c10::Dispatcher::singleton().findSchemaOrThrow("aten::addmm", "");
+  for (auto _ : state) {
+    torch::jit::Stack stack{o.b, o.x, transposed, at::Scalar(1), at::Scalar(1)};
+    addmm.callBoxed(&stack);
+    benchmark::DoNotOptimize(stack.front());
+  }
+}
+
+void Kiln_LinearCall(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  const int64_t m = state.range(0), k = state.range(1), n = state.range(2);
+  LinearOperands o(m, k, n, at::kFloat);
+  callKiln("linear", {o.x, o.w, o.b, c10::IValue(), ""});
+  for (auto _ : state) benchmark::DoNotOptimize(callKiln("linear", {o.x, o.w, o.b, c10::IValue(), ""}));
+}
+
 void linearShapes(benchmark::internal::Benchmark* b, int64_t k, int64_t n) {
   for (int64_t dtype : {0, 1}) {
     for (int64_t m : {14, 1024}) b->Args({m, k, n, dtype});
@@ -132,6 +158,8 @@ BENCHMARK(Baseline_LinearBiasGelu)->Apply([](auto* b) { linearShapes(b, 768, 307
 BENCHMARK(Kiln_LinearBiasGelu)->Apply([](auto* b) { linearShapes(b, 768, 3072); });
 BENCHMARK(Baseline_LinearBiasAdd)->Apply([](auto* b) { linearShapes(b, 3072, 768); });
 BENCHMARK(Kiln_LinearBiasAdd)->Apply([](auto* b) { linearShapes(b, 3072, 768); });
+BENCHMARK(Baseline_LinearCall)->Args({32, 64, 64})->ArgNames({"M", "K", "N"})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(Kiln_LinearCall)->Args({32, 64, 64})->ArgNames({"M", "K", "N"})->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(Baseline_ConvBnRelu)->Apply(convShapes);
 BENCHMARK(Kiln_ConvBnRelu)->Apply(convShapes);
 

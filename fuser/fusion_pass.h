@@ -101,6 +101,15 @@ void describePlan(const torch::jit::Graph& graph, int64_t float32_ops, Precision
 // in number or shape.
 double worstOutputCosine(const c10::IValue& expected, const c10::IValue& actual);
 
+// Which of two modules runs `inputs` faster on this machine (kiln::optimize's choice between a
+// graph with convolution regions and one without, pass_registration.cpp): each is called three
+// times to warm up (the first call of a library call or region measures its ways), then in
+// interleaved rounds, at least `min_rounds`, more until `budget_seconds` have passed (at most
+// 30); the medians decide, ties going to `a`. A module that throws on the inputs loses (both
+// throwing: std::runtime_error). Writes the medians in milliseconds when asked.
+bool firstRunsFaster(torch::jit::Module& a, torch::jit::Module& b, const std::vector<c10::IValue>& inputs,
+                     int min_rounds = 5, double budget_seconds = 2.0, double* a_ms = nullptr, double* b_ms = nullptr);
+
 // True for the prim::If either pass builds: block0 runs kiln, block1 keeps the original ops.
 bool isKilnFallback(const torch::jit::Node* node);
 

@@ -134,7 +134,10 @@ std::vector<Variant> variants(const BenchSettings& settings, const std::vector<t
                          [](const torch::jit::Module& m) { return torch::jit::freeze(evalCopy(m)); }, false, true));
   list.push_back(variant("kiln_executor", "kiln executor pass", evalCopy, true));
   if (precision == Precision::kFloat32) {
-    list.push_back(variant("kiln_optimize", "kiln::optimize", [](const torch::jit::Module& m) { return optimize(m); }, true));
+    // With the example inputs: kiln::optimize times the model with convolution regions and without.
+    list.push_back(variant("kiln_optimize", "kiln::optimize", [&inputs](const torch::jit::Module& m) {
+      return optimize(m, Options::global(), inputs);
+    }, true));
     return list;
   }
   const at::ScalarType low = lowDtype(precision);

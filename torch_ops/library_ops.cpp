@@ -40,9 +40,12 @@
 #include <c10/util/StringUtil.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <numeric>
+#include <unordered_map>
 
 #include "fuser/group_stats.h"
 #include "fuser/library_calls.h"
@@ -201,27 +204,214 @@ Epilogue epilogueFrom(const std::string& text) {
   return *epilogue;
 }
 
+// One kiln::linear call: its operands and what its ways need of them.
+struct LinearCall {
+  const at::Tensor& input;
+  const at::Tensor& weight;
+  const std::optional<at::Tensor>& bias;
+  const Epilogue& epilogue;
+  int64_t k = 0, n = 0, rows = 0;
+  std::vector<int64_t> out_sizes;
+  bool fuse_add = false;  // the add fuses as oneDNN's binary post-op
+  // The rows of this call's shape class: what onednn_rows prepacks the weight for (one copy per
+  // class, whatever the rows of the call that makes it).
+  int64_t class_rows = 0;
+  std::string prepared_for_rows;
+
+  LinearCall(const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
+             const Epilogue& epilogue_)
+      : input(input_), weight(weight_), bias(bias_), epilogue(epilogue_) {}
+
+  // mkldnn::_linear_pointwise on the weight prepacked for `rows_hint` rows (none: oneDNN's default).
+  at::Tensor oneDnn(const char* what, const c10::IValue& rows_hint, const std::optional<at::Tensor>& operand) const {
+    at::Tensor packed = preparedWeight(weight, what, [&] { return kReorderLinearWeight.call({weight, rows_hint}).toTensor(); });
+    const c10::IValue b = bias ? c10::IValue(*bias) : c10::IValue();
+    if (epilogue.add != Epilogue::Add::kNone && fuse_add) {
+      at::Tensor y = kLinearPointwiseBinary.call({input, *operand, packed, b, "add"}).toTensor();
+      return activate(y, epilogue.activation, true);
+    }
+    const Activation fused = epilogue.add == Epilogue::Add::kNone ? epilogue.activation : Activation::kNone;
+    const auto [attr, algorithm] = onednnActivation(fused);
+    at::Tensor y =
+        kLinearPointwise.call({input, packed, b, attr, c10::List<std::optional<at::Scalar>>(), optionalString(algorithm)})
+            .toTensor();
+    return epilogue.add == Epilogue::Add::kNone ? y : atenEpilogue(y, epilogue, operand, false);
+  }
+
+  // Runs the way named `way` (one of the constants above, compared by address).
+  at::Tensor run(const char* way, const std::optional<at::Tensor>& operand) const {
+    if (way == kAtenTransposed) {
+      at::Tensor transposed = preparedWeight(weight, kPreparedTransposed, [&] { return weight.t().contiguous(); });
+      // A 2-D input is its own rows (no view made: a call of a small model costs microseconds).
+      const bool flat_already = input.dim() == 2;
+      at::Tensor flat = flat_already ? input : input.reshape({rows, k});
+      at::Tensor y = bias ? at::addmm(*bias, flat, transposed) : at::mm(flat, transposed);
+      return atenEpilogue(flat_already ? y : y.view(out_sizes), epilogue, operand, false);
+    }
+    if (way == kAtenPieces) {
+      at::Tensor flat = input.reshape({rows, k});
+      at::Tensor out = at::empty({rows, n}, input.options());
+      int64_t start = 0;
+      for (int64_t width : epilogue.pieces) {
+        at::Tensor columns = out.narrow(1, start, width);
+        at::Tensor piece = weight.narrow(0, start, width).t();
+        if (bias) {
+          at::addmm_out(columns, bias->narrow(0, start, width), flat, piece);
+        } else {
+          at::mm_out(columns, flat, piece);
+        }
+        start += width;
+      }
+      return activate(out.view(out_sizes), epilogue.activation, true);
+    }
+    if (way == kOneDnn) return oneDnn(kPreparedOneDnn, c10::IValue(), operand);
+    if (way == kOneDnnM1) return oneDnn(kPreparedOneDnnM1, c10::IValue(int64_t{1}), operand);
+    if (way == kOneDnnRows) return oneDnn(prepared_for_rows.c_str(), c10::IValue(class_rows), operand);
+    TORCH_CHECK(false, "kiln::linear: no way named ", way);
+  }
+};
+
+// A model calls each linear with the same shapes call after call. Once a call's shape class has a
+// settled choice, its call site (the weight) keeps the call's signature, parsed epilogue and
+// choice: the next call with that signature runs the chosen way without building the ways and the
+// key or looking the choice up (2.7 µs a call before, beside the 4.9 µs of a 32 x 64 -> 64 GEMM,
+// `LinearCall` in bench/library_bench.cpp).
+struct SignatureOf {
+  bool defined = false;
+  at::ScalarType dtype = at::kFloat;
+  c10::Device device = c10::kCPU;
+  std::vector<int64_t> sizes, strides;
+
+  explicit SignatureOf(const at::Tensor* tensor) {
+    if (tensor == nullptr || !tensor->defined()) return;
+    defined = true;
+    dtype = tensor->scalar_type();
+    device = tensor->device();
+    sizes = tensor->sizes().vec();
+    strides = tensor->strides().vec();
+  }
+  bool matches(const at::Tensor* tensor) const {
+    if (tensor == nullptr || !tensor->defined()) return !defined;
+    return defined && tensor->scalar_type() == dtype && tensor->device() == device && tensor->sizes() == sizes &&
+           tensor->strides() == strides;
+  }
+};
+
+struct SettledLinear {
+  std::string epilogue_text;
+  Epilogue epilogue;
+  SignatureOf input, weight, bias, other;
+  const char* choice;  // one of the way constants
+  uint64_t generation;  // choicesGeneration() when it settled
+
+  bool matches(const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
+               const std::optional<at::Tensor>& other_, const std::string& text) const {
+    return generation == choicesGeneration() && text == epilogue_text && input.matches(&input_) &&
+           weight.matches(&weight_) && bias.matches(bias_ ? &*bias_ : nullptr) &&
+           other.matches(other_ ? &*other_ : nullptr) && plainCpuTensor(input_) && plainCpuTensor(weight_) &&
+           (!bias_ || plainCpuTensor(*bias_)) && (!other_ || plainCpuTensor(*other_));
+  }
+};
+
+// A call site: its counters and what it settled on. The weak reference keeps the weight's address
+// from going to another weight while the entry lives; entries of freed weights go when a site is
+// added.
+struct LinearSite {
+  c10::weak_intrusive_ptr<c10::TensorImpl> weight;
+  GroupCounters* counters;
+  std::shared_ptr<const SettledLinear> settled;
+};
+
+std::mutex linear_sites_mutex;
+std::unordered_map<const c10::TensorImpl*, LinearSite>& linearSites() {
+  static auto* sites = new std::unordered_map<const c10::TensorImpl*, LinearSite>();
+  return *sites;
+}
+
+// The site of `weight` (made on its first call): its counters and settled choice.
+std::pair<GroupCounters*, std::shared_ptr<const SettledLinear>> linearSite(const at::Tensor& weight) {
+  const c10::TensorImpl* impl = weight.unsafeGetTensorImpl();
+  {
+    std::lock_guard<std::mutex> lock(linear_sites_mutex);
+    auto found = linearSites().find(impl);
+    if (found != linearSites().end() && !found->second.weight.expired()) return {found->second.counters, found->second.settled};
+  }
+  GroupCounters* counters = &libraryCounters(impl);
+  std::lock_guard<std::mutex> lock(linear_sites_mutex);
+  auto& sites = linearSites();
+  for (auto it = sites.begin(); it != sites.end();) it = it->second.weight.expired() ? sites.erase(it) : std::next(it);
+  sites.insert_or_assign(impl, LinearSite{c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()), counters, nullptr});
+  return {counters, nullptr};
+}
+
+void settleLinear(const at::Tensor& weight, std::shared_ptr<const SettledLinear> settled) {
+  std::lock_guard<std::mutex> lock(linear_sites_mutex);
+  auto found = linearSites().find(weight.unsafeGetTensorImpl());
+  if (found != linearSites().end() && !found->second.weight.expired()) found->second.settled = std::move(settled);
+}
+
 at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& other, const std::string& epilogue_text) {
+  auto [site_counters, settled] = linearSite(weight);
+  GroupCounters& counters = *site_counters;
+  const bool grad = gradRecorded({&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
+  // The fast path: this site's settled choice, for a call with its signature (and not forced).
+  if (settled && !grad && !choiceForced() && settled->matches(input, weight, bias, other, epilogue_text)) {
+    const auto start = std::chrono::steady_clock::now();
+    LinearCall call(input, weight, bias, settled->epilogue);
+    call.k = weight.size(1);
+    call.n = weight.size(0);
+    call.rows = input.numel() / call.k;
+    call.out_sizes = input.sizes().vec();
+    call.out_sizes.back() = call.n;
+    call.fuse_add = settled->choice != kAten && settled->choice != kAtenTransposed && settled->choice != kAtenPieces &&
+                    addFuses(settled->epilogue, other, call.out_sizes, input.scalar_type());
+    call.class_rows = powerOfTwoAtLeast(call.rows);
+    if (settled->choice == kOneDnnRows) call.prepared_for_rows = "onednn linear, " + std::to_string(call.class_rows) + " rows";
+    std::optional<at::Tensor> y;
+    const char* ran = kAten;
+    if (settled->choice != kAten) {
+      try {
+        failIfInjected(FaultStage::kLibrary);
+        y = call.run(settled->choice, other);
+        ran = settled->choice;
+      } catch (const std::exception& error) {
+        // As the measured path does: logged once, ATen's ops from now on.
+        static std::once_flag logged;
+        std::call_once(logged, [&] {
+          log(LogLevel::kWarning, std::string(settled->choice) + " failed for a linear, running ATen's ops: " + errorLine(error.what()));
+        });
+        auto aten = std::make_shared<SettledLinear>(*settled);
+        aten->choice = kAten;
+        settleLinear(weight, std::move(aten));
+      }
+    }
+    if (!y) y = atenEpilogue(at::linear(input, weight, bias), settled->epilogue, other, false);
+    counters.calls++;
+    counters.timed_calls++;
+    counters.timed_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+    counters.choice = ran;
+    return counted(*y, counters, settled->epilogue, {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
+  }
   const Epilogue epilogue = epilogueFrom(epilogue_text);
   if (!epilogue.pieces.empty()) {
     const int64_t rows = std::accumulate(epilogue.pieces.begin(), epilogue.pieces.end(), int64_t{0});
     TORCH_CHECK(weight.dim() == 2 && rows == weight.size(0), "kiln::linear: the pieces of '", epilogue_text,
                 "' add up to ", rows, " rows, the weight has ", weight.sizes());
   }
-  const bool grad = gradRecorded({&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
   std::vector<MeasuredWay> candidates;
   candidates.push_back({kAten, [&](const std::optional<at::Tensor>& operand) {
     return atenEpilogue(at::linear(input, weight, bias), epilogue, operand, grad);
   }});
-  GroupCounters& counters = libraryCounters(weight.unsafeGetTensorImpl());
   const bool two_dim_weight = weight.dim() == 2 && input.dim() >= 2 && input.size(-1) == weight.size(1);
   if (grad || !two_dim_weight) return runFastest("", candidates, counters, other);
-  const int64_t k = weight.size(1), n = weight.size(0);
-  const int64_t rows = k == 0 ? 0 : input.numel() / k;
-  std::vector<int64_t> out_sizes = input.sizes().vec();
-  out_sizes.back() = n;
-  const bool same_kind = !bias || (bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == input.scalar_type() &&
+  LinearCall call(input, weight, bias, epilogue);
+  call.k = weight.size(1);
+  call.n = weight.size(0);
+  call.rows = call.k == 0 ? 0 : input.numel() / call.k;
+  call.out_sizes = input.sizes().vec();
+  call.out_sizes.back() = call.n;
+  const bool same_kind = !bias || (bias->dim() == 1 && bias->size(0) == call.n && bias->scalar_type() == input.scalar_type() &&
                                    bias->device() == input.device());
   // Measuring times the ways on the host clock: only CPU calls are measured (a CUDA call returns
   // before its kernel ran). On CUDA, cuBLASLt runs the call as one matmul with its epilogue where
@@ -238,73 +428,44 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
       std::call_once(logged, [&] { log(LogLevel::kWarning, std::string("cuBLASLt failed, running ATen's ops: ") + error.what()); });
     }
   }
-  if (rows == 0 || !same_kind || weight.scalar_type() != input.scalar_type() || weight.device() != input.device() ||
+  if (call.rows == 0 || !same_kind || weight.scalar_type() != input.scalar_type() || weight.device() != input.device() ||
       !at::isFloatingType(input.scalar_type()) || !input.device().is_cpu()) {
     return runFastest("", candidates, counters, other);
   }
-  candidates.push_back({kAtenTransposed, [&](const std::optional<at::Tensor>& operand) {
-    at::Tensor transposed = preparedWeight(weight, kPreparedTransposed, [&] { return weight.t().contiguous(); });
-    at::Tensor flat = input.reshape({rows, k});
-    at::Tensor y = bias ? at::addmm(*bias, flat, transposed) : at::mm(flat, transposed);
-    return atenEpilogue(y.view(out_sizes), epilogue, operand, false);
-  }, kPreparedTransposed});
-  if (epilogue.pieces.size() > 1 && epilogue.add == Epilogue::Add::kNone) {
-    candidates.push_back({kAtenPieces, [&](const std::optional<at::Tensor>&) {
-      at::Tensor flat = input.reshape({rows, k});
-      at::Tensor out = at::empty({rows, n}, input.options());
-      int64_t start = 0;
-      for (int64_t width : epilogue.pieces) {
-        at::Tensor columns = out.narrow(1, start, width);
-        at::Tensor piece = weight.narrow(0, start, width).t();
-        if (bias) {
-          at::addmm_out(columns, bias->narrow(0, start, width), flat, piece);
-        } else {
-          at::mm_out(columns, flat, piece);
-        }
-        start += width;
-      }
-      return activate(out.view(out_sizes), epilogue.activation, true);
-    }});
-  }
+  auto way = [&call](const char* name, const char* keeps = nullptr) {
+    return MeasuredWay{name, [&call, name](const std::optional<at::Tensor>& operand) { return call.run(name, operand); }, keeps};
+  };
+  candidates.push_back(way(kAtenTransposed, kPreparedTransposed));
+  if (epilogue.pieces.size() > 1 && epilogue.add == Epilogue::Add::kNone) candidates.push_back(way(kAtenPieces));
   const bool onednn = plainCpuTensor(input) && plainCpuTensor(weight) && onednnTakesDtype(input.scalar_type()) &&
                       (!bias || plainCpuTensor(*bias));
-  const bool fuse_add = onednn && addFuses(epilogue, other, out_sizes, input.scalar_type());
-  // The rows of this call's shape class: what onednn_rows prepacks the weight for (one copy per
-  // class, whatever the rows of the call that makes it).
-  const int64_t class_rows = powerOfTwoAtLeast(rows);
-  const std::string prepared_for_rows = "onednn linear, " + std::to_string(class_rows) + " rows";
-  // mkldnn::_linear_pointwise on the weight prepacked for `rows_hint` rows (none: oneDNN's default).
-  auto runOneDnn = [&, fuse_add](const char* what, const c10::IValue& rows_hint, const std::optional<at::Tensor>& operand) {
-    at::Tensor packed = preparedWeight(weight, what, [&] { return kReorderLinearWeight.call({weight, rows_hint}).toTensor(); });
-    const c10::IValue b = bias ? c10::IValue(*bias) : c10::IValue();
-    if (epilogue.add != Epilogue::Add::kNone && fuse_add) {
-      at::Tensor y = kLinearPointwiseBinary.call({input, *operand, packed, b, "add"}).toTensor();
-      return activate(y, epilogue.activation, true);
-    }
-    const Activation fused = epilogue.add == Epilogue::Add::kNone ? epilogue.activation : Activation::kNone;
-    const auto [attr, algorithm] = onednnActivation(fused);
-    at::Tensor y =
-        kLinearPointwise.call({input, packed, b, attr, c10::List<std::optional<at::Scalar>>(), optionalString(algorithm)})
-            .toTensor();
-    return epilogue.add == Epilogue::Add::kNone ? y : atenEpilogue(y, epilogue, operand, false);
-  };
+  call.fuse_add = onednn && addFuses(epilogue, other, call.out_sizes, input.scalar_type());
+  call.class_rows = powerOfTwoAtLeast(call.rows);
+  call.prepared_for_rows = "onednn linear, " + std::to_string(call.class_rows) + " rows";
   if (onednn) {
-    candidates.push_back({kOneDnn, [&](const std::optional<at::Tensor>& operand) {
-      return runOneDnn(kPreparedOneDnn, c10::IValue(), operand);
-    }, kPreparedOneDnn});
-    candidates.push_back({kOneDnnM1, [&](const std::optional<at::Tensor>& operand) {
-      return runOneDnn(kPreparedOneDnnM1, c10::IValue(int64_t{1}), operand);
-    }, kPreparedOneDnnM1});
-    candidates.push_back({kOneDnnRows, [&](const std::optional<at::Tensor>& operand) {
-      return runOneDnn(prepared_for_rows.c_str(), c10::IValue(class_rows), operand);
-    }, prepared_for_rows.c_str()});
+    candidates.push_back(way(kOneDnn, kPreparedOneDnn));
+    candidates.push_back(way(kOneDnnM1, kPreparedOneDnnM1));
+    candidates.push_back(way(kOneDnnRows, call.prepared_for_rows.c_str()));
   }
   const std::string key = "linear " + std::string(c10::toString(input.scalar_type())) + " rows<=" +
-                          std::to_string(class_rows) + " K=" + std::to_string(k) + " N=" +
-                          std::to_string(n) + (bias ? " bias" : "") + " epilogue=" + epilogue_text + " input " +
+                          std::to_string(call.class_rows) + " K=" + std::to_string(call.k) + " N=" +
+                          std::to_string(call.n) + (bias ? " bias" : "") + " epilogue=" + epilogue_text + " input " +
                           layoutName(input) + (other ? " other " + layoutName(*other) + " " + c10::toString(other->scalar_type()) : "");
-  return counted(runFastest(key, candidates, counters, other, false, weight.unsafeGetTensorImpl()), counters, epilogue,
-                 {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
+  at::Tensor y = runFastest(key, candidates, counters, other, false, weight.unsafeGetTensorImpl());
+  // A settled choice (not one forced for a test) serves the next calls with this signature.
+  const uint64_t generation = choicesGeneration();
+  if (!choiceForced() && plainCpuTensor(input) && (!other || plainCpuTensor(*other))) {
+    if (std::optional<std::string> chosen = settledChoice(key)) {
+      for (const MeasuredWay& candidate : candidates) {
+        if (*chosen != candidate.name) continue;
+        settleLinear(weight, std::make_shared<SettledLinear>(SettledLinear{
+                                 epilogue_text, epilogue, SignatureOf(&input), SignatureOf(&weight),
+                                 SignatureOf(bias ? &*bias : nullptr), SignatureOf(other ? &*other : nullptr),
+                                 candidate.name, generation}));
+      }
+    }
+  }
+  return counted(y, counters, epilogue, {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
 }
 
 // ---- kiln::conv2d ----------------------------------------------------------------------------

@@ -205,6 +205,12 @@ std::optional<std::string> rememberedChoice(const std::string& key) {
   return readRecord(key, [](const ChoiceRecord& record) { return record.choice; });
 }
 
+std::optional<std::string> settledChoice(const std::string& key) {
+  std::optional<Remembered> earlier = remembered(key);
+  if (!earlier || earlier->measure_again) return std::nullopt;
+  return earlier->choice;
+}
+
 int rememberedMeasurements(const std::string& key) {
   return readRecord(key, [](const ChoiceRecord& record) { return record.measurements; }).value_or(0);
 }
@@ -219,10 +225,15 @@ void endMeasurement(const std::string& key) {
   measuring().erase(key);
 }
 
+std::atomic<uint64_t> generation{0};
+
 void forgetChoicesInMemory() {
   std::lock_guard<std::mutex> lock(choices_mutex);
   choices().clear();
+  generation++;
 }
+
+uint64_t choicesGeneration() { return generation.load(std::memory_order_acquire); }
 
 std::atomic<bool> any_forced{false};
 
@@ -230,6 +241,7 @@ void forceChoice(const std::string& choice) {
   std::lock_guard<std::mutex> lock(choices_mutex);
   forced() = choice;
   any_forced = !choice.empty();
+  generation++;
 }
 
 bool choiceForced() { return any_forced.load(std::memory_order_relaxed); }

@@ -74,6 +74,12 @@ std::string hostSignature();
 // measurements) until it has been measured three times: one measurement made while the machine
 // was loaded does not decide for good.
 std::optional<std::string> rememberedChoice(const std::string& key);
+// The remembered choice for `key` once this process may run it without measuring again (settled
+// across processes, or measured here): what a call site may keep for its next calls.
+std::optional<std::string> settledChoice(const std::string& key);
+// Changes whenever the choices held in memory are forgotten or a choice is forced: what a call
+// site kept from before is stale then.
+uint64_t choicesGeneration();
 // How many times the remembered choice for `key` has been measured (0: none remembered).
 int rememberedMeasurements(const std::string& key);
 

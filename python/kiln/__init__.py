@@ -137,9 +137,10 @@ def optimize(module: Union[torch.jit.ScriptModule, torch.nn.Module], example_inp
         module: a scripted or traced module; a plain ``nn.Module`` is traced on ``example_inputs``
             (or scripted when there are none).
         example_inputs: the forward's arguments (a tensor, or a list/tuple). When given, the fused
-            module runs once on them, so kiln compiles its kernels now (or finds them in the disk
-            cache) instead of on the first call, and ``report`` can say how many bytes each group
-            moves.
+            module runs on them, so kiln compiles its kernels and measures its library calls now
+            (or finds them in the disk cache) instead of on the first call, ``report`` can say
+            how many bytes each group moves, and in fp32 a model with convolution regions is
+            timed with them and without, the faster kept (docs/library-calls.md).
         min_group_size: the fewest fusible ops worth a kernel (default 2).
         fast_math: approximate transcendental math in generated kernels.
         cpu_parallel_grain: below this many elements a CPU kernel runs on the calling thread.
@@ -180,11 +181,13 @@ def optimize(module: Union[torch.jit.ScriptModule, torch.nn.Module], example_inp
     example = None if example_inputs is None else _as_tuple(example_inputs)
     scripted = _script(module, example)
     plan = None
-    if min_cosine is not None:
+    if min_cosine is not None or example is not None:
+        # With example inputs kiln::optimize also times the model with convolution regions and
+        # without (fp32) and keeps the faster.
         fused_c, plan_json = torch.ops.kiln._optimize_for(scripted._c, example, min_group_size, bool(fast_math),
-                                                         cpu_parallel_grain, precision, float(min_cosine))
+                                                         cpu_parallel_grain, precision, float(min_cosine or 0.0))
         fused = torch.jit._recursive.wrap_cpp_module(fused_c)
-        plan = json.loads(plan_json)
+        plan = json.loads(plan_json) if min_cosine is not None else None
     else:
         fused = torch.jit._recursive.wrap_cpp_module(
             torch.ops.kiln._optimize(scripted._c, min_group_size, bool(fast_math), cpu_parallel_grain, precision))

@@ -676,3 +676,60 @@ TEST(ConvRegions, OffWhereAskedAndInReducedPrecision) {
 
 }  // namespace
 }  // namespace kiln
+
+namespace kiln {
+namespace {
+
+// kiln::optimize with example inputs times the model with regions and without
+// (pass_registration.cpp). The comparison itself picks the faster module whichever goes first.
+TEST(ConvRegions, WholeModelTimingPicksTheFasterModule) {
+  torch::jit::Module slow("SlowModule");
+  slow.define(R"(
+def forward(self, x):
+  y = x
+  for _ in range(200):
+    y = torch.mm(y, x) * 0.01
+  return y
+)");
+  torch::jit::Module quick("QuickModule");
+  quick.define(R"(
+def forward(self, x):
+  return x + 1.0
+)");
+  const std::vector<c10::IValue> inputs = {torch::randn({96, 96})};
+  double slow_ms = 0, quick_ms = 0;
+  EXPECT_FALSE(firstRunsFaster(slow, quick, inputs, 3, 0.0, &slow_ms, &quick_ms));
+  EXPECT_GT(slow_ms, quick_ms);
+  EXPECT_TRUE(firstRunsFaster(quick, slow, inputs, 3, 0.0, &quick_ms, &slow_ms));
+  // A module that rejects the inputs loses; both rejecting them is the caller's error.
+  torch::jit::Module rejects("RejectsModule");
+  rejects.define(R"(
+def forward(self, x):
+  return torch.mm(x, torch.ones(3, 3))
+)");
+  EXPECT_FALSE(firstRunsFaster(rejects, quick, inputs, 3, 0.0));
+  EXPECT_TRUE(firstRunsFaster(quick, rejects, inputs, 3, 0.0));
+  EXPECT_THROW(firstRunsFaster(rejects, rejects, inputs, 3, 0.0), std::runtime_error);
+}
+
+// With example inputs the result is the model with regions or the same without, whichever ran
+// them faster; either way it matches eager on fresh inputs, and without inputs regions are kept.
+TEST(ConvRegions, ExampleInputsDecideBetweenRegionsAndNone) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module eager = regionModule("RegionDecided", kResNetBody, 8);
+  const std::vector<c10::IValue> example = {torch::randn({1, 8, 12, 12})};
+  torch::jit::Module decided = optimize(eager, Options::global(), example);
+  const std::string text = graphText(decided);
+  const bool regions = text.find("kiln::conv_region") != std::string::npos;
+  // Without regions its convolutions are library calls.
+  EXPECT_TRUE(regions || text.find("kiln::conv2d") != std::string::npos) << text;
+  for (int call = 0; call < 3; ++call) {
+    at::Tensor x = torch::randn({1, 8, 12, 12});
+    expectSame(run(decided, {x}), runEager(eager, {x}), "call " + std::to_string(call));
+  }
+  torch::jit::Module undecided = optimize(eager);
+  EXPECT_NE(graphText(undecided).find("kiln::conv_region"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace kiln

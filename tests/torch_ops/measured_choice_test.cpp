@@ -71,6 +71,60 @@ std::string uniqueKey(const std::string& what) {
   return what + " " + std::to_string(std::random_device()()) + " " + std::to_string(::getpid());
 }
 
+// Once a linear's shape class has settled, its call site runs the choice directly for calls with
+// the signature it settled on (library_ops.cpp); any other call, a forced choice, a weight written
+// in place or freed, a failing way, and a new process (choices forgotten) take the measured path.
+TEST(LibraryCalls, SettledCallSiteFollowsItsSignature) {
+  torch::NoGradGuard no_grad;
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("kiln::linear", "");
+  auto call = [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const char* epilogue) {
+    torch::jit::Stack stack{x, w, b, c10::IValue(), std::string(epilogue)};
+    op.callBoxed(&stack);
+    return stack.front().toTensor();
+  };
+  auto expect = [](const at::Tensor& actual, const at::Tensor& expected, const std::string& what) {
+    ASSERT_EQ(actual.sizes(), expected.sizes()) << what;
+    EXPECT_TRUE(closeTo(actual, expected, 8).all().item<bool>())
+        << what << ": max diff " << (actual - expected).abs().max().item<double>();
+  };
+  // A shape class no other test uses: K = 44, N = 36.
+  at::Tensor w = torch::randn({36, 44}), b = torch::randn({36});
+  at::Tensor x = torch::randn({12, 44});
+  for (int i = 0; i < 3; ++i) expect(call(x, w, b, "relu"), at::relu(at::linear(x, w, b)), "settled " + std::to_string(i));
+  const std::string settled = libraryStats(w.unsafeGetTensorImpl()).choice;
+  ASSERT_FALSE(settled.empty());
+  // Other signatures: rows of another class, a 3-D input, a transposed input, another epilogue.
+  at::Tensor wide = torch::randn({100, 44}), deep = torch::randn({2, 5, 44}), strided = torch::randn({44, 12}).t();
+  expect(call(wide, w, b, "relu"), at::relu(at::linear(wide, w, b)), "other rows");
+  expect(call(deep, w, b, "relu"), at::relu(at::linear(deep, w, b)), "3-D input");
+  expect(call(strided, w, b, "relu"), at::relu(at::linear(strided, w, b)), "transposed input");
+  expect(call(x, w, b, "tanh"), at::tanh(at::linear(x, w, b)), "other epilogue");
+  expect(call(x, w, b, "relu"), at::relu(at::linear(x, w, b)), "settled again");
+  // A weight written in place: the way's prepared copy of it is made again.
+  w.mul_(-2);
+  expect(call(x, w, b, "relu"), at::relu(at::linear(x, w, b)), "weight written");
+  // A forced choice runs where it is forced.
+  {
+    testing::ForcedChoice forced("aten");
+    expect(call(x, w, b, "relu"), at::relu(at::linear(x, w, b)), "forced");
+    EXPECT_EQ(libraryStats(w.unsafeGetTensorImpl()).choice, "aten");
+  }
+  // A library way failing on the fast path: ATen's ops run from then on, with eager's result.
+  {
+    testing::InjectedFault fault("library");
+    for (int i = 0; i < 2; ++i) expect(call(x, w, b, "relu"), at::relu(at::linear(x, w, b)), "failing way");
+    EXPECT_EQ(libraryStats(w.unsafeGetTensorImpl()).choice, "aten");
+  }
+  // A new process: measured again, then settled again.
+  forgetChoicesInMemory();
+  for (int i = 0; i < 2; ++i) expect(call(x, w, b, "relu"), at::relu(at::linear(x, w, b)), "new process");
+  // A freed weight's site does not serve the next weight (which may reuse its address).
+  for (int i = 0; i < 4; ++i) {
+    at::Tensor next = torch::randn({36, 44});
+    for (int j = 0; j < 2; ++j) expect(call(x, next, b, "relu"), at::relu(at::linear(x, next, b)), "next weight");
+  }
+}
+
 TEST(LibraryCalls, AChoiceIsMeasuredAgainUntilSettled) {
   const std::string key = uniqueKey("measured again");
   SleepingWays ways;
