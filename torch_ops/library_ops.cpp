@@ -271,11 +271,13 @@ struct LinearCall {
   }
 };
 
-// A model calls each linear with the same shapes call after call. Once a call's shape class has a
-// settled choice, its call site (the weight) keeps the call's signature, parsed epilogue and
-// choice: the next call with that signature runs the chosen way without building the ways and the
-// key or looking the choice up (2.7 µs a call before, beside the 4.9 µs of a 32 x 64 -> 64 GEMM,
-// `LinearCall` in bench/library_bench.cpp).
+// ---- Settled call sites ----------------------------------------------------------------------
+
+// A model calls each GEMM and convolution with the same shapes call after call. Once a call's
+// shape class has a settled choice, its call site (the weight) keeps the call's signature, parsed
+// epilogue and choice: the next call with that signature runs the chosen way without building the
+// ways and the key or looking the choice up (2.5-2.9 µs a call before, beside the 5 µs of a
+// 32 x 64 -> 64 GEMM: `LinearCall` in bench/library_bench.cpp).
 struct SignatureOf {
   bool defined = false;
   at::ScalarType dtype = at::kFloat;
@@ -290,6 +292,10 @@ struct SignatureOf {
     sizes = tensor->sizes().vec();
     strides = tensor->strides().vec();
   }
+  bool operator==(const SignatureOf& other) const {
+    return defined == other.defined && dtype == other.dtype && device == other.device && sizes == other.sizes &&
+           strides == other.strides;
+  }
   bool matches(const at::Tensor* tensor) const {
     if (tensor == nullptr || !tensor->defined()) return !defined;
     return defined && tensor->scalar_type() == dtype && tensor->device() == device && tensor->sizes() == sizes &&
@@ -297,67 +303,164 @@ struct SignatureOf {
   }
 };
 
-struct SettledLinear {
+const at::Tensor* optionalTensor(const std::optional<at::Tensor>& tensor) { return tensor ? &*tensor : nullptr; }
+
+// One call's operands as a settled signature reads them.
+struct CallOperands {
+  const at::Tensor& input;
+  const at::Tensor& weight;
+  const std::optional<at::Tensor>& bias;
+  const std::optional<at::Tensor>& other;
+  const std::string& epilogue_text;
+  std::vector<int64_t> params;  // conv2d: stride, padding, dilation, groups, and whether it writes into other
+};
+
+struct SettledCall {
   std::string epilogue_text;
   Epilogue epilogue;
   SignatureOf input, weight, bias, other;
-  const char* choice;  // one of the way constants
-  uint64_t generation;  // choicesGeneration() when it settled
+  std::vector<int64_t> params;
+  std::string prepared;  // what the chosen way's prepared weight is keyed by, where it depends on the call
+  const char* choice;    // one of the way constants
+  uint64_t generation;   // choicesGeneration() when it settled
+  bool writes_other;     // conv2d: the sum went into `other`
 
-  bool matches(const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
-               const std::optional<at::Tensor>& other_, const std::string& text) const {
-    return generation == choicesGeneration() && text == epilogue_text && input.matches(&input_) &&
-           weight.matches(&weight_) && bias.matches(bias_ ? &*bias_ : nullptr) &&
-           other.matches(other_ ? &*other_ : nullptr) && plainCpuTensor(input_) && plainCpuTensor(weight_) &&
-           (!bias_ || plainCpuTensor(*bias_)) && (!other_ || plainCpuTensor(*other_));
+  SettledCall(const CallOperands& call, Epilogue epilogue_, std::string prepared_, const char* choice_,
+              uint64_t generation_, bool writes_other_)
+      : epilogue_text(call.epilogue_text), epilogue(std::move(epilogue_)), input(&call.input), weight(&call.weight),
+        bias(optionalTensor(call.bias)), other(optionalTensor(call.other)), params(call.params),
+        prepared(std::move(prepared_)), choice(choice_), generation(generation_), writes_other(writes_other_) {}
+
+  bool sameSignature(const CallOperands& call) const {
+    return call.epilogue_text == epilogue_text && call.params == params && input.matches(&call.input) &&
+           weight.matches(&call.weight) && bias.matches(optionalTensor(call.bias)) &&
+           other.matches(optionalTensor(call.other));
+  }
+  bool sameSignature(const SettledCall& settled) const {
+    return settled.epilogue_text == epilogue_text && settled.params == params && settled.input == input &&
+           settled.weight == weight && settled.bias == bias && settled.other == other;
   }
 };
 
-// A call site: its counters and what it settled on. The weak reference keeps the weight's address
-// from going to another weight while the entry lives; entries of freed weights go when a site is
-// added.
-struct LinearSite {
+// A call site: its counters and the signatures it settled on (the latest first, a few: a weight
+// a model shares between calls of different shapes keeps each). The weak reference keeps the
+// weight's address from going to another weight while the entry lives; entries of freed weights
+// go when a site is added.
+struct CallSite {
   c10::weak_intrusive_ptr<c10::TensorImpl> weight;
   GroupCounters* counters;
-  std::shared_ptr<const SettledLinear> settled;
+  std::vector<std::shared_ptr<const SettledCall>> settled;
 };
+constexpr size_t kSettledPerSite = 4;
 
-std::mutex linear_sites_mutex;
-std::unordered_map<const c10::TensorImpl*, LinearSite>& linearSites() {
-  static auto* sites = new std::unordered_map<const c10::TensorImpl*, LinearSite>();
+std::mutex sites_mutex;
+std::unordered_map<const c10::TensorImpl*, CallSite>& callSites() {
+  static auto* sites = new std::unordered_map<const c10::TensorImpl*, CallSite>();
   return *sites;
 }
 
-// The site of `weight` (made on its first call): its counters and settled choice.
-std::pair<GroupCounters*, std::shared_ptr<const SettledLinear>> linearSite(const at::Tensor& weight) {
-  const c10::TensorImpl* impl = weight.unsafeGetTensorImpl();
+// Plain CPU tensors only take the fast path: what the signature does not say (conjugate and
+// negative bits, quantization) sends a call to the measured path.
+bool fastPathTakes(const CallOperands& call) {
+  return plainCpuTensor(call.input) && plainCpuTensor(call.weight) && (!call.bias || plainCpuTensor(*call.bias)) &&
+         (!call.other || plainCpuTensor(*call.other));
+}
+
+// The site of the call's weight (made on its first call): its counters and, for a call with a
+// settled signature (and no choice forced, no autograd), what it settled on.
+std::pair<GroupCounters*, std::shared_ptr<const SettledCall>> callSite(const CallOperands& call, bool grad) {
+  const c10::TensorImpl* impl = call.weight.unsafeGetTensorImpl();
+  const bool fast = !grad && !choiceForced() && fastPathTakes(call);
   {
-    std::lock_guard<std::mutex> lock(linear_sites_mutex);
-    auto found = linearSites().find(impl);
-    if (found != linearSites().end() && !found->second.weight.expired()) return {found->second.counters, found->second.settled};
+    std::lock_guard<std::mutex> lock(sites_mutex);
+    auto found = callSites().find(impl);
+    if (found != callSites().end() && !found->second.weight.expired()) {
+      if (fast) {
+        const uint64_t generation = choicesGeneration();
+        for (const std::shared_ptr<const SettledCall>& settled : found->second.settled) {
+          if (settled->generation == generation && settled->sameSignature(call)) return {found->second.counters, settled};
+        }
+      }
+      return {found->second.counters, nullptr};
+    }
   }
   GroupCounters* counters = &libraryCounters(impl);
-  std::lock_guard<std::mutex> lock(linear_sites_mutex);
-  auto& sites = linearSites();
+  std::lock_guard<std::mutex> lock(sites_mutex);
+  auto& sites = callSites();
   for (auto it = sites.begin(); it != sites.end();) it = it->second.weight.expired() ? sites.erase(it) : std::next(it);
-  sites.insert_or_assign(impl, LinearSite{c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()), counters, nullptr});
+  sites.insert_or_assign(impl, CallSite{c10::weak_intrusive_ptr<c10::TensorImpl>(call.weight.getIntrusivePtr()), counters, {}});
   return {counters, nullptr};
 }
 
-void settleLinear(const at::Tensor& weight, std::shared_ptr<const SettledLinear> settled) {
-  std::lock_guard<std::mutex> lock(linear_sites_mutex);
-  auto found = linearSites().find(weight.unsafeGetTensorImpl());
-  if (found != linearSites().end() && !found->second.weight.expired()) found->second.settled = std::move(settled);
+void settle(const at::Tensor& weight, std::shared_ptr<const SettledCall> settled) {
+  std::lock_guard<std::mutex> lock(sites_mutex);
+  auto found = callSites().find(weight.unsafeGetTensorImpl());
+  if (found == callSites().end() || found->second.weight.expired()) return;
+  auto& list = found->second.settled;
+  list.erase(std::remove_if(list.begin(), list.end(),
+                            [&](const std::shared_ptr<const SettledCall>& entry) {
+                              return entry->generation != settled->generation || entry->sameSignature(*settled);
+                            }),
+             list.end());
+  list.insert(list.begin(), std::move(settled));
+  if (list.size() > kSettledPerSite) list.resize(kSettledPerSite);
+}
+
+// After the measured path: the settled choice (not one forced for a test) serves the next calls
+// with this signature, if it is one of `candidates`.
+void settleChosen(const CallOperands& call, const std::string& key, const std::vector<MeasuredWay>& candidates,
+                  const Epilogue& epilogue, const std::string& prepared, uint64_t generation, bool writes_other = false) {
+  if (choiceForced() || !fastPathTakes(call)) return;
+  std::optional<std::string> chosen = settledChoice(key);
+  if (!chosen) return;
+  for (const MeasuredWay& candidate : candidates) {
+    if (*chosen == candidate.name) {
+      settle(call.weight, std::make_shared<SettledCall>(call, epilogue, prepared, candidate.name, generation, writes_other));
+    }
+  }
+}
+
+// Runs the settled way; a failure (logged once) runs ATen's ops, and this signature runs them
+// from then on, as the measured path does.
+template <typename Run, typename RunAten>
+at::Tensor runSettled(const SettledCall& settled, const at::Tensor& weight, GroupCounters& counters, const Run& run,
+                      const RunAten& run_aten) {
+  const auto start = std::chrono::steady_clock::now();
+  std::optional<at::Tensor> y;
+  const char* ran = kAten;
+  if (settled.choice != kAten) {
+    try {
+      failIfInjected(FaultStage::kLibrary);
+      y = run(settled.choice);
+      ran = settled.choice;
+    } catch (const std::exception& error) {
+      static std::once_flag logged;
+      std::call_once(logged, [&] {
+        log(LogLevel::kWarning, std::string(settled.choice) + " failed for a library call, running ATen's ops: " +
+                                    errorLine(error.what()));
+      });
+      auto aten = std::make_shared<SettledCall>(settled);
+      aten->choice = kAten;
+      settle(weight, std::move(aten));
+    }
+  }
+  if (!y) y = run_aten();
+  counters.calls++;
+  counters.timed_calls++;
+  counters.timed_ns +=
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+  counters.choice = ran;
+  return *y;
 }
 
 at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& other, const std::string& epilogue_text) {
-  auto [site_counters, settled] = linearSite(weight);
-  GroupCounters& counters = *site_counters;
   const bool grad = gradRecorded({&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
-  // The fast path: this site's settled choice, for a call with its signature (and not forced).
-  if (settled && !grad && !choiceForced() && settled->matches(input, weight, bias, other, epilogue_text)) {
-    const auto start = std::chrono::steady_clock::now();
+  const CallOperands operands{input, weight, bias, other, epilogue_text, {}};
+  auto [site_counters, settled] = callSite(operands, grad);
+  GroupCounters& counters = *site_counters;
+  // The fast path: this site's settled choice, for a call with its signature.
+  if (settled) {
     LinearCall call(input, weight, bias, settled->epilogue);
     call.k = weight.size(1);
     call.n = weight.size(0);
@@ -367,31 +470,11 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
     call.fuse_add = settled->choice != kAten && settled->choice != kAtenTransposed && settled->choice != kAtenPieces &&
                     addFuses(settled->epilogue, other, call.out_sizes, input.scalar_type());
     call.class_rows = powerOfTwoAtLeast(call.rows);
-    if (settled->choice == kOneDnnRows) call.prepared_for_rows = "onednn linear, " + std::to_string(call.class_rows) + " rows";
-    std::optional<at::Tensor> y;
-    const char* ran = kAten;
-    if (settled->choice != kAten) {
-      try {
-        failIfInjected(FaultStage::kLibrary);
-        y = call.run(settled->choice, other);
-        ran = settled->choice;
-      } catch (const std::exception& error) {
-        // As the measured path does: logged once, ATen's ops from now on.
-        static std::once_flag logged;
-        std::call_once(logged, [&] {
-          log(LogLevel::kWarning, std::string(settled->choice) + " failed for a linear, running ATen's ops: " + errorLine(error.what()));
-        });
-        auto aten = std::make_shared<SettledLinear>(*settled);
-        aten->choice = kAten;
-        settleLinear(weight, std::move(aten));
-      }
-    }
-    if (!y) y = atenEpilogue(at::linear(input, weight, bias), settled->epilogue, other, false);
-    counters.calls++;
-    counters.timed_calls++;
-    counters.timed_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
-    counters.choice = ran;
-    return counted(*y, counters, settled->epilogue, {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
+    call.prepared_for_rows = settled->prepared;
+    at::Tensor y = runSettled(
+        *settled, weight, counters, [&](const char* way) { return call.run(way, other); },
+        [&] { return atenEpilogue(at::linear(input, weight, bias), settled->epilogue, other, false); });
+    return counted(y, counters, settled->epilogue, {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
   }
   const Epilogue epilogue = epilogueFrom(epilogue_text);
   if (!epilogue.pieces.empty()) {
@@ -451,62 +534,33 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
                           std::to_string(call.class_rows) + " K=" + std::to_string(call.k) + " N=" +
                           std::to_string(call.n) + (bias ? " bias" : "") + " epilogue=" + epilogue_text + " input " +
                           layoutName(input) + (other ? " other " + layoutName(*other) + " " + c10::toString(other->scalar_type()) : "");
-  at::Tensor y = runFastest(key, candidates, counters, other, false, weight.unsafeGetTensorImpl());
-  // A settled choice (not one forced for a test) serves the next calls with this signature.
   const uint64_t generation = choicesGeneration();
-  if (!choiceForced() && plainCpuTensor(input) && (!other || plainCpuTensor(*other))) {
-    if (std::optional<std::string> chosen = settledChoice(key)) {
-      for (const MeasuredWay& candidate : candidates) {
-        if (*chosen != candidate.name) continue;
-        settleLinear(weight, std::make_shared<SettledLinear>(SettledLinear{
-                                 epilogue_text, epilogue, SignatureOf(&input), SignatureOf(&weight),
-                                 SignatureOf(bias ? &*bias : nullptr), SignatureOf(other ? &*other : nullptr),
-                                 candidate.name, generation}));
-      }
-    }
-  }
+  at::Tensor y = runFastest(key, candidates, counters, other, false, weight.unsafeGetTensorImpl());
+  settleChosen(operands, key, candidates, epilogue, call.prepared_for_rows, generation);
   return counted(y, counters, epilogue, {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
 }
 
 // ---- kiln::conv2d ----------------------------------------------------------------------------
 
-at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  const std::optional<at::Tensor>& other, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                  std::vector<int64_t> dilation, int64_t groups, const std::string& epilogue_text) {
-  const Epilogue epilogue = epilogueFrom(epilogue_text);
-  const bool grad = gradRecorded({&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
-  std::vector<MeasuredWay> candidates;
-  candidates.push_back({kAten, [&](const std::optional<at::Tensor>& operand) {
-    at::Tensor y = at::conv2d(input, weight, bias, stride, padding, dilation, groups);
-    return atenEpilogue(y, epilogue, operand, grad,
-                        writesIntoOther(epilogue, operand, y.sizes(), y.scalar_type(), input, grad));
-  }});
-  GroupCounters& counters = libraryCounters(weight.unsafeGetTensorImpl());
-  // A call the other ways can take; oneDNN's only in a dtype it takes (bfloat16 not on every CPU).
-  const bool plain = !grad && input.dim() == 4 && weight.dim() == 4 && input.numel() > 0 && plainCpuTensor(input) &&
-                     plainCpuTensor(weight) && at::isFloatingType(input.scalar_type()) &&
-                     weight.scalar_type() == input.scalar_type() && groups > 0 && stride.size() == 2 &&
-                     padding.size() == 2 && dilation.size() == 2 && input.size(1) == weight.size(1) * groups &&
-                     weight.size(0) % groups == 0 &&
-                     (!bias || (plainCpuTensor(*bias) && bias->scalar_type() == input.scalar_type() &&
-                                bias->dim() == 1 && bias->size(0) == weight.size(0)));
-  if (!plain) return runFastest("", candidates, counters, other, epilogue.into_other);
-  const bool onednn = onednnTakesDtype(input.scalar_type());
-  std::vector<int64_t> out_sizes = {input.size(0), weight.size(0)};
-  for (int d = 0; d < 2; ++d) {
-    const int64_t extent = dilation[d] * (weight.size(2 + d) - 1) + 1;
-    out_sizes.push_back(stride[d] > 0 ? (input.size(2 + d) + 2 * padding[d] - extent) / stride[d] + 1 : 0);
-  }
-  if (out_sizes[2] <= 0 || out_sizes[3] <= 0) return runFastest("", candidates, counters, other, epilogue.into_other);
-  const bool into_other = writesIntoOther(epilogue, other, out_sizes, input.scalar_type(), input, grad);
-  const bool fuse_add = addFuses(epilogue, other, out_sizes, input.scalar_type());
-  const std::string params = c10::Join(",", stride) + "/" + c10::Join(",", padding) + "/" + c10::Join(",", dilation) + "/" + std::to_string(groups);
-  const std::string prepared_conv = "onednn conv2d " + params;
-  auto runOneDnn = [&, fuse_add, into_other](const at::Tensor& x, const std::optional<at::Tensor>& operand) {
+// One kiln::conv2d call (the plain kind every way takes): its operands and what its ways need.
+struct ConvCall {
+  const at::Tensor& input;
+  const at::Tensor& weight;
+  const std::optional<at::Tensor>& bias;
+  const Epilogue& epilogue;
+  const std::vector<int64_t>& stride;
+  const std::vector<int64_t>& padding;
+  const std::vector<int64_t>& dilation;
+  int64_t groups;
+  std::vector<int64_t> out_sizes;
+  bool into_other = false;  // writesIntoOther() said yes
+  bool fuse_add = false;    // the add fuses as oneDNN's binary post-op
+  std::string prepared_conv;  // what the oneDNN ways' prepacked weight is keyed by
+
+  // oneDNN's convolution on the weight prepacked once, `x` the input as this way lays it out.
+  at::Tensor oneDnn(const at::Tensor& x, const std::optional<at::Tensor>& operand) const {
     at::Tensor packed = preparedWeight(weight, prepared_conv, [&] {
-      return kReorderConvolutionWeight.call(
-                       {weight, padding, stride, dilation, groups, input.sizes().vec()})
-          .toTensor();
+      return kReorderConvolutionWeight.call({weight, padding, stride, dilation, groups, input.sizes().vec()}).toTensor();
     });
     const c10::IValue b = bias ? c10::IValue(*bias) : c10::IValue();
     const auto no_scalars = c10::List<std::optional<at::Scalar>>();
@@ -538,44 +592,111 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::
                              {x, packed, b, padding, stride, dilation, groups, "none", no_scalars, c10::IValue()})
                        .toTensor();
     return atenEpilogue(y, epilogue, operand, false, into_other);
-  };
-  if (onednn) {
-    candidates.push_back({kOneDnn, [&](const std::optional<at::Tensor>& operand) { return runOneDnn(input, operand); },
-                          prepared_conv.c_str()});
   }
+
+  // A patch embedding's patches copied into rows, one addmm over the flattened weight.
+  at::Tensor patches(const std::optional<at::Tensor>& operand) const {
+    const int64_t batch = input.size(0), channels = input.size(1), kh = weight.size(2), kw = weight.size(3);
+    const int64_t oh = out_sizes[2], ow = out_sizes[3], n = weight.size(0);
+    at::Tensor flat_weight = preparedWeight(weight, kPreparedPatches, [&] { return weight.reshape({n, -1}).t().contiguous(); });
+    // [N, C, OH·KH, OW·KW] (the rows and columns no patch covers left out) as
+    // [N, OH, OW, C, KH, KW]: one row per patch, in the weight's order.
+    at::Tensor rows = input.narrow(2, 0, oh * kh)
+                          .narrow(3, 0, ow * kw)
+                          .reshape({batch, channels, oh, kh, ow, kw})
+                          .permute({0, 2, 4, 1, 3, 5})
+                          .reshape({batch * oh * ow, channels * kh * kw});
+    at::Tensor y = bias ? at::addmm(*bias, rows, flat_weight) : at::mm(rows, flat_weight);
+    return atenEpilogue(y.view({batch, oh, ow, n}).permute({0, 3, 1, 2}), epilogue, operand, false, into_other);
+  }
+
+  at::Tensor aten(const std::optional<at::Tensor>& operand, bool grad) const {
+    at::Tensor y = at::conv2d(input, weight, bias, stride, padding, dilation, groups);
+    return atenEpilogue(y, epilogue, operand, grad, writesIntoOther(epilogue, operand, y.sizes(), y.scalar_type(), input, grad));
+  }
+
+  at::Tensor run(const char* way, const std::optional<at::Tensor>& operand) const {
+    if (way == kOneDnn) return oneDnn(input, operand);
+    if (way == kOneDnnChannelsLast) return oneDnn(input.contiguous(at::MemoryFormat::ChannelsLast), operand);
+    if (way == kAtenPatches) return patches(operand);
+    TORCH_CHECK(false, "kiln::conv2d: no way named ", way);
+  }
+};
+
+at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& other, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                  std::vector<int64_t> dilation, int64_t groups, const std::string& epilogue_text) {
+  const bool grad = gradRecorded({&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
+  // The output's sizes where the parameters make sense (the measured path checks them).
+  std::vector<int64_t> out_sizes;
+  if (input.dim() == 4 && weight.dim() == 4 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2) {
+    out_sizes = {input.size(0), weight.size(0)};
+    for (int d = 0; d < 2; ++d) {
+      const int64_t extent = dilation[d] * (weight.size(2 + d) - 1) + 1;
+      out_sizes.push_back(stride[d] > 0 ? (input.size(2 + d) + 2 * padding[d] - extent) / stride[d] + 1 : 0);
+    }
+  }
+  std::vector<int64_t> params = stride;
+  params.insert(params.end(), padding.begin(), padding.end());
+  params.insert(params.end(), dilation.begin(), dilation.end());
+  params.push_back(groups);
+  const CallOperands operands{input, weight, bias, other, epilogue_text, std::move(params)};
+  auto [site_counters, settled] = callSite(operands, grad);
+  GroupCounters& counters = *site_counters;
+  if (settled) {
+    ConvCall call{input, weight, bias, settled->epilogue, stride, padding, dilation, groups, out_sizes, false, false, {}};
+    call.into_other = writesIntoOther(settled->epilogue, other, out_sizes, input.scalar_type(), input, false);
+    // Whether the sum goes into `other` reads aliasing, which sizes and strides do not show: a
+    // residual that now shares memory with the input is another call, which the measured path
+    // decides.
+    if (call.into_other == settled->writes_other) {
+      call.fuse_add = addFuses(settled->epilogue, other, out_sizes, input.scalar_type());
+      call.prepared_conv = settled->prepared;
+      at::Tensor y = runSettled(
+          *settled, weight, counters, [&](const char* way) { return call.run(way, other); },
+          [&] { return call.aten(other, false); });
+      return counted(y, counters, settled->epilogue, {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
+    }
+  }
+  const Epilogue epilogue = epilogueFrom(epilogue_text);
+  ConvCall call{input, weight, bias, epilogue, stride, padding, dilation, groups, out_sizes, false, false, {}};
+  std::vector<MeasuredWay> candidates;
+  candidates.push_back({kAten, [&](const std::optional<at::Tensor>& operand) { return call.aten(operand, grad); }});
+  // A call the other ways can take; oneDNN's only in a dtype it takes (bfloat16 not on every CPU).
+  const bool plain = !grad && input.dim() == 4 && weight.dim() == 4 && input.numel() > 0 && plainCpuTensor(input) &&
+                     plainCpuTensor(weight) && at::isFloatingType(input.scalar_type()) &&
+                     weight.scalar_type() == input.scalar_type() && groups > 0 && stride.size() == 2 &&
+                     padding.size() == 2 && dilation.size() == 2 && input.size(1) == weight.size(1) * groups &&
+                     weight.size(0) % groups == 0 &&
+                     (!bias || (plainCpuTensor(*bias) && bias->scalar_type() == input.scalar_type() &&
+                                bias->dim() == 1 && bias->size(0) == weight.size(0)));
+  if (!plain) return runFastest("", candidates, counters, other, epilogue.into_other);
+  const bool onednn = onednnTakesDtype(input.scalar_type());
+  if (out_sizes[2] <= 0 || out_sizes[3] <= 0) return runFastest("", candidates, counters, other, epilogue.into_other);
+  call.into_other = writesIntoOther(epilogue, other, out_sizes, input.scalar_type(), input, grad);
+  call.fuse_add = addFuses(epilogue, other, out_sizes, input.scalar_type());
+  const std::string params_text = c10::Join(",", stride) + "/" + c10::Join(",", padding) + "/" + c10::Join(",", dilation) + "/" + std::to_string(groups);
+  call.prepared_conv = "onednn conv2d " + params_text;
+  auto way = [&call](const char* name, const char* keeps) {
+    return MeasuredWay{name, [&call, name](const std::optional<at::Tensor>& operand) { return call.run(name, operand); }, keeps};
+  };
+  if (onednn) candidates.push_back(way(kOneDnn, call.prepared_conv.c_str()));
   if (onednn && !input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    candidates.push_back({kOneDnnChannelsLast, [&](const std::optional<at::Tensor>& operand) {
-      return runOneDnn(input.contiguous(at::MemoryFormat::ChannelsLast), operand);
-    }, prepared_conv.c_str()});
+    candidates.push_back(way(kOneDnnChannelsLast, call.prepared_conv.c_str()));
   }
   const bool patches = groups == 1 && weight.size(2) == stride[0] && weight.size(3) == stride[1] &&
                        padding[0] == 0 && padding[1] == 0 && dilation[0] == 1 && dilation[1] == 1 &&
                        weight.size(2) * weight.size(3) > 1;
-  if (patches) {
-    candidates.push_back({kAtenPatches, [&](const std::optional<at::Tensor>& operand) {
-      const int64_t batch = input.size(0), channels = input.size(1), kh = weight.size(2), kw = weight.size(3);
-      const int64_t oh = out_sizes[2], ow = out_sizes[3], n = weight.size(0);
-      at::Tensor flat_weight =
-          preparedWeight(weight, kPreparedPatches, [&] { return weight.reshape({n, -1}).t().contiguous(); });
-      // [N, C, OH·KH, OW·KW] (the rows and columns no patch covers left out) as
-      // [N, OH, OW, C, KH, KW]: one row per patch, in the weight's order.
-      at::Tensor rows = input.narrow(2, 0, oh * kh)
-                            .narrow(3, 0, ow * kw)
-                            .reshape({batch, channels, oh, kh, ow, kw})
-                            .permute({0, 2, 4, 1, 3, 5})
-                            .reshape({batch * oh * ow, channels * kh * kw});
-      at::Tensor y = bias ? at::addmm(*bias, rows, flat_weight) : at::mm(rows, flat_weight);
-      return atenEpilogue(y.view({batch, oh, ow, n}).permute({0, 3, 1, 2}), epilogue, operand, false, into_other);
-    }, kPreparedPatches});
-  }
+  if (patches) candidates.push_back(way(kAtenPatches, kPreparedPatches));
   const std::string key = "conv2d " + std::string(c10::toString(input.scalar_type())) + " batch<=" +
                           std::to_string(powerOfTwoAtLeast(input.size(0))) + " input " + c10::Join(",", input.sizes().slice(1)) +
-                          " weight " + c10::Join(",", weight.sizes()) + " " + params + (bias ? " bias" : "") +
-                          " epilogue=" + epilogue_text + (into_other ? " into other" : "") + " " + layoutName(input) +
+                          " weight " + c10::Join(",", weight.sizes()) + " " + params_text + (bias ? " bias" : "") +
+                          " epilogue=" + epilogue_text + (call.into_other ? " into other" : "") + " " + layoutName(input) +
                           (other ? " other " + layoutName(*other) + " " + c10::toString(other->scalar_type()) : "");
-  return counted(runFastest(key, candidates, counters, other, into_other, weight.unsafeGetTensorImpl()), counters,
-                 epilogue,
-                 {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
+  const uint64_t generation = choicesGeneration();
+  at::Tensor y = runFastest(key, candidates, counters, other, call.into_other, weight.unsafeGetTensorImpl());
+  settleChosen(operands, key, candidates, epilogue, call.prepared_conv, generation, call.into_other);
+  return counted(y, counters, epilogue, {&input, &weight, bias ? &*bias : nullptr, other ? &*other : nullptr});
 }
 
 at::Tensor conv2dIntoOther(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

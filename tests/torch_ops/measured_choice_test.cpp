@@ -125,6 +125,45 @@ TEST(LibraryCalls, SettledCallSiteFollowsItsSignature) {
   }
 }
 
+// The same for kiln::conv2d, whose sum may go into the residual: a residual that shares memory
+// with the input (same sizes and strides as the settled call's) takes the measured path, which
+// leaves it unwritten.
+TEST(LibraryCalls, SettledConvolutionFollowsItsSignature) {
+  torch::NoGradGuard no_grad;
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("kiln::conv2d", "");
+  const std::vector<int64_t> ones = {1, 1};
+  auto call = [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const c10::IValue& other,
+                  const char* epilogue) {
+    torch::jit::Stack stack{x, w, b, other, ones, ones, ones, int64_t{1}, std::string(epilogue)};
+    op.callBoxed(&stack);
+    return stack.front().toTensor();
+  };
+  auto expect = [](const at::Tensor& actual, const at::Tensor& expected, const std::string& what) {
+    ASSERT_EQ(actual.sizes(), expected.sizes()) << what;
+    EXPECT_TRUE(closeTo(actual, expected, 8).all().item<bool>())
+        << what << ": max diff " << (actual - expected).abs().max().item<double>();
+  };
+  // A shape class no other test uses: 7 channels, 11 x 11.
+  at::Tensor w = torch::randn({7, 7, 3, 3}) / 8, b = torch::randn({7});
+  at::Tensor x = torch::randn({1, 7, 11, 11});
+  auto conv = [&](const at::Tensor& input) { return at::conv2d(input, w, b, 1, 1); };
+  for (int i = 0; i < 3; ++i) expect(call(x, w, b, c10::IValue(), "relu"), at::relu(conv(x)), "settled " + std::to_string(i));
+  ASSERT_FALSE(libraryStats(w.unsafeGetTensorImpl()).choice.empty());
+  at::Tensor batch = torch::randn({3, 7, 11, 11}), last = x.contiguous(at::MemoryFormat::ChannelsLast);
+  expect(call(batch, w, b, c10::IValue(), "relu"), at::relu(conv(batch)), "other batch");
+  expect(call(last, w, b, c10::IValue(), "relu"), at::relu(conv(last)), "channels-last input");
+  expect(call(x, w, b, c10::IValue(), "relu"), at::relu(conv(x)), "settled again");
+  // The residual, added in place into `other`, settled; then a residual that is the input itself.
+  const at::Tensor residual = torch::randn({1, 7, 11, 11});
+  for (int i = 0; i < 3; ++i) {
+    at::Tensor into = residual.clone();
+    expect(call(x, w, b, into, "add_@other+relu"), at::relu(conv(x) + residual), "into other " + std::to_string(i));
+  }
+  at::Tensor input = x.clone();
+  expect(call(input, w, b, input, "add_@other+relu"), at::relu(conv(x) + x), "residual is the input");
+  EXPECT_TRUE(input.equal(x)) << "the input was written";
+}
+
 TEST(LibraryCalls, AChoiceIsMeasuredAgainUntilSettled) {
   const std::string key = uniqueKey("measured again");
   SleepingWays ways;
