@@ -366,14 +366,33 @@ class AttentionMatcher {
     return false;
   }
 
-  // The fused op reads the pattern's inputs where the pattern ends; nothing may write to them in
-  // between (or anywhere: AliasDb's answer is for the whole graph, which is conservative).
+  // The fused op reads the pattern's inputs where the pattern ends, the pattern's ops read them
+  // where they stand: nothing may write to them in between. A write before the pattern's first op
+  // (a mask built in place, as Hugging Face's OPT and BART build theirs) is seen alike by both.
+  // Where the pattern's ops are not all in the last one's block, any writer anywhere refuses.
   bool inputsUnwritten(const Match& match) {
     std::unordered_set<const Node*> inside(match.nodes.begin(), match.nodes.end());
+    std::vector<const Value*> inputs;
     for (const Node* node : match.nodes) {
       for (const Value* input : node->inputs()) {
-        if (inside.count(input->node()) == 0 && alias_db_.hasWriters(input)) return false;
+        if (inside.count(input->node()) == 0 && alias_db_.hasWriters(input)) inputs.push_back(input);
       }
+    }
+    if (inputs.empty()) return true;
+    // The ops between the pattern's first and its last, walking back from the last.
+    size_t seen = 0;
+    std::vector<Node*> between;
+    for (Node* node = match.last; seen < inside.size(); node = node->prev()) {
+      if (node == match.last->owningBlock()->param_node()) return false;  // an op in another block
+      if (inside.count(node)) {
+        seen++;
+      } else {
+        between.push_back(node);
+      }
+    }
+    const torch::jit::ValueSet read(inputs.begin(), inputs.end());
+    for (Node* node : between) {
+      if (alias_db_.writesToAlias(node, read)) return false;
     }
     return true;
   }

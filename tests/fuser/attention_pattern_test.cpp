@@ -561,6 +561,58 @@ graph(%q : Tensor, %k : Tensor, %v : Tensor):
   return (%out))IR");
 }
 
+// A mask made in place before the attention (Hugging Face's OPT and BART scale and fill theirs)
+// is written before the pattern's first op reads it: the fused op, reading it where the pattern
+// ends, sees what the pattern saw. A write between a read and the pattern's end still refuses.
+TEST(AttentionPattern, InputsWrittenBeforeThePatternAreFused) {
+  const std::string before = R"IR(
+graph(%q : Tensor, %k : Tensor, %v : Tensor, %mask : Tensor):
+  %none : NoneType = prim::Constant()
+  %zero : float = prim::Constant[value=0.]()
+  %half : float = prim::Constant[value=0.5]()
+  %false : bool = prim::Constant[value=0]()
+  %format : int = prim::Constant[value=0]()
+  %scaled : Tensor = aten::mul_(%mask, %half)
+  %qc : Tensor = aten::contiguous(%q, %format)
+  %out : Tensor = aten::scaled_dot_product_attention(%qc, %k, %v, %mask, %zero, %false, %none, %false)
+  return (%out))IR";
+  auto graph = fused(before);
+  FileCheck().check("aten::mul_")->check("kiln::attention_guard")->check("kiln::attention(%q")->run(*graph);
+  // Each graph gets its own mask: it scales it in place.
+  for (int run = 0; run < 2; ++run) {
+    at::Tensor q = heads(2, 4, 17, 16), k = heads(2, 4, 17, 16), v = heads(2, 4, 17, 16);
+    at::Tensor mask = torch::randn({2, 1, 17, 17});
+    std::vector<c10::IValue> expected = runGraph(parseGraph(before), {q, k, v, mask.clone()});
+    std::vector<c10::IValue> actual = runGraph(graph, {q, k, v, mask.clone()});
+    EXPECT_TRUE(sameTensor(actual[0].toTensor(), expected[0].toTensor())) << "run " << run;
+  }
+  // Q written after its copy was made and before the attention reads the copy: the fused op
+  // would read the written Q.
+  expectLeftAlone(R"IR(
+graph(%q : Tensor, %k : Tensor, %v : Tensor):
+  %none : NoneType = prim::Constant()
+  %zero : float = prim::Constant[value=0.]()
+  %false : bool = prim::Constant[value=0]()
+  %format : int = prim::Constant[value=0]()
+  %one : int = prim::Constant[value=1]()
+  %qc : Tensor = aten::contiguous(%q, %format)
+  %w : Tensor = aten::add_(%q, %one, %one)
+  %out : Tensor = aten::scaled_dot_product_attention(%qc, %k, %v, %none, %zero, %false, %none, %false)
+  return (%out))IR");
+  // The explicit form, its mask written in place between the scores and the add that reads it.
+  expectLeftAlone(R"IR(
+graph(%q : Tensor, %kt : Tensor, %v : Tensor, %mask : Tensor):
+  %none : NoneType = prim::Constant()
+  %m1 : int = prim::Constant[value=-1]()
+  %one : int = prim::Constant[value=1]()
+  %s : Tensor = aten::matmul(%q, %kt)
+  %w : Tensor = aten::add_(%mask, %one, %one)
+  %a : Tensor = aten::add(%s, %mask, %one)
+  %p : Tensor = aten::softmax(%a, %m1, %none)
+  %o : Tensor = aten::matmul(%p, %v)
+  return (%o))IR");
+}
+
 TEST(AttentionPattern, GuardMissRunsTheOriginalOps) {
   // Softmax over dim 2 of a 4-d tensor: matched (the dim is only known at run time here) and sent
   // to the fallback by the guard, which gives eager's result exactly.
