@@ -71,6 +71,13 @@ std::string uniqueKey(const std::string& what) {
   return what + " " + std::to_string(std::random_device()()) + " " + std::to_string(::getpid());
 }
 
+// A library call's result against eager's, within the tolerance of a GEMM's sums in another order.
+void expect(const at::Tensor& actual, const at::Tensor& expected, const std::string& what) {
+  ASSERT_EQ(actual.sizes(), expected.sizes()) << what;
+  EXPECT_TRUE(closeTo(actual, expected, 8).all().item<bool>())
+      << what << ": max diff " << (actual - expected).abs().max().item<double>();
+}
+
 // Once a linear's shape class has settled, its call site runs the choice directly for calls with
 // the signature it settled on (library_ops.cpp); any other call, a forced choice, a weight written
 // in place or freed, a failing way, and a new process (choices forgotten) take the measured path.
@@ -81,11 +88,6 @@ TEST(LibraryCalls, SettledCallSiteFollowsItsSignature) {
     torch::jit::Stack stack{x, w, b, c10::IValue(), std::string(epilogue)};
     op.callBoxed(&stack);
     return stack.front().toTensor();
-  };
-  auto expect = [](const at::Tensor& actual, const at::Tensor& expected, const std::string& what) {
-    ASSERT_EQ(actual.sizes(), expected.sizes()) << what;
-    EXPECT_TRUE(closeTo(actual, expected, 8).all().item<bool>())
-        << what << ": max diff " << (actual - expected).abs().max().item<double>();
   };
   // A shape class no other test uses: K = 44, N = 36.
   at::Tensor w = torch::randn({36, 44}), b = torch::randn({36});
@@ -137,11 +139,6 @@ TEST(LibraryCalls, SettledConvolutionFollowsItsSignature) {
     torch::jit::Stack stack{x, w, b, other, ones, ones, ones, int64_t{1}, std::string(epilogue)};
     op.callBoxed(&stack);
     return stack.front().toTensor();
-  };
-  auto expect = [](const at::Tensor& actual, const at::Tensor& expected, const std::string& what) {
-    ASSERT_EQ(actual.sizes(), expected.sizes()) << what;
-    EXPECT_TRUE(closeTo(actual, expected, 8).all().item<bool>())
-        << what << ": max diff " << (actual - expected).abs().max().item<double>();
   };
   // A shape class no other test uses: 7 channels, 11 x 11.
   at::Tensor w = torch::randn({7, 7, 3, 3}) / 8, b = torch::randn({7});
