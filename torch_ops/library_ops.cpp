@@ -218,9 +218,13 @@ struct LinearCall {
   int64_t class_rows = 0;
   std::string prepared_for_rows;
 
+  // `weight_` is 2-D [N, K] and the input's last dim is K.
   LinearCall(const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
              const Epilogue& epilogue_)
-      : input(input_), weight(weight_), bias(bias_), epilogue(epilogue_) {}
+      : input(input_), weight(weight_), bias(bias_), epilogue(epilogue_), k(weight_.size(1)), n(weight_.size(0)),
+        rows(k == 0 ? 0 : input_.numel() / k), out_sizes(input_.sizes().vec()), class_rows(powerOfTwoAtLeast(rows)) {
+    out_sizes.back() = n;
+  }
 
   // mkldnn::_linear_pointwise on the weight prepacked for `rows_hint` rows (none: oneDNN's default).
   at::Tensor oneDnn(const char* what, const c10::IValue& rows_hint, const std::optional<at::Tensor>& operand) const {
@@ -462,14 +466,8 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   // The fast path: this site's settled choice, for a call with its signature.
   if (settled) {
     LinearCall call(input, weight, bias, settled->epilogue);
-    call.k = weight.size(1);
-    call.n = weight.size(0);
-    call.rows = input.numel() / call.k;
-    call.out_sizes = input.sizes().vec();
-    call.out_sizes.back() = call.n;
-    call.fuse_add = settled->choice != kAten && settled->choice != kAtenTransposed && settled->choice != kAtenPieces &&
-                    addFuses(settled->epilogue, other, call.out_sizes, input.scalar_type());
-    call.class_rows = powerOfTwoAtLeast(call.rows);
+    // Only the oneDNN ways read it, and a oneDNN choice settled on operands oneDNN takes.
+    call.fuse_add = addFuses(settled->epilogue, other, call.out_sizes, input.scalar_type());
     call.prepared_for_rows = settled->prepared;
     at::Tensor y = runSettled(
         *settled, weight, counters, [&](const char* way) { return call.run(way, other); },
@@ -489,11 +487,6 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   const bool two_dim_weight = weight.dim() == 2 && input.dim() >= 2 && input.size(-1) == weight.size(1);
   if (grad || !two_dim_weight) return runFastest("", candidates, counters, other);
   LinearCall call(input, weight, bias, epilogue);
-  call.k = weight.size(1);
-  call.n = weight.size(0);
-  call.rows = call.k == 0 ? 0 : input.numel() / call.k;
-  call.out_sizes = input.sizes().vec();
-  call.out_sizes.back() = call.n;
   const bool same_kind = !bias || (bias->dim() == 1 && bias->size(0) == call.n && bias->scalar_type() == input.scalar_type() &&
                                    bias->device() == input.device());
   // Measuring times the ways on the host clock: only CPU calls are measured (a CUDA call returns
@@ -523,7 +516,6 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   const bool onednn = plainCpuTensor(input) && plainCpuTensor(weight) && onednnTakesDtype(input.scalar_type()) &&
                       (!bias || plainCpuTensor(*bias));
   call.fuse_add = onednn && addFuses(epilogue, other, call.out_sizes, input.scalar_type());
-  call.class_rows = powerOfTwoAtLeast(call.rows);
   call.prepared_for_rows = "onednn linear, " + std::to_string(call.class_rows) + " rows";
   if (onednn) {
     candidates.push_back(way(kOneDnn, kPreparedOneDnn));
